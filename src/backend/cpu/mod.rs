@@ -1,0 +1,4 @@
+//! The CPU backend: quantised dot products (SIMD where available), matvec over all cores,
+//! and the elementwise ops of a transformer layer.
+
+pub mod quant;

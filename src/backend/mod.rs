@@ -1,0 +1,3 @@
+//! Compute backends. Each runs one decode step over the loaded weights.
+
+pub mod cpu;

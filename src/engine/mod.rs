@@ -1,0 +1,1 @@
+//! The decode loop, KV cache, sampler and per-token statistics.

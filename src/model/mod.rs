@@ -1,0 +1,9 @@
+//! Model files: architecture config, GGUF and safetensors readers, quantised tensors,
+//! tokenizer and chat template, and the loaded weights.
+
+pub mod chat;
+pub mod config;
+pub mod gguf;
+pub mod hf;
+pub mod tensor;
+pub mod tokenizer;

@@ -1,0 +1,211 @@
+//! Weight tensors as the engine sees them: a dtype, a 2-D shape and bytes.
+//!
+//! Convention (ggml's and HF `nn.Linear`'s alike): a matrix is `rows x cols` with each row
+//! contiguous; a linear layer `y = W x` has `rows = out_features`, `cols = in_features`, so a
+//! matvec is one dot product per row. Quantised rows are whole blocks; `cols` is a multiple of
+//! the dtype's block size. Bytes are either borrowed from a memory-mapped file or owned.
+
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+/// Element types the engine can read. The numeric values are ggml's `ggml_type` ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl DType {
+    /// The dtype for a ggml type id, or `None` for types this engine does not read.
+    pub fn from_ggml(id: u32) -> Option<DType> {
+        Some(match id {
+            0 => DType::F32,
+            1 => DType::F16,
+            2 => DType::Q4_0,
+            3 => DType::Q4_1,
+            8 => DType::Q8_0,
+            12 => DType::Q4K,
+            14 => DType::Q6K,
+            30 => DType::BF16,
+            _ => return None,
+        })
+    }
+
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Q4_0 => 2,
+            DType::Q4_1 => 3,
+            DType::Q8_0 => 8,
+            DType::Q4K => 12,
+            DType::Q6K => 14,
+            DType::BF16 => 30,
+        }
+    }
+
+    /// Elements per block (1 for plain floats).
+    pub fn block_len(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => 32,
+            DType::Q4K | DType::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q4_0 => 18,  // f16 scale + 16 bytes of nibbles
+            DType::Q4_1 => 20,  // f16 scale, f16 min + 16 bytes of nibbles
+            DType::Q8_0 => 34,  // f16 scale + 32 i8
+            DType::Q4K => 144,  // f16 d, f16 dmin, 12 bytes of 6-bit scales, 128 bytes of nibbles
+            DType::Q6K => 210,  // 128 low nibbles, 64 high 2-bits, 16 i8 scales, f16 d
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.block_len() > 1
+    }
+
+    /// Bytes taken by `n` elements, or `None` if `n` is not a whole number of blocks or the
+    /// size overflows.
+    pub fn bytes_for(self, n: usize) -> Option<usize> {
+        if n % self.block_len() != 0 {
+            return None;
+        }
+        (n / self.block_len()).checked_mul(self.block_bytes())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
+            DType::Q8_0 => "Q8_0",
+            DType::Q4K => "Q4_K",
+            DType::Q6K => "Q6_K",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a tensor's bytes live.
+#[derive(Clone)]
+pub enum Storage {
+    /// A range of a memory-mapped file (zero copy; the OS pages it in).
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
+    /// Bytes owned by the process.
+    Owned(Arc<Vec<u8>>),
+}
+
+impl Storage {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+/// A named 1-D or 2-D tensor. 1-D tensors have `rows == 1`.
+#[derive(Clone)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    storage: Storage,
+}
+
+impl Tensor {
+    /// Wraps `storage`, checking that it holds exactly `rows x cols` elements of `dtype`.
+    pub fn new(
+        name: impl Into<String>,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        storage: Storage,
+    ) -> Result<Tensor, TensorError> {
+        let name = name.into();
+        let row_bytes = dtype.bytes_for(cols).ok_or_else(|| TensorError::Shape {
+            name: name.clone(),
+            detail: format!("row of {cols} elements is not a whole number of {dtype} blocks"),
+        })?;
+        let want = row_bytes
+            .checked_mul(rows)
+            .ok_or_else(|| TensorError::Shape {
+                name: name.clone(),
+                detail: format!("{rows} x {cols} {dtype} overflows"),
+            })?;
+        let have = storage.bytes().len();
+        if have != want {
+            return Err(TensorError::Shape {
+                name,
+                detail: format!("{rows} x {cols} {dtype} needs {want} bytes, storage has {have}"),
+            });
+        }
+        Ok(Tensor { name, dtype, rows, cols, storage })
+    }
+
+    /// An owned f32 tensor (used for small resident vectors and in tests).
+    pub fn from_f32(name: impl Into<String>, rows: usize, cols: usize, data: &[f32]) -> Tensor {
+        let bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
+        Tensor::new(name, DType::F32, rows, cols, Storage::Owned(Arc::new(bytes)))
+            .expect("from_f32: data length must be rows * cols")
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.bytes().len() / self.rows.max(1)
+    }
+
+    /// The bytes of row `r`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.bytes()[r * n..(r + 1) * n]
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({} {} [{} x {}])", self.name, self.dtype, self.rows, self.cols)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TensorError {
+    #[error("tensor `{name}`: {detail}")]
+    Shape { name: String, detail: String },
+}
