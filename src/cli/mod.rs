@@ -1,7 +1,79 @@
 //! The `llmflash` command line: thin subcommands that parse, call the library and print.
 
+mod bench;
+mod generate;
+mod inspect;
+mod perplexity;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::model::{load, LoadedModel};
+
+#[derive(Parser)]
+#[command(
+    name = "llmflash",
+    version,
+    about = "Run language models larger than memory"
+)]
+struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt, streaming it to stdout.
+    Generate(generate::Args),
+    /// Perplexity of a text file, in llama.cpp's convention.
+    Perplexity(perplexity::Args),
+    /// Print what a model file holds.
+    Inspect(inspect::Args),
+    /// Measure decode speed.
+    Bench(bench::Args),
+}
+
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting the thread count")?;
+    }
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Loads a model, with the path in any error.
+fn open_model(path: &Path) -> anyhow::Result<LoadedModel> {
+    load(path).with_context(|| format!("loading {}", path.display()))
+}
+
+/// The model path's file name, for reports.
+fn model_name(path: &PathBuf) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
 }

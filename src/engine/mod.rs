@@ -1,1 +1,147 @@
 //! The decode loop, KV cache, sampler and per-token statistics.
+
+pub mod kv_cache;
+pub mod perplexity;
+pub mod sampler;
+pub mod stats;
+
+use std::time::Instant;
+
+use crate::backend::cpu::forward::{forward, CpuState};
+use crate::model::weights::ModelWeights;
+use kv_cache::KvCache;
+use sampler::Sampler;
+use stats::GenerationStats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the context is full ({capacity} positions); use a larger --ctx or a shorter prompt")]
+    ContextFull { capacity: usize },
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    BadToken { id: u32, vocab: usize },
+    #[error("the prompt is empty: give at least one token")]
+    EmptyPrompt,
+}
+
+/// One sequence being decoded: its KV cache and scratch buffers.
+pub struct Session<'w> {
+    weights: &'w ModelWeights,
+    kv: KvCache,
+    state: CpuState,
+}
+
+impl<'w> Session<'w> {
+    /// A session whose context holds at most `ctx` positions (clamped to what the model was
+    /// trained for).
+    pub fn new(weights: &'w ModelWeights, ctx: usize) -> Session<'w> {
+        let c = &weights.config;
+        let ctx = ctx.min(c.max_positions).max(1);
+        Session {
+            weights,
+            kv: KvCache::new(c, ctx),
+            state: CpuState::new(c),
+        }
+    }
+
+    /// Positions consumed so far.
+    pub fn position(&self) -> usize {
+        self.kv.len()
+    }
+
+    pub fn reset(&mut self) {
+        self.kv.clear();
+    }
+
+    /// Runs one token; returns the next-token logits when `want_logits`.
+    pub fn step(&mut self, token: u32, want_logits: bool) -> Result<&[f32], EngineError> {
+        let vocab = self.weights.config.vocab_size;
+        if token as usize >= vocab {
+            return Err(EngineError::BadToken { id: token, vocab });
+        }
+        if self.kv.is_full() {
+            return Err(EngineError::ContextFull {
+                capacity: self.kv.capacity(),
+            });
+        }
+        forward(
+            self.weights,
+            &mut self.kv,
+            &mut self.state,
+            token,
+            want_logits,
+        );
+        Ok(&self.state.logits)
+    }
+
+    /// Feeds `tokens` in order and returns the logits after the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        let (last, rest) = tokens.split_last().ok_or(EngineError::EmptyPrompt)?;
+        for &t in rest {
+            self.step(t, false)?;
+        }
+        self.step(*last, true)
+    }
+}
+
+/// The tokens a generation produced and what it cost.
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub stats: GenerationStats,
+}
+
+/// Decodes up to `max_new` tokens after `prompt`, calling `on_token` for each as it is chosen,
+/// and stopping early at a token for which `is_end` holds (that token is not returned).
+pub fn generate(
+    session: &mut Session,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    is_end: impl Fn(u32) -> bool,
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation, EngineError> {
+    let t0 = Instant::now();
+    let mut next = sampler.sample(session.prefill(prompt)?);
+    let prompt_ms = ms_since(t0);
+    let t1 = Instant::now();
+    let mut tokens = Vec::with_capacity(max_new);
+    while tokens.len() < max_new && !is_end(next) {
+        tokens.push(next);
+        on_token(next);
+        if tokens.len() == max_new || session.kv.is_full() {
+            break;
+        }
+        next = sampler.sample(session.step(next, true)?);
+    }
+    let decode_ms = ms_since(t1);
+    let stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
+    Ok(Generation { tokens, stats })
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Rates from counts and times. The first generated token comes from the prompt's logits, so
+/// decode time covers `generated - 1` forward passes.
+fn summarize(prompt: usize, generated: usize, prompt_ms: f64, decode_ms: f64) -> GenerationStats {
+    let passes = generated.saturating_sub(1).max(1) as f64;
+    let rate = |n: f64, ms: f64| if ms > 0.0 { n * 1e3 / ms } else { 0.0 };
+    GenerationStats {
+        strategy: "resident".into(),
+        prompt_tokens: prompt,
+        generated_tokens: generated,
+        prompt_ms,
+        decode_ms,
+        tokens_per_s: if generated > 1 {
+            rate(passes, decode_ms)
+        } else {
+            0.0
+        },
+        prompt_tokens_per_s: rate(prompt as f64, prompt_ms),
+        bytes_read_per_token: 0.0,
+        io_ms_per_token: 0.0,
+        mem_ms_per_token: 0.0,
+        compute_ms_per_token: decode_ms / passes,
+        peak_rss_bytes: stats::peak_rss_bytes(),
+    }
+}

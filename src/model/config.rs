@@ -86,14 +86,17 @@ impl Config {
                 return Err(format!("{name} is 0"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
                 "n_heads ({}) is not a multiple of n_kv_heads ({})",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.rope_theta.is_some() && self.head_dim % 2 != 0 {
-            return Err(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
+        if self.rope_theta.is_some() && !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim {} is odd; RoPE needs pairs",
+                self.head_dim
+            ));
         }
         if self.hidden_size > 1 << 20 || self.vocab_size > 1 << 24 || self.n_layers > 4096 {
             return Err("implausibly large dimensions".to_string());

@@ -5,5 +5,9 @@ pub mod chat;
 pub mod config;
 pub mod gguf;
 pub mod hf;
+pub mod loader;
 pub mod tensor;
 pub mod tokenizer;
+pub mod weights;
+
+pub use loader::{load, LoadedModel};

@@ -65,11 +65,11 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::Q4_0 => 18,  // f16 scale + 16 bytes of nibbles
-            DType::Q4_1 => 20,  // f16 scale, f16 min + 16 bytes of nibbles
-            DType::Q8_0 => 34,  // f16 scale + 32 i8
-            DType::Q4K => 144,  // f16 d, f16 dmin, 12 bytes of 6-bit scales, 128 bytes of nibbles
-            DType::Q6K => 210,  // 128 low nibbles, 64 high 2-bits, 16 i8 scales, f16 d
+            DType::Q4_0 => 18, // f16 scale + 16 bytes of nibbles
+            DType::Q4_1 => 20, // f16 scale, f16 min + 16 bytes of nibbles
+            DType::Q8_0 => 34, // f16 scale + 32 i8
+            DType::Q4K => 144, // f16 d, f16 dmin, 12 bytes of 6-bit scales, 128 bytes of nibbles
+            DType::Q6K => 210, // 128 low nibbles, 64 high 2-bits, 16 i8 scales, f16 d
         }
     }
 
@@ -80,7 +80,7 @@ impl DType {
     /// Bytes taken by `n` elements, or `None` if `n` is not a whole number of blocks or the
     /// size overflows.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        if n % self.block_len() != 0 {
+        if !n.is_multiple_of(self.block_len()) {
             return None;
         }
         (n / self.block_len()).checked_mul(self.block_bytes())
@@ -165,14 +165,26 @@ impl Tensor {
                 detail: format!("{rows} x {cols} {dtype} needs {want} bytes, storage has {have}"),
             });
         }
-        Ok(Tensor { name, dtype, rows, cols, storage })
+        Ok(Tensor {
+            name,
+            dtype,
+            rows,
+            cols,
+            storage,
+        })
     }
 
     /// An owned f32 tensor (used for small resident vectors and in tests).
     pub fn from_f32(name: impl Into<String>, rows: usize, cols: usize, data: &[f32]) -> Tensor {
         let bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
-        Tensor::new(name, DType::F32, rows, cols, Storage::Owned(Arc::new(bytes)))
-            .expect("from_f32: data length must be rows * cols")
+        Tensor::new(
+            name,
+            DType::F32,
+            rows,
+            cols,
+            Storage::Owned(Arc::new(bytes)),
+        )
+        .expect("from_f32: data length must be rows * cols")
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -200,7 +212,11 @@ impl Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({} {} [{} x {}])", self.name, self.dtype, self.rows, self.cols)
+        write!(
+            f,
+            "Tensor({} {} [{} x {}])",
+            self.name, self.dtype, self.rows, self.cols
+        )
     }
 }
 

@@ -1,4 +1,8 @@
 //! The CPU backend: quantised dot products (SIMD where available), matvec over all cores,
 //! and the elementwise ops of a transformer layer.
 
+pub mod attention;
+pub mod forward;
+pub mod matvec;
+pub mod ops;
 pub mod quant;

@@ -1,0 +1,319 @@
+//! Quantised dot products and (de)quantisation, bit-compatible with ggml's CPU path.
+//!
+//! A matvec `y = W x` quantises `x` once ([`ActivationBuffer::quantize_for`]) into the form the
+//! weight dtype's kernel wants (Q8_0 for Q4_0/Q8_0, Q8_1 for Q4_1, Q8_K for Q4_K/Q6_K, plain f32
+//! for float weights), then calls [`vec_dot`] once per weight row. This is exactly llama.cpp's
+//! scheme, so our logits track its logits closely.
+//!
+//! Weight rows are raw GGUF bytes at any alignment: every block field is read with
+//! `from_le_bytes` (scalar) or unaligned loads (SIMD); nothing casts `&[u8]` to a block type.
+//! Each format lives in its own file with a scalar reference and, on x86_64, an AVX2+FMA+F16C
+//! kernel picked at run time.
+
+mod float;
+mod q4_0;
+mod q4_1;
+mod q4_k;
+mod q6_k;
+mod q8_0;
+mod q8_k;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::model::tensor::DType;
+
+/// Errors from (de)quantisation. Messages say what was expected, what was found, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error("{dtype}: {len} values is not a whole number of {block}-value blocks; rows of {dtype} must have a multiple of {block} columns")]
+    PartialBlock {
+        dtype: DType,
+        len: usize,
+        block: usize,
+    },
+    #[error("{dtype}: {bytes} bytes is not a whole number of {block_bytes}-byte blocks; the tensor data is truncated or has the wrong dtype")]
+    PartialBytes {
+        dtype: DType,
+        bytes: usize,
+        block_bytes: usize,
+    },
+    #[error("{dtype}: the input holds {expected} values but the output has room for {found}; size the output to match")]
+    OutputLength {
+        dtype: DType,
+        expected: usize,
+        found: usize,
+    },
+    #[error("quantising f32 to {0} is not implemented; use Q8_0, Q4_0, Q4_1 or a float dtype")]
+    Unsupported(DType),
+}
+
+/// The form an activation vector is in, borrowed from an [`ActivationBuffer`].
+#[derive(Clone, Copy, Debug)]
+pub enum QuantizedActivation<'a> {
+    /// Plain f32, for F32/F16/BF16 weights.
+    F32(&'a [f32]),
+    /// ggml `block_q8_0`, for Q4_0 and Q8_0 weights.
+    Q8_0(&'a Q8Act),
+    /// ggml `block_q8_1` (Q8_0 plus `s = d * sum(qs)`), for Q4_1 weights.
+    Q8_1(&'a Q8Act),
+    /// ggml `block_q8_K`, for Q4_K and Q6_K weights.
+    Q8K(&'a Q8KAct),
+}
+
+/// A Q8_0 / Q8_1 activation as structure of arrays (contiguous `qs` suit SIMD loads).
+#[derive(Clone, Debug, Default)]
+pub struct Q8Act {
+    /// 32 values per block.
+    pub qs: Vec<i8>,
+    /// Per-block scale; ggml stores it as f16, so this is the f16-rounded value.
+    pub d: Vec<f32>,
+    /// Q8_1 only: per-block `d * sum(qs)`, f16-rounded like ggml's `block_q8_1.s`.
+    pub s: Vec<f32>,
+}
+
+/// A Q8_K activation: 256 values per block, f32 scale, sums of each 16 values.
+#[derive(Clone, Debug, Default)]
+pub struct Q8KAct {
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    /// 16 per block: the sum of each run of 16 `qs`.
+    pub bsums: Vec<i16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ActKind {
+    Empty,
+    F32,
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+/// Reusable scratch for one quantised activation vector. Each form keeps its own buffers, so
+/// alternating between weight dtypes reuses capacity instead of reallocating.
+#[derive(Clone, Debug)]
+pub struct ActivationBuffer {
+    kind: ActKind,
+    f32: Vec<f32>,
+    q8: Q8Act,
+    q8k: Q8KAct,
+}
+
+impl Default for ActivationBuffer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ActivationBuffer {
+    pub fn new() -> Self {
+        ActivationBuffer {
+            kind: ActKind::Empty,
+            f32: Vec::new(),
+            q8: Q8Act::default(),
+            q8k: Q8KAct::default(),
+        }
+    }
+
+    /// Quantises `x` in the form that `weight`'s dot kernel expects. `x.len()` must be a
+    /// multiple of `weight`'s block length.
+    pub fn quantize_for(&mut self, weight: DType, x: &[f32]) -> Result<(), QuantError> {
+        check_whole_blocks(weight, x.len())?;
+        self.kind = ActKind::Empty;
+        self.kind = match weight {
+            DType::F32 | DType::F16 | DType::BF16 => {
+                self.f32.clear();
+                self.f32.extend_from_slice(x);
+                ActKind::F32
+            }
+            DType::Q4_0 | DType::Q8_0 => {
+                q8_0::quantize_act(x, &mut self.q8, false);
+                ActKind::Q8_0
+            }
+            DType::Q4_1 => {
+                q8_0::quantize_act(x, &mut self.q8, true);
+                ActKind::Q8_1
+            }
+            DType::Q4K | DType::Q6K => {
+                q8_k::quantize_act(x, &mut self.q8k);
+                ActKind::Q8K
+            }
+        };
+        Ok(())
+    }
+
+    /// The activation currently held, or `None` before the first `quantize_for`.
+    pub fn activation(&self) -> Option<QuantizedActivation<'_>> {
+        Some(match self.kind {
+            ActKind::Empty => return None,
+            ActKind::F32 => QuantizedActivation::F32(&self.f32),
+            ActKind::Q8_0 => QuantizedActivation::Q8_0(&self.q8),
+            ActKind::Q8_1 => QuantizedActivation::Q8_1(&self.q8),
+            ActKind::Q8K => QuantizedActivation::Q8K(&self.q8k),
+        })
+    }
+
+    /// Number of activation values held.
+    pub fn len(&self) -> usize {
+        match self.kind {
+            ActKind::Empty => 0,
+            ActKind::F32 => self.f32.len(),
+            ActKind::Q8_0 | ActKind::Q8_1 => self.q8.qs.len(),
+            ActKind::Q8K => self.q8k.qs.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The activation form each weight dtype's kernel reads.
+fn act_kind_for(dtype: DType) -> ActKind {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => ActKind::F32,
+        DType::Q4_0 | DType::Q8_0 => ActKind::Q8_0,
+        DType::Q4_1 => ActKind::Q8_1,
+        DType::Q4K | DType::Q6K => ActKind::Q8K,
+    }
+}
+
+/// Dot product of one weight row (raw bytes of whole `dtype` blocks) with the activation in
+/// `act`.
+///
+/// # Panics
+/// If `act` was not quantised for `dtype`, or the row holds a different number of values than
+/// `act`: both are caller bugs, and the check costs two compares per row.
+pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
+    assert_eq!(
+        act.kind,
+        act_kind_for(dtype),
+        "vec_dot: activation was not quantised for {dtype}"
+    );
+    assert!(
+        row.len().is_multiple_of(dtype.block_bytes())
+            && row.len() / dtype.block_bytes() * dtype.block_len() == act.len(),
+        "vec_dot: {dtype} row of {} bytes does not match an activation of {} values",
+        row.len(),
+        act.len()
+    );
+    let simd = use_simd();
+    match dtype {
+        DType::F32 => float::dot_f32(row, &act.f32, simd),
+        DType::F16 => float::dot_f16(row, &act.f32, simd),
+        DType::BF16 => float::dot_bf16(row, &act.f32, simd),
+        DType::Q4_0 => q4_0::dot(row, &act.q8, simd),
+        DType::Q4_1 => q4_1::dot(row, &act.q8, simd),
+        DType::Q8_0 => q8_0::dot(row, &act.q8, simd),
+        DType::Q4K => q4_k::dot(row, &act.q8k, simd),
+        DType::Q6K => q6_k::dot(row, &act.q8k, simd),
+    }
+}
+
+/// `out[r] = row_r · act` for `rows` consecutive rows in `weights`, single-threaded. The
+/// parallel matvec splits rows across threads and calls this per chunk.
+pub fn matvec(dtype: DType, weights: &[u8], act: &ActivationBuffer, out: &mut [f32]) {
+    let row_bytes = act.len() / dtype.block_len() * dtype.block_bytes();
+    assert_eq!(
+        weights.len(),
+        row_bytes * out.len(),
+        "matvec: {dtype} weights of {} bytes are not {} rows of {row_bytes} bytes",
+        weights.len(),
+        out.len()
+    );
+    if row_bytes == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (y, row) in out.iter_mut().zip(weights.chunks_exact(row_bytes)) {
+        *y = vec_dot(dtype, row, act);
+    }
+}
+
+/// Dequantises whole blocks of `dtype` into f32: the reference used by tests and loaders.
+pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
+    let bb = dtype.block_bytes();
+    if !bytes.len().is_multiple_of(bb) {
+        return Err(QuantError::PartialBytes {
+            dtype,
+            bytes: bytes.len(),
+            block_bytes: bb,
+        });
+    }
+    let n = bytes.len() / bb * dtype.block_len();
+    if out.len() != n {
+        return Err(QuantError::OutputLength {
+            dtype,
+            expected: n,
+            found: out.len(),
+        });
+    }
+    match dtype {
+        DType::F32 => float::dequantize_f32(bytes, out),
+        DType::F16 => float::dequantize_f16(bytes, out),
+        DType::BF16 => float::dequantize_bf16(bytes, out),
+        DType::Q4_0 => q4_0::dequantize(bytes, out),
+        DType::Q4_1 => q4_1::dequantize(bytes, out),
+        DType::Q8_0 => q8_0::dequantize(bytes, out),
+        DType::Q4K => q4_k::dequantize(bytes, out),
+        DType::Q6K => q6_k::dequantize(bytes, out),
+    }
+    Ok(())
+}
+
+/// Quantises `x` into `dtype` blocks appended to `out` (cleared first), matching ggml's
+/// `quantize_row_*_ref`. Q4_K and Q6_K are not implemented (their quantisers search scales).
+pub fn quantize(dtype: DType, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
+    check_whole_blocks(dtype, x.len())?;
+    out.clear();
+    out.reserve(x.len() / dtype.block_len() * dtype.block_bytes());
+    match dtype {
+        DType::F32 => float::quantize_f32(x, out),
+        DType::F16 => float::quantize_f16(x, out),
+        DType::BF16 => float::quantize_bf16(x, out),
+        DType::Q4_0 => q4_0::quantize(x, out),
+        DType::Q4_1 => q4_1::quantize(x, out),
+        DType::Q8_0 => q8_0::quantize(x, out),
+        DType::Q4K | DType::Q6K => return Err(QuantError::Unsupported(dtype)),
+    }
+    Ok(())
+}
+
+fn check_whole_blocks(dtype: DType, len: usize) -> Result<(), QuantError> {
+    let block = dtype.block_len();
+    if !len.is_multiple_of(block) {
+        return Err(QuantError::PartialBlock { dtype, len, block });
+    }
+    Ok(())
+}
+
+/// Whether the AVX2+FMA+F16C kernels may run on this CPU (detected once).
+#[cfg(target_arch = "x86_64")]
+fn use_simd() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn use_simd() -> bool {
+    false
+}
+
+/// The little-endian f16 at `b[at..at + 2]`, as f32.
+#[inline(always)]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Rounds through f16, as ggml does when it stores a scale in a `ggml_half`.
+#[inline(always)]
+fn round_f16(x: f32) -> (f32, [u8; 2]) {
+    let h = half::f16::from_f32(x);
+    (h.to_f32(), h.to_le_bytes())
+}

@@ -1,0 +1,124 @@
+//! Q4_K: super-blocks of 256 values, `{f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}` (144
+//! bytes): 8 sub-blocks of 32, each with a 6-bit scale and 6-bit min packed into `scales`.
+//! Value = d * sc * nibble - dmin * m. Each 32 bytes of `qs` hold two sub-blocks: low nibbles
+//! are the first 32 values, high nibbles the next 32. Dots against Q8_K.
+
+use super::{f16_at, Q8KAct};
+
+pub const QK: usize = 256;
+pub const BYTES: usize = 144;
+
+/// The 8 six-bit scales and 8 six-bit mins packed in 12 bytes (ggml `get_scale_min_k4`):
+/// bytes 0..4 hold scales 0..3 and 4..8 mins 0..3 in their low 6 bits; sub-blocks 4..7 take
+/// their low 4 bits from bytes 8..12 and their top 2 bits from the spare bits of bytes 0..8.
+#[inline]
+pub fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+    (sc, mn)
+}
+
+pub fn dequantize(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(BYTES).zip(out.chunks_exact_mut(QK)) {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (sc, mn) = scales_mins(&b[4..16]);
+        for (j, (q, y)) in b[16..]
+            .chunks_exact(32)
+            .zip(y.chunks_exact_mut(64))
+            .enumerate()
+        {
+            let (d1, m1) = (d * sc[2 * j] as f32, dmin * mn[2 * j] as f32);
+            let (d2, m2) = (d * sc[2 * j + 1] as f32, dmin * mn[2 * j + 1] as f32);
+            let (lo, hi) = y.split_at_mut(32);
+            for ((l, h), &q) in lo.iter_mut().zip(hi).zip(q) {
+                *l = d1 * (q & 0xF) as f32 - m1;
+                *h = d2 * (q >> 4) as f32 - m2;
+            }
+        }
+    }
+}
+
+pub fn dot(row: &[u8], act: &Q8KAct, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when `use_simd` found avx2, fma and f16c.
+        return unsafe { dot_avx2(row, act) };
+    }
+    let _ = simd;
+    dot_scalar(row, act)
+}
+
+/// The mins term needs no pass over the values: `sum(m_j * a)` over sub-block j is
+/// `m_j * (bsums[2j] + bsums[2j+1])`.
+fn mins_dot(mn: &[u8; 8], bsums: &[i16]) -> i32 {
+    (0..8)
+        .map(|j| mn[j] as i32 * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32))
+        .sum()
+}
+
+pub fn dot_scalar(row: &[u8], act: &Q8KAct) -> f32 {
+    let mut sum = 0.0f32;
+    let blocks = row.chunks_exact(BYTES).zip(act.qs.chunks_exact(QK));
+    for (((b, qa), &da), bsums) in blocks.zip(&act.d).zip(act.bsums.chunks_exact(16)) {
+        let (sc, mn) = scales_mins(&b[4..16]);
+        let mut sumi = 0i32;
+        for (j, (q, a)) in b[16..]
+            .chunks_exact(32)
+            .zip(qa.chunks_exact(64))
+            .enumerate()
+        {
+            let (lo, hi) = a.split_at(32);
+            let (mut sl, mut sh) = (0i32, 0i32);
+            for ((&q, &al), &ah) in q.iter().zip(lo).zip(hi) {
+                sl += (q & 0xF) as i32 * al as i32;
+                sh += (q >> 4) as i32 * ah as i32;
+            }
+            sumi += sc[2 * j] as i32 * sl + sc[2 * j + 1] as i32 * sh;
+        }
+        let summ = mins_dot(&mn, bsums);
+        sum += da * f16_at(b, 0) * sumi as f32 - da * f16_at(b, 2) * summ as f32;
+    }
+    sum
+}
+
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_avx2(row: &[u8], act: &Q8KAct) -> f32 {
+    use super::x86::*;
+    use std::arch::x86_64::*;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    let blocks = row
+        .chunks_exact(BYTES)
+        .zip(&act.d)
+        .zip(act.bsums.chunks_exact(16));
+    for (i, ((b, &da), bsums)) in blocks.enumerate() {
+        let (sc, mn) = scales_mins(&b[4..16]);
+        summs += da * f16_at(b, 2) * mins_dot(&mn, bsums) as f32;
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..4 {
+            let q4 = load32(b, 16 + 32 * j);
+            let lo = _mm256_and_si256(q4, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            let a0 = load32_i8(&act.qs, i * QK + 64 * j);
+            let a1 = load32_i8(&act.qs, i * QK + 64 * j + 32);
+            // Products are at most 2 * 15 * 127, so the i16 pair sums cannot saturate.
+            let pl = _mm256_maddubs_epi16(lo, a0);
+            let ph = _mm256_maddubs_epi16(hi, a1);
+            let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j] as i16), pl);
+            let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1] as i16), ph);
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        let d = _mm256_set1_ps(da * f16_at(b, 0));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc) - summs
+}

@@ -1,0 +1,129 @@
+//! Q8_0: blocks of 32 values, `{f16 d; i8 qs[32]}` (34 bytes), value = d * q.
+//! Also the Q8_0 / Q8_1 activation quantiser used by the Q4_0, Q4_1 and Q8_0 kernels.
+
+use super::{f16_at, round_f16, Q8Act};
+
+pub const QK: usize = 32;
+pub const BYTES: usize = 34;
+
+/// ggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` into `act`: `d = amax / 127`
+/// (stored as f16), `q = round(x / d)` rounding half away from zero (C `roundf`). With
+/// `with_sums`, also `s = d * sum(q)` as Q8_1 (f16-rounded like `block_q8_1.s`).
+pub fn quantize_act(x: &[f32], act: &mut Q8Act, with_sums: bool) {
+    let nb = x.len() / QK;
+    act.qs.resize(x.len(), 0);
+    act.d.clear();
+    act.s.clear();
+    for (xb, qb) in x.chunks_exact(QK).zip(act.qs.chunks_exact_mut(QK)) {
+        let raw_d = block_scale(xb, qb);
+        act.d.push(round_f16(raw_d).0);
+        if with_sums {
+            // ggml multiplies by the unrounded scale, then rounds the product to f16.
+            let sum: i32 = qb.iter().map(|&q| q as i32).sum();
+            act.s.push(round_f16(sum as f32 * raw_d).0);
+        }
+    }
+    debug_assert_eq!(act.d.len(), nb);
+}
+
+/// Quantises one block of 32 into `q`, returning the unrounded scale.
+fn block_scale(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // ggml computes q from the unrounded scale but stores the f16-rounded one.
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        *qi = (xi * id).round() as i8;
+    }
+    d
+}
+
+/// f32 -> Q8_0 weight blocks (ggml `quantize_row_q8_0_ref`).
+pub fn quantize(x: &[f32], out: &mut Vec<u8>) {
+    let mut q = [0i8; QK];
+    for xb in x.chunks_exact(QK) {
+        let d = block_scale(xb, &mut q);
+        out.extend_from_slice(&round_f16(d).1);
+        out.extend(q.iter().map(|&v| v as u8));
+    }
+}
+
+pub fn dequantize(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(BYTES).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(b, 0);
+        for (yi, &q) in y.iter_mut().zip(&b[2..]) {
+            *yi = d * (q as i8) as f32;
+        }
+    }
+}
+
+pub fn dot(row: &[u8], act: &Q8Act, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when `use_simd` found avx2, fma and f16c.
+        return unsafe { dot_avx2(row, act) };
+    }
+    let _ = simd;
+    dot_scalar(row, act)
+}
+
+/// Per block: integer dot of the quants, then one f32 multiply by both scales (as ggml).
+pub fn dot_scalar(row: &[u8], act: &Q8Act) -> f32 {
+    let mut sum = 0.0f32;
+    for ((b, qa), &da) in row
+        .chunks_exact(BYTES)
+        .zip(act.qs.chunks_exact(QK))
+        .zip(&act.d)
+    {
+        let sumi: i32 = b[2..]
+            .iter()
+            .zip(qa)
+            .map(|(&w, &a)| (w as i8) as i32 * a as i32)
+            .sum();
+        sum += sumi as f32 * (f16_at(b, 0) * da);
+    }
+    sum
+}
+
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_avx2(row: &[u8], act: &Q8Act) -> f32 {
+    use super::x86::hsum_ps;
+    use std::arch::x86_64::*;
+    let nb = row.len() / BYTES;
+    // Checked once here so the indexing below needs no per-block bounds checks.
+    assert!(act.qs.len() >= nb * QK && act.d.len() >= nb);
+    // Two accumulators, alternating by block, so consecutive FMAs do not wait on each other.
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 1 < nb {
+        acc0 = block(row, act, i, acc0);
+        acc1 = block(row, act, i + 1, acc1);
+        i += 2;
+    }
+    if i < nb {
+        acc0 = block(row, act, i, acc0);
+    }
+    hsum_ps(_mm256_add_ps(acc0, acc1))
+}
+
+/// `acc + d_w * d_a * (w_i · a_i)` for block `i`, in 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn block(
+    row: &[u8],
+    act: &Q8Act,
+    i: usize,
+    acc: std::arch::x86_64::__m256,
+) -> std::arch::x86_64::__m256 {
+    use super::x86::*;
+    use std::arch::x86_64::*;
+    let b = &row[i * BYTES..(i + 1) * BYTES];
+    let w = load32(b, 2);
+    let a = load32_i8(&act.qs, i * QK);
+    let d = _mm256_set1_ps(f16_at(b, 0) * act.d[i]);
+    _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8_i8(w, a)), acc)
+}

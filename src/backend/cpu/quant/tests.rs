@@ -1,0 +1,480 @@
+//! Tests: hand-computed blocks per format, scalar dots against an f64 reference built from
+//! `dequantize`, SIMD dots against scalar, quantisers against ggml's rules, and an ignored
+//! timing test (`cargo test --release --lib quant::tests::timing -- --ignored --nocapture`).
+
+use super::*;
+use half::{bf16, f16};
+
+const ALL: [DType; 8] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q8_0,
+    DType::Q4K,
+    DType::Q6K,
+];
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    /// A vector with per-32 magnitude changes, like real activations.
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        let mut scale = 1.0;
+        (0..n)
+            .map(|i| {
+                if i % 32 == 0 {
+                    scale = 0.01 + 4.0 * self.f().abs();
+                }
+                scale * self.f()
+            })
+            .collect()
+    }
+}
+
+fn put_f16(b: &mut [u8], at: usize, v: f32) {
+    b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+}
+
+/// A random row of `n` values of `dtype`: random quants, sane random scales.
+fn random_row(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
+    if !dtype.is_quantized() {
+        let mut out = Vec::new();
+        quantize(dtype, &rng.vec(n), &mut out).unwrap();
+        return out;
+    }
+    let bb = dtype.block_bytes();
+    let mut row = rng.bytes(n / dtype.block_len() * bb);
+    for b in row.chunks_exact_mut(bb) {
+        let d = 0.001 + 0.05 * rng.f().abs();
+        match dtype {
+            DType::Q4_0 | DType::Q8_0 => put_f16(b, 0, d),
+            DType::Q4_1 => {
+                put_f16(b, 0, d);
+                put_f16(b, 2, -0.4 * rng.f().abs());
+            }
+            DType::Q4K => {
+                put_f16(b, 0, d);
+                put_f16(b, 2, 0.5 * d);
+            }
+            DType::Q6K => put_f16(b, 208, d),
+            _ => unreachable!(),
+        }
+    }
+    row
+}
+
+/// The activation in `act` as f32 values (what the kernels multiply by).
+fn act_values(act: &ActivationBuffer) -> Vec<f64> {
+    match act.activation().unwrap() {
+        QuantizedActivation::F32(x) => x.iter().map(|&v| v as f64).collect(),
+        QuantizedActivation::Q8_0(a) | QuantizedActivation::Q8_1(a) => {
+            let d = |i: usize| a.d[i / 32] as f64;
+            a.qs.iter()
+                .enumerate()
+                .map(|(i, &q)| q as f64 * d(i))
+                .collect()
+        }
+        QuantizedActivation::Q8K(a) => {
+            let d = |i: usize| a.d[i / 256] as f64;
+            a.qs.iter()
+                .enumerate()
+                .map(|(i, &q)| q as f64 * d(i))
+                .collect()
+        }
+    }
+}
+
+/// f64 reference for `vec_dot` and the sum of |terms| to scale tolerances by.
+fn reference(dtype: DType, row: &[u8], act: &ActivationBuffer) -> (f64, f64) {
+    let a = act_values(act);
+    let mut w = vec![0.0f32; a.len()];
+    dequantize(dtype, row, &mut w).unwrap();
+    let mut dot: f64 = w.iter().zip(&a).map(|(&w, &a)| w as f64 * a).sum();
+    let mag: f64 = w.iter().zip(&a).map(|(&w, &a)| (w as f64 * a).abs()).sum();
+    if dtype == DType::Q4_1 {
+        // The kernel uses Q8_1's f16-rounded `s` for the min term, as ggml does: swap the exact
+        // min term for that one.
+        let q8 = match act.activation().unwrap() {
+            QuantizedActivation::Q8_1(q8) => q8,
+            _ => unreachable!(),
+        };
+        for (i, b) in row.chunks_exact(20).enumerate() {
+            let m = f16_at(b, 2) as f64;
+            let exact: f64 = a[32 * i..32 * i + 32].iter().sum::<f64>();
+            dot += m * (q8.s[i] as f64 - exact);
+        }
+    }
+    (dot, mag)
+}
+
+fn lens(dtype: DType) -> Vec<usize> {
+    match dtype {
+        DType::Q4K | DType::Q6K => vec![256, 768, 2048],
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => vec![32, 96, 576, 2048],
+        _ => vec![1, 7, 33, 576, 1000],
+    }
+}
+
+#[test]
+fn scalar_dot_matches_dequantized_reference() {
+    let mut rng = Rng(0x1234_5678);
+    let mut act = ActivationBuffer::new();
+    for dtype in ALL {
+        for n in lens(dtype) {
+            for _ in 0..5 {
+                let row = random_row(&mut rng, dtype, n);
+                act.quantize_for(dtype, &rng.vec(n)).unwrap();
+                let (want, mag) = reference(dtype, &row, &act);
+                let got = scalar_dot(dtype, &row, &act) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * mag + 1e-30,
+                    "{dtype} n={n}: scalar {got} vs reference {want} (mag {mag})"
+                );
+            }
+        }
+    }
+}
+
+fn scalar_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
+    match dtype {
+        DType::F32 => float::dot_f32_scalar(row, &act.f32),
+        DType::F16 => float::dot_f16_scalar(row, &act.f32),
+        DType::BF16 => float::dot_bf16_scalar(row, &act.f32),
+        DType::Q4_0 => q4_0::dot_scalar(row, &act.q8),
+        DType::Q4_1 => q4_1::dot_scalar(row, &act.q8),
+        DType::Q8_0 => q8_0::dot_scalar(row, &act.q8),
+        DType::Q4K => q4_k::dot_scalar(row, &act.q8k),
+        DType::Q6K => q6_k::dot_scalar(row, &act.q8k),
+    }
+}
+
+#[test]
+fn simd_dot_matches_scalar() {
+    if !use_simd() {
+        eprintln!("no avx2+fma+f16c here: SIMD kernels not tested");
+        return;
+    }
+    let mut rng = Rng(0xDEAD_BEEF);
+    let mut act = ActivationBuffer::new();
+    for dtype in ALL {
+        for n in lens(dtype) {
+            for _ in 0..5 {
+                // Shift the row by one byte so the SIMD loads are unaligned.
+                let mut buf = vec![0u8];
+                buf.extend(random_row(&mut rng, dtype, n));
+                let row = &buf[1..];
+                act.quantize_for(dtype, &rng.vec(n)).unwrap();
+                let (_, mag) = reference(dtype, row, &act);
+                let want = scalar_dot(dtype, row, &act) as f64;
+                let got = vec_dot(dtype, row, &act) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * mag + 1e-30,
+                    "{dtype} n={n}: simd {got} vs scalar {want} (mag {mag})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_is_one_dot_per_row() {
+    let mut rng = Rng(7);
+    let mut act = ActivationBuffer::new();
+    for dtype in ALL {
+        let n = 512;
+        let rows = 5;
+        let w: Vec<u8> = (0..rows)
+            .flat_map(|_| random_row(&mut rng, dtype, n))
+            .collect();
+        act.quantize_for(dtype, &rng.vec(n)).unwrap();
+        let mut out = vec![0.0; rows];
+        matvec(dtype, &w, &act, &mut out);
+        let rb = w.len() / rows;
+        for (r, y) in out.iter().enumerate() {
+            assert_eq!(*y, vec_dot(dtype, &w[r * rb..(r + 1) * rb], &act));
+        }
+    }
+}
+
+fn deq(dtype: DType, b: &[u8]) -> Vec<f32> {
+    let mut out = vec![0.0; b.len() / dtype.block_bytes() * dtype.block_len()];
+    dequantize(dtype, b, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn dequantize_known_q8_0_block() {
+    let mut b = vec![0u8; 34];
+    put_f16(&mut b, 0, 0.5);
+    b[2..6].copy_from_slice(&[1, (-2i8) as u8, 127, 0x80]);
+    let y = deq(DType::Q8_0, &b);
+    assert_eq!(&y[..5], &[0.5, -1.0, 63.5, -64.0, 0.0]);
+}
+
+#[test]
+fn dequantize_known_q4_0_block() {
+    let mut b = vec![0x88u8; 18]; // nibble 8 = value 0
+    put_f16(&mut b, 0, 2.0);
+    b[2] = 0x9F;
+    b[3] = 0x08;
+    let y = deq(DType::Q4_0, &b);
+    assert_eq!(
+        (y[0], y[16], y[1], y[17], y[2]),
+        (14.0, 2.0, 0.0, -16.0, 0.0)
+    );
+}
+
+#[test]
+fn dequantize_known_q4_1_block() {
+    let mut b = vec![0u8; 20];
+    put_f16(&mut b, 0, 0.5);
+    put_f16(&mut b, 2, -1.0);
+    b[4] = 0x3A;
+    let y = deq(DType::Q4_1, &b);
+    assert_eq!((y[0], y[16], y[1]), (4.0, 0.5, -1.0));
+}
+
+#[test]
+fn dequantize_known_q4_k_block() {
+    let mut b = vec![0u8; 144];
+    put_f16(&mut b, 0, 1.0);
+    put_f16(&mut b, 2, 0.5);
+    // Sub-block 0: scale 2, min 3. Sub-block 4: scale 1 | 3 << 4 = 49, min 2 | 1 << 4 = 18.
+    b[4] = 0xC2;
+    b[4 + 4] = 0x43;
+    b[4 + 8] = 0x21;
+    b[16] = 0x75; // value 0 (sub-block 0) = 5, value 32 (sub-block 1) = 7
+    b[16 + 64] = 0x03; // value 128 (sub-block 4) = 3
+    let y = deq(DType::Q4K, &b);
+    assert_eq!(y[0], 2.0 * 5.0 - 0.5 * 3.0);
+    assert_eq!(y[1], -1.5);
+    assert_eq!(y[32], 0.0); // sub-block 1 has scale 0 and min 0
+    assert_eq!(y[128], 49.0 * 3.0 - 0.5 * 18.0);
+    assert_eq!(y[129], -9.0);
+}
+
+#[test]
+fn dequantize_known_q6_k_block() {
+    let mut b = vec![0u8; 210];
+    put_f16(&mut b, 208, 0.5);
+    let sc = |b: &mut Vec<u8>, g: usize, v: i8| b[192 + g] = v as u8;
+    sc(&mut b, 0, 2);
+    sc(&mut b, 2, -3);
+    sc(&mut b, 4, 4);
+    sc(&mut b, 8, 1);
+    b[0] = 0x21; // low bits of values 0 (1) and 64 (2)
+    b[128] = 0x9C; // high bits: value 0 -> 0, 32 -> 3, 64 -> 1, 96 -> 2
+    let y = deq(DType::Q6K, &b);
+    assert_eq!(y[0], 0.5 * 2.0 * (1.0 - 32.0));
+    assert_eq!(y[32], 0.5 * -3.0 * (48.0 - 32.0));
+    assert_eq!(y[64], 0.5 * 4.0 * (18.0 - 32.0));
+    assert_eq!(y[96], 0.0); // group 6 has scale 0
+    assert_eq!(y[1], 0.5 * 2.0 * -32.0);
+    assert_eq!(y[128], 0.5 * 1.0 * -32.0);
+}
+
+#[test]
+fn dequantize_known_float_rows() {
+    let x = [1.5f32, -2.25, 1e-3];
+    let mut b = Vec::new();
+    quantize(DType::F32, &x, &mut b).unwrap();
+    assert_eq!(deq(DType::F32, &b), x);
+    let h: Vec<u8> = [0x3E00u16, 0xC000]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    assert_eq!(deq(DType::F16, &h), [1.5, -2.0]);
+    let h: Vec<u8> = [0x3FC0u16, 0xC010]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    assert_eq!(deq(DType::BF16, &h), [1.5, -2.25]);
+    assert_eq!(bf16::from_f32(1.5).to_bits(), 0x3FC0);
+}
+
+#[test]
+fn quantize_round_trips_within_half_a_step() {
+    let mut rng = Rng(99);
+    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        let x = rng.vec(32 * 20);
+        let mut b = Vec::new();
+        quantize(dtype, &x, &mut b).unwrap();
+        assert_eq!(b.len(), 20 * dtype.block_bytes());
+        let y = deq(dtype, &b);
+        for (blk, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
+            let d = f16_at(&b, blk * dtype.block_bytes()).abs();
+            // Q4_0 clamps the top level (the largest magnitude maps to -8, its opposite can
+            // only reach +7), so allow a whole step there; f16 scales add a little.
+            let tol = if dtype == DType::Q4_0 { 1.0 } else { 0.5 } * d * 1.01 + 1e-3 * d.max(1.0);
+            for (a, b) in xb.iter().zip(yb) {
+                assert!((a - b).abs() <= tol, "{dtype}: {a} -> {b}, step {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_0_quantize_matches_ggml_rules() {
+    // Largest magnitude -4 -> d = 0.5, maps to nibble 0; 3.5 -> 15; 0 -> 8; 0.26 -> 8.52 -> 9.
+    let mut x = [0.0f32; 32];
+    x[0] = -4.0;
+    x[1] = 3.5;
+    x[2] = 0.26;
+    let mut b = Vec::new();
+    quantize(DType::Q4_0, &x, &mut b).unwrap();
+    assert_eq!(f16_at(&b, 0), 0.5);
+    assert_eq!(&b[2..5], &[0x80, 0x8F, 0x89]);
+}
+
+#[test]
+fn q8_activations_follow_ggml() {
+    let mut x = vec![0.0f32; 64];
+    x[0] = 1.27;
+    x[1] = -0.005; // -0.5 steps: roundf rounds away from zero -> -1
+    x[2] = 0.635;
+    let mut act = ActivationBuffer::new();
+    act.quantize_for(DType::Q4_1, &x).unwrap();
+    let Some(QuantizedActivation::Q8_1(a)) = act.activation() else {
+        panic!("not Q8_1")
+    };
+    assert_eq!(&a.qs[..3], &[127, -1, 64]); // 63.5 rounds away from zero too
+    assert_eq!(a.d[0], f16::from_f32(0.01).to_f32());
+    assert_eq!(
+        a.s[0],
+        f16::from_f32((127 - 1 + 64) as f32 * (1.27f32 / 127.0)).to_f32()
+    );
+    assert_eq!((a.d[1], a.s[1]), (0.0, 0.0));
+}
+
+#[test]
+fn q8_k_activations_follow_ggml() {
+    let mut rng = Rng(5);
+    let mut x = rng.vec(512);
+    // Block 1's signed max is -127, so iscale = -127 / max = 1 exactly and q = x: the max maps
+    // to -127 and halves round to even (ggml's nearest_int), unlike roundf.
+    x[300] = -127.0;
+    x[301] = 63.5;
+    x[302] = 62.5;
+    let mut act = ActivationBuffer::new();
+    act.quantize_for(DType::Q6K, &x).unwrap();
+    let Some(QuantizedActivation::Q8K(a)) = act.activation() else {
+        panic!("not Q8K")
+    };
+    assert_eq!(a.d[1], 1.0);
+    assert_eq!((a.qs[300], a.qs[301], a.qs[302]), (-127, 64, 62));
+    for (g, s) in a.bsums.iter().enumerate() {
+        let want: i32 = a.qs[16 * g..16 * g + 16].iter().map(|&q| q as i32).sum();
+        assert_eq!(*s as i32, want);
+    }
+    for (i, (&xi, &q)) in x.iter().zip(&a.qs).enumerate() {
+        assert!((q as f32 * a.d[i / 256] - xi).abs() <= a.d[i / 256].abs() * 0.5001);
+    }
+    act.quantize_for(DType::Q4K, &[0.0; 256]).unwrap();
+    assert_eq!(act.len(), 256);
+    assert_eq!(
+        vec_dot(DType::Q4K, &random_row(&mut rng, DType::Q4K, 256), &act),
+        0.0
+    );
+}
+
+#[test]
+fn bad_lengths_are_errors() {
+    let mut act = ActivationBuffer::new();
+    assert!(matches!(
+        act.quantize_for(DType::Q4K, &[0.0; 255]),
+        Err(QuantError::PartialBlock { .. })
+    ));
+    assert!(matches!(
+        dequantize(DType::Q8_0, &[0; 33], &mut [0.0; 32]),
+        Err(QuantError::PartialBytes { .. })
+    ));
+    assert!(matches!(
+        dequantize(DType::Q8_0, &[0; 34], &mut [0.0; 31]),
+        Err(QuantError::OutputLength { .. })
+    ));
+    assert!(matches!(
+        quantize(DType::Q6K, &[0.0; 256], &mut Vec::new()),
+        Err(QuantError::Unsupported(DType::Q6K))
+    ));
+}
+
+#[test]
+#[should_panic(expected = "not quantised for")]
+fn vec_dot_rejects_the_wrong_activation() {
+    let mut act = ActivationBuffer::new();
+    act.quantize_for(DType::Q8_0, &[0.0; 256]).unwrap();
+    vec_dot(DType::Q4K, &[0; 144], &act);
+}
+
+/// Single-threaded matvec timings; run with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn timing() {
+    let mut rng = Rng(42);
+    let mut act = ActivationBuffer::new();
+    let cases = [
+        (DType::Q4_1, 1536, 576),
+        (DType::Q4_1, 1536, 576),
+        (DType::Q8_0, 49152, 576),
+        (DType::Q4_0, 1536, 576),
+        (DType::Q4_1, 96, 9216),
+        (DType::Q4K, 1536, 2048),
+        (DType::Q6K, 1536, 2048),
+        (DType::F16, 1536, 576),
+        (DType::F32, 1536, 576),
+    ];
+    for (dtype, rows, cols) in cases {
+        let w: Vec<u8> = (0..rows)
+            .flat_map(|_| random_row(&mut rng, dtype, cols))
+            .collect();
+        let x = rng.vec(cols);
+        let mut out = vec![0.0; rows];
+        let iters = (400_000_000 / w.len()).clamp(3, 400);
+        act.quantize_for(dtype, &x).unwrap();
+        matvec(dtype, &w, &act, &mut out);
+        // Best of 5 rounds: the machine is shared, so the minimum is the least disturbed.
+        let (mut quant, mut per) = (f64::MAX, f64::MAX);
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            for _ in 0..iters {
+                act.quantize_for(dtype, &x).unwrap();
+            }
+            quant = quant.min(t.elapsed().as_secs_f64() / iters as f64);
+            let t = std::time::Instant::now();
+            for _ in 0..iters {
+                matvec(dtype, &w, &act, &mut out);
+            }
+            per = per.min(t.elapsed().as_secs_f64() / iters as f64);
+        }
+        let t = std::time::Instant::now();
+        for r in 0..rows.min(2000) {
+            let rb = w.len() / rows;
+            out[r] = scalar_dot(dtype, &w[r * rb..(r + 1) * rb], &act);
+        }
+        let scalar = t.elapsed().as_secs_f64() / rows.min(2000) as f64 * rows as f64;
+        println!(
+            "{dtype} {rows}x{cols}: {:.1} us/matvec ({:.2} GB/s) + {:.1} us quantising x, scalar {:.1} us (simd={})",
+            per * 1e6,
+            w.len() as f64 / per / 1e9,
+            quant * 1e6,
+            scalar * 1e6,
+            use_simd()
+        );
+    }
+}

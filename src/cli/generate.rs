@@ -1,0 +1,125 @@
+//! `llmflash generate`: stream a continuation of a prompt.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use crate::engine::sampler::{Sampler, Sampling};
+use crate::engine::{generate, Session};
+use crate::model::chat::ChatMessage;
+use crate::model::tokenizer::StreamDecoder;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model: a GGUF file or an HF directory.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// The prompt.
+    #[arg(short, long)]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(short, long, default_value_t = 64)]
+    n: usize,
+    /// Always take the most likely token (the default unless --temp is given).
+    #[arg(long, conflicts_with_all = ["temp", "top_p", "top_k", "seed"])]
+    greedy: bool,
+    /// Sampling temperature.
+    #[arg(long)]
+    temp: Option<f32>,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Keep only the K most likely tokens before sampling (0 = all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Compute backend.
+    #[arg(long, value_parser = ["cpu"], default_value = "cpu")]
+    backend: String,
+    /// Context length (positions) to allocate.
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+    /// Print one JSON object (text, tokens, stats) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let model = super::open_model(&a.model)?;
+    let Some(tok) = model.tokenizer.as_ref() else {
+        bail!(
+            "{} has no tokenizer (no tokenizer.json); generate needs one",
+            a.model.display()
+        );
+    };
+    let text = if a.chat {
+        let Some(t) = model.chat_template.as_ref() else {
+            bail!("{} has no chat template; drop --chat", a.model.display());
+        };
+        let msg = ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        };
+        t.render(&[msg], true)
+            .context("rendering the chat template")?
+    } else {
+        a.prompt.clone()
+    };
+    let prompt = tok.encode(&text, true, a.chat);
+    let sampling = match a.temp {
+        Some(t) if !a.greedy => Sampling::Random {
+            temperature: t,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        _ => Sampling::Greedy,
+    };
+    let mut sampler = Sampler::new(sampling);
+    let mut session = Session::new(&model.weights, a.ctx);
+    let mut stream = StreamDecoder::new();
+    let mut out = std::io::stdout().lock();
+    let mut text_out = String::new();
+    let json = a.json;
+    let gen = generate(
+        &mut session,
+        &prompt,
+        a.n,
+        &mut sampler,
+        |t| tok.is_end_of_generation(t),
+        |t| {
+            let piece = stream.push(tok, t);
+            if json {
+                text_out.push_str(&piece);
+            } else {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        },
+    )?;
+    let tail = stream.finish();
+    if json {
+        text_out.push_str(&tail);
+        let obj = serde_json::json!({
+            "text": text_out,
+            "prompt_tokens": prompt,
+            "tokens": gen.tokens,
+            "stats": gen.stats,
+        });
+        writeln!(out, "{obj}")?;
+    } else {
+        writeln!(out, "{tail}")?;
+        log::info!("{:.1} tokens/s", gen.stats.tokens_per_s);
+        eprintln!(
+            "[{} prompt tokens, {} generated, {:.1} tokens/s]",
+            gen.stats.prompt_tokens, gen.stats.generated_tokens, gen.stats.tokens_per_s
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! `llmflash perplexity`: llama.cpp-compatible perplexity of a text file.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use crate::engine::perplexity::perplexity;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model: a GGUF file or an HF directory.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Text file to score.
+    #[arg(short, long)]
+    file: PathBuf,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Score at most this many windows.
+    #[arg(long)]
+    chunks: Option<usize>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let model = super::open_model(&a.model)?;
+    let Some(tok) = model.tokenizer.as_ref() else {
+        bail!(
+            "{} has no tokenizer; perplexity needs one",
+            a.model.display()
+        );
+    };
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let tokens = tok.encode(&text, true, false);
+    let bos = if tok.add_bos() { tok.bos() } else { None };
+    eprintln!("{} tokens, ctx {}", tokens.len(), a.ctx);
+    let result = perplexity(&model.weights, &tokens, a.ctx, bos, a.chunks, |i, p| {
+        eprint!("[{i}]{p:.4},");
+    })?;
+    eprintln!();
+    println!(
+        "chunks = {}, ctx = {}, scored tokens = {}",
+        result.chunks, result.ctx, result.tokens_scored
+    );
+    println!("ppl = {:.4}", result.ppl);
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Choosing the next token from logits: greedy, or temperature with top-k and top-p.
+
+/// How to pick the next token.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (ties: the lowest id).
+    Greedy,
+    /// Softmax at `temperature`, restricted to the `top_k` most likely tokens (0 = all) and
+    /// then to the smallest prefix whose probability reaches `top_p`.
+    Random {
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        seed: u64,
+    },
+}
+
+pub struct Sampler {
+    sampling: Sampling,
+    rng: SplitMix64,
+}
+
+impl Sampler {
+    pub fn new(sampling: Sampling) -> Sampler {
+        let seed = match &sampling {
+            Sampling::Random { seed, .. } => *seed,
+            Sampling::Greedy => 0,
+        };
+        Sampler {
+            sampling,
+            rng: SplitMix64(seed),
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        match self.sampling {
+            Sampling::Greedy => argmax(logits),
+            Sampling::Random {
+                temperature,
+                top_k,
+                top_p,
+                ..
+            } => {
+                if temperature <= 0.0 {
+                    return argmax(logits);
+                }
+                let u = self.rng.next_f64();
+                sample_top_p(logits, temperature, top_k, top_p, u)
+            }
+        }
+    }
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Samples with the uniform draw `u` in [0, 1).
+fn sample_top_p(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) -> u32 {
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    ids.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    if top_k > 0 {
+        ids.truncate(top_k);
+    }
+    let max = logits[ids[0] as usize];
+    let mut probs: Vec<f64> = ids
+        .iter()
+        .map(|&i| (((logits[i as usize] - max) / temperature) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    let mut keep = probs.len();
+    let mut acc = 0.0;
+    for (n, p) in probs.iter().enumerate() {
+        acc += p;
+        if acc >= top_p as f64 {
+            keep = n + 1;
+            break;
+        }
+    }
+    let mass: f64 = probs[..keep].iter().sum();
+    let mut target = u * mass;
+    for (n, p) in probs[..keep].iter().enumerate() {
+        if target < *p {
+            return ids[n];
+        }
+        target -= p;
+    }
+    ids[keep - 1]
+}
+
+/// A small, fast, seedable generator (Steele et al.'s SplitMix64): sampling needs
+/// reproducibility, not cryptographic quality.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_max() {
+        assert_eq!(argmax(&[0.1, 3.0, -1.0, 3.0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits = [0.5, 2.0, 1.0];
+        for u in [0.0, 0.5, 0.999] {
+            assert_eq!(sample_top_p(&logits, 1.0, 1, 1.0, u), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_cuts_the_tail() {
+        // Probabilities ~[0.84, 0.11, 0.04]; top_p 0.8 keeps only the first.
+        let logits = [3.0, 1.0, 0.0];
+        assert_eq!(sample_top_p(&logits, 1.0, 0, 0.8, 0.99), 0);
+        // With everything kept, a draw near 1 lands on the least likely token.
+        assert_eq!(sample_top_p(&logits, 1.0, 0, 1.0, 0.999), 2);
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let s = Sampling::Random {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 7,
+        };
+        let (mut a, mut b) = (Sampler::new(s.clone()), Sampler::new(s));
+        for _ in 0..20 {
+            assert_eq!(a.sample(&logits), b.sample(&logits));
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Per-run statistics reported by `generate --json` and `bench`.
+
+use serde::Serialize;
+
+/// What one generation cost. Times are wall-clock milliseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GenerationStats {
+    /// How weights were held: `resident` (memory-mapped, all in RAM) for now.
+    pub strategy: String,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prompt_ms: f64,
+    pub decode_ms: f64,
+    /// Decode speed: generated tokens per second, prompt excluded.
+    pub tokens_per_s: f64,
+    pub prompt_tokens_per_s: f64,
+    /// Bytes the storage layer read from the SSD per generated token.
+    pub bytes_read_per_token: f64,
+    pub io_ms_per_token: f64,
+    pub mem_ms_per_token: f64,
+    pub compute_ms_per_token: f64,
+    /// Peak resident set size of the process (Linux: VmHWM), if known.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The process's peak resident set size, from `/proc/self/status` (Linux only).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

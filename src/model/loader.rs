@@ -1,0 +1,131 @@
+//! Opening a model from a path: a GGUF file or an HF directory, with its tokenizer and chat
+//! template when the file carries them.
+
+use std::path::{Path, PathBuf};
+
+use crate::model::chat::ChatTemplate;
+use crate::model::gguf::GgufFile;
+use crate::model::hf::HfModel;
+use crate::model::tokenizer::{Tokenizer, TokenizerSpec};
+use crate::model::weights::{LoadError, ModelWeights};
+
+/// A model ready to run.
+pub struct LoadedModel {
+    pub weights: ModelWeights,
+    pub tokenizer: Option<Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    pub path: PathBuf,
+    /// "gguf" or "hf".
+    pub format: &'static str,
+}
+
+/// Opens `path`: a directory is read as an HF checkpoint, a file as GGUF.
+pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
+    if !path.exists() {
+        return Err(LoadError::Invalid(format!(
+            "model path {} does not exist (fetch the default model with tools/fetch-model)",
+            path.display()
+        )));
+    }
+    if path.is_dir() {
+        load_hf(path)
+    } else {
+        load_gguf(path)
+    }
+}
+
+fn load_gguf(path: &Path) -> Result<LoadedModel, LoadError> {
+    let file = GgufFile::open(path)?;
+    let weights = ModelWeights::from_gguf(&file)?;
+    let tokenizer = Tokenizer::new(tokenizer_spec(&file)?)
+        .map_err(|e| LoadError::Invalid(format!("{}: tokenizer: {e}", path.display())))?;
+    let chat_template = match file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+        Some(t) => Some(chat_template(t, &tokenizer)?),
+        None => None,
+    };
+    Ok(LoadedModel {
+        weights,
+        tokenizer: Some(tokenizer),
+        chat_template,
+        path: path.to_path_buf(),
+        format: "gguf",
+    })
+}
+
+fn load_hf(dir: &Path) -> Result<LoadedModel, LoadError> {
+    let model = HfModel::open(dir)?;
+    let weights = ModelWeights::from_hf(&model)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        let json = read(&tok_path)?;
+        let cfg = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
+        Some(
+            Tokenizer::from_hf_json(&json, cfg.as_deref())
+                .map_err(|e| LoadError::Invalid(format!("{}: {e}", tok_path.display())))?,
+        )
+    } else {
+        None
+    };
+    Ok(LoadedModel {
+        weights,
+        tokenizer,
+        chat_template: None,
+        path: dir.to_path_buf(),
+        format: "hf",
+    })
+}
+
+fn read(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| LoadError::Invalid(format!("cannot read {}: {e}", path.display())))
+}
+
+fn chat_template(template: &str, tok: &Tokenizer) -> Result<ChatTemplate, LoadError> {
+    let text = |id: Option<u32>| {
+        id.and_then(|i| tok.token_text(i))
+            .unwrap_or_default()
+            .to_string()
+    };
+    ChatTemplate::new(template, &text(tok.bos()), &text(tok.eos()))
+        .map_err(|e| LoadError::Invalid(format!("chat template: {e}")))
+}
+
+/// Collects the `tokenizer.ggml.*` keys.
+fn tokenizer_spec(f: &GgufFile) -> Result<TokenizerSpec, LoadError> {
+    let strings = |key: &str| -> Result<Vec<String>, LoadError> {
+        match f.get(key) {
+            Some(_) => Ok(f
+                .get_str_array(key)?
+                .into_iter()
+                .map(String::from)
+                .collect()),
+            None => Ok(Vec::new()),
+        }
+    };
+    let id = |key: &str| f.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let flag = |key: &str, default: bool| f.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
+    let token_types = match f
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_array())
+    {
+        Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1) as i32).collect(),
+        None => Vec::new(),
+    };
+    Ok(TokenizerSpec {
+        model: f.get_str("tokenizer.ggml.model")?.to_string(),
+        pre: f
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+            .to_string(),
+        tokens: strings("tokenizer.ggml.tokens")?,
+        token_types,
+        merges: strings("tokenizer.ggml.merges")?,
+        bos: id("tokenizer.ggml.bos_token_id"),
+        eos: id("tokenizer.ggml.eos_token_id"),
+        eot: id("tokenizer.ggml.eot_token_id"),
+        pad: id("tokenizer.ggml.padding_token_id"),
+        add_bos: flag("tokenizer.ggml.add_bos_token", false),
+        add_eos: flag("tokenizer.ggml.add_eos_token", false),
+    })
+}

@@ -1,0 +1,451 @@
+//! The loaded weights of one model, in a form every backend reads, and the loaders that fill
+//! them from a GGUF file or an HF directory.
+//!
+//! Matrices stay in their file's dtype (quantised blocks are multiplied directly); the small
+//! vectors (norms, biases) are dequantised to f32 once at load time.
+
+use crate::backend::cpu::quant;
+use crate::model::config::{Arch, Config, RopeStyle};
+use crate::model::gguf::GgufFile;
+use crate::model::hf::HfModel;
+use crate::model::tensor::Tensor;
+
+/// A linear layer `y = W x + b`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// RMSNorm (no bias) or LayerNorm (with bias, mean-centred).
+#[derive(Clone, Debug)]
+pub struct Norm {
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+}
+
+/// The feed-forward block. SwiGLU models have `gate`; ReLU models (OPT) do not.
+#[derive(Clone, Debug)]
+pub struct Ffn {
+    pub gate: Option<Linear>,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub attn_norm: Norm,
+    pub attn: Attention,
+    pub ffn_norm: Norm,
+    pub ffn: Ffn,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelWeights {
+    pub config: Config,
+    /// Token embeddings, `vocab x embed_dim`.
+    pub embed: Tensor,
+    /// Learned positions (OPT), `max_positions + offset x hidden`.
+    pub positions: Option<Tensor>,
+    /// Row of `positions` that holds position 0 (OPT reserves two rows).
+    pub position_offset: usize,
+    /// OPT-350m style projections between `embed_dim` and `hidden_size`.
+    pub project_in: Option<Linear>,
+    pub project_out: Option<Linear>,
+    pub layers: Vec<Layer>,
+    pub final_norm: Option<Norm>,
+    /// Output projection, `vocab x embed_dim`; the embedding matrix when tied.
+    pub lm_head: Tensor,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Gguf(#[from] crate::model::gguf::GgufError),
+    #[error(transparent)]
+    Hf(#[from] crate::model::hf::HfError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> LoadError {
+    LoadError::Invalid(msg.into())
+}
+
+/// Dequantises a 1-D tensor (a norm weight or a bias) to f32, checking its length.
+fn vector(t: &Tensor, len: usize) -> Result<Vec<f32>, LoadError> {
+    if t.len() != len {
+        return Err(invalid(format!(
+            "tensor `{}` has {} elements, expected {len}; the file does not match its config",
+            t.name,
+            t.len()
+        )));
+    }
+    let mut out = vec![0.0f32; len];
+    quant::dequantize(t.dtype, t.bytes(), &mut out)
+        .map_err(|e| invalid(format!("tensor `{}`: {e}", t.name)))?;
+    Ok(out)
+}
+
+/// Checks that a matrix is `rows x cols`.
+fn matrix(t: Tensor, rows: usize, cols: usize) -> Result<Tensor, LoadError> {
+    if t.rows != rows || t.cols != cols {
+        return Err(invalid(format!(
+            "tensor `{}` is {} x {}, expected {rows} x {cols}; the file does not match its config",
+            t.name, t.rows, t.cols
+        )));
+    }
+    Ok(t)
+}
+
+/// Reads tensors by name from either kind of file, so the assembly below is written once.
+trait TensorSource {
+    fn get(&self, name: &str) -> Result<Tensor, LoadError>;
+    fn has(&self, name: &str) -> bool;
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor, LoadError> {
+        matrix(self.get(name)?, rows, cols)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+        vector(&self.get(name)?, len)
+    }
+
+    fn optional_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, LoadError> {
+        if self.has(name) {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn linear(&self, w: &str, b: &str, rows: usize, cols: usize) -> Result<Linear, LoadError> {
+        Ok(Linear {
+            weight: self.matrix(w, rows, cols)?,
+            bias: self.optional_vector(b, rows)?,
+        })
+    }
+
+    fn norm(&self, w: &str, b: &str, len: usize) -> Result<Norm, LoadError> {
+        Ok(Norm {
+            weight: self.vector(w, len)?,
+            bias: self.optional_vector(b, len)?,
+        })
+    }
+}
+
+impl TensorSource for GgufFile {
+    fn get(&self, name: &str) -> Result<Tensor, LoadError> {
+        Ok(self.tensor(name)?)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.tensor_info(name).is_some()
+    }
+}
+
+impl TensorSource for HfModel {
+    fn get(&self, name: &str) -> Result<Tensor, LoadError> {
+        Ok(self.tensor(name)?)
+    }
+    fn has(&self, name: &str) -> bool {
+        HfModel::has(self, name)
+    }
+}
+
+/// Tensor names of one layer in a file's naming scheme.
+struct LayerNames {
+    attn_norm: String,
+    attn_norm_b: String,
+    q: String,
+    k: String,
+    v: String,
+    o: String,
+    ffn_norm: String,
+    ffn_norm_b: String,
+    gate: Option<String>,
+    up: String,
+    down: String,
+}
+
+fn bias_of(weight: &str) -> String {
+    weight.replace(".weight", ".bias")
+}
+
+fn gguf_layer_names(i: usize) -> LayerNames {
+    let p = format!("blk.{i}");
+    LayerNames {
+        attn_norm: format!("{p}.attn_norm.weight"),
+        attn_norm_b: format!("{p}.attn_norm.bias"),
+        q: format!("{p}.attn_q.weight"),
+        k: format!("{p}.attn_k.weight"),
+        v: format!("{p}.attn_v.weight"),
+        o: format!("{p}.attn_output.weight"),
+        ffn_norm: format!("{p}.ffn_norm.weight"),
+        ffn_norm_b: format!("{p}.ffn_norm.bias"),
+        gate: Some(format!("{p}.ffn_gate.weight")),
+        up: format!("{p}.ffn_up.weight"),
+        down: format!("{p}.ffn_down.weight"),
+    }
+}
+
+fn hf_llama_layer_names(i: usize) -> LayerNames {
+    let p = format!("model.layers.{i}");
+    LayerNames {
+        attn_norm: format!("{p}.input_layernorm.weight"),
+        attn_norm_b: format!("{p}.input_layernorm.bias"),
+        q: format!("{p}.self_attn.q_proj.weight"),
+        k: format!("{p}.self_attn.k_proj.weight"),
+        v: format!("{p}.self_attn.v_proj.weight"),
+        o: format!("{p}.self_attn.o_proj.weight"),
+        ffn_norm: format!("{p}.post_attention_layernorm.weight"),
+        ffn_norm_b: format!("{p}.post_attention_layernorm.bias"),
+        gate: Some(format!("{p}.mlp.gate_proj.weight")),
+        up: format!("{p}.mlp.up_proj.weight"),
+        down: format!("{p}.mlp.down_proj.weight"),
+    }
+}
+
+fn hf_opt_layer_names(i: usize) -> LayerNames {
+    let p = format!("model.decoder.layers.{i}");
+    LayerNames {
+        attn_norm: format!("{p}.self_attn_layer_norm.weight"),
+        attn_norm_b: format!("{p}.self_attn_layer_norm.bias"),
+        q: format!("{p}.self_attn.q_proj.weight"),
+        k: format!("{p}.self_attn.k_proj.weight"),
+        v: format!("{p}.self_attn.v_proj.weight"),
+        o: format!("{p}.self_attn.out_proj.weight"),
+        ffn_norm: format!("{p}.final_layer_norm.weight"),
+        ffn_norm_b: format!("{p}.final_layer_norm.bias"),
+        gate: None,
+        up: format!("{p}.fc1.weight"),
+        down: format!("{p}.fc2.weight"),
+    }
+}
+
+fn load_layer(src: &impl TensorSource, c: &Config, n: &LayerNames) -> Result<Layer, LoadError> {
+    let (d, f, q_dim, kv) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.n_heads * c.head_dim,
+        c.kv_dim(),
+    );
+    let gate = match &n.gate {
+        Some(g) => Some(src.linear(g, &bias_of(g), f, d)?),
+        None => None,
+    };
+    Ok(Layer {
+        attn_norm: src.norm(&n.attn_norm, &n.attn_norm_b, d)?,
+        attn: Attention {
+            q: src.linear(&n.q, &bias_of(&n.q), q_dim, d)?,
+            k: src.linear(&n.k, &bias_of(&n.k), kv, d)?,
+            v: src.linear(&n.v, &bias_of(&n.v), kv, d)?,
+            o: src.linear(&n.o, &bias_of(&n.o), d, q_dim)?,
+        },
+        ffn_norm: src.norm(&n.ffn_norm, &n.ffn_norm_b, d)?,
+        ffn: Ffn {
+            gate,
+            up: src.linear(&n.up, &bias_of(&n.up), f, d)?,
+            down: src.linear(&n.down, &bias_of(&n.down), d, f)?,
+        },
+    })
+}
+
+impl ModelWeights {
+    /// Reads the config from GGUF metadata and maps every tensor (zero copy).
+    pub fn from_gguf(file: &GgufFile) -> Result<ModelWeights, LoadError> {
+        let config = gguf_config(file)?;
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let embed = file.matrix("token_embd.weight", v, d)?;
+        let lm_head = if config.tied_embeddings {
+            embed.clone()
+        } else {
+            file.matrix("output.weight", v, d)?
+        };
+        let layers = (0..config.n_layers)
+            .map(|i| load_layer(file, &config, &gguf_layer_names(i)))
+            .collect::<Result<_, _>>()?;
+        Ok(ModelWeights {
+            final_norm: Some(file.norm("output_norm.weight", "output_norm.bias", d)?),
+            config,
+            embed,
+            positions: None,
+            position_offset: 0,
+            project_in: None,
+            project_out: None,
+            layers,
+            lm_head,
+        })
+    }
+
+    /// Maps the tensors of an HF checkpoint (llama, mistral, qwen2, OPT).
+    pub fn from_hf(model: &HfModel) -> Result<ModelWeights, LoadError> {
+        match model.config.arch {
+            Arch::Llama | Arch::Qwen2 => hf_llama(model),
+            Arch::Opt => hf_opt(model),
+        }
+    }
+}
+
+fn hf_llama(m: &HfModel) -> Result<ModelWeights, LoadError> {
+    let config = m.config.clone();
+    let (v, d) = (config.vocab_size, config.hidden_size);
+    let embed = m.matrix("model.embed_tokens.weight", v, d)?;
+    let lm_head = if config.tied_embeddings {
+        embed.clone()
+    } else {
+        m.matrix("lm_head.weight", v, d)?
+    };
+    let layers = (0..config.n_layers)
+        .map(|i| load_layer(m, &config, &hf_llama_layer_names(i)))
+        .collect::<Result<_, _>>()?;
+    Ok(ModelWeights {
+        final_norm: Some(m.norm("model.norm.weight", "model.norm.bias", d)?),
+        config,
+        embed,
+        positions: None,
+        position_offset: 0,
+        project_in: None,
+        project_out: None,
+        layers,
+        lm_head,
+    })
+}
+
+/// OPT reserves the first two rows of its position table (a fairseq legacy).
+const OPT_POSITION_OFFSET: usize = 2;
+
+fn hf_opt(m: &HfModel) -> Result<ModelWeights, LoadError> {
+    let config = m.config.clone();
+    let (v, d, e) = (config.vocab_size, config.hidden_size, config.embed_dim);
+    let embed = m.matrix("model.decoder.embed_tokens.weight", v, e)?;
+    let positions = m.get("model.decoder.embed_positions.weight")?;
+    if positions.cols != d || positions.rows < OPT_POSITION_OFFSET + 1 {
+        return Err(invalid(format!(
+            "OPT position table is {} x {}, expected at least {} x {d}",
+            positions.rows,
+            positions.cols,
+            OPT_POSITION_OFFSET + 1
+        )));
+    }
+    let lm_head = if config.tied_embeddings || !m.has("lm_head.weight") {
+        embed.clone()
+    } else {
+        m.matrix("lm_head.weight", v, e)?
+    };
+    let (project_in, project_out) = if e != d {
+        (
+            Some(m.linear(
+                "model.decoder.project_in.weight",
+                "model.decoder.project_in.bias",
+                d,
+                e,
+            )?),
+            Some(m.linear(
+                "model.decoder.project_out.weight",
+                "model.decoder.project_out.bias",
+                e,
+                d,
+            )?),
+        )
+    } else {
+        (None, None)
+    };
+    let final_norm = if m.has("model.decoder.final_layer_norm.weight") {
+        Some(m.norm(
+            "model.decoder.final_layer_norm.weight",
+            "model.decoder.final_layer_norm.bias",
+            d,
+        )?)
+    } else {
+        None
+    };
+    let layers = (0..config.n_layers)
+        .map(|i| load_layer(m, &config, &hf_opt_layer_names(i)))
+        .collect::<Result<_, _>>()?;
+    Ok(ModelWeights {
+        config,
+        embed,
+        positions: Some(positions),
+        position_offset: OPT_POSITION_OFFSET,
+        project_in,
+        project_out,
+        layers,
+        final_norm,
+        lm_head,
+    })
+}
+
+/// Builds the architecture config from `general.architecture` and its `<arch>.*` keys.
+pub fn gguf_config(f: &GgufFile) -> Result<Config, LoadError> {
+    let name = f.get_str("general.architecture")?.to_string();
+    let (arch, rope_style) = match name.as_str() {
+        "llama" => (Arch::Llama, RopeStyle::Adjacent),
+        "qwen2" => (Arch::Qwen2, RopeStyle::Halves),
+        other => {
+            return Err(invalid(format!(
+                "GGUF architecture `{other}` is not supported; supported: llama, qwen2"
+            )))
+        }
+    };
+    let key = |k: &str| format!("{name}.{k}");
+    let usize_of = |k: &str| -> Result<usize, LoadError> { Ok(f.get_u64(&key(k))? as usize) };
+    let hidden_size = usize_of("embedding_length")?;
+    let n_heads = usize_of("attention.head_count")?;
+    let n_kv_heads = match f.get(&key("attention.head_count_kv")) {
+        Some(_) => usize_of("attention.head_count_kv")?,
+        None => n_heads,
+    };
+    let head_dim = match f.get(&key("attention.key_length")) {
+        Some(_) => usize_of("attention.key_length")?,
+        None => hidden_size / n_heads.max(1),
+    };
+    let vocab_size = match f.get(&key("vocab_size")) {
+        Some(_) => usize_of("vocab_size")?,
+        None => f
+            .tensor_info("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| invalid("GGUF has no token_embd.weight tensor"))?
+            as usize,
+    };
+    let rope_theta = match f.get(&key("rope.freq_base")) {
+        Some(_) => f.get_f32(&key("rope.freq_base"))?,
+        None => 10_000.0,
+    };
+    if let Some(v) = f.get(&key("rope.scaling.type")) {
+        let kind = v.as_str().unwrap_or("?");
+        if kind != "none" {
+            return Err(invalid(format!(
+                "rope scaling `{kind}` is not supported yet; use a model without rope scaling"
+            )));
+        }
+    }
+    let config = Config {
+        arch,
+        vocab_size,
+        hidden_size,
+        intermediate_size: usize_of("feed_forward_length")?,
+        n_layers: usize_of("block_count")?,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        norm_eps: f.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+        rope_theta: Some(rope_theta),
+        rope_style,
+        max_positions: usize_of("context_length")?,
+        tied_embeddings: f.tensor_info("output.weight").is_none(),
+        pre_norm: true,
+        embed_dim: hidden_size,
+    };
+    config
+        .validate()
+        .map_err(|e| invalid(format!("GGUF config is inconsistent: {e}")))?;
+    Ok(config)
+}

@@ -1,0 +1,45 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    root().join("tests/fixtures").join(rel)
+}
+
+/// Whether CI asked for model-dependent tests to fail instead of skipping.
+fn models_required() -> bool {
+    std::env::var("LLMFLASH_REQUIRE_MODELS").is_ok_and(|v| v == "1")
+}
+
+/// The path of a model under `models/`, or `None` (with a note) when it has not been fetched.
+/// Under `LLMFLASH_REQUIRE_MODELS=1` (set by `tools/test`, so in CI) a missing model fails.
+pub fn model(file: &str, fetch_hint: &str) -> Option<PathBuf> {
+    let p = root().join("models").join(file);
+    if p.exists() {
+        return Some(p);
+    }
+    if models_required() && !fetch_hint.contains("opt-in") {
+        panic!("{} is missing: run {fetch_hint}", p.display());
+    }
+    eprintln!("skipping: {} is missing (run {fetch_hint})", p.display());
+    None
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of token ids")
+        .iter()
+        .map(|x| x.as_u64().expect("token id") as u32)
+        .collect()
+}
