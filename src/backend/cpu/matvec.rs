@@ -18,11 +18,9 @@ pub fn matvec(w: &Tensor, act: &ActivationBuffer, out: &mut [f32]) {
     out.par_chunks_mut(ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, chunk)| {
-            let first = task * ROWS_PER_TASK;
-            for (j, y) in chunk.iter_mut().enumerate() {
-                let r = first + j;
-                *y = quant::vec_dot(w.dtype, &bytes[r * row_bytes..(r + 1) * row_bytes], act);
-            }
+            let first = task * ROWS_PER_TASK * row_bytes;
+            let rows = &bytes[first..first + chunk.len() * row_bytes];
+            quant::matvec(w.dtype, rows, act, chunk);
         });
 }
 
