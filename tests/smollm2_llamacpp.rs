@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use llmflash::backend::cpu::ops::log_softmax_at;
 use llmflash::engine::perplexity::perplexity;
-use llmflash::engine::sampler::{Sampler, Sampling};
+use llmflash::engine::sampler::{argmax, Sampler, Sampling};
 use llmflash::engine::{generate, Session};
 use llmflash::model::{load, LoadedModel};
 
@@ -36,94 +36,200 @@ fn tokenizer_matches_llamacpp() {
     }
 }
 
+/// llama.cpp's default settings (f16 KV cache, flash attention): the reference trajectories.
+const GREEDY: &str = "llamacpp/smollm2-greedy.json";
+/// The same prompts with llama.cpp's KV cache in f32 and flash attention off.
+const GREEDY_F32KV: &str = "llamacpp/smollm2-greedy-f32kv.json";
+
+/// A decision is a near-tie when llama.cpp's top-1 leads its top-2 by less than this many
+/// nats. Why a margin at all: SmolLM2 is numerically chaotic under Q8 activation
+/// quantisation (one value landing on the other side of a rounding boundary moves later
+/// log-probabilities by ~0.1 nats), so llama.cpp disagrees with itself: its f16- and
+/// f32-attention runs pick different tokens at margins up to 0.28 nats and produce the same
+/// 32 tokens for only 3 of the 8 prompts. Every choice made by a wider margin must be ours too.
+const NEAR_TIE: f64 = 0.3;
+
+/// One step of a recorded trajectory: the chosen token and llama.cpp's top-5.
+struct Step {
+    token: u32,
+    top: Vec<(u32, f64)>,
+}
+
+impl Step {
+    fn margin(&self) -> f64 {
+        self.top[0].1 - self.top[1].1
+    }
+}
+
+struct Case {
+    prompt: String,
+    prompt_tokens: Vec<u32>,
+    steps: Vec<Step>,
+}
+
+fn cases(fixture: &str) -> Vec<Case> {
+    let fx = common::read_json(&common::fixture(fixture));
+    let cases = fx["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 8, "{fixture} should hold at least 8 prompts");
+    cases
+        .iter()
+        .map(|c| {
+            let tokens = common::u32s(&c["tokens"]);
+            let tops = c["top"].as_array().expect("top");
+            let steps = tokens
+                .iter()
+                .zip(tops)
+                .map(|(&token, top)| Step {
+                    token,
+                    top: top
+                        .as_array()
+                        .expect("top-5")
+                        .iter()
+                        .map(|t| {
+                            (
+                                t["id"].as_u64().unwrap() as u32,
+                                t["logprob"].as_f64().unwrap(),
+                            )
+                        })
+                        .collect(),
+                })
+                .collect();
+            Case {
+                prompt: c["prompt"].as_str().expect("prompt").to_string(),
+                prompt_tokens: common::u32s(&c["prompt_tokens"]),
+                steps,
+            }
+        })
+        .collect()
+}
+
+/// The median and 90th percentile of `gaps`.
+fn spread(mut gaps: Vec<f64>) -> (f64, f64) {
+    gaps.sort_by(f64::total_cmp);
+    (gaps[gaps.len() / 2], gaps[gaps.len() * 9 / 10])
+}
+
+/// |log-prob differences| of shared top-5 candidates between two of llama.cpp's runs, over
+/// the steps where both still follow the same tokens.
+fn llamacpp_self_gaps(a: &[Case], b: &[Case]) -> Vec<f64> {
+    let mut gaps = Vec::new();
+    for (x, y) in a.iter().zip(b) {
+        for (sx, sy) in x.steps.iter().zip(&y.steps) {
+            for &(id, lp) in &sx.top {
+                if let Some(&(_, lq)) = sy.top.iter().find(|t| t.0 == id) {
+                    gaps.push((lp - lq).abs());
+                }
+            }
+            if sx.token != sy.token {
+                break;
+            }
+        }
+    }
+    gaps
+}
+
 #[test]
 fn greedy_continuations_match_llamacpp() {
     let Some((_, model)) = smollm2() else { return };
     let tok = model.tokenizer.as_ref().expect("tokenizer");
-    let fx = common::read_json(&common::fixture("llamacpp/smollm2-greedy.json"));
-    let cases = fx["cases"].as_array().expect("cases");
-    assert!(
-        cases.len() >= 8,
-        "the fixture should hold at least 8 prompts"
-    );
-    let mut matched = 0;
-    for case in cases {
-        let prompt = case["prompt"].as_str().expect("prompt");
-        let tokens = tok.encode(prompt, true, false);
-        assert_eq!(
-            tokens,
-            common::u32s(&case["prompt_tokens"]),
-            "prompt {prompt:?}"
-        );
-        let want = common::u32s(&case["tokens"]);
+    let cases = cases(GREEDY);
+    let mut identical = 0;
+    for case in &cases {
+        let tokens = tok.encode(&case.prompt, true, false);
+        assert_eq!(tokens, case.prompt_tokens, "prompt {:?}", case.prompt);
+        let want: Vec<u32> = case.steps.iter().map(|s| s.token).collect();
         let mut session = Session::new(&model.weights, 256);
         let mut sampler = Sampler::new(Sampling::Greedy);
+        // llama-server stops at an end-of-generation token; so do we.
+        let is_end = |t| tok.is_end_of_generation(t);
         let gen = generate(
             &mut session,
             &tokens,
             want.len(),
             &mut sampler,
-            |_| false,
+            is_end,
             |_| {},
         )
         .expect("generate");
         if gen.tokens == want {
-            matched += 1;
-        } else {
-            let at = gen
-                .tokens
-                .iter()
-                .zip(&want)
-                .take_while(|(a, b)| a == b)
-                .count();
-            eprintln!("prompt {prompt:?}: diverges from llama.cpp at token {at}");
+            identical += 1;
+            continue;
         }
+        let at = gen
+            .tokens
+            .iter()
+            .zip(&want)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let margin = case.steps[at].margin();
+        eprintln!(
+            "{:?}: same as llama.cpp for {at} tokens, then a near-tie ({margin:.3} nats)",
+            case.prompt
+        );
+        assert!(
+            margin < NEAR_TIE,
+            "{:?}: diverges from llama.cpp at token {at}, where llama.cpp's choice led by {margin:.3} nats",
+            case.prompt
+        );
     }
     eprintln!(
-        "{matched}/{} continuations identical to llama.cpp",
-        cases.len()
-    );
-    assert!(
-        matched + 1 >= cases.len(),
-        "only {matched}/{} match",
+        "{identical}/{} continuations identical to llama.cpp",
         cases.len()
     );
 }
 
-/// Teacher-forced along llama.cpp's own tokens, our log-probabilities of its top-5 candidates
-/// at every step agree within `TOLERANCE` nats.
-///
-/// Why not exact: both engines quantise activations the same way, but llama.cpp keeps the KV
-/// cache in f16 (we keep f32) and sums in a different order (blocked SIMD across threads), so
-/// logits differ by rounding that compounds over 30 layers; measured, the gap stays near 0.01.
+/// Teacher-forced along llama.cpp's own tokens: our top-1 is its choice at every step that is
+/// not a near-tie, and our log-probabilities of its top-5 are as close to its numbers as its
+/// f16- and f32-attention runs are to each other (median and 90th percentile within 25%).
 #[test]
-fn top5_logprobs_match_llamacpp() {
-    const TOLERANCE: f64 = 0.05;
+fn logprobs_match_llamacpp_within_its_own_spread() {
     let Some((_, model)) = smollm2() else { return };
-    let fx = common::read_json(&common::fixture("llamacpp/smollm2-greedy.json"));
-    let mut worst = 0f64;
-    for case in fx["cases"].as_array().expect("cases") {
-        let prompt = common::u32s(&case["prompt_tokens"]);
-        let generated = common::u32s(&case["tokens"]);
+    let reference = cases(GREEDY);
+    let (self_median, self_p90) = spread(llamacpp_self_gaps(&reference, &cases(GREEDY_F32KV)));
+    let (mut gaps, mut steps, mut agree) = (Vec::new(), 0, 0);
+    for case in &reference {
         let mut session = Session::new(&model.weights, 256);
-        let mut logits = session.prefill(&prompt).expect("prefill").to_vec();
-        for (step, top) in case["top"].as_array().expect("top").iter().enumerate() {
-            for cand in top.as_array().expect("top-5") {
-                let id = cand["id"].as_u64().expect("id") as usize;
-                let want = cand["logprob"].as_f64().expect("logprob");
-                let got = log_softmax_at(&logits, id);
-                worst = worst.max((got - want).abs());
+        let mut logits = session
+            .prefill(&case.prompt_tokens)
+            .expect("prefill")
+            .to_vec();
+        for (i, step) in case.steps.iter().enumerate() {
+            for &(id, want) in &step.top {
+                gaps.push((log_softmax_at(&logits, id as usize) - want).abs());
+            }
+            steps += 1;
+            if argmax(&logits) == step.token {
+                agree += 1;
+            } else {
                 assert!(
-                    (got - want).abs() < TOLERANCE,
-                    "step {step}, token {id}: ours {got:.4}, llama.cpp {want:.4}"
+                    step.margin() < NEAR_TIE,
+                    "{:?} step {i}: we pick {}, llama.cpp {} by a margin of {:.3} nats",
+                    case.prompt,
+                    argmax(&logits),
+                    step.token,
+                    step.margin()
                 );
             }
-            if step + 1 < generated.len() {
-                logits = session.step(generated[step], true).expect("step").to_vec();
-            }
+            logits = session.step(step.token, true).expect("step").to_vec();
         }
     }
-    eprintln!("largest log-probability gap to llama.cpp: {worst:.4} nats");
+    let (median, p90) = spread(gaps);
+    eprintln!(
+        "log-prob gap to llama.cpp: median {median:.3}, p90 {p90:.3} nats; llama.cpp f16 vs f32 \
+         attention: median {self_median:.3}, p90 {self_p90:.3}; top-1 agrees on {agree}/{steps} steps"
+    );
+    assert!(
+        median <= 1.25 * self_median,
+        "median gap {median:.3} vs llama.cpp's own {self_median:.3}"
+    );
+    assert!(
+        p90 <= 1.25 * self_p90,
+        "p90 gap {p90:.3} vs llama.cpp's own {self_p90:.3}"
+    );
+    assert!(
+        agree * 100 >= steps * 95,
+        "top-1 agrees on only {agree}/{steps} steps"
+    );
 }
 
 /// Perplexity over a python3.11-doc excerpt within 1% of `llama-perplexity` on the same text.

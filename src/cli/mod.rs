@@ -5,7 +5,7 @@ mod generate;
 mod inspect;
 mod perplexity;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -74,7 +74,7 @@ fn open_model(path: &Path) -> anyhow::Result<LoadedModel> {
 }
 
 /// The model path's file name, for reports.
-fn model_name(path: &PathBuf) -> String {
+fn model_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())

@@ -312,18 +312,39 @@ fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
 
     let config = match arch {
         Arch::Llama | Arch::Qwen2 => {
-            if let Some(rs) = obj.get("rope_scaling").filter(|v| !v.is_null()) {
+            // transformers < 5 writes `rope_scaling` and a top-level `rope_theta`;
+            // transformers >= 5 writes both inside `rope_parameters`.
+            let rope_params = obj.get("rope_parameters").filter(|v| !v.is_null());
+            for (key, rs) in [
+                ("rope_scaling", obj.get("rope_scaling")),
+                ("rope_parameters", rope_params),
+            ] {
+                let Some(rs) = rs.filter(|v| !v.is_null()) else {
+                    continue;
+                };
                 let kind = rs
                     .get("rope_type")
                     .or_else(|| rs.get("type"))
                     .and_then(Value::as_str)
-                    .unwrap_or("(unnamed)");
+                    .unwrap_or("default");
                 if kind != "default" {
                     return Err(HfError::Unsupported {
-                        what: format!("rope_scaling type `{kind}`"),
+                        what: format!("{key} type `{kind}`"),
                     });
                 }
             }
+            let nested_theta = rope_params
+                .and_then(|p| p.get("rope_theta"))
+                .map(|v| {
+                    v.as_f64()
+                        .map(|t| t as f32)
+                        .ok_or_else(|| HfError::BadValue {
+                            key: "rope_parameters.rope_theta".into(),
+                            expected: "a number",
+                            found: v.to_string(),
+                        })
+                })
+                .transpose()?;
             let act = keys.opt_str("hidden_act")?.unwrap_or("silu");
             if act != "silu" {
                 return Err(HfError::Unsupported {
@@ -362,7 +383,10 @@ fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
                 n_kv_heads,
                 head_dim,
                 norm_eps: keys.f32("rms_norm_eps")?,
-                rope_theta: Some(keys.opt_f32("rope_theta")?.unwrap_or(10000.0)),
+                rope_theta: Some(match keys.opt_f32("rope_theta")? {
+                    Some(t) => t,
+                    None => nested_theta.unwrap_or(10000.0),
+                }),
                 rope_style: RopeStyle::Halves,
                 max_positions: keys.usize("max_position_embeddings")?,
                 tied_embeddings: tie.unwrap_or(false),
@@ -1084,6 +1108,21 @@ mod tests {
         let json = LLAMA_CONFIG.replace("\"hidden_size\": 4", "\"hidden_size\": -4");
         let e = parse_config(&json).unwrap_err();
         assert!(matches!(e, HfError::BadValue { .. }), "{e}");
+    }
+
+    #[test]
+    fn rope_theta_inside_rope_parameters() {
+        // transformers >= 5 nests rope_theta (and the rope type) in `rope_parameters`.
+        let json = r#"{"model_type": "llama", "vocab_size": 32, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 16,
+            "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}"#;
+        assert_eq!(parse_config(json).unwrap().rope_theta, Some(100000.0));
+        let yarn = json.replace("\"default\"", "\"yarn\"");
+        assert!(matches!(
+            parse_config(&yarn),
+            Err(HfError::Unsupported { .. })
+        ));
     }
 
     #[test]

@@ -5,7 +5,9 @@ use crate::model::weights::Norm;
 
 /// RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    // Sum of squares in f64, as ggml does, so the scale is the same to the last bit.
+    let sum_sq: f64 = x.iter().map(|v| (v * v) as f64).sum();
+    let mean_sq = (sum_sq / x.len() as f64) as f32;
     let scale = 1.0 / (mean_sq + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * scale * w;

@@ -70,17 +70,14 @@ pub unsafe fn dot_avx2(row: &[u8], act: &Q8Act) -> f32 {
     assert!(act.qs.len() >= nb * QK && act.d.len() >= nb && act.s.len() >= nb);
     // Two accumulators each for the vector and the min terms, alternating by block, so
     // consecutive adds do not wait on each other.
-    let mut acc = [(_mm256_setzero_ps(), 0.0f32); 2];
-    let mut i = 0;
-    while i + 1 < nb {
-        acc[0] = block(row, act, i, acc[0]);
-        acc[1] = block(row, act, i + 1, acc[1]);
-        i += 2;
+    // One accumulator, blocks in order, mins summed separately: ggml's exact order. SmolLM2
+    // is chaotic under activation quantisation (a 1-ulp change upstream can move a value
+    // across a rounding boundary), so matching llama.cpp token for token needs equal sums.
+    let mut acc = (_mm256_setzero_ps(), 0.0f32);
+    for i in 0..nb {
+        acc = block(row, act, i, acc);
     }
-    if i < nb {
-        acc[0] = block(row, act, i, acc[0]);
-    }
-    hsum_ps(_mm256_add_ps(acc[0].0, acc[1].0)) + acc[0].1 + acc[1].1
+    hsum_ps(acc.0) + acc.1
 }
 
 /// Adds block `i`'s `d_w * d_a * (nibbles · a)` to `acc.0` (8 lanes) and `m_w * s_a` to `acc.1`.

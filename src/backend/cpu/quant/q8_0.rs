@@ -6,9 +6,11 @@ use super::{f16_at, round_f16, Q8Act};
 pub const QK: usize = 32;
 pub const BYTES: usize = 34;
 
-/// ggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` into `act`: `d = amax / 127`
-/// (stored as f16), `q = round(x / d)` rounding half away from zero (C `roundf`). With
-/// `with_sums`, also `s = d * sum(q)` as Q8_1 (f16-rounded like `block_q8_1.s`).
+/// ggml's x86 `quantize_row_q8_0` / `quantize_row_q8_1` (the AVX2 ones llama.cpp runs, not
+/// the `_ref` ones) into `act`: `d = amax / 127` (stored as f16), `q = x * (127 / amax)`
+/// rounded half to even. With `with_sums`, also `s = d * sum(q)` as Q8_1 (f16-rounded like
+/// `block_q8_1.s`). The exact formula matters: SmolLM2 amplifies a single value rounded the
+/// other way into log-probabilities ~0.1 nats apart.
 pub fn quantize_act(x: &[f32], act: &mut Q8Act, with_sums: bool) {
     let nb = x.len() / QK;
     act.qs.resize(x.len(), 0);
@@ -29,11 +31,11 @@ pub fn quantize_act(x: &[f32], act: &mut Q8Act, with_sums: bool) {
 /// Quantises one block of 32 into `q`, returning the unrounded scale.
 fn block_scale(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    // ggml computes q from the unrounded scale but stores the f16-rounded one.
+    // ggml computes q from 127 / amax (not 1 / d) but stores the f16-rounded d.
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     for (qi, &xi) in q.iter_mut().zip(x) {
-        *qi = (xi * id).round() as i8;
+        *qi = (xi * id).round_ties_even() as i8;
     }
     d
 }
@@ -95,18 +97,13 @@ pub unsafe fn dot_avx2(row: &[u8], act: &Q8Act) -> f32 {
     let nb = row.len() / BYTES;
     // Checked once here so the indexing below needs no per-block bounds checks.
     assert!(act.qs.len() >= nb * QK && act.d.len() >= nb);
-    // Two accumulators, alternating by block, so consecutive FMAs do not wait on each other.
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i + 1 < nb {
-        acc0 = block(row, act, i, acc0);
-        acc1 = block(row, act, i + 1, acc1);
-        i += 2;
+    // One accumulator, blocks in order: ggml's summation order (see q4_1::dot_avx2). The
+    // kernel is bound by memory bandwidth, not by the FMA latency chain.
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        acc = block(row, act, i, acc);
     }
-    if i < nb {
-        acc0 = block(row, act, i, acc0);
-    }
-    hsum_ps(_mm256_add_ps(acc0, acc1))
+    hsum_ps(acc)
 }
 
 /// `acc + d_w * d_a * (w_i · a_i)` for block `i`, in 8 lanes.

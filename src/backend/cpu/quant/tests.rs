@@ -344,21 +344,22 @@ fn q4_0_quantize_matches_ggml_rules() {
 
 #[test]
 fn q8_activations_follow_ggml() {
+    // ggml's AVX2 quantize_row_q8_1: id = 127 / amax, round half to even
+    // (_mm256_round_ps with _MM_ROUND_NEAREST), d = amax / 127 stored as f16,
+    // s = d * sum(q) stored as f16. With amax = 127, id = d = 1 exactly.
     let mut x = vec![0.0f32; 64];
-    x[0] = 1.27;
-    x[1] = -0.005; // -0.5 steps: roundf rounds away from zero -> -1
-    x[2] = 0.635;
+    x[0] = 127.0;
+    x[1] = -0.5; // ties to even: 0, where roundf would give -1
+    x[2] = 63.5; // ties to even: 64
+    x[3] = 2.5; // ties to even: 2
     let mut act = ActivationBuffer::new();
     act.quantize_for(DType::Q4_1, &x).unwrap();
     let Some(QuantizedActivation::Q8_1(a)) = act.activation() else {
         panic!("not Q8_1")
     };
-    assert_eq!(&a.qs[..3], &[127, -1, 64]); // 63.5 rounds away from zero too
-    assert_eq!(a.d[0], f16::from_f32(0.01).to_f32());
-    assert_eq!(
-        a.s[0],
-        f16::from_f32((127 - 1 + 64) as f32 * (1.27f32 / 127.0)).to_f32()
-    );
+    assert_eq!(&a.qs[..4], &[127, 0, 64, 2]);
+    assert_eq!(a.d[0], 1.0);
+    assert_eq!(a.s[0], (127 + 64 + 2) as f32);
     assert_eq!((a.d[1], a.s[1]), (0.0, 0.0));
 }
 
