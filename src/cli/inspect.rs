@@ -49,18 +49,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     show(&w.embed);
     for l in &w.layers {
-        for lin in [
-            &l.attn.q,
-            &l.attn.k,
-            &l.attn.v,
-            &l.attn.o,
-            &l.ffn.up,
-            &l.ffn.down,
-        ] {
+        for lin in [&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o] {
             show(&lin.weight);
         }
-        if let Some(g) = &l.ffn.gate {
-            show(&g.weight);
+        if let Some(f) = &l.ffn {
+            for t in [Some(&f.up), Some(&f.down), f.gate.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                show(t);
+            }
         }
     }
     if !w.config.tied_embeddings {

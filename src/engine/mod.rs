@@ -7,7 +7,7 @@ pub mod stats;
 
 use std::time::Instant;
 
-use crate::backend::cpu::forward::{forward, CpuState};
+use crate::backend::cpu::forward::{forward, CpuState, DenseFfn, FfnCompute};
 use crate::model::weights::ModelWeights;
 use kv_cache::KvCache;
 use sampler::Sampler;
@@ -23,24 +23,40 @@ pub enum EngineError {
     EmptyPrompt,
 }
 
-/// One sequence being decoded: its KV cache and scratch buffers.
+/// One sequence being decoded: its KV cache, scratch buffers, and the FFN provider.
 pub struct Session<'w> {
     weights: &'w ModelWeights,
     kv: KvCache,
     state: CpuState,
+    ffn: Box<dyn FfnCompute + 'w>,
 }
 
 impl<'w> Session<'w> {
     /// A session whose context holds at most `ctx` positions (clamped to what the model was
     /// trained for).
     pub fn new(weights: &'w ModelWeights, ctx: usize) -> Session<'w> {
+        Session::with_ffn(weights, ctx, Box::new(DenseFfn::new(weights)))
+    }
+
+    /// A session whose FFN blocks are computed by `ffn` (flash offloading, calibration).
+    pub fn with_ffn(
+        weights: &'w ModelWeights,
+        ctx: usize,
+        ffn: Box<dyn FfnCompute + 'w>,
+    ) -> Session<'w> {
         let c = &weights.config;
         let ctx = ctx.min(c.max_positions).max(1);
         Session {
             weights,
             kv: KvCache::new(c, ctx),
             state: CpuState::new(c),
+            ffn,
         }
+    }
+
+    /// The FFN provider, e.g. to read its statistics.
+    pub fn ffn_mut(&mut self) -> &mut (dyn FfnCompute + 'w) {
+        self.ffn.as_mut()
     }
 
     /// Positions consumed so far.
@@ -69,6 +85,7 @@ impl<'w> Session<'w> {
             &mut self.state,
             token,
             want_logits,
+            self.ffn.as_mut(),
         );
         Ok(&self.state.logits)
     }

@@ -1,9 +1,9 @@
 //! Architecture configuration shared by every loader (GGUF, HF directory) and every backend.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Model families the engine runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Arch {
     /// Llama, Mistral, SmolLM2: SwiGLU FFN, RMSNorm, RoPE, optional GQA.
     Llama,
@@ -14,14 +14,14 @@ pub enum Arch {
 }
 
 /// The FFN's shape: SwiGLU `down(silu(gate x) * up x)` or ReLU `down(relu(up x + b) ) + b`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FfnKind {
     SwiGlu,
     Relu,
 }
 
 /// How rotary embedding pairs dimensions within a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RopeStyle {
     /// Pairs (2i, 2i+1): ggml's "normal" mode, used on GGUF llama weights (whose q/k rows the
     /// converter permuted for exactly this).
@@ -31,7 +31,7 @@ pub enum RopeStyle {
 }
 
 /// Everything the forward pass needs to know about a model's shape.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub arch: Arch,
     pub vocab_size: usize,

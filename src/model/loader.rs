@@ -9,11 +9,37 @@ use crate::model::hf::HfModel;
 use crate::model::tokenizer::{Tokenizer, TokenizerSpec};
 use crate::model::weights::{LoadError, ModelWeights};
 
+/// Where a tokenizer came from, kept so that `convert` can store it in a flash image.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum TokenizerSource {
+    /// GGUF `tokenizer.ggml.*` metadata.
+    Spec(TokenizerSpec),
+    /// HF `tokenizer.json` and, when present, `tokenizer_config.json`, verbatim.
+    HfJson {
+        tokenizer: String,
+        config: Option<String>,
+    },
+}
+
+impl TokenizerSource {
+    pub fn build(&self) -> Result<Tokenizer, crate::model::tokenizer::TokenizerError> {
+        match self {
+            TokenizerSource::Spec(spec) => Tokenizer::new(spec.clone()),
+            TokenizerSource::HfJson { tokenizer, config } => {
+                Tokenizer::from_hf_json(tokenizer, config.as_deref())
+            }
+        }
+    }
+}
+
 /// A model ready to run.
 pub struct LoadedModel {
     pub weights: ModelWeights,
     pub tokenizer: Option<Tokenizer>,
+    pub tokenizer_source: Option<TokenizerSource>,
     pub chat_template: Option<ChatTemplate>,
+    /// The chat template's source text.
+    pub chat_template_source: Option<String>,
     pub path: PathBuf,
     /// "gguf" or "hf".
     pub format: &'static str,
@@ -37,16 +63,24 @@ pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
 fn load_gguf(path: &Path) -> Result<LoadedModel, LoadError> {
     let file = GgufFile::open(path)?;
     let weights = ModelWeights::from_gguf(&file)?;
-    let tokenizer = Tokenizer::new(tokenizer_spec(&file)?)
+    let source = TokenizerSource::Spec(tokenizer_spec(&file)?);
+    let tokenizer = source
+        .build()
         .map_err(|e| LoadError::Invalid(format!("{}: tokenizer: {e}", path.display())))?;
-    let chat_template = match file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+    let template = file
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .map(String::from);
+    let chat_template = match &template {
         Some(t) => Some(chat_template(t, &tokenizer)?),
         None => None,
     };
     Ok(LoadedModel {
         weights,
         tokenizer: Some(tokenizer),
+        tokenizer_source: Some(source),
         chat_template,
+        chat_template_source: template,
         path: path.to_path_buf(),
         format: "gguf",
     })
@@ -56,20 +90,27 @@ fn load_hf(dir: &Path) -> Result<LoadedModel, LoadError> {
     let model = HfModel::open(dir)?;
     let weights = ModelWeights::from_hf(&model)?;
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer = if tok_path.exists() {
-        let json = read(&tok_path)?;
-        let cfg = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
-        Some(
-            Tokenizer::from_hf_json(&json, cfg.as_deref())
-                .map_err(|e| LoadError::Invalid(format!("{}: {e}", tok_path.display())))?,
-        )
+    let source = if tok_path.exists() {
+        Some(TokenizerSource::HfJson {
+            tokenizer: read(&tok_path)?,
+            config: std::fs::read_to_string(dir.join("tokenizer_config.json")).ok(),
+        })
     } else {
         None
+    };
+    let tokenizer = match &source {
+        Some(s) => Some(
+            s.build()
+                .map_err(|e| LoadError::Invalid(format!("{}: {e}", tok_path.display())))?,
+        ),
+        None => None,
     };
     Ok(LoadedModel {
         weights,
         tokenizer,
+        tokenizer_source: source,
         chat_template: None,
+        chat_template_source: None,
         path: dir.to_path_buf(),
         format: "hf",
     })

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 /// Element types the engine can read. The numeric values are ggml's `ggml_type` ids.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
     F32,
     F16,

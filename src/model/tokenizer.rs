@@ -67,7 +67,7 @@ pub enum TokenizerError {
 
 /// What a model file says about its tokenizer (filled by the GGUF loader from
 /// `tokenizer.ggml.*` keys, or from HF `tokenizer.json` + `tokenizer_config.json`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenizerSpec {
     /// `"gpt2"` (byte-level BPE). `"llama"` (sentencepiece) is refused for now.
     pub model: String,

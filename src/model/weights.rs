@@ -32,12 +32,22 @@ pub struct Attention {
     pub o: Linear,
 }
 
-/// The feed-forward block. SwiGLU models have `gate`; ReLU models (OPT) do not.
+/// The feed-forward matrices (biases live in [`FfnBias`]). SwiGLU models have `gate`; ReLU
+/// models (OPT) do not.
 #[derive(Clone, Debug)]
 pub struct Ffn {
-    pub gate: Option<Linear>,
-    pub up: Linear,
-    pub down: Linear,
+    pub gate: Option<Tensor>,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+/// The FFN's biases (OPT): small, so they stay resident even when the matrices live on flash.
+#[derive(Clone, Debug, Default)]
+pub struct FfnBias {
+    /// One per neuron, added to `up x`.
+    pub up: Option<Vec<f32>>,
+    /// One per output, added after the down projection.
+    pub down: Option<Vec<f32>>,
 }
 
 #[derive(Clone, Debug)]
@@ -45,7 +55,10 @@ pub struct Layer {
     pub attn_norm: Norm,
     pub attn: Attention,
     pub ffn_norm: Norm,
-    pub ffn: Ffn,
+    /// The dense FFN matrices; `None` for a flash image, whose FFN weights stay on disk in
+    /// bundles.
+    pub ffn: Option<Ffn>,
+    pub ffn_bias: FfnBias,
 }
 
 #[derive(Clone, Debug)]
@@ -238,7 +251,7 @@ fn load_layer(src: &impl TensorSource, c: &Config, n: &LayerNames) -> Result<Lay
         c.kv_dim(),
     );
     let gate = match &n.gate {
-        Some(g) => Some(src.linear(g, &bias_of(g), f, d)?),
+        Some(g) => Some(src.matrix(g, f, d)?),
         None => None,
     };
     Ok(Layer {
@@ -250,10 +263,14 @@ fn load_layer(src: &impl TensorSource, c: &Config, n: &LayerNames) -> Result<Lay
             o: src.linear(&n.o, &bias_of(&n.o), d, q_dim)?,
         },
         ffn_norm: src.norm(&n.ffn_norm, &n.ffn_norm_b, d)?,
-        ffn: Ffn {
+        ffn: Some(Ffn {
             gate,
-            up: src.linear(&n.up, &bias_of(&n.up), f, d)?,
-            down: src.linear(&n.down, &bias_of(&n.down), d, f)?,
+            up: src.matrix(&n.up, f, d)?,
+            down: src.matrix(&n.down, d, f)?,
+        }),
+        ffn_bias: FfnBias {
+            up: src.optional_vector(&bias_of(&n.up), f)?,
+            down: src.optional_vector(&bias_of(&n.down), d)?,
         },
     })
 }

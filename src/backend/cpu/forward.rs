@@ -5,11 +5,12 @@
 //! pre- or post-norm).
 
 use crate::backend::cpu::attention::{attend, AttnShape};
-use crate::backend::cpu::matvec::linear;
+use crate::backend::cpu::matvec::{linear, matvec};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_frequencies, silu};
 use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::engine::kv_cache::KvCache;
 use crate::model::config::{Config, FfnKind};
+use crate::model::tensor::Tensor;
 use crate::model::weights::{Ffn, Layer, ModelWeights};
 
 /// Scratch buffers of one decode step, allocated once per session.
@@ -20,8 +21,6 @@ pub struct CpuState {
     k: Vec<f32>,
     v: Vec<f32>,
     att: Vec<f32>,
-    ffn_a: Vec<f32>,
-    ffn_b: Vec<f32>,
     embed: Vec<f32>,
     out: Vec<f32>,
     pub logits: Vec<f32>,
@@ -40,8 +39,6 @@ impl CpuState {
             k: vec![0.0; c.kv_dim()],
             v: vec![0.0; c.kv_dim()],
             att: vec![0.0; q_dim],
-            ffn_a: vec![0.0; c.intermediate_size],
-            ffn_b: vec![0.0; c.intermediate_size],
             embed: vec![0.0; c.embed_dim],
             out: vec![0.0; d],
             logits: vec![0.0; c.vocab_size],
@@ -54,6 +51,81 @@ impl CpuState {
     }
 }
 
+/// Computes one layer's feed-forward block. The dense one multiplies the resident matrices;
+/// the flash offloading path (and calibration, which watches the dense one) plug in here.
+pub trait FfnCompute {
+    /// `out = FFN_layer(h)`, where `h` is the normed input of layer `layer`.
+    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]);
+}
+
+/// The FFN with every weight resident: three matvecs over the quantised matrices.
+pub struct DenseFfn<'w> {
+    weights: &'w ModelWeights,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    act: ActivationBuffer,
+}
+
+impl<'w> DenseFfn<'w> {
+    pub fn new(weights: &'w ModelWeights) -> DenseFfn<'w> {
+        let f = weights.config.intermediate_size;
+        DenseFfn {
+            weights,
+            a: vec![0.0; f],
+            b: vec![0.0; f],
+            act: ActivationBuffer::new(),
+        }
+    }
+
+    /// The FFN's hidden activations `silu(gate h) * (up h)` (SwiGLU) or `relu(up h + b)`
+    /// (ReLU), left in the returned slice: what calibration measures and predictors learn.
+    pub fn hidden(&mut self, layer: usize, h: &[f32]) -> &[f32] {
+        let c = &self.weights.config;
+        let l = &self.weights.layers[layer];
+        let f = dense(l, layer);
+        act_matvec(&f.up, h, &mut self.act, &mut self.a);
+        if let Some(b) = &l.ffn_bias.up {
+            add_into(&mut self.a, b);
+        }
+        match (c.ffn_kind(), &f.gate) {
+            (FfnKind::SwiGlu, Some(gate)) => {
+                act_matvec(gate, h, &mut self.act, &mut self.b);
+                for (u, &g) in self.a.iter_mut().zip(&self.b) {
+                    *u *= silu(g);
+                }
+            }
+            _ => self.a.iter_mut().for_each(|u| *u = u.max(0.0)),
+        }
+        &self.a
+    }
+}
+
+/// A layer's dense FFN matrices. Sessions over a flash image never use `DenseFfn`, so their
+/// absence here is a programming error, not bad input.
+fn dense(l: &Layer, layer: usize) -> &Ffn {
+    l.ffn.as_ref().unwrap_or_else(|| {
+        panic!("layer {layer} has no resident FFN matrices (a flash image needs FlashFfn)")
+    })
+}
+
+/// `out = W x` with `x` quantised for `W`'s dtype.
+fn act_matvec(w: &Tensor, x: &[f32], act: &mut ActivationBuffer, out: &mut [f32]) {
+    act.quantize_for(w.dtype, x)
+        .expect("activation length matches the weight's columns (checked at load time)");
+    matvec(w, act, out);
+}
+
+impl FfnCompute for DenseFfn<'_> {
+    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+        self.hidden(layer, h);
+        let l = &self.weights.layers[layer];
+        act_matvec(&dense(l, layer).down, &self.a, &mut self.act, out);
+        if let Some(b) = &l.ffn_bias.down {
+            add_into(out, b);
+        }
+    }
+}
+
 /// Runs `token` at position `kv.len()` through the model, appends its keys and values to `kv`,
 /// and, when `want_logits`, leaves the next-token logits in `state.logits`.
 pub fn forward(
@@ -62,6 +134,7 @@ pub fn forward(
     s: &mut CpuState,
     token: u32,
     want_logits: bool,
+    ffn: &mut dyn FfnCompute,
 ) {
     let c = &w.config;
     let pos = kv.len();
@@ -72,7 +145,7 @@ pub fn forward(
             attention(c, layer, kv, l, pos, s);
             add_into(&mut s.x, &s.out);
             apply_norm(&layer.ffn_norm, &s.x, c.norm_eps, &mut s.h);
-            ffn_dense(c, &layer.ffn, s);
+            ffn.ffn(l, &s.h, &mut s.out);
             add_into(&mut s.x, &s.out);
         } else {
             // Post-norm (OPT-350m): x = norm(x + block(x)).
@@ -81,7 +154,7 @@ pub fn forward(
             add_into(&mut s.x, &s.out);
             apply_norm(&layer.attn_norm, &s.x, c.norm_eps, &mut s.h);
             s.x.copy_from_slice(&s.h);
-            ffn_dense(c, &layer.ffn, s);
+            ffn.ffn(l, &s.h, &mut s.out);
             add_into(&mut s.x, &s.out);
             apply_norm(&layer.ffn_norm, &s.x, c.norm_eps, &mut s.h);
             s.x.copy_from_slice(&s.h);
@@ -131,21 +204,6 @@ fn attention(c: &Config, layer: &Layer, kv: &mut KvCache, l: usize, pos: usize, 
     linear(&a.o, &s.att, &mut s.act, &mut s.out);
 }
 
-/// The dense FFN of the normed input `s.h`; result in `s.out`.
-fn ffn_dense(c: &Config, f: &Ffn, s: &mut CpuState) {
-    linear(&f.up, &s.h, &mut s.act, &mut s.ffn_a);
-    match (c.ffn_kind(), &f.gate) {
-        (FfnKind::SwiGlu, Some(gate)) => {
-            linear(gate, &s.h, &mut s.act, &mut s.ffn_b);
-            for (u, &g) in s.ffn_a.iter_mut().zip(&s.ffn_b) {
-                *u *= silu(g);
-            }
-        }
-        _ => s.ffn_a.iter_mut().for_each(|u| *u = u.max(0.0)),
-    }
-    linear(&f.down, &s.ffn_a, &mut s.act, &mut s.out);
-}
-
 /// Final norm, optional projection, and the vocabulary projection into `s.logits`.
 fn output(w: &ModelWeights, s: &mut CpuState) {
     let c = &w.config;
@@ -163,5 +221,5 @@ fn output(w: &ModelWeights, s: &mut CpuState) {
     s.act
         .quantize_for(w.lm_head.dtype, hidden)
         .expect("lm_head columns match the hidden size (checked at load time)");
-    crate::backend::cpu::matvec::matvec(&w.lm_head, &s.act, &mut s.logits);
+    matvec(&w.lm_head, &s.act, &mut s.logits);
 }
