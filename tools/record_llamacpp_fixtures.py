@@ -82,12 +82,15 @@ def greedy(url, model, out, prompts_file, n_predict):
     doc["request"] = request
     doc["endpoint"] = "POST /completion (prompt tokens: POST /tokenize {content, add_special: true})"
     doc["server_flags"] = os.environ.get("LLAMA_SERVER_FLAGS", "")
+    probe = [post(url, "/tokenize", {"content": "a", "add_special": a})["tokens"] for a in (True, False)]
+    doc["add_bos"] = len(probe[0]) > len(probe[1])
     doc["n_ctx"] = props.get("default_generation_settings", {}).get("n_ctx")
     doc["note"] = ("top: per generated step, llama.cpp's 5 most likely next tokens with their "
                    "log-probabilities (log-softmax of the raw logits over the whole vocabulary, "
                    "before sampling; post_sampling_probs=false). tokens: the generated ids "
                    "(fewer than n_predict when an end-of-generation token was produced). "
-                   "No BOS is added: the GGUF's add_bos_token is false.")
+                   "prompt_tokens: what the server evaluates; it starts with BOS only when the "
+                   "GGUF's tokenizer.ggml.add_bos_token is true (see add_bos).")
     doc["cases"] = cases
     json.dump(doc, open(out, "w"), indent=1, ensure_ascii=False)
 
