@@ -4,6 +4,7 @@
 //! `DESIGN.md` for the architecture; each module below owns one concern.
 
 pub mod backend;
+pub mod budget;
 pub mod cli;
 pub mod engine;
 pub mod model;

@@ -119,6 +119,6 @@ fi
 
 # 4. Speed, for the record (informational; our bench compares against it in the same sitting).
 { date -u; echo "llama.cpp: $LLAMA_CPP_VERSION"; echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
-  echo "informational only: timings vary with machine load"; "$bin/llama-bench" -m "$smollm2" -p 0 -n 64 -t 1; "$bin/llama-bench" -m "$smollm2" -p 0 -n 64 -t 2; } \
+  echo "informational only: timings vary with machine load"; "$bin/llama-bench" -m "$smollm2" -p 0 -n 64 -r 10 -t 1; "$bin/llama-bench" -m "$smollm2" -p 0 -n 64 -r 10 -t 2; } \
   > "$out/smollm2-bench.txt" 2>&1
 echo "fixtures written to $out" >&2

@@ -6,3 +6,4 @@ pub mod forward;
 pub mod matvec;
 pub mod ops;
 pub mod quant;
+pub mod sparse_ffn;
