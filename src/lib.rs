@@ -7,4 +7,5 @@ pub mod backend;
 pub mod budget;
 pub mod cli;
 pub mod engine;
+pub mod image;
 pub mod model;

@@ -9,9 +9,21 @@ pub struct Args {
     /// Also list every weight tensor.
     #[arg(long)]
     tensors: bool,
+    /// For a flash image: also check every FFN section's checksum (reads the whole file).
+    #[arg(long)]
+    verify: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if crate::image::is_flash_image(&a.model) {
+        let image = crate::image::FlashImage::open(&a.model)?;
+        if a.verify {
+            image.verify_ffn()?;
+            println!("FFN sections: checksums OK");
+        }
+        print!("{}", image.summary());
+        return Ok(());
+    }
     let m = super::open_model(&a.model)?;
     let w = &m.weights;
     println!("file:    {} ({})", m.path.display(), m.format);

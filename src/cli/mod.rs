@@ -1,6 +1,7 @@
 //! The `llmflash` command line: thin subcommands that parse, call the library and print.
 
 mod bench;
+mod convert;
 mod generate;
 mod inspect;
 mod perplexity;
@@ -33,8 +34,10 @@ enum Command {
     Generate(generate::Args),
     /// Perplexity of a text file, in llama.cpp's convention.
     Perplexity(perplexity::Args),
-    /// Print what a model file holds.
+    /// Print what a model file or flash image holds.
     Inspect(inspect::Args),
+    /// Write a flash image (FFN weights in row-column bundles) from a GGUF or HF model.
+    Convert(convert::Args),
     /// Measure decode speed.
     Bench(bench::Args),
 }
@@ -64,6 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a),
     })
 }

@@ -1,0 +1,122 @@
+//! The flash image: one file holding a converted model, with the FFN weights laid out as
+//! "row-column bundles" (LLM in a flash, §3.2) so that a neuron's gate row, up row and down
+//! column are read with one contiguous request, and everything else (embeddings, attention,
+//! norms, biases) stored verbatim for the resident part of the model.
+//!
+//! Layout (format version 1, little-endian):
+//! - a 4096-byte header: magic `LLMFLASH`, u32 version, u32 reserved, u64 meta offset, u64
+//!   meta length, u32 CRC-32 of the meta JSON, u32 CRC-32 of the header's first 36 bytes;
+//! - the resident tensors, each 4 KiB aligned, bytes verbatim in their source dtype (norms and
+//!   biases as f32);
+//! - per layer, a 4 KiB-aligned FFN section of `n_neurons` bundles of `stride` bytes;
+//! - optional blobs appended by [`append_extra`] (calibration data, predictors);
+//! - the metadata JSON ([`ImageMeta`]) at the end, pointed to by the header.
+//!
+//! [`convert`] writes an image from a loaded model, [`FlashImage::open`] validates and maps
+//! one, [`write_synthetic`] writes a random model of a given shape for I/O benchmarks.
+
+mod crc;
+mod layout;
+mod reader;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+pub use crc::{crc32, Crc32};
+pub use layout::{
+    BlobEntry, BundleDtype, BundleLayout, BundlePart, FfnSection, ImageMeta, PartRole, SourceInfo,
+    TensorEntry,
+};
+pub use reader::FlashImage;
+pub use writer::{append_extra, convert, write_synthetic, ConvertOptions, SyntheticShape};
+
+/// File magic at offset 0.
+pub const MAGIC: &[u8; 8] = b"LLMFLASH";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the header, and the alignment of every tensor, section and blob.
+pub const ALIGN: u64 = 4096;
+/// Bytes of the header covered by its own checksum.
+const HEADER_CRC_SPAN: usize = 36;
+
+/// Errors reading or writing a flash image. Messages say what was expected, what was found
+/// and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{}: {action}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a flash image (magic {found:?}, expected \"LLMFLASH\"): convert a model first with `llmflash convert MODEL -o OUT.flash`", path.display())]
+    NotAnImage { path: PathBuf, found: String },
+    #[error("{}: image format version {found} is newer than this llmflash ({supported}): rebuild llmflash or reconvert the model", path.display())]
+    NewerVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{}: image format version {found} is not supported (this llmflash reads version {supported}): reconvert the model", path.display())]
+    OldVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{}: checksum mismatch in {what} (stored {stored:08x}, computed {computed:08x}): the file is corrupt; reconvert", path.display())]
+    Checksum {
+        path: PathBuf,
+        what: String,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("{}: truncated: {what} ends at byte {end} but the file has {len} bytes; the file is incomplete (interrupted copy or convert?): reconvert", path.display())]
+    Truncated {
+        path: PathBuf,
+        what: String,
+        end: u64,
+        len: u64,
+    },
+    #[error("{}: invalid image metadata: {detail}; the file is corrupt or was written by an incompatible tool: reconvert", path.display())]
+    Meta { path: PathBuf, detail: String },
+    #[error("cannot convert {}: {detail}", path.display())]
+    Convert { path: PathBuf, detail: String },
+    #[error("{}: image has no extra `{key}`{}: run the step that writes it (e.g. `llmflash calibrate`)", path.display(), name.as_ref().map(|n| format!(" blob `{n}`")).unwrap_or_default())]
+    MissingExtra {
+        path: PathBuf,
+        key: String,
+        name: Option<String>,
+    },
+}
+
+/// Rounds `x` up to a multiple of [`ALIGN`].
+pub(crate) fn align_up(x: u64) -> Option<u64> {
+    x.checked_add(ALIGN - 1).map(|v| v / ALIGN * ALIGN)
+}
+
+/// The 4096-byte header pointing at a meta JSON of `meta` bytes stored at `meta_offset`.
+pub(crate) fn encode_header(meta_offset: u64, meta: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; ALIGN as usize];
+    h[0..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&meta_offset.to_le_bytes());
+    h[24..32].copy_from_slice(&(meta.len() as u64).to_le_bytes());
+    h[32..36].copy_from_slice(&crc32(meta).to_le_bytes());
+    let hc = crc32(&h[..HEADER_CRC_SPAN]);
+    h[36..40].copy_from_slice(&hc.to_le_bytes());
+    h
+}
+
+/// Whether `path` is a flash image (by its magic bytes), so commands can take either a model
+/// file or an image with the same `-m`.
+pub fn is_flash_image(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|_| &magic == MAGIC)
+}

@@ -1,0 +1,633 @@
+//! Opening, validating and reading an image.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+use super::{
+    crc32, BlobEntry, BundleLayout, FfnSection, ImageError, ImageMeta, PartRole, TensorEntry,
+    ALIGN, FORMAT_VERSION, HEADER_CRC_SPAN, MAGIC,
+};
+use crate::backend::cpu::quant;
+use crate::model::config::FfnKind;
+use crate::model::loader::TokenizerSource;
+use crate::model::tensor::{Storage, Tensor};
+use crate::model::weights::{Attention, FfnBias, Layer, Linear, ModelWeights, Norm};
+
+/// An open, validated flash image, memory-mapped.
+#[derive(Clone)]
+pub struct FlashImage {
+    pub meta: ImageMeta,
+    pub path: PathBuf,
+    map: Arc<Mmap>,
+}
+
+impl std::fmt::Debug for FlashImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FlashImage({})", self.path.display())
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl FlashImage {
+    /// Maps and validates `path`: magic, version, header and metadata checksums, the
+    /// metadata's consistency with the config, that every tensor and FFN section lies inside
+    /// the file and is aligned, and the checksum of every resident tensor. FFN sections are
+    /// not hashed here (see [`FlashImage::verify_ffn`]).
+    pub fn open(path: &Path) -> Result<FlashImage, ImageError> {
+        let io = |action: &'static str| {
+            move |source| ImageError::Io {
+                path: path.to_path_buf(),
+                action,
+                source,
+            }
+        };
+        let file = File::open(path).map_err(io("cannot open"))?;
+        // SAFETY: the map is read-only; as with every mmap-based loader, we assume the file
+        // is not truncated or rewritten by another process while it is open.
+        let map = unsafe { Mmap::map(&file) }.map_err(io("cannot map"))?;
+        let meta = validate(path, &map)?;
+        Ok(FlashImage {
+            meta,
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+        })
+    }
+
+    /// Hashes every FFN section and compares with the recorded checksums.
+    pub fn verify_ffn(&self) -> Result<(), ImageError> {
+        use rayon::prelude::*;
+        self.meta.ffn.par_iter().try_for_each(|s| {
+            let bytes = self.range(s.offset, s.len);
+            let computed = crc32(bytes);
+            if computed != s.crc32 {
+                return Err(ImageError::Checksum {
+                    path: self.path.clone(),
+                    what: format!("the FFN section of layer {}", s.layer),
+                    stored: s.crc32,
+                    computed,
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// Bytes `offset..offset + len` of the map (ranges validated at open).
+    fn range(&self, offset: u64, len: u64) -> &[u8] {
+        &self.map[offset as usize..(offset + len) as usize]
+    }
+
+    fn err(&self, detail: String) -> ImageError {
+        ImageError::Meta {
+            path: self.path.clone(),
+            detail,
+        }
+    }
+
+    fn tensor_entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.meta.tensor(name)
+    }
+
+    /// A resident tensor as a zero-copy slice of the image.
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>, ImageError> {
+        let Some(e) = self.tensor_entry(name) else {
+            return Ok(None);
+        };
+        let storage = Storage::Mapped {
+            map: self.map.clone(),
+            offset: e.offset as usize,
+            len: e.len as usize,
+        };
+        Tensor::new(&e.name, e.dtype, e.rows, e.cols, storage)
+            .map(Some)
+            .map_err(|x| self.err(x.to_string()))
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor, ImageError> {
+        let t = self
+            .tensor(name)?
+            .ok_or_else(|| self.err(format!("tensor `{name}` is missing")))?;
+        if t.rows != rows || t.cols != cols {
+            return Err(self.err(format!(
+                "tensor `{name}` is {} x {}, expected {rows} x {cols}",
+                t.rows, t.cols
+            )));
+        }
+        Ok(t)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, ImageError> {
+        let Some(t) = self.tensor(name)? else {
+            return Ok(None);
+        };
+        if t.len() != len {
+            return Err(self.err(format!(
+                "tensor `{name}` has {} values, expected {len}",
+                t.len()
+            )));
+        }
+        let mut out = vec![0f32; len];
+        quant::dequantize(t.dtype, t.bytes(), &mut out)
+            .map_err(|e| self.err(format!("tensor `{name}`: {e}")))?;
+        Ok(Some(out))
+    }
+
+    fn required_vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ImageError> {
+        self.vector(name, len)?
+            .ok_or_else(|| self.err(format!("tensor `{name}` is missing")))
+    }
+
+    fn linear(&self, prefix: &str, rows: usize, cols: usize) -> Result<Linear, ImageError> {
+        Ok(Linear {
+            weight: self.matrix(&format!("{prefix}.weight"), rows, cols)?,
+            bias: self.vector(&format!("{prefix}.bias"), rows)?,
+        })
+    }
+
+    fn norm(&self, prefix: &str, len: usize) -> Result<Norm, ImageError> {
+        Ok(Norm {
+            weight: self.required_vector(&format!("{prefix}.weight"), len)?,
+            bias: self.vector(&format!("{prefix}.bias"), len)?,
+        })
+    }
+
+    /// The resident weights, zero copy (norms and biases are copied into `Vec<f32>`). Every
+    /// layer has `ffn: None`: the FFN lives in the bundles.
+    pub fn weights(&self) -> Result<ModelWeights, ImageError> {
+        let c = &self.meta.config;
+        let (v, d, e, f) = (
+            c.vocab_size,
+            c.hidden_size,
+            c.embed_dim,
+            c.intermediate_size,
+        );
+        let (q_dim, kv) = (c.n_heads * c.head_dim, c.kv_dim());
+        let embed = self.matrix("token_embd.weight", v, e)?;
+        let lm_head = match self.tensor_entry("output.weight") {
+            Some(_) => self.matrix("output.weight", v, e)?,
+            None => embed.clone(),
+        };
+        let positions = self.tensor("position_embd.weight")?;
+        if let Some(p) = &positions {
+            if p.cols != d || p.rows <= self.meta.position_offset {
+                return Err(self.err(format!(
+                    "position table is {} x {}, expected at least {} x {d}",
+                    p.rows,
+                    p.cols,
+                    self.meta.position_offset + 1
+                )));
+            }
+        }
+        let project_in = match self.tensor_entry("project_in.weight") {
+            Some(_) => Some(self.linear("project_in", d, e)?),
+            None => None,
+        };
+        let project_out = match self.tensor_entry("project_out.weight") {
+            Some(_) => Some(self.linear("project_out", e, d)?),
+            None => None,
+        };
+        let final_norm = match self.tensor_entry("output_norm.weight") {
+            Some(_) => Some(self.norm("output_norm", d)?),
+            None => None,
+        };
+        let layers = (0..c.n_layers)
+            .map(|i| {
+                let p = format!("blk.{i}");
+                Ok(Layer {
+                    attn_norm: self.norm(&format!("{p}.attn_norm"), d)?,
+                    attn: Attention {
+                        q: self.linear(&format!("{p}.attn_q"), q_dim, d)?,
+                        k: self.linear(&format!("{p}.attn_k"), kv, d)?,
+                        v: self.linear(&format!("{p}.attn_v"), kv, d)?,
+                        o: self.linear(&format!("{p}.attn_output"), d, q_dim)?,
+                    },
+                    ffn_norm: self.norm(&format!("{p}.ffn_norm"), d)?,
+                    ffn: None,
+                    ffn_bias: FfnBias {
+                        up: self.vector(&format!("{p}.ffn_up.bias"), f)?,
+                        down: self.vector(&format!("{p}.ffn_down.bias"), d)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, ImageError>>()?;
+        Ok(ModelWeights {
+            config: c.clone(),
+            embed,
+            position_offset: if positions.is_some() {
+                self.meta.position_offset
+            } else {
+                0
+            },
+            positions,
+            project_in,
+            project_out,
+            layers,
+            final_norm,
+            lm_head,
+        })
+    }
+
+    pub fn tokenizer_source(&self) -> Option<&TokenizerSource> {
+        self.meta.tokenizer.as_ref()
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.meta.chat_template.as_deref()
+    }
+
+    /// The FFN section of `layer`. Panics if `layer >= n_layers` (a caller bug: the number of
+    /// sections was checked against the config at open).
+    pub fn ffn_section(&self, layer: usize) -> &FfnSection {
+        &self.meta.ffn[layer]
+    }
+
+    pub fn bundle(&self) -> &BundleLayout {
+        &self.meta.bundle
+    }
+
+    /// The `stride` bytes of the bundle in `disk_slot` of `layer`'s section. Panics on an
+    /// out-of-range layer or slot (a caller bug; sizes were validated at open).
+    pub fn bundle_bytes(&self, layer: usize, disk_slot: usize) -> &[u8] {
+        let s = &self.meta.ffn[layer];
+        assert!(
+            disk_slot < s.n_neurons,
+            "bundle slot {disk_slot} out of range (layer {layer} has {})",
+            s.n_neurons
+        );
+        let stride = self.meta.bundle.stride as u64;
+        self.range(s.offset + disk_slot as u64 * stride, stride)
+    }
+
+    /// The whole FFN section of `layer` (`n_neurons * stride` bytes).
+    pub fn section_bytes(&self, layer: usize) -> &[u8] {
+        let s = &self.meta.ffn[layer];
+        self.range(s.offset, s.len)
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn extra(&self, key: &str) -> Option<&Value> {
+        self.meta.extra.get(key)
+    }
+
+    /// The blob `name` appended under `extra[key]`, checksum-verified.
+    pub fn blob(&self, key: &str, name: &str) -> Result<&[u8], ImageError> {
+        let missing = || ImageError::MissingExtra {
+            path: self.path.clone(),
+            key: key.to_string(),
+            name: Some(name.to_string()),
+        };
+        let entry = self
+            .extra(key)
+            .and_then(|x| x.get("blobs"))
+            .and_then(|b| b.get(name))
+            .ok_or_else(missing)?;
+        let entry: BlobEntry = serde_json::from_value(entry.clone())
+            .map_err(|e| self.err(format!("blob `{name}` of extra `{key}`: {e}")))?;
+        let file_len = self.map.len() as u64;
+        let end = entry.offset.saturating_add(entry.len);
+        if end > file_len {
+            return Err(ImageError::Truncated {
+                path: self.path.clone(),
+                what: format!("blob `{name}` of extra `{key}`"),
+                end,
+                len: file_len,
+            });
+        }
+        let bytes = self.range(entry.offset, entry.len);
+        let computed = crc32(bytes);
+        if computed != entry.crc32 {
+            return Err(ImageError::Checksum {
+                path: self.path.clone(),
+                what: format!("blob `{name}` of extra `{key}`"),
+                stored: entry.crc32,
+                computed,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// A human-readable description for `llmflash inspect`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let m = &self.meta;
+        let c = &m.config;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "flash image {} (format {})",
+            self.path.display(),
+            m.format
+        );
+        let _ = writeln!(
+            s,
+            "  file: {:.1} MiB; source: {} ({}, {:.1} MiB)",
+            mib(self.map.len() as u64),
+            m.source.path,
+            m.source.format,
+            mib(m.source.size)
+        );
+        let _ = writeln!(
+            s,
+            "  model: {:?}, {} layers, hidden {}, ffn {} ({:?}), heads {}/{} (kv), head_dim {}, vocab {}, max positions {}, tied embeddings {}",
+            c.arch,
+            c.n_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.ffn_kind(),
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.vocab_size,
+            c.max_positions,
+            c.tied_embeddings
+        );
+        let _ = writeln!(
+            s,
+            "  tokenizer: {}; chat template: {}",
+            match &m.tokenizer {
+                Some(TokenizerSource::Spec(_)) => "GGUF spec",
+                Some(TokenizerSource::HfJson { .. }) => "HF tokenizer.json",
+                None => "none",
+            },
+            if m.chat_template.is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+        let parts: Vec<String> = m
+            .bundle
+            .parts
+            .iter()
+            .map(|p| format!("{} {} @{}+{}", p.role.name(), p.dtype, p.offset, p.len))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  bundle: stride {} bytes = [{}]",
+            m.bundle.stride,
+            parts.join(" | ")
+        );
+        let resident = m.resident_bytes();
+        let ffn = m.ffn_bytes();
+        let _ = writeln!(
+            s,
+            "  resident: {} tensors, {:.1} MiB; FFN: {} sections, {:.1} MiB ({:.1}% of weights)",
+            m.tensors.len(),
+            mib(resident),
+            m.ffn.len(),
+            mib(ffn),
+            100.0 * ffn as f64 / (resident + ffn).max(1) as f64
+        );
+        if let Some(first) = m.ffn.first() {
+            let _ = writeln!(
+                s,
+                "  per layer: {} neurons x {} bytes = {:.2} MiB",
+                first.n_neurons,
+                m.bundle.stride,
+                mib(first.len)
+            );
+        }
+        let permuted: Vec<String> = m
+            .ffn
+            .iter()
+            .filter(|x| x.permutation.is_some())
+            .map(|x| x.layer.to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "  neuron permutation: {}",
+            if permuted.is_empty() {
+                "none (identity)".to_string()
+            } else {
+                format!("layers {}", permuted.join(","))
+            }
+        );
+        let keys: Vec<&str> = m.extra.keys().map(|k| k.as_str()).collect();
+        let _ = write!(
+            s,
+            "  extra: {}",
+            if keys.is_empty() {
+                "none".to_string()
+            } else {
+                keys.join(", ")
+            }
+        );
+        s
+    }
+}
+
+/// Checks the header and metadata of a mapped image; returns the metadata.
+fn validate(path: &Path, map: &[u8]) -> Result<ImageMeta, ImageError> {
+    let file_len = map.len() as u64;
+    let meta_err = |detail: String| ImageError::Meta {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let truncated = |what: String, end: u64| ImageError::Truncated {
+        path: path.to_path_buf(),
+        what,
+        end,
+        len: file_len,
+    };
+    if map.len() < MAGIC.len() || &map[..MAGIC.len()] != MAGIC {
+        let n = map.len().min(MAGIC.len());
+        return Err(ImageError::NotAnImage {
+            path: path.to_path_buf(),
+            found: String::from_utf8_lossy(&map[..n]).into_owned(),
+        });
+    }
+    if file_len < ALIGN {
+        return Err(truncated("the header".into(), ALIGN));
+    }
+    let version = u32_at(map, 8);
+    if version > FORMAT_VERSION {
+        return Err(ImageError::NewerVersion {
+            path: path.to_path_buf(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if version < FORMAT_VERSION {
+        return Err(ImageError::OldVersion {
+            path: path.to_path_buf(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let stored = u32_at(map, 36);
+    let computed = crc32(&map[..HEADER_CRC_SPAN]);
+    if stored != computed {
+        return Err(ImageError::Checksum {
+            path: path.to_path_buf(),
+            what: "the header".into(),
+            stored,
+            computed,
+        });
+    }
+    let meta_offset = u64_at(map, 16);
+    let meta_len = u64_at(map, 24);
+    let meta_end = meta_offset.saturating_add(meta_len);
+    if meta_end > file_len {
+        return Err(truncated("the metadata".into(), meta_end));
+    }
+    if meta_offset < ALIGN {
+        return Err(meta_err(format!(
+            "metadata at byte {meta_offset} overlaps the header"
+        )));
+    }
+    let json = &map[meta_offset as usize..meta_end as usize];
+    let stored = u32_at(map, 32);
+    let computed = crc32(json);
+    if stored != computed {
+        return Err(ImageError::Checksum {
+            path: path.to_path_buf(),
+            what: "the metadata".into(),
+            stored,
+            computed,
+        });
+    }
+    let meta: ImageMeta =
+        serde_json::from_slice(json).map_err(|e| meta_err(format!("bad JSON: {e}")))?;
+    if meta.format != FORMAT_VERSION {
+        return Err(meta_err(format!(
+            "metadata says format {}, the header says {FORMAT_VERSION}",
+            meta.format
+        )));
+    }
+    let c = &meta.config;
+    c.validate()
+        .map_err(|e| meta_err(format!("inconsistent config: {e}")))?;
+
+    // A range inside the file, aligned, not overlapping the header.
+    let check_range = |what: &dyn Fn() -> String, offset: u64, len: u64| {
+        let end = offset.saturating_add(len);
+        if end > file_len {
+            return Err(truncated(what(), end));
+        }
+        if !offset.is_multiple_of(ALIGN) || offset < ALIGN {
+            return Err(meta_err(format!(
+                "{} starts at byte {offset}, which is not a 4096-aligned offset after the header",
+                what()
+            )));
+        }
+        Ok(())
+    };
+
+    for t in &meta.tensors {
+        let what = || format!("tensor {}", t.name);
+        let want = t
+            .rows
+            .checked_mul(t.cols)
+            .and_then(|n| t.dtype.bytes_for(n))
+            .and_then(|n| t.dtype.bytes_for(t.cols).map(|_| n));
+        if want.map(|n| n as u64) != Some(t.len) {
+            return Err(meta_err(format!(
+                "tensor {} is {} bytes, but {} x {} {} takes {want:?}",
+                t.name, t.len, t.rows, t.cols, t.dtype
+            )));
+        }
+        check_range(&what, t.offset, t.len)?;
+    }
+    // Names must be unique (lookups are by name).
+    {
+        let mut names: Vec<&str> = meta.tensors.iter().map(|t| t.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(meta_err(format!("tensor {} appears twice", w[0])));
+        }
+    }
+
+    meta.bundle
+        .check(c.ffn_kind(), c.hidden_size)
+        .map_err(meta_err)?;
+    if meta.bundle.stride == 0 {
+        return Err(meta_err("bundle stride is 0".into()));
+    }
+    if meta.ffn.len() != c.n_layers {
+        return Err(meta_err(format!(
+            "{} FFN sections for {} layers",
+            meta.ffn.len(),
+            c.n_layers
+        )));
+    }
+    for (i, s) in meta.ffn.iter().enumerate() {
+        let what = || format!("the FFN section of layer {i}");
+        if s.layer != i {
+            return Err(meta_err(format!(
+                "FFN section {i} is labelled layer {}",
+                s.layer
+            )));
+        }
+        if s.n_neurons != c.intermediate_size {
+            return Err(meta_err(format!(
+                "layer {i} has {} neurons, the config says {}",
+                s.n_neurons, c.intermediate_size
+            )));
+        }
+        let want = (s.n_neurons as u64).checked_mul(meta.bundle.stride as u64);
+        if want != Some(s.len) {
+            return Err(meta_err(format!(
+                "the FFN section of layer {i} is {} bytes, expected {} neurons x {} bytes",
+                s.len, s.n_neurons, meta.bundle.stride
+            )));
+        }
+        check_range(&what, s.offset, s.len)?;
+        if let Some(p) = &s.permutation {
+            if p.len() != s.n_neurons {
+                return Err(meta_err(format!(
+                    "layer {i}: permutation has {} entries for {} neurons",
+                    p.len(),
+                    s.n_neurons
+                )));
+            }
+            let mut seen = vec![false; s.n_neurons];
+            for &j in p {
+                match seen.get_mut(j as usize) {
+                    Some(x) if !*x => *x = true,
+                    _ => {
+                        return Err(meta_err(format!(
+                            "layer {i}: permutation is not a permutation of 0..{} (entry {j})",
+                            s.n_neurons
+                        )))
+                    }
+                }
+            }
+        }
+    }
+    if c.ffn_kind() == FfnKind::SwiGlu && meta.bundle.part(PartRole::Gate).is_none() {
+        return Err(meta_err("a SwiGLU model's bundles need a gate part".into()));
+    }
+
+    // Resident tensors are small enough to hash at every open.
+    for t in &meta.tensors {
+        let bytes = &map[t.offset as usize..(t.offset + t.len) as usize];
+        let computed = crc32(bytes);
+        if computed != t.crc32 {
+            return Err(ImageError::Checksum {
+                path: path.to_path_buf(),
+                what: format!("tensor {}", t.name),
+                stored: t.crc32,
+                computed,
+            });
+        }
+    }
+    Ok(meta)
+}
