@@ -9,3 +9,4 @@ pub mod cli;
 pub mod engine;
 pub mod image;
 pub mod model;
+pub mod window;
