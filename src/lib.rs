@@ -9,4 +9,5 @@ pub mod cli;
 pub mod engine;
 pub mod image;
 pub mod model;
+pub mod storage;
 pub mod window;

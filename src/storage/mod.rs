@@ -1,0 +1,138 @@
+//! Direct-I/O storage: the FFN bundles stay on flash and each token reads only what it needs.
+//!
+//! * [`AlignedBuf`]: 4 KiB-aligned, zeroed heap buffers (what `O_DIRECT` needs).
+//! * [`FlashFile`]: a read-only file with the page cache bypassed (`O_DIRECT` on Linux,
+//!   `F_NOCACHE` on macOS), falling back to buffered reads where the filesystem refuses.
+//! * [`plan_reads`]: read coalescing, a pure function: byte ranges -> aligned read operations.
+//! * [`ReadPool`]: a small pool of reader threads that executes one batch of coalesced reads
+//!   concurrently into a reusable staging area and hands each range's bytes to the caller.
+//! * [`probe`] / [`DiskCurve`]: the measured read-throughput curve (chunk size x concurrency)
+//!   that the memory planner uses to price reads.
+//!
+//! The page cache must be bypassed for any of this to mean something: a buffered read of a
+//! cached page runs at DRAM speed and hides the cost the paper is about, and the cache itself
+//! spends memory that the budget does not see.
+
+mod aligned;
+mod coalesce;
+mod file;
+mod pool;
+mod probe;
+
+pub use aligned::AlignedBuf;
+pub use coalesce::{plan_reads, CoalesceOptions, ReadOp};
+pub use file::FlashFile;
+pub use pool::{ReadPool, ReadStats};
+pub use probe::{
+    probe, CurvePoint, DiskCurve, DEFAULT_CHUNKS, DEFAULT_CONCURRENCIES, DEFAULT_PROBE_FILE_SIZE,
+};
+
+use std::path::PathBuf;
+
+/// The alignment, in bytes, of every direct read: offset, length and buffer address.
+pub const ALIGN: usize = 4096;
+
+/// Errors of the storage module. Each message says what was expected, what was found and what
+/// to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(
+        "cannot open `{path}` for reading: {source}; check that the file exists and is readable"
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "reading {len} bytes at offset {offset} of `{path}` failed: {source}; \
+         the file may be truncated or the device failing"
+    )]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "reading {len} bytes at offset {offset} of `{path}`: the file ends at {file_len} bytes; \
+         expected the whole range inside the file (is the file truncated or the wrong one?)"
+    )]
+    PastEnd {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        file_len: u64,
+    },
+    #[error(
+        "direct read of `{path}` needs {what} to be a multiple of {align}, found {value}; \
+         use AlignedBuf and aligned offsets/lengths (plan_reads does this), or open with direct = false"
+    )]
+    Misaligned {
+        path: PathBuf,
+        what: &'static str,
+        value: u64,
+        align: usize,
+    },
+    #[error("invalid read request: {0}")]
+    InvalidRequest(String),
+    #[error("cannot allocate an aligned buffer of {bytes} bytes; expected a size the allocator can serve, lower the batch size or memory use")]
+    Alloc { bytes: usize },
+    #[error("disk probe: {0}")]
+    Probe(String),
+    #[error("disk curve file `{path}`: {message}")]
+    Curve { path: PathBuf, message: String },
+    #[error("a reader thread panicked while reading `{path}`; this is a bug in llmflash, please report it")]
+    WorkerPanic { path: PathBuf },
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    /// SplitMix64: a small deterministic PRNG for property tests.
+    pub struct Rng(pub u64);
+    impl Rng {
+        pub fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        /// Uniform in `0..n` (`n > 0`).
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next_u64() % n
+        }
+    }
+
+    /// A file of random bytes under `target/` (not /tmp, which may be tmpfs), removed on drop.
+    pub struct TempFile {
+        pub path: PathBuf,
+    }
+    impl TempFile {
+        pub fn random(name: &str, len: u64, seed: u64) -> Self {
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/storage-test-tmp");
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{name}-{}-{seed}", std::process::id()));
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+            let mut rng = Rng(seed);
+            let mut left = len;
+            while left > 0 {
+                let v = rng.next_u64().to_le_bytes();
+                let n = left.min(8) as usize;
+                f.write_all(&v[..n]).unwrap();
+                left -= n as u64;
+            }
+            f.flush().unwrap();
+            Self { path }
+        }
+    }
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
