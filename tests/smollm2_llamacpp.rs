@@ -243,7 +243,8 @@ fn perplexity_matches_llamacpp() {
     let want = fx["ppl"].as_f64().expect("ppl");
     let tokens = tok.encode(&text, true, false);
     let bos = if tok.add_bos() { tok.bos() } else { None };
-    let got = perplexity(&model.weights, &tokens, ctx, bos, None, |_, _| {}).expect("ppl");
+    let mut session = Session::new(&model.weights, ctx);
+    let got = perplexity(&mut session, &tokens, ctx, bos, None, |_, _| {}).expect("ppl");
     assert_eq!(got.chunks as u64, fx["chunks"].as_u64().expect("chunks"));
     let rel = (got.ppl - want).abs() / want;
     eprintln!(

@@ -27,7 +27,8 @@ pub struct Needs {
     pub active: Vec<f64>,
 }
 
-/// The planner's decision.
+/// The planner's decision. Neurons a full window cannot hold are read into a scratch area
+/// the size of one layer's active set, so the smallest budget needs no window at all.
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
     pub budget: u64,
@@ -35,7 +36,7 @@ pub struct Plan {
     /// Window slots per layer.
     pub window_slots: Vec<usize>,
     pub window_bytes: u64,
-    /// The smallest budget that runs this model (window of one token's active set per layer).
+    /// The smallest budget that runs this model: no window, one layer's active set in scratch.
     pub minimum: u64,
 }
 
@@ -44,7 +45,7 @@ pub enum BudgetError {
     #[error(
         "a memory budget of {budget} is too small for this model: it needs at least {minimum} \
          ({resident} resident weights, {predictors} predictors, {kv} KV cache, {scratch} scratch, \
-         {window} for one token's neurons). Raise --memory-budget or shorten --ctx"
+         {window} for one layer's active neurons). Raise --memory-budget or shorten --ctx"
     )]
     TooSmall {
         budget: Bytes,
@@ -102,9 +103,13 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 
 /// Plans `budget` bytes for a model with `needs`.
 pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
-    let fixed = needs.resident + needs.predictors + needs.kv_cache + needs.scratch;
-    let one_token: f64 = needs.active.iter().sum::<f64>() * needs.stride as f64;
-    let minimum = fixed + one_token.ceil() as u64;
+    let one_layer = needs.active.iter().copied().fold(0.0, f64::max) * needs.stride as f64;
+    let fixed = needs.resident
+        + needs.predictors
+        + needs.kv_cache
+        + needs.scratch
+        + one_layer.ceil() as u64;
+    let minimum = fixed;
     if budget < minimum {
         return Err(BudgetError::TooSmall {
             budget: Bytes(budget),
@@ -113,7 +118,7 @@ pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
             predictors: Bytes(needs.predictors),
             kv: Bytes(needs.kv_cache),
             scratch: Bytes(needs.scratch),
-            window: Bytes(one_token.ceil() as u64),
+            window: Bytes(one_layer.ceil() as u64),
         });
     }
     let slots_total = ((budget - fixed) / needs.stride.max(1)) as f64;
@@ -165,7 +170,7 @@ mod tests {
         let n = needs();
         let err = plan(10 << 20, &n).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("at least 44.4 MiB"), "{msg}");
+        assert!(msg.contains("at least 44.3 MiB"), "{msg}");
         assert!(msg.contains("--memory-budget"), "{msg}");
     }
 
@@ -173,7 +178,7 @@ mod tests {
     fn window_shares_follow_activity_and_fit() {
         let n = needs();
         let fixed = 44 << 20;
-        let p = plan(fixed + 800_000, &n).unwrap();
+        let p = plan(fixed + 300 * 1000 + 800_000, &n).unwrap();
         assert_eq!(p.window_slots, vec![200, 600]);
         assert!(p.fixed + p.window_bytes <= p.budget);
         // A huge budget caps every layer at its neuron count.

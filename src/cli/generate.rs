@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
+use crate::engine::generate;
 use crate::engine::sampler::{Sampler, Sampling};
-use crate::engine::{generate, Session};
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::StreamDecoder;
 
@@ -48,10 +48,13 @@ pub struct Args {
     /// Print one JSON object (text, tokens, stats) instead of streaming text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    flash: super::flash_args::FlashArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = super::open_model(&a.model)?;
+    let runner = super::runner::Runner::open(&a.model)?;
+    let model = &runner.model;
     let Some(tok) = model.tokenizer.as_ref() else {
         bail!(
             "{} has no tokenizer (no tokenizer.json); generate needs one",
@@ -82,7 +85,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         _ => Sampling::Greedy,
     };
     let mut sampler = Sampler::new(sampling);
-    let mut session = Session::new(&model.weights, a.ctx);
+    // The KV cache only needs the positions this run can reach.
+    let ctx = a.ctx.min(prompt.len() + a.n + 1);
+    let mut session = runner.session(ctx, &a.flash)?;
     let mut stream = StreamDecoder::new();
     let mut out = std::io::stdout().lock();
     let mut text_out = String::new();

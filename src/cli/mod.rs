@@ -2,9 +2,11 @@
 
 mod bench;
 mod convert;
+mod flash_args;
 mod generate;
 mod inspect;
 mod perplexity;
+mod runner;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -20,11 +20,13 @@ pub struct Args {
     /// Score at most this many windows.
     #[arg(long)]
     chunks: Option<usize>,
+    #[command(flatten)]
+    flash: super::flash_args::FlashArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = super::open_model(&a.model)?;
-    let Some(tok) = model.tokenizer.as_ref() else {
+    let runner = super::runner::Runner::open(&a.model)?;
+    let Some(tok) = runner.model.tokenizer.as_ref() else {
         bail!(
             "{} has no tokenizer; perplexity needs one",
             a.model.display()
@@ -35,7 +37,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tokens = tok.encode(&text, true, false);
     let bos = if tok.add_bos() { tok.bos() } else { None };
     eprintln!("{} tokens, ctx {}", tokens.len(), a.ctx);
-    let result = perplexity(&model.weights, &tokens, a.ctx, bos, a.chunks, |i, p| {
+    let mut session = runner.session(a.ctx, &a.flash)?;
+    let result = perplexity(&mut session, &tokens, a.ctx, bos, a.chunks, |i, p| {
         eprint!("[{i}]{p:.4},");
     })?;
     eprintln!();

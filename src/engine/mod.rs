@@ -1,6 +1,8 @@
 //! The decode loop, KV cache, sampler and per-token statistics.
 
+pub mod flash;
 pub mod kv_cache;
+pub mod model;
 pub mod perplexity;
 pub mod sampler;
 pub mod stats;
@@ -11,7 +13,7 @@ use crate::backend::cpu::forward::{forward, CpuState, DenseFfn, FfnCompute};
 use crate::model::weights::ModelWeights;
 use kv_cache::KvCache;
 use sampler::Sampler;
-use stats::GenerationStats;
+use stats::{FlashStats, GenerationStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -55,8 +57,8 @@ impl<'w> Session<'w> {
     }
 
     /// The FFN provider, e.g. to read its statistics.
-    pub fn ffn_mut(&mut self) -> &mut (dyn FfnCompute + 'w) {
-        self.ffn.as_mut()
+    pub fn ffn(&self) -> &(dyn FfnCompute + 'w) {
+        self.ffn.as_ref()
     }
 
     /// Positions consumed so far.
@@ -119,6 +121,7 @@ pub fn generate(
     let t0 = Instant::now();
     let mut next = sampler.sample(session.prefill(prompt)?);
     let prompt_ms = ms_since(t0);
+    let before = session.ffn().flash_stats();
     let t1 = Instant::now();
     let mut tokens = Vec::with_capacity(max_new);
     while tokens.len() < max_new && !is_end(next) {
@@ -130,8 +133,25 @@ pub fn generate(
         next = sampler.sample(session.step(next, true)?);
     }
     let decode_ms = ms_since(t1);
-    let stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
+    let mut stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
+    if let (Some(a), Some(b)) = (before, session.ffn().flash_stats()) {
+        add_flash_costs(&mut stats, &a, &b);
+    }
     Ok(Generation { tokens, stats })
+}
+
+/// Splits decode time into the FFN's I/O and memory management (measured by the flash
+/// path between `before` and `after`) and compute (the rest).
+fn add_flash_costs(stats: &mut GenerationStats, before: &FlashStats, after: &FlashStats) {
+    let passes = stats.generated_tokens.saturating_sub(1).max(1) as f64;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / passes;
+    stats.strategy = "flash".into();
+    stats.bytes_read_per_token = (after.bytes_read - before.bytes_read) as f64 / passes;
+    stats.io_ms_per_token = ms(after.io - before.io);
+    stats.mem_ms_per_token = ms(after.memory - before.memory);
+    stats.compute_ms_per_token =
+        (stats.compute_ms_per_token - stats.io_ms_per_token - stats.mem_ms_per_token).max(0.0);
+    stats.flash = Some(after.clone());
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -160,5 +180,6 @@ fn summarize(prompt: usize, generated: usize, prompt_ms: f64, decode_ms: f64) ->
         mem_ms_per_token: 0.0,
         compute_ms_per_token: decode_ms / passes,
         peak_rss_bytes: stats::peak_rss_bytes(),
+        flash: None,
     }
 }

@@ -5,7 +5,6 @@
 
 use crate::backend::cpu::ops::log_softmax_at;
 use crate::engine::{EngineError, Session};
-use crate::model::weights::ModelWeights;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Perplexity {
@@ -32,9 +31,9 @@ pub enum PerplexityError {
 }
 
 /// Computes perplexity of `tokens` over at most `max_chunks` windows (all when `None`),
-/// calling `progress(chunk, running_ppl)` after each.
+/// calling `progress(chunk, running_ppl)` after each. The session must hold `ctx` positions.
 pub fn perplexity(
-    weights: &ModelWeights,
+    session: &mut Session,
     tokens: &[u32],
     ctx: usize,
     bos: Option<u32>,
@@ -53,7 +52,6 @@ pub fn perplexity(
     }
     let n_chunks = (tokens.len() / ctx).min(max_chunks.unwrap_or(usize::MAX));
     let first = ctx / 2;
-    let mut session = Session::new(weights, ctx);
     let (mut nll, mut count) = (0.0f64, 0usize);
     let mut running = Vec::with_capacity(n_chunks);
     for chunk in 0..n_chunks {

@@ -1,5 +1,7 @@
 //! Per-run statistics reported by `generate --json` and `bench`.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 /// What one generation cost. Times are wall-clock milliseconds.
@@ -21,6 +23,9 @@ pub struct GenerationStats {
     pub compute_ms_per_token: f64,
     /// Peak resident set size of the process (Linux: VmHWM), if known.
     pub peak_rss_bytes: Option<u64>,
+    /// The flash path's cumulative counters (whole session), when the FFN reads from flash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flash: Option<FlashStats>,
 }
 
 /// The process's peak resident set size, from `/proc/self/status` (Linux only).
@@ -29,4 +34,23 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Cumulative costs of the FFN blocks, split as in the paper's Table 2.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FlashStats {
+    pub tokens: u64,
+    pub neurons_needed: u64,
+    pub neurons_loaded: u64,
+    pub window_hits: u64,
+    pub bytes_read: u64,
+    pub read_ops: u64,
+    /// Waiting for reads.
+    pub io: Duration,
+    /// Window bookkeeping and copying bundles into slots.
+    pub memory: Duration,
+    /// Predictor and sparse FFN arithmetic.
+    pub compute: Duration,
+    /// Bytes the FFN holds in memory: window slabs, resident copies, read scratch.
+    pub memory_bytes: u64,
 }

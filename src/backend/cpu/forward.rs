@@ -56,6 +56,11 @@ impl CpuState {
 pub trait FfnCompute {
     /// `out = FFN_layer(h)`, where `h` is the normed input of layer `layer`.
     fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]);
+
+    /// I/O, memory and compute costs so far, for FFNs that read from flash.
+    fn flash_stats(&self) -> Option<crate::engine::stats::FlashStats> {
+        None
+    }
 }
 
 /// The FFN with every weight resident: three matvecs over the quantised matrices.

@@ -1,0 +1,68 @@
+//! Options shared by the commands that run a flash image.
+
+use crate::budget::parse_bytes;
+use crate::engine::flash::{FlashOptions, Selection, Strategy};
+use crate::storage::CoalesceOptions;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct FlashArgs {
+    /// Where FFN bundles come from (flash images only): flash, resident, mmap or naive.
+    #[arg(long, default_value = "flash")]
+    pub strategy: Strategy,
+    /// Compute every FFN neuron instead of the predicted ones.
+    #[arg(long, conflicts_with = "oracle")]
+    pub dense: bool,
+    /// Use the true active set instead of the predictor (quality experiments; slow).
+    #[arg(long)]
+    pub oracle: bool,
+    /// Memory budget for the whole process, e.g. 48MiB or 1.5GiB (flash images only).
+    #[arg(long, value_parser = parse_bytes)]
+    pub memory_budget: Option<u64>,
+    /// Tokens a neuron stays in the window after its last use (the paper's k).
+    #[arg(long, default_value_t = 5)]
+    pub window: usize,
+    /// Concurrent reads.
+    #[arg(long, default_value_t = 8)]
+    pub io_threads: usize,
+    /// Largest coalesced read, in bytes.
+    #[arg(long, default_value = "256KiB", value_parser = parse_bytes)]
+    pub max_read: u64,
+    /// Merge two reads when the gap between them is at most this many bytes.
+    #[arg(long, default_value = "16KiB", value_parser = parse_bytes)]
+    pub max_gap: u64,
+    /// Read through the page cache instead of bypassing it (the budget is then not honest).
+    #[arg(long)]
+    pub no_direct: bool,
+    /// Read a neuron's gate, up and down separately (ablation: no row-column bundling).
+    #[arg(long)]
+    pub unbundled: bool,
+}
+
+impl FlashArgs {
+    pub fn selection(&self, calibrated: bool) -> Selection {
+        if self.dense || !calibrated {
+            Selection::All
+        } else if self.oracle {
+            Selection::Oracle
+        } else {
+            Selection::Predictor
+        }
+    }
+
+    pub fn options(&self, selection: Selection) -> FlashOptions {
+        FlashOptions {
+            strategy: self.strategy,
+            selection,
+            window_slots: None,
+            window_tokens: self.window,
+            io_threads: self.io_threads,
+            coalesce: CoalesceOptions {
+                max_read: self.max_read as usize,
+                max_gap: self.max_gap as usize,
+                ..CoalesceOptions::default()
+            },
+            direct: !self.no_direct,
+            unbundled: self.unbundled,
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Opening a model for the run commands and building sessions under a memory budget.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+
+use crate::budget::{self, Needs};
+use crate::cli::flash_args::FlashArgs;
+use crate::engine::flash::{Selection, Sparsity};
+use crate::engine::model::Model;
+use crate::engine::Session;
+
+pub struct Runner {
+    pub model: Model,
+}
+
+impl Runner {
+    pub fn open(path: &Path) -> anyhow::Result<Runner> {
+        let model = Model::open(path).with_context(|| format!("loading {}", path.display()))?;
+        Ok(Runner { model })
+    }
+
+    fn sparsity(&self) -> Option<&dyn Sparsity> {
+        None
+    }
+
+    /// A session over `ctx` positions; for a flash image, with `args`' strategy and budget.
+    pub fn session(&self, ctx: usize, args: &FlashArgs) -> anyhow::Result<Session<'_>> {
+        let Some(image) = &self.model.image else {
+            if args.memory_budget.is_some() {
+                bail!(
+                    "--memory-budget needs a flash image; convert the model first: \
+                     llmflash convert {} -o MODEL.flash",
+                    self.model.path.display()
+                );
+            }
+            return Ok(self.model.session(ctx, None, None)?);
+        };
+        let sparsity = self.sparsity();
+        let selection = args.selection(sparsity.is_some());
+        if selection == Selection::All && !args.dense {
+            log::warn!(
+                "{} is not calibrated: computing every FFN neuron (run `llmflash calibrate`)",
+                self.model.path.display()
+            );
+        }
+        let mut opts = args.options(selection);
+        if let Some(budget) = args.memory_budget {
+            let c = &self.model.weights.config;
+            let n = c.intermediate_size;
+            let needs = Needs {
+                resident: image.meta.resident_bytes(),
+                predictors: 0,
+                kv_cache: (c.n_layers * ctx.min(c.max_positions) * c.kv_dim() * 2 * 4) as u64,
+                scratch: (c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4) as u64,
+                stride: image.bundle().stride as u64,
+                neurons: vec![n; c.n_layers],
+                active: vec![n as f64; c.n_layers],
+            };
+            let plan = budget::plan(budget, &needs)?;
+            log::info!("memory plan: {plan:?}");
+            opts.window_slots = Some(plan.window_slots);
+        }
+        Ok(self.model.session(ctx, Some(opts), sparsity)?)
+    }
+}

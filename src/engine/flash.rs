@@ -1,0 +1,491 @@
+//! Flash offloading: the FFN of each layer computed from bundles that live on the SSD.
+//!
+//! Per token and layer: the predictor guesses the active neurons from the FFN input; the
+//! layer's window says which of them are already in memory; the missing bundles are read
+//! with direct, coalesced, concurrent reads straight into free window slots; the sparse FFN
+//! runs over the active bundles. The baselines the paper compares against share this code
+//! and differ only in where bundles come from (see [`Strategy`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::backend::cpu::forward::FfnCompute;
+use crate::backend::cpu::ops::add_into;
+use crate::backend::cpu::sparse_ffn::{activations, BundleParts, Neuron, Part, SparseFfn};
+use crate::engine::stats::FlashStats;
+use crate::image::{FlashImage, PartRole};
+use crate::model::config::FfnKind;
+use crate::model::weights::ModelWeights;
+use crate::storage::{AlignedBuf, CoalesceOptions, FlashFile, ReadPool};
+use crate::window::{Window, WindowConfig};
+
+/// Where FFN bundles come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Every bundle loaded into RAM once: the all-in-DRAM upper bound.
+    Resident,
+    /// Each layer's whole FFN read from the SSD for every token: the paper's naive baseline.
+    Naive,
+    /// The image memory-mapped and paged by the OS, as llama.cpp does.
+    Mmap,
+    /// Predicted neurons only, through the sliding window, with direct reads: this engine.
+    Flash,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "resident" => Ok(Strategy::Resident),
+            "naive" => Ok(Strategy::Naive),
+            "mmap" => Ok(Strategy::Mmap),
+            "flash" => Ok(Strategy::Flash),
+            _ => Err(format!(
+                "unknown strategy `{s}`; choose from resident, naive, mmap, flash"
+            )),
+        }
+    }
+}
+
+/// Which neurons a token computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// Every neuron (dense).
+    All,
+    /// The calibrated low-rank predictor's guess.
+    Predictor,
+    /// The true active set (|a_i| above the calibrated threshold), found by computing every
+    /// neuron from the memory-mapped image: for quality measurements and tests, not speed.
+    Oracle,
+}
+
+/// What calibration provides to the flash path: per layer, a predicted active set and the
+/// threshold that defines the true one.
+pub trait Sparsity {
+    /// The neurons predicted active for FFN input `h` of `layer`, appended to `active`.
+    fn predict(&self, layer: usize, h: &[f32], active: &mut Vec<u32>);
+    /// A neuron is truly active when `|a_i|` reaches this.
+    fn threshold(&self, layer: usize) -> f32;
+}
+
+#[derive(Clone, Debug)]
+pub struct FlashOptions {
+    pub strategy: Strategy,
+    pub selection: Selection,
+    /// Window slots per layer (from the budget planner); `None` = every neuron.
+    pub window_slots: Option<Vec<usize>>,
+    /// Tokens a neuron stays after its last use (the paper's k).
+    pub window_tokens: usize,
+    /// Concurrent reads.
+    pub io_threads: usize,
+    pub coalesce: CoalesceOptions,
+    /// Bypass the page cache (O_DIRECT / F_NOCACHE).
+    pub direct: bool,
+    /// Read gate, up and down of a neuron as separate reads (the paper's ablation without
+    /// row-column bundling).
+    pub unbundled: bool,
+}
+
+impl Default for FlashOptions {
+    fn default() -> Self {
+        FlashOptions {
+            strategy: Strategy::Flash,
+            selection: Selection::Predictor,
+            window_slots: None,
+            window_tokens: 5,
+            io_threads: 8,
+            coalesce: CoalesceOptions::default(),
+            direct: true,
+            unbundled: false,
+        }
+    }
+}
+
+struct LayerState {
+    window: Window,
+    /// Model neuron -> position on disk (the image may permute neurons).
+    disk_slot: Vec<u32>,
+    /// Resident strategy: the whole section in RAM.
+    resident: Option<Vec<u8>>,
+}
+
+/// The FFN of a flash image (see the module docs).
+pub struct FlashFfn<'a> {
+    image: &'a FlashImage,
+    weights: &'a ModelWeights,
+    calibration: Option<&'a dyn Sparsity>,
+    opts: FlashOptions,
+    parts: BundleParts,
+    stride: usize,
+    layers: Vec<LayerState>,
+    pool: Option<ReadPool>,
+    sparse: SparseFfn,
+    active: Vec<u32>,
+    ranges: Vec<(u64, usize)>,
+    /// Active neurons the window could not hold this token (sorted), and their bundles.
+    overflow_ids: Vec<u32>,
+    overflow: Vec<u8>,
+    naive: Option<AlignedBuf>,
+    oracle_acts: Vec<f32>,
+    stats: FlashStats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlashError {
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl<'a> FlashFfn<'a> {
+    pub fn new(
+        image: &'a FlashImage,
+        weights: &'a ModelWeights,
+        calibration: Option<&'a dyn Sparsity>,
+        opts: FlashOptions,
+    ) -> Result<FlashFfn<'a>, FlashError> {
+        if opts.selection != Selection::All && calibration.is_none() {
+            return Err(FlashError::Setup(
+                "this image has no calibration (thresholds and predictors): run \
+                 `llmflash calibrate IMAGE --text FILE` first, or use dense selection"
+                    .into(),
+            ));
+        }
+        let parts = bundle_parts(image, weights.config.ffn_kind())?;
+        let stride = image.bundle().stride;
+        let layers = (0..weights.config.n_layers)
+            .map(|l| layer_state(image, l, stride, &opts))
+            .collect::<Result<_, _>>()?;
+        let needs_reads = matches!(opts.strategy, Strategy::Flash | Strategy::Naive);
+        let pool = if needs_reads {
+            let file = FlashFile::open(image.file(), opts.direct).map_err(|e| {
+                FlashError::Setup(format!("opening {}: {e}", image.file().display()))
+            })?;
+            Some(ReadPool::new(Arc::new(file), opts.io_threads.max(1)))
+        } else {
+            None
+        };
+        Ok(FlashFfn {
+            image,
+            weights,
+            calibration,
+            opts,
+            parts,
+            stride,
+            layers,
+            pool,
+            sparse: SparseFfn::new(),
+            active: Vec::new(),
+            ranges: Vec::new(),
+            overflow_ids: Vec::new(),
+            overflow: Vec::new(),
+            naive: None,
+            oracle_acts: Vec::new(),
+            stats: FlashStats::default(),
+        })
+    }
+
+    /// Bytes this FFN holds in memory (window slabs, resident copies, scratch).
+    pub fn memory_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.window.bytes() + l.resident.as_ref().map_or(0, Vec::len))
+            .sum();
+        layers + self.overflow.capacity() + self.naive.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Chooses this token's neurons for `layer` into `self.active` (sorted).
+    fn select(&mut self, layer: usize, h: &[f32]) {
+        let n = self.layers[layer].disk_slot.len();
+        self.active.clear();
+        match self.opts.selection {
+            Selection::All => self.active.extend(0..n as u32),
+            Selection::Predictor => {
+                let cal = self.calibration.expect("checked in new");
+                cal.predict(layer, h, &mut self.active);
+            }
+            Selection::Oracle => {
+                let cal = self.calibration.expect("checked in new");
+                let t = cal.threshold(layer);
+                let all: Vec<Neuron> = (0..n as u32)
+                    .map(|i| (i, self.mmap_bundle(layer, i)))
+                    .collect();
+                let bias = self.weights.layers[layer].ffn_bias.up.as_deref();
+                activations(&self.parts, h, &all, bias, &mut self.oracle_acts);
+                let acts = &self.oracle_acts;
+                self.active
+                    .extend((0..n as u32).filter(|&i| acts[i as usize].abs() >= t));
+            }
+        }
+        self.active.sort_unstable();
+    }
+
+    fn mmap_bundle(&self, layer: usize, neuron: u32) -> &'a [u8] {
+        let slot = self.layers[layer].disk_slot[neuron as usize] as usize;
+        self.image.bundle_bytes(layer, slot)
+    }
+
+    /// File offset of a neuron's bundle.
+    fn offset(&self, layer: usize, neuron: u32) -> u64 {
+        let slot = self.layers[layer].disk_slot[neuron as usize] as u64;
+        self.image.ffn_section(layer).offset + slot * self.stride as u64
+    }
+}
+
+impl FfnCompute for FlashFfn<'_> {
+    fn flash_stats(&self) -> Option<FlashStats> {
+        let mut s = self.stats.clone();
+        s.memory_bytes = self.memory_bytes() as u64;
+        Some(s)
+    }
+
+    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+        let t0 = Instant::now();
+        self.select(layer, h);
+        self.stats.tokens += (layer == 0) as u64;
+        self.stats.neurons_needed += self.active.len() as u64;
+        self.stats.compute += t0.elapsed();
+        match self.opts.strategy {
+            Strategy::Naive => self.read_whole_layer(layer),
+            Strategy::Flash => self.load_through_window(layer),
+            Strategy::Resident | Strategy::Mmap => {}
+        }
+        let t1 = Instant::now();
+        let mut sparse = std::mem::take(&mut self.sparse);
+        let neurons = self.gather(layer);
+        let bias = self.weights.layers[layer].ffn_bias.up.as_deref();
+        sparse.compute(&self.parts, h, &neurons, bias, out);
+        drop(neurons);
+        self.sparse = sparse;
+        if let Some(b) = &self.weights.layers[layer].ffn_bias.down {
+            add_into(out, b);
+        }
+        self.stats.compute += t1.elapsed();
+    }
+}
+
+impl FlashFfn<'_> {
+    /// The active neurons' bundles, wherever this strategy keeps them.
+    fn gather(&self, layer: usize) -> Vec<Neuron<'_>> {
+        let state = &self.layers[layer];
+        let stride = self.stride;
+        fn bundle_in(buf: &[u8], slot: u32, stride: usize) -> &[u8] {
+            &buf[slot as usize * stride..(slot as usize + 1) * stride]
+        }
+        let slice = |buf, i: u32| bundle_in(buf, state.disk_slot[i as usize], stride);
+        match self.opts.strategy {
+            Strategy::Resident => {
+                let section = state
+                    .resident
+                    .as_deref()
+                    .expect("resident strategy loads every layer");
+                self.active
+                    .iter()
+                    .map(|&i| (i, slice(section, i)))
+                    .collect()
+            }
+            Strategy::Mmap => self
+                .active
+                .iter()
+                .map(|&i| (i, self.mmap_bundle(layer, i)))
+                .collect(),
+            Strategy::Naive => {
+                let buf = self.naive.as_ref().expect("read_whole_layer fills it");
+                self.active.iter().map(|&i| (i, slice(buf, i))).collect()
+            }
+            Strategy::Flash => self
+                .active
+                .iter()
+                .map(|&i| match state.window.slot(i) {
+                    Some(s) => (i, state.window.bundle(s)),
+                    None => {
+                        let k = self
+                            .overflow_ids
+                            .binary_search(&i)
+                            .expect("an active neuron is resident or overflowed");
+                        (i, &self.overflow[k * self.stride..(k + 1) * self.stride])
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The naive baseline: the whole layer, every token, with direct reads.
+    fn read_whole_layer(&mut self, layer: usize) {
+        let t = Instant::now();
+        let section = self.image.ffn_section(layer);
+        let (offset, len) = (section.offset, section.len as usize);
+        if self.naive.as_ref().is_none_or(|b| b.len() < len) {
+            self.naive = Some(AlignedBuf::new(len));
+        }
+        let buf = self.naive.as_mut().expect("allocated above");
+        let pool = self.pool.as_ref().expect("naive strategy opens the file");
+        let stats = pool
+            .read_ranges(&[(offset, len)], &self.opts.coalesce, &mut |_, bytes| {
+                buf[..len].copy_from_slice(bytes)
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "reading layer {layer} from {}: {e}",
+                    self.image.file().display()
+                )
+            });
+        self.stats.bytes_read += stats.bytes_read;
+        self.stats.read_ops += stats.ops as u64;
+        self.stats.neurons_loaded += self.active.len() as u64;
+        self.stats.io += t.elapsed();
+    }
+
+    /// The flash path: window bookkeeping, then reads of the missing bundles straight into
+    /// their slots (or into the overflow buffer when the window cannot hold them).
+    fn load_through_window(&mut self, layer: usize) {
+        let t = Instant::now();
+        let plan = self.layers[layer]
+            .window
+            .plan(&self.active)
+            .expect("active ids come from this layer's predictor");
+        self.stats.window_hits += plan.hits as u64;
+        self.stats.neurons_loaded += (plan.loads.len() + plan.overflow.len()) as u64;
+        self.overflow_ids.clear();
+        self.overflow_ids.extend_from_slice(&plan.overflow);
+        self.overflow_ids.sort_unstable();
+        self.overflow
+            .resize(self.overflow_ids.len() * self.stride, 0);
+        // Destinations in file order: window slots for loads, overflow rows otherwise.
+        let mut targets: Vec<(u64, u32, Option<u32>)> = plan
+            .loads
+            .iter()
+            .map(|&(n, s)| (self.offset(layer, n), n, Some(s)))
+            .chain(
+                self.overflow_ids
+                    .iter()
+                    .map(|&n| (self.offset(layer, n), n, None)),
+            )
+            .collect();
+        targets.sort_unstable_by_key(|t| t.0);
+        let pieces = self.pieces();
+        self.ranges.clear();
+        for &(base, _, _) in &targets {
+            for &(off, len) in &pieces {
+                self.ranges.push((base + off as u64, len));
+            }
+        }
+        self.stats.memory += t.elapsed();
+
+        let t_io = Instant::now();
+        let pool = self.pool.as_ref().expect("flash strategy opens the file");
+        let stride = self.stride;
+        let window = &mut self.layers[layer].window;
+        let (overflow, overflow_ids) = (&mut self.overflow, &self.overflow_ids);
+        let mut copy = Duration::ZERO;
+        let stats = pool
+            .read_ranges(&self.ranges, &self.opts.coalesce, &mut |r, bytes| {
+                let tc = Instant::now();
+                let (_, neuron, slot) = targets[r / pieces.len()];
+                let (off, _) = pieces[r % pieces.len()];
+                let dst = match slot {
+                    Some(s) => window.bundle_mut(s),
+                    None => {
+                        let k = overflow_ids.binary_search(&neuron).expect("listed above");
+                        &mut overflow[k * stride..(k + 1) * stride]
+                    }
+                };
+                dst[off..off + bytes.len()].copy_from_slice(bytes);
+                copy += tc.elapsed();
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "reading layer {layer} from {}: {e}",
+                    self.image.file().display()
+                )
+            });
+        self.stats.bytes_read += stats.bytes_read;
+        self.stats.read_ops += stats.ops as u64;
+        self.stats.io += t_io.elapsed().saturating_sub(copy);
+        self.stats.memory += copy;
+    }
+
+    /// The byte ranges of one bundle that are read separately: the whole bundle, or each
+    /// part on its own when bundling is switched off.
+    fn pieces(&self) -> Vec<(usize, usize)> {
+        if !self.opts.unbundled {
+            return vec![(0, self.stride)];
+        }
+        let mut p: Vec<(usize, usize)> =
+            [self.parts.gate, Some(self.parts.up), Some(self.parts.down)]
+                .into_iter()
+                .flatten()
+                .map(|p| (p.offset, p.len))
+                .collect();
+        p.sort_unstable();
+        p
+    }
+}
+
+/// The sparse kernel's view of the image's bundle layout.
+fn bundle_parts(image: &FlashImage, kind: FfnKind) -> Result<BundleParts, FlashError> {
+    let layout = image.bundle();
+    let part = |role: PartRole| {
+        layout.part(role).map(|p| Part {
+            dtype: p.dtype,
+            offset: p.offset,
+            len: p.len,
+        })
+    };
+    let missing =
+        |what: &str| FlashError::Setup(format!("the image's bundles have no {what} part"));
+    Ok(BundleParts {
+        kind,
+        gate: part(PartRole::Gate),
+        up: part(PartRole::Up).ok_or_else(|| missing("up"))?,
+        down: part(PartRole::Down).ok_or_else(|| missing("down"))?,
+    })
+}
+
+fn layer_state(
+    image: &FlashImage,
+    layer: usize,
+    stride: usize,
+    opts: &FlashOptions,
+) -> Result<LayerState, FlashError> {
+    let section = image.ffn_section(layer);
+    let n = section.n_neurons;
+    let mut disk_slot = vec![0u32; n];
+    match &section.permutation {
+        Some(perm) => {
+            for (slot, &neuron) in perm.iter().enumerate() {
+                disk_slot[neuron as usize] = slot as u32;
+            }
+        }
+        None => disk_slot
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, s)| *s = i as u32),
+    }
+    let capacity = match (&opts.strategy, &opts.window_slots) {
+        (Strategy::Flash, Some(slots)) => slots[layer],
+        (Strategy::Flash, None) => n,
+        _ => 0,
+    };
+    let window = Window::new(WindowConfig {
+        n_neurons: n,
+        capacity,
+        stride,
+        k: opts.window_tokens,
+    })
+    .map_err(|e| FlashError::Setup(format!("layer {layer} window: {e}")))?;
+    let resident = (opts.strategy == Strategy::Resident).then(|| {
+        (0..n)
+            .flat_map(|s| image.bundle_bytes(layer, s).iter().copied())
+            .collect()
+    });
+    Ok(LayerState {
+        window,
+        disk_slot,
+        resident,
+    })
+}
