@@ -1,76 +1,220 @@
-//! `llmflash bench`: decode speed, median over several runs.
+//! `llmflash bench`: the paper's latency table (Table 2): per strategy and memory budget, bytes
+//! read per token, read throughput, I/O, memory-management and compute time per token,
+//! tokens/s and peak memory; medians over several runs, with ratios against `naive` measured
+//! in the same run.
+//!
+//! Each run is a separate `llmflash generate --json` process, so that peak RSS belongs to one
+//! strategy alone; with `--drop-caches` (root) the page cache is emptied before each run, so
+//! that `mmap` pays for its reads as it would on a cold start.
 
 use std::path::PathBuf;
+use std::process::Command;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+use serde::Serialize;
 
-use crate::engine::sampler::{Sampler, Sampling};
-use crate::engine::{generate, Session};
+use crate::budget::{parse_bytes, Bytes};
+use crate::engine::flash::Strategy;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model: a GGUF file or an HF directory.
+    /// Model: a flash image (every strategy), or a GGUF/HF model (`resident` only).
     #[arg(short, long)]
     model: PathBuf,
-    /// Weight strategies to measure (only `resident` so far).
-    #[arg(long, value_delimiter = ',', default_value = "resident")]
-    strategies: Vec<String>,
+    /// Strategies to measure.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "naive,mmap,resident,flash"
+    )]
+    strategies: Vec<Strategy>,
+    /// Memory budgets for the flash strategy (comma-separated, e.g. 100MiB,52MiB); the
+    /// baselines run without a window.
+    #[arg(long, value_delimiter = ',', value_parser = parse_bytes)]
+    memory_budget: Vec<u64>,
     /// Tokens to generate per run.
-    #[arg(short, long, default_value_t = 64)]
+    #[arg(short, long, default_value_t = 32)]
     n: usize,
-    /// Runs per strategy; the median is reported.
+    /// Runs per configuration; medians are reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Prompt of every run.
+    #[arg(short, long, default_value = "The history of the printing press")]
+    prompt: String,
+    /// Empty the page cache before each run (needs root).
+    #[arg(long)]
+    drop_caches: bool,
+    /// Extra flags passed to every `generate` run (e.g. "--dense" or "--unbundled").
+    #[arg(long, allow_hyphen_values = true)]
+    extra: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
 
+/// Medians of one configuration.
+#[derive(Clone, Debug, Serialize)]
+struct Row {
+    strategy: Strategy,
+    budget: Option<u64>,
+    runs: usize,
+    bytes_read_per_token: f64,
+    read_mb_per_s: f64,
+    io_ms: f64,
+    mem_ms: f64,
+    compute_ms: f64,
+    total_ms: f64,
+    tokens_per_s: f64,
+    peak_rss_bytes: u64,
+    speedup_vs_naive: Option<f64>,
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
-    for s in &a.strategies {
-        if s != "resident" {
-            bail!("strategy `{s}` is not available yet; available: resident");
+    let is_image = crate::image::is_flash_image(&a.model);
+    if !is_image && a.strategies.iter().any(|s| *s != Strategy::Resident) {
+        bail!(
+            "{} is not a flash image: only --strategies resident applies. Convert it first: \
+             llmflash convert {} -o MODEL.flash",
+            a.model.display(),
+            a.model.display()
+        );
+    }
+    let mut rows = Vec::new();
+    for &strategy in &a.strategies {
+        let budgets: Vec<Option<u64>> =
+            if strategy == Strategy::Flash && !a.memory_budget.is_empty() {
+                a.memory_budget.iter().map(|&b| Some(b)).collect()
+            } else {
+                vec![None]
+            };
+        for budget in budgets {
+            eprintln!("bench: {strategy:?}, budget {:?}", budget.map(Bytes));
+            rows.push(measure(&a, is_image, strategy, budget)?);
         }
     }
-    let model = super::open_model(&a.model)?;
-    let prompt = [model.tokenizer.as_ref().and_then(|t| t.bos()).unwrap_or(0)];
-    let mut speeds = Vec::with_capacity(a.runs);
-    let mut last = None;
-    for _ in 0..a.runs.max(1) {
-        let mut session = Session::new(&model.weights, a.n + 1);
-        let mut sampler = Sampler::new(Sampling::Greedy);
-        // Never stop early: the bench measures a fixed number of decode steps.
-        let gen = generate(&mut session, &prompt, a.n, &mut sampler, |_| false, |_| {})?;
-        speeds.push(gen.stats.tokens_per_s);
-        last = Some(gen.stats);
+    let naive = rows
+        .iter()
+        .find(|r| r.strategy == Strategy::Naive)
+        .map(|r| r.tokens_per_s);
+    for r in &mut rows {
+        r.speedup_vs_naive = naive.map(|n| r.tokens_per_s / n);
     }
-    speeds.sort_by(f64::total_cmp);
-    let median = speeds[speeds.len() / 2];
-    let stats = last.expect("at least one run");
     if a.json {
-        let obj = serde_json::json!({
-            "model": super::model_name(&a.model),
-            "strategy": "resident",
-            "tokens": a.n,
-            "runs": speeds,
-            "median_tokens_per_s": median,
-            "peak_rss_bytes": stats.peak_rss_bytes,
-        });
-        println!("{obj}");
+        println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!(
-            "| model | strategy | tokens | runs | tokens/s (median) | ms/token | peak RSS MiB |"
-        );
-        println!("| --- | --- | --- | --- | --- | --- | --- |");
-        println!(
-            "| {} | resident | {} | {} | {:.1} | {:.2} | {:.0} |",
-            super::model_name(&a.model),
-            a.n,
-            speeds.len(),
-            median,
-            1e3 / median,
-            stats.peak_rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64
-        );
+        print_table(&rows);
     }
     Ok(())
+}
+
+fn measure(
+    a: &Args,
+    is_image: bool,
+    strategy: Strategy,
+    budget: Option<u64>,
+) -> anyhow::Result<Row> {
+    let exe = std::env::current_exe().context("locating the llmflash binary")?;
+    let mut samples = Vec::new();
+    for _ in 0..a.runs.max(1) {
+        if a.drop_caches {
+            drop_page_cache()?;
+        }
+        let mut cmd = Command::new(&exe);
+        cmd.arg("generate").arg("-m").arg(&a.model).args([
+            "-p",
+            &a.prompt,
+            "-n",
+            &a.n.to_string(),
+            "--json",
+            "--greedy",
+        ]);
+        if is_image {
+            cmd.args(["--strategy", &format!("{strategy:?}").to_lowercase()]);
+        }
+        if let Some(b) = budget {
+            cmd.args(["--memory-budget", &b.to_string()]);
+        }
+        if let Some(extra) = &a.extra {
+            cmd.args(extra.split_whitespace());
+        }
+        let out = cmd.output().context("running llmflash generate")?;
+        if !out.status.success() {
+            bail!(
+                "generate failed for {strategy:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .context("parsing the JSON printed by llmflash generate")?;
+        samples.push(json["stats"].clone());
+    }
+    let med = |key: &str| {
+        median(
+            samples
+                .iter()
+                .map(|s| s[key].as_f64().unwrap_or(0.0))
+                .collect(),
+        )
+    };
+    let io_ms = med("io_ms_per_token");
+    let bytes = med("bytes_read_per_token");
+    let tokens_per_s = med("tokens_per_s");
+    Ok(Row {
+        strategy,
+        budget,
+        runs: samples.len(),
+        bytes_read_per_token: bytes,
+        read_mb_per_s: if io_ms > 0.0 {
+            bytes / io_ms / 1e3
+        } else {
+            0.0
+        },
+        io_ms,
+        mem_ms: med("mem_ms_per_token"),
+        compute_ms: med("compute_ms_per_token"),
+        total_ms: if tokens_per_s > 0.0 {
+            1e3 / tokens_per_s
+        } else {
+            0.0
+        },
+        tokens_per_s,
+        peak_rss_bytes: med("peak_rss_bytes") as u64,
+        speedup_vs_naive: None,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn drop_page_cache() -> anyhow::Result<()> {
+    // Sync first so that dirty pages can be dropped too.
+    Command::new("sync").status().context("running sync")?;
+    std::fs::write("/proc/sys/vm/drop_caches", "3")
+        .context("writing /proc/sys/vm/drop_caches (--drop-caches needs root on Linux)")
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "| strategy | budget | MB read/token | read MB/s | I/O ms | mem ms | compute ms | total ms | tokens/s | vs naive | peak RSS |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        println!(
+            "| {:?} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            r.strategy,
+            r.budget.map_or("-".to_string(), |b| Bytes(b).to_string()),
+            r.bytes_read_per_token / 1e6,
+            r.read_mb_per_s,
+            r.io_ms,
+            r.mem_ms,
+            r.compute_ms,
+            r.total_ms,
+            r.tokens_per_s,
+            r.speedup_vs_naive
+                .map_or("-".into(), |s| format!("{s:.2}x")),
+            Bytes(r.peak_rss_bytes),
+        );
+    }
 }

@@ -78,10 +78,3 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn open_model(path: &Path) -> anyhow::Result<LoadedModel> {
     load(path).with_context(|| format!("loading {}", path.display()))
 }
-
-/// The model path's file name, for reports.
-fn model_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
