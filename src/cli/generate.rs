@@ -48,12 +48,15 @@ pub struct Args {
     /// Print one JSON object (text, tokens, stats) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Keep generating past end-of-text tokens (benchmarks: always N tokens).
+    #[arg(long)]
+    ignore_eos: bool,
     #[command(flatten)]
     flash: super::flash_args::FlashArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let runner = super::runner::Runner::open(&a.model)?;
+    let runner = super::runner::Runner::open(&a.model, &a.flash)?;
     let model = &runner.model;
     let Some(tok) = model.tokenizer.as_ref() else {
         bail!(
@@ -97,7 +100,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &prompt,
         a.n,
         &mut sampler,
-        |t| tok.is_end_of_generation(t),
+        |t| !a.ignore_eos && tok.is_end_of_generation(t),
         |t| {
             let piece = stream.push(tok, t);
             if json {

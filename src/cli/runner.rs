@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 
 use crate::budget::{self, Needs};
 use crate::cli::flash_args::FlashArgs;
-use crate::engine::flash::{Selection, Sparsity};
+use crate::engine::flash::{Selection, Sparsity, Strategy};
 use crate::engine::model::Model;
 use crate::engine::Session;
 
@@ -15,8 +15,12 @@ pub struct Runner {
 }
 
 impl Runner {
-    pub fn open(path: &Path) -> anyhow::Result<Runner> {
-        let model = Model::open(path).with_context(|| format!("loading {}", path.display()))?;
+    /// Opens `path`; a flash image's resident tensors are read into memory (direct reads
+    /// unless `args.no_direct`), except for the `mmap` strategy, which maps everything.
+    pub fn open(path: &Path, args: &FlashArgs) -> anyhow::Result<Runner> {
+        let load = (args.strategy != Strategy::Mmap).then_some(!args.no_direct);
+        let model =
+            Model::open_with(path, load).with_context(|| format!("loading {}", path.display()))?;
         Ok(Runner { model })
     }
 

@@ -32,10 +32,21 @@ pub enum ModelError {
 }
 
 impl Model {
-    /// Opens a GGUF file, an HF directory or a flash image.
+    /// Opens a GGUF file, an HF directory or a flash image (resident tensors mapped).
     pub fn open(path: &Path) -> Result<Model, ModelError> {
+        Model::open_with(path, None)
+    }
+
+    /// Like [`Model::open`]; for a flash image with `load_direct = Some(direct)`, the
+    /// resident tensors are read into process memory (direct reads when `direct`) instead of
+    /// being mapped, so that a memory cap cannot evict them.
+    pub fn open_with(path: &Path, load_direct: Option<bool>) -> Result<Model, ModelError> {
         if is_flash_image(path) {
-            return Model::open_image(path);
+            let image = match load_direct {
+                Some(direct) => FlashImage::open_loaded(path, direct)?,
+                None => FlashImage::open(path)?,
+            };
+            return Model::from_image(image);
         }
         let m = crate::model::load(path)?;
         Ok(Model {
@@ -47,8 +58,9 @@ impl Model {
         })
     }
 
-    fn open_image(path: &Path) -> Result<Model, ModelError> {
-        let image = FlashImage::open(path)?;
+    fn from_image(image: FlashImage) -> Result<Model, ModelError> {
+        let path = image.path.clone();
+        let path = path.as_path();
         let weights = image.weights()?;
         let tokenizer =
             match image.tokenizer_source() {

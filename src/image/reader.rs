@@ -23,6 +23,9 @@ pub struct FlashImage {
     pub meta: ImageMeta,
     pub path: PathBuf,
     map: Arc<Mmap>,
+    /// Resident tensors read into process memory (see [`FlashImage::open_loaded`]); when
+    /// `None`, tensors are slices of the map.
+    owned: Option<std::collections::HashMap<String, Arc<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for FlashImage {
@@ -60,11 +63,89 @@ impl FlashImage {
         // SAFETY: the map is read-only; as with every mmap-based loader, we assume the file
         // is not truncated or rewritten by another process while it is open.
         let map = unsafe { Mmap::map(&file) }.map_err(io("cannot map"))?;
-        let meta = validate(path, &map)?;
+        let meta = validate(path, &map, true)?;
         Ok(FlashImage {
             meta,
             path: path.to_path_buf(),
             map: Arc::new(map),
+            owned: None,
+        })
+    }
+
+    /// Like [`FlashImage::open`], but reads the resident tensors into process memory with
+    /// direct reads (when `direct`), checking their checksums there. Memory-mapped tensors
+    /// live in the page cache, which the kernel may evict under a memory cap and read again
+    /// on the next token; owned ones are counted in RSS and stay, so a memory budget holds.
+    pub fn open_loaded(path: &Path, direct: bool) -> Result<FlashImage, ImageError> {
+        use crate::storage::{CoalesceOptions, FlashFile, ReadPool};
+        let file = File::open(path).map_err(|source| ImageError::Io {
+            path: path.to_path_buf(),
+            action: "cannot open",
+            source,
+        })?;
+        // SAFETY: as in `open`.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| ImageError::Io {
+            path: path.to_path_buf(),
+            action: "cannot map",
+            source,
+        })?;
+        let meta = validate(path, &map, false)?;
+        let storage_err = |e: crate::storage::StorageError| ImageError::Meta {
+            path: path.to_path_buf(),
+            detail: format!("reading resident tensors: {e}"),
+        };
+        let flash = FlashFile::open(path, direct).map_err(storage_err)?;
+        let pool = ReadPool::new(Arc::new(flash), 4);
+        // Read in pieces of at most PIECE bytes, a few at a time, straight into each tensor's
+        // own buffer: the staging area stays small, so the peak RSS is the tensors alone.
+        const PIECE: usize = 1 << 20;
+        const BATCH: usize = 4;
+        let mut buffers: Vec<Vec<u8>> = meta
+            .tensors
+            .iter()
+            .map(|t| vec![0u8; t.len as usize])
+            .collect();
+        let mut pieces: Vec<(u64, usize, usize, usize)> = Vec::new(); // offset, len, tensor, at
+        for (i, t) in meta.tensors.iter().enumerate() {
+            let mut at = 0;
+            while at < t.len as usize {
+                let len = PIECE.min(t.len as usize - at);
+                pieces.push((t.offset + at as u64, len, i, at));
+                at += len;
+            }
+        }
+        pieces.sort_unstable_by_key(|p| p.0);
+        for batch in pieces.chunks(BATCH) {
+            let ranges: Vec<(u64, usize)> = batch.iter().map(|p| (p.0, p.1)).collect();
+            pool.read_ranges(&ranges, &CoalesceOptions::default(), &mut |k, bytes| {
+                let (_, len, i, at) = batch[k];
+                buffers[i][at..at + len].copy_from_slice(bytes);
+            })
+            .map_err(storage_err)?;
+        }
+        drop(pool);
+        let mut bad = None;
+        let mut owned = std::collections::HashMap::with_capacity(buffers.len());
+        for (t, bytes) in meta.tensors.iter().zip(buffers) {
+            let computed = crc32(&bytes);
+            if computed != t.crc32 && bad.is_none() {
+                bad = Some((t.name.clone(), t.crc32, computed));
+            }
+            owned.insert(t.name.clone(), Arc::new(bytes));
+        }
+        if let Some((name, stored, computed)) = bad {
+            return Err(ImageError::Checksum {
+                path: path.to_path_buf(),
+                what: format!("tensor {name}"),
+                stored,
+                computed,
+            });
+        }
+        Ok(FlashImage {
+            meta,
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            owned: Some(owned),
         })
     }
 
@@ -107,10 +188,13 @@ impl FlashImage {
         let Some(e) = self.tensor_entry(name) else {
             return Ok(None);
         };
-        let storage = Storage::Mapped {
-            map: self.map.clone(),
-            offset: e.offset as usize,
-            len: e.len as usize,
+        let storage = match self.owned.as_ref().and_then(|o| o.get(name)) {
+            Some(bytes) => Storage::Owned(bytes.clone()),
+            None => Storage::Mapped {
+                map: self.map.clone(),
+                offset: e.offset as usize,
+                len: e.len as usize,
+            },
         };
         Tensor::new(&e.name, e.dtype, e.rows, e.cols, storage)
             .map(Some)
@@ -435,7 +519,7 @@ impl FlashImage {
 }
 
 /// Checks the header and metadata of a mapped image; returns the metadata.
-fn validate(path: &Path, map: &[u8]) -> Result<ImageMeta, ImageError> {
+fn validate(path: &Path, map: &[u8], hash_resident: bool) -> Result<ImageMeta, ImageError> {
     let file_len = map.len() as u64;
     let meta_err = |detail: String| ImageError::Meta {
         path: path.to_path_buf(),
@@ -617,7 +701,7 @@ fn validate(path: &Path, map: &[u8]) -> Result<ImageMeta, ImageError> {
     }
 
     // Resident tensors are small enough to hash at every open.
-    for t in &meta.tensors {
+    for t in meta.tensors.iter().filter(|_| hash_resident) {
         let bytes = &map[t.offset as usize..(t.offset + t.len) as usize];
         let computed = crc32(bytes);
         if computed != t.crc32 {
