@@ -120,7 +120,9 @@ fn measure(
             drop_page_cache()?;
         }
         let mut cmd = Command::new(&exe);
-        cmd.arg("generate").arg("-m").arg(&a.model).args([
+        // This process runs inside the worker pool sized by --threads: pass the size on.
+        cmd.args(["--threads", &rayon::current_num_threads().to_string()])
+            .arg("generate").arg("-m").arg(&a.model).args([
             "-p",
             &a.prompt,
             "-n",
