@@ -122,14 +122,17 @@ fn measure(
         let mut cmd = Command::new(&exe);
         // This process runs inside the worker pool sized by --threads: pass the size on.
         cmd.args(["--threads", &rayon::current_num_threads().to_string()])
-            .arg("generate").arg("-m").arg(&a.model).args([
-            "-p",
-            &a.prompt,
-            "-n",
-            &a.n.to_string(),
-            "--json",
-            "--greedy",
-        ]);
+            .arg("generate")
+            .arg("-m")
+            .arg(&a.model)
+            .args([
+                "-p",
+                &a.prompt,
+                "-n",
+                &a.n.to_string(),
+                "--json",
+                "--greedy",
+            ]);
         if is_image {
             cmd.args(["--strategy", &format!("{strategy:?}").to_lowercase()]);
         }
