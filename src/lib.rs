@@ -9,5 +9,6 @@ pub mod cli;
 pub mod engine;
 pub mod image;
 pub mod model;
+pub mod sparsity;
 pub mod storage;
 pub mod window;

@@ -4,30 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::to_image;
 use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
 use llmflash::engine::model::Model;
 use llmflash::engine::Session;
-use llmflash::image::{convert, BundleDtype, ConvertOptions};
-
-/// A scratch path under target/ (O_DIRECT needs a real filesystem; /tmp may be tmpfs).
-fn scratch(name: &str) -> PathBuf {
-    let dir = common::root().join("target/test-images");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(format!("{name}-{}.flash", std::process::id()))
-}
-
-fn to_image(source: &Path, name: &str, dtype: BundleDtype) -> PathBuf {
-    let out = scratch(name);
-    let model = llmflash::model::load(source).expect("load source");
-    let opts = ConvertOptions {
-        bundle_dtype: dtype,
-        progress: false,
-    };
-    convert(&model, &out, &opts).expect("convert");
-    out
-}
+use llmflash::image::BundleDtype;
 
 fn options(strategy: Strategy, slots: Option<usize>, n_layers: usize) -> FlashOptions {
     FlashOptions {

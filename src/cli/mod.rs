@@ -1,6 +1,7 @@
 //! The `llmflash` command line: thin subcommands that parse, call the library and print.
 
 mod bench;
+mod calibrate;
 mod convert;
 mod flash_args;
 mod generate;
@@ -40,6 +41,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Write a flash image (FFN weights in row-column bundles) from a GGUF or HF model.
     Convert(convert::Args),
+    /// Fit sparsity thresholds and neuron predictors into a flash image.
+    Calibrate(calibrate::Args),
     /// Measure decode speed.
     Bench(bench::Args),
 }
@@ -70,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(a) => perplexity::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
         Command::Bench(a) => bench::run(a),
     })
 }

@@ -9,9 +9,12 @@ use crate::cli::flash_args::FlashArgs;
 use crate::engine::flash::{Selection, Sparsity, Strategy};
 use crate::engine::model::Model;
 use crate::engine::Session;
+use crate::sparsity::Calibration;
 
 pub struct Runner {
     pub model: Model,
+    /// The image's calibration (thresholds, predictors), when it has one.
+    pub calibration: Option<Calibration>,
 }
 
 impl Runner {
@@ -21,11 +24,16 @@ impl Runner {
         let load = (args.strategy != Strategy::Mmap).then_some(!args.no_direct);
         let model =
             Model::open_with(path, load).with_context(|| format!("loading {}", path.display()))?;
-        Ok(Runner { model })
+        let calibration = match &model.image {
+            Some(image) => Calibration::load(image)
+                .with_context(|| format!("reading the calibration of {}", path.display()))?,
+            None => None,
+        };
+        Ok(Runner { model, calibration })
     }
 
     fn sparsity(&self) -> Option<&dyn Sparsity> {
-        None
+        self.calibration.as_ref().map(|c| c as &dyn Sparsity)
     }
 
     /// A session over `ctx` positions; for a flash image, with `args`' strategy and budget.
@@ -54,12 +62,16 @@ impl Runner {
             let n = c.intermediate_size;
             let needs = Needs {
                 resident: image.meta.resident_bytes(),
-                predictors: 0,
+                // Loaded with the calibration, used or not.
+                predictors: self.calibration.as_ref().map_or(0, |c| c.predictor_bytes()),
                 kv_cache: (c.n_layers * ctx.min(c.max_positions) * c.kv_dim() * 2 * 4) as u64,
                 scratch: (c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4) as u64,
                 stride: image.bundle().stride as u64,
                 neurons: vec![n; c.n_layers],
-                active: vec![n as f64; c.n_layers],
+                active: match (selection, &self.calibration) {
+                    (Selection::All, _) | (_, None) => vec![n as f64; c.n_layers],
+                    (_, Some(cal)) => cal.expected_active(),
+                },
             };
             let plan = budget::plan(budget, &needs)?;
             log::info!("memory plan: {plan:?}");

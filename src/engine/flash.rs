@@ -198,6 +198,12 @@ impl<'a> FlashFfn<'a> {
         layers + self.overflow.capacity() + self.naive.as_ref().map_or(0, |b| b.len())
     }
 
+    /// With oracle selection: every neuron's hidden activation from the last `ffn` call, in
+    /// model order (what calibration records).
+    pub fn last_activations(&self) -> &[f32] {
+        &self.oracle_acts
+    }
+
     /// Chooses this token's neurons for `layer` into `self.active` (sorted).
     fn select(&mut self, layer: usize, h: &[f32]) {
         let n = self.layers[layer].disk_slot.len();

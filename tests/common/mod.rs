@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use llmflash::image::{convert, BundleDtype, ConvertOptions};
+
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -42,4 +44,22 @@ pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().expect("token id") as u32)
         .collect()
+}
+
+/// A scratch path under target/ (O_DIRECT needs a real filesystem; /tmp may be tmpfs).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = root().join("target/test-images");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{name}-{}.flash", std::process::id()))
+}
+
+pub fn to_image(source: &Path, name: &str, dtype: BundleDtype) -> PathBuf {
+    let out = scratch(name);
+    let model = llmflash::model::load(source).expect("load source");
+    let opts = ConvertOptions {
+        bundle_dtype: dtype,
+        progress: false,
+    };
+    convert(&model, &out, &opts).expect("convert");
+    out
 }

@@ -154,11 +154,15 @@ pub fn activations(
         .quantize_for(parts.up.dtype, h)
         .expect("up part length");
     out.clear();
-    out.extend(
-        neurons
-            .iter()
-            .map(|&(id, b)| activation(parts, b, id, &act_gate, &act_up, up_bias)),
-    );
+    out.resize(neurons.len(), 0.0);
+    let (act_gate, act_up) = (&act_gate, &act_up);
+    out.par_chunks_mut(NEURONS_PER_CHUNK)
+        .zip(neurons.par_chunks(NEURONS_PER_CHUNK))
+        .for_each(|(o, chunk)| {
+            for (a, &(id, b)) in o.iter_mut().zip(chunk) {
+                *a = activation(parts, b, id, act_gate, act_up, up_bias);
+            }
+        });
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! kernel picked at run time.
 
 mod float;
+/// An f16 row dotted with f32 values (the predictors use it directly).
+pub use float::dot_f16;
 mod q4_0;
 mod q4_1;
 mod q4_k;
@@ -324,7 +326,7 @@ fn check_whole_blocks(dtype: DType, len: usize) -> Result<(), QuantError> {
 
 /// Whether the AVX2+FMA+F16C kernels may run on this CPU (detected once).
 #[cfg(target_arch = "x86_64")]
-fn use_simd() -> bool {
+pub fn use_simd() -> bool {
     static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVX2.get_or_init(|| {
         is_x86_feature_detected!("avx2")
@@ -334,7 +336,7 @@ fn use_simd() -> bool {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn use_simd() -> bool {
+pub fn use_simd() -> bool {
     false
 }
 

@@ -1,0 +1,300 @@
+//! `llmflash calibrate`: record the dense model's FFN activity over calibration text, set
+//! per-layer thresholds, fit the low-rank predictors, measure perplexity dense vs oracle vs
+//! predictor, and store the chosen calibration in the image.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::engine::flash::Selection;
+use crate::engine::model::Model;
+use crate::sparsity::calibrate::{evaluate, fit_level, mean_accuracy, LevelOptions};
+use crate::sparsity::predictor::{FitOptions, Form};
+use crate::sparsity::record::record;
+use crate::sparsity::{Calibration, QualityRow};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The flash image to calibrate (written by `llmflash convert`).
+    image: PathBuf,
+    /// Calibration text files (e.g. `tools/fetch-calibration-text` writes data/sotu-calib.txt).
+    #[arg(long, num_args = 1.., required = true)]
+    text: Vec<PathBuf>,
+    /// Sparsity to store. Default: the highest of --levels whose predictor perplexity stays
+    /// within --max-increase of dense.
+    #[arg(long)]
+    sparsity: Option<f64>,
+    /// Sparsities measured for the quality table.
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7")]
+    levels: Vec<f64>,
+    /// Rank of each layer's predictor.
+    #[arg(long, default_value_t = 64)]
+    rank: usize,
+    /// Recall the predictors' decision thresholds aim for on held-out tokens.
+    #[arg(long, default_value_t = 0.99)]
+    recall: f64,
+    /// Predictor form: `linear` (the paper's, fitted by class-balanced BCE) or `product`
+    /// (low-rank gate and up estimates, scored by |silu(g) u|; SwiGLU only).
+    #[arg(long, default_value = "linear")]
+    predictor: String,
+    /// Fit the BCE with plain class balance instead of weighting positives by magnitude.
+    #[arg(long)]
+    unweighted: bool,
+    /// Training epochs of each predictor.
+    #[arg(long, default_value_t = 8)]
+    epochs: usize,
+    /// Calibration tokens to record (the last 15% are held out for recall/precision).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Positions per recorded segment.
+    #[arg(long, default_value_t = 256)]
+    ctx: usize,
+    /// Held-out text for the quality table (disjoint from the calibration text).
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Perplexity window of the quality table.
+    #[arg(long, default_value_t = 512)]
+    eval_ctx: usize,
+    /// Windows scored per perplexity (all when omitted).
+    #[arg(long)]
+    eval_chunks: Option<usize>,
+    /// Largest perplexity increase over dense the default sparsity may cost.
+    #[arg(long, default_value_t = 0.05)]
+    max_increase: f64,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let model = Model::open(&a.image).with_context(|| format!("loading {}", a.image.display()))?;
+    let Some(image) = model.image.as_ref() else {
+        bail!(
+            "{} is not a flash image; convert it first: llmflash convert {} -o MODEL.flash",
+            a.image.display(),
+            a.image.display()
+        );
+    };
+    let Some(tok) = model.tokenizer.as_ref() else {
+        bail!(
+            "{} has no tokenizer; calibration needs one",
+            a.image.display()
+        );
+    };
+    let bos = if tok.add_bos() { tok.bos() } else { None };
+    let mut tokens = Vec::new();
+    for f in &a.text {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        tokens.extend(tok.encode(&text, false, false));
+    }
+    if tokens.len() < 2 * a.ctx.min(a.tokens) {
+        bail!(
+            "the calibration text has {} tokens; give at least {} (more text, or a smaller --tokens/--ctx)",
+            tokens.len(),
+            2 * a.ctx.min(a.tokens)
+        );
+    }
+
+    let t = Instant::now();
+    let total = tokens.len().min(a.tokens);
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template("recording {bar:40} {pos}/{len} tokens {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let records = record(&model, &tokens, a.ctx, bos, a.tokens, |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "recorded {} tokens x {} layers in {:.1} s",
+        records.tokens(),
+        records.layers.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let opts = LevelOptions {
+        fit: FitOptions {
+            rank: a.rank,
+            epochs: a.epochs,
+            magnitude_weighted: !a.unweighted,
+            ..FitOptions::default()
+        },
+        recall: a.recall,
+        form: Some(match a.predictor.as_str() {
+            "linear" => Form::Linear,
+            "product" => Form::Product,
+            other => bail!("unknown --predictor `{other}`: choose linear or product"),
+        }),
+        ..LevelOptions::default()
+    };
+    let sources: Vec<String> = a.text.iter().map(|p| p.display().to_string()).collect();
+    let eval = match &a.eval {
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            Some(tok.encode(&text, true, false))
+        }
+        None => None,
+    };
+    let perplexity = |cal: Option<&Calibration>, sel: Selection| -> anyhow::Result<f64> {
+        let tokens = eval.as_ref().expect("only called with --eval");
+        let cal = cal.map(|c| c as &dyn crate::engine::flash::Sparsity);
+        Ok(evaluate(&model, cal, sel, tokens, a.eval_ctx, a.eval_chunks, bos)?.ppl)
+    };
+    let dense = match &eval {
+        Some(_) => {
+            let t = Instant::now();
+            let p = perplexity(None, Selection::All)?;
+            eprintln!(
+                "dense perplexity {p:.4} ({:.1} s)",
+                t.elapsed().as_secs_f64()
+            );
+            Some(p)
+        }
+        None => None,
+    };
+
+    let mut levels: Vec<f64> = a.levels.clone();
+    if let Some(s) = a.sparsity {
+        if !levels.iter().any(|&l| (l - s).abs() < 1e-9) {
+            levels.push(s);
+        }
+    }
+    let mut quality = Vec::new();
+    let mut fitted = Vec::new();
+    for &s in &levels {
+        let t = Instant::now();
+        let cal = fit_level(image, &records, s, &opts, sources.clone())?;
+        let acc = mean_accuracy(&cal);
+        eprintln!(
+            "sparsity {s:.2}: fitted in {:.1} s; held-out recall {:.3}, precision {:.3}, predicted {:.1}% of neurons (true {:.1}%)",
+            t.elapsed().as_secs_f64(),
+            acc.recall,
+            acc.precision,
+            100.0 * acc.predicted_density,
+            100.0 * acc.true_density
+        );
+        if let Some(dense_ppl) = dense {
+            let oracle_ppl = perplexity(Some(&cal), Selection::Oracle)?;
+            let predictor_ppl = perplexity(Some(&cal), Selection::Predictor)?;
+            eprintln!("  perplexity: oracle {oracle_ppl:.4}, predictor {predictor_ppl:.4}");
+            quality.push(QualityRow {
+                sparsity: s,
+                dense_ppl,
+                oracle_ppl,
+                predictor_ppl,
+                predicted_density: acc.predicted_density,
+                recall: acc.recall,
+                precision: acc.precision,
+            });
+        }
+        fitted.push(cal);
+    }
+
+    let chosen = choose(a.sparsity, &levels, &quality, a.max_increase)?;
+    let mut cal = fitted.swap_remove(chosen);
+    cal.meta.quality = quality;
+    cal.meta.evaluation = a.eval.as_ref().map(|f| {
+        format!(
+            "{} ctx {} chunks {}",
+            f.display(),
+            a.eval_ctx,
+            a.eval_chunks.map_or("all".into(), |c| c.to_string())
+        )
+    });
+    drop(model);
+    cal.save(&a.image)
+        .with_context(|| format!("writing the calibration into {}", a.image.display()))?;
+    print_report(&cal);
+    Ok(())
+}
+
+/// The level to store: the one asked for, else the sparsest whose predictor perplexity is
+/// within `max_increase` of dense, else (no quality table) the middle level.
+fn choose(
+    asked: Option<f64>,
+    levels: &[f64],
+    quality: &[QualityRow],
+    max_increase: f64,
+) -> anyhow::Result<usize> {
+    if let Some(s) = asked {
+        return levels
+            .iter()
+            .position(|&l| (l - s).abs() < 1e-9)
+            .context("the asked sparsity was fitted");
+    }
+    if quality.is_empty() {
+        eprintln!(
+            "no --eval text: storing sparsity {} without a quality check",
+            levels[levels.len() / 2]
+        );
+        return Ok(levels.len() / 2);
+    }
+    let ok = quality
+        .iter()
+        .enumerate()
+        .filter(|(_, q)| q.predictor_ppl <= q.dense_ppl * (1.0 + max_increase))
+        .max_by(|a, b| a.1.sparsity.total_cmp(&b.1.sparsity));
+    match ok {
+        Some((i, _)) => Ok(i),
+        None => {
+            let i = quality
+                .iter()
+                .enumerate()
+                .min_by(|a, b| a.1.sparsity.total_cmp(&b.1.sparsity))
+                .map_or(0, |(i, _)| i);
+            eprintln!(
+                "warning: no level keeps the predictor within +{:.0}% of dense; storing the least sparse ({})",
+                100.0 * max_increase,
+                levels[i]
+            );
+            Ok(i)
+        }
+    }
+}
+
+fn print_report(cal: &Calibration) {
+    let m = &cal.meta;
+    println!(
+        "calibration: sparsity {:.2}, {:?} predictor of rank {}, recall target {:.2}, {} tokens ({} held out), predictors {:.1} MiB",
+        m.sparsity,
+        m.form,
+        m.rank,
+        m.recall_target,
+        m.tokens,
+        m.held_out_tokens,
+        cal.predictor_bytes() as f64 / (1 << 20) as f64
+    );
+    if !m.quality.is_empty() {
+        println!(
+            "\nquality ({}):",
+            m.evaluation.as_deref().unwrap_or("held-out text")
+        );
+        println!("sparsity  dense ppl  oracle ppl  predictor ppl  vs dense  predicted  recall  precision");
+        for q in &m.quality {
+            println!(
+                "{:>8.2}  {:>9.4}  {:>10.4}  {:>13.4}  {:>+7.2}%  {:>8.1}%  {:>6.3}  {:>9.3}",
+                q.sparsity,
+                q.dense_ppl,
+                q.oracle_ppl,
+                q.predictor_ppl,
+                100.0 * (q.predictor_ppl / q.dense_ppl - 1.0),
+                100.0 * q.predicted_density,
+                q.recall,
+                q.precision
+            );
+        }
+    }
+    println!("\nlayer  threshold  recall  precision  predicted  true");
+    for (l, lm) in m.layers.iter().enumerate() {
+        let a = &lm.accuracy;
+        println!(
+            "{l:>5}  {:>9.4}  {:>6.3}  {:>9.3}  {:>8.1}%  {:>4.1}%",
+            lm.threshold,
+            a.recall,
+            a.precision,
+            100.0 * a.predicted_density,
+            100.0 * a.true_density
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! Calibrated activation sparsity: per-layer thresholds on each neuron's contribution,
+//! per-neuron activation frequencies, and the low-rank predictors that guess the active set
+//! before any FFN weight is read. `llmflash calibrate` computes them and stores them in the
+//! flash image; the flash path loads them (resident) through [`Calibration::load`].
+//!
+//! A neuron is *active* for a token when its hidden activation `a_i` (`silu(g_i) * u_i` for
+//! SwiGLU, `relu(u_i + b_i)` for ReLU models) reaches the layer's threshold in magnitude:
+//! the product rule measures what the neuron actually adds to the output, which thresholding
+//! `|silu(g_i)|` alone does not (see FACTS.md: +28% perplexity at 50% sparsity for the gate
+//! rule, +1.4% for the product rule on SmolLM2).
+
+pub mod calibrate;
+pub mod linalg;
+pub mod predictor;
+pub mod record;
+pub mod thresholds;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::flash::Sparsity;
+use crate::image::{append_extra, FlashImage, ImageError};
+use predictor::{Accuracy, Form, Predictor, PredictorError};
+
+/// The key of the calibration in the image's metadata.
+pub const EXTRA_KEY: &str = "calibration";
+const FORMAT: u32 = 1;
+
+/// One layer's calibration, as stored in the image's metadata.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerMeta {
+    /// Active when `|a_i| >= threshold`.
+    pub threshold: f32,
+    /// The predictor's decision threshold on its score.
+    pub tau: f32,
+    /// Measured on held-out calibration tokens.
+    pub accuracy: Accuracy,
+}
+
+/// One row of the quality table `calibrate` writes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QualityRow {
+    pub sparsity: f64,
+    pub dense_ppl: f64,
+    pub oracle_ppl: f64,
+    pub predictor_ppl: f64,
+    /// Mean over layers of the predicted active fraction on held-out calibration tokens.
+    pub predicted_density: f64,
+    pub recall: f64,
+    pub precision: f64,
+}
+
+/// Everything about a calibration except its large arrays.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CalibrationMeta {
+    pub format: u32,
+    /// Target fraction of neurons below threshold (ReLU models: measured natural zeros).
+    pub sparsity: f64,
+    pub form: Form,
+    pub rank: usize,
+    pub recall_target: f64,
+    /// Tokens recorded (training + held out) and the files they came from.
+    pub tokens: usize,
+    pub held_out_tokens: usize,
+    pub sources: Vec<String>,
+    pub layers: Vec<LayerMeta>,
+    /// The quality table, when `calibrate` measured one.
+    #[serde(default)]
+    pub quality: Vec<QualityRow>,
+    /// How the quality table was measured: text file, ctx and chunks.
+    #[serde(default)]
+    pub evaluation: Option<String>,
+}
+
+/// A loaded (or freshly computed) calibration: what the flash path needs at run time.
+pub struct Calibration {
+    pub meta: CalibrationMeta,
+    /// Per layer, per neuron (model order): the fraction of calibration tokens it was active.
+    pub frequencies: Vec<Vec<f32>>,
+    pub predictors: Vec<Predictor>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Predictor(#[from] PredictorError),
+    #[error("the calibration in {path} is unreadable ({detail}); run `llmflash calibrate` again")]
+    Damaged { path: String, detail: String },
+}
+
+impl Calibration {
+    /// The calibration stored in `image`, if it has one.
+    pub fn load(image: &FlashImage) -> Result<Option<Calibration>, CalibrationError> {
+        let Some(extra) = image.extra(EXTRA_KEY) else {
+            return Ok(None);
+        };
+        let damaged = |detail: String| CalibrationError::Damaged {
+            path: image.file().display().to_string(),
+            detail,
+        };
+        let meta: CalibrationMeta =
+            serde_json::from_value(extra.clone()).map_err(|e| damaged(e.to_string()))?;
+        if meta.format != FORMAT {
+            return Err(damaged(format!(
+                "calibration format {} (this build reads {FORMAT})",
+                meta.format
+            )));
+        }
+        let c = &image.meta.config;
+        if meta.layers.len() != c.n_layers {
+            return Err(damaged(format!(
+                "{} layers calibrated, the model has {}",
+                meta.layers.len(),
+                c.n_layers
+            )));
+        }
+        let n = c.intermediate_size;
+        let freq = image.blob(EXTRA_KEY, "frequencies")?;
+        if freq.len() != 4 * n * c.n_layers {
+            return Err(damaged(format!("frequencies are {} bytes", freq.len())));
+        }
+        let frequencies = freq
+            .chunks_exact(4 * n)
+            .map(|l| {
+                l.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            })
+            .collect();
+        let predictors = meta
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, lm)| {
+                let blob = image.blob(EXTRA_KEY, &format!("predictor.{l}"))?;
+                Ok(Predictor::from_bytes(
+                    blob,
+                    meta.form,
+                    meta.rank,
+                    c.hidden_size,
+                    n,
+                    lm.tau,
+                )?)
+            })
+            .collect::<Result<_, CalibrationError>>()?;
+        Ok(Some(Calibration {
+            meta,
+            frequencies,
+            predictors,
+        }))
+    }
+
+    /// Writes this calibration into the image at `path` (replacing an earlier one).
+    pub fn save(&self, path: &std::path::Path) -> Result<(), CalibrationError> {
+        let freq: Vec<u8> = self
+            .frequencies
+            .iter()
+            .flatten()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        let predictors: Vec<(String, Vec<u8>)> = self
+            .predictors
+            .iter()
+            .enumerate()
+            .map(|(l, p)| (format!("predictor.{l}"), p.to_bytes()))
+            .collect();
+        let mut blobs: Vec<(&str, &[u8])> = vec![("frequencies", &freq)];
+        blobs.extend(predictors.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        let json = serde_json::to_value(&self.meta).map_err(|e| CalibrationError::Damaged {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        append_extra(path, EXTRA_KEY, json, &blobs)?;
+        Ok(())
+    }
+
+    /// Resident bytes of the predictors.
+    pub fn predictor_bytes(&self) -> u64 {
+        self.predictors.iter().map(|p| p.bytes() as u64).sum()
+    }
+
+    /// Expected predicted-active neurons per token, per layer (for the budget planner).
+    pub fn expected_active(&self) -> Vec<f64> {
+        self.meta
+            .layers
+            .iter()
+            .zip(&self.predictors)
+            .map(|(l, p)| l.accuracy.predicted_density * p.n as f64)
+            .collect()
+    }
+}
+
+impl Sparsity for Calibration {
+    fn predict(&self, layer: usize, h: &[f32], active: &mut Vec<u32>) {
+        self.predictors[layer].predict(h, active);
+    }
+
+    fn threshold(&self, layer: usize) -> f32 {
+        self.meta.layers[layer].threshold
+    }
+}

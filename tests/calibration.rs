@@ -1,0 +1,282 @@
+//! Calibration end to end: record a model's FFN activity, fit thresholds and predictors,
+//! store them in the image and read them back; then the sparse paths it enables must not
+//! depend on where bundles live or how small the window is.
+
+mod common;
+
+use llmflash::engine::flash::{FlashOptions, Selection, Sparsity, Strategy};
+use llmflash::engine::model::Model;
+use llmflash::image::BundleDtype;
+use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
+use llmflash::sparsity::predictor::FitOptions;
+use llmflash::sparsity::record::record;
+use llmflash::sparsity::Calibration;
+
+/// Pseudo-random token ids below `vocab` (a fixed sequence, so failures reproduce).
+fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut x = 0x9e37_79b9u32;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x % vocab as u32
+        })
+        .collect()
+}
+
+fn calibrate(model: &Model, tokens: &[u32], sparsity: f64, rank: usize) -> Calibration {
+    let records = record(model, tokens, 64, None, tokens.len(), |_, _| {}).expect("record");
+    assert_eq!(records.tokens(), tokens.len());
+    let opts = LevelOptions {
+        fit: FitOptions {
+            rank,
+            epochs: 4,
+            ..FitOptions::default()
+        },
+        recall: 0.9,
+        ..LevelOptions::default()
+    };
+    let image = model.image.as_ref().expect("an image");
+    fit_level(image, &records, sparsity, &opts, vec!["test".into()]).expect("fit")
+}
+
+fn options(
+    strategy: Strategy,
+    selection: Selection,
+    slots: Option<usize>,
+    layers: usize,
+) -> FlashOptions {
+    FlashOptions {
+        strategy,
+        selection,
+        window_slots: slots.map(|s| vec![s; layers]),
+        io_threads: 3,
+        ..FlashOptions::default()
+    }
+}
+
+/// Greedy tokens and the logits at each step.
+fn decode(
+    model: &Model,
+    cal: Option<&dyn Sparsity>,
+    opts: FlashOptions,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>, u64) {
+    let mut s = model
+        .session(prompt.len() + n + 1, Some(opts), cal)
+        .expect("session");
+    let mut logits = vec![s.prefill(prompt).expect("prefill").to_vec()];
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let last = logits.last().unwrap();
+        let next = (0..last.len()).fold(0, |b, i| if last[i] > last[b] { i } else { b }) as u32;
+        out.push(next);
+        logits.push(s.step(next, true).expect("step").to_vec());
+    }
+    let needed = s.ffn().flash_stats().map_or(0, |st| st.neurons_needed);
+    (out, logits, needed)
+}
+
+/// Every strategy and window size gives the same logits for `selection`.
+fn sparse_paths_agree(
+    model: &Model,
+    cal: &Calibration,
+    selection: Selection,
+    prompt: &[u32],
+) -> u64 {
+    let layers = model.weights.config.n_layers;
+    let (want, want_logits, needed) = decode(
+        model,
+        Some(cal),
+        options(Strategy::Mmap, selection, None, layers),
+        prompt,
+        8,
+    );
+    for (strategy, slots) in [
+        (Strategy::Resident, None),
+        (Strategy::Naive, None),
+        (Strategy::Flash, None),
+        (Strategy::Flash, Some(5)),
+        (Strategy::Flash, Some(0)),
+    ] {
+        let (got, got_logits, _) = decode(
+            model,
+            Some(cal),
+            options(strategy, selection, slots, layers),
+            prompt,
+            8,
+        );
+        assert_eq!(
+            got, want,
+            "{selection:?} {strategy:?} {slots:?}: tokens differ"
+        );
+        assert!(
+            got_logits == want_logits,
+            "{selection:?} {strategy:?} {slots:?}: logits differ"
+        );
+    }
+    needed
+}
+
+#[test]
+fn tiny_llama_calibration_round_trips_and_never_depends_on_the_window() {
+    let path = common::to_image(
+        &common::fixture("hf/llama"),
+        "calib-llama",
+        BundleDtype::Source,
+    );
+    let model = Model::open(&path).expect("open");
+    let c = model.weights.config.clone();
+    let (n, layers) = (c.intermediate_size, c.n_layers);
+    let cal = calibrate(&model, &tokens(400, c.vocab_size), 0.5, 8);
+    for l in &cal.meta.layers {
+        assert!(l.threshold > 0.0);
+        assert!(
+            (l.accuracy.true_density - 0.5).abs() < 0.1,
+            "{:?}",
+            l.accuracy
+        );
+        assert!(l.accuracy.recall >= 0.85, "{:?}", l.accuracy);
+    }
+    cal.save(&path).expect("save");
+    drop(model);
+
+    let model = Model::open(&path).expect("reopen");
+    let loaded = Calibration::load(model.image.as_ref().unwrap())
+        .expect("load")
+        .expect("calibrated");
+    assert_eq!(loaded.meta.layers.len(), layers);
+    for (a, b) in loaded.meta.layers.iter().zip(&cal.meta.layers) {
+        assert_eq!((a.threshold, a.tau), (b.threshold, b.tau));
+    }
+    assert_eq!(loaded.frequencies, cal.frequencies);
+    for (a, b) in loaded.predictors.iter().zip(&cal.predictors) {
+        assert_eq!(a.to_bytes(), b.to_bytes());
+    }
+
+    let prompt = tokens(6, c.vocab_size);
+    let total = (layers * n * (prompt.len() + 8)) as u64;
+    let oracle = sparse_paths_agree(&model, &loaded, Selection::Oracle, &prompt);
+    let predicted = sparse_paths_agree(&model, &loaded, Selection::Predictor, &prompt);
+    // The sparse paths really are sparse: the oracle keeps about half of the neurons.
+    assert!(oracle < total * 7 / 10, "oracle used {oracle} of {total}");
+    assert!(predicted < total, "predictor used every neuron");
+    std::fs::remove_file(path).ok();
+}
+
+/// A threshold of zero keeps every neuron: the oracle path must then be the dense path, bit
+/// for bit, whatever the window.
+struct KeepAll;
+
+impl Sparsity for KeepAll {
+    fn predict(&self, _: usize, _: &[f32], _: &mut Vec<u32>) {}
+    fn threshold(&self, _: usize) -> f32 {
+        0.0
+    }
+}
+
+#[test]
+fn oracle_with_an_unlimited_budget_is_the_dense_path() {
+    let path = common::to_image(
+        &common::fixture("hf/llama"),
+        "calib-dense",
+        BundleDtype::Source,
+    );
+    let model = Model::open(&path).expect("open");
+    let layers = model.weights.config.n_layers;
+    let prompt = tokens(5, model.weights.config.vocab_size);
+    let (dense, dense_logits, _) = decode(
+        &model,
+        None,
+        options(Strategy::Resident, Selection::All, None, layers),
+        &prompt,
+        8,
+    );
+    for slots in [None, Some(3)] {
+        let (got, got_logits, _) = decode(
+            &model,
+            Some(&KeepAll),
+            options(Strategy::Flash, Selection::Oracle, slots, layers),
+            &prompt,
+            8,
+        );
+        assert_eq!(got, dense);
+        assert!(got_logits == dense_logits, "oracle with {slots:?} slots");
+    }
+    std::fs::remove_file(path).ok();
+}
+
+#[test]
+fn relu_oracle_keeps_exactly_the_nonzero_neurons() {
+    let path = common::to_image(&common::fixture("hf/opt"), "calib-opt", BundleDtype::F16);
+    let model = Model::open(&path).expect("open");
+    let c = &model.weights.config;
+    let cal = calibrate(&model, &tokens(300, c.vocab_size), 0.5, 8);
+    // ReLU: the target sparsity is ignored; active means non-zero.
+    assert!(cal
+        .meta
+        .layers
+        .iter()
+        .all(|l| l.threshold == f32::MIN_POSITIVE));
+    let layers = c.n_layers;
+    let prompt = tokens(5, c.vocab_size);
+    let (dense, dense_logits, _) = decode(
+        &model,
+        None,
+        options(Strategy::Resident, Selection::All, None, layers),
+        &prompt,
+        8,
+    );
+    let (got, got_logits, _) = decode(
+        &model,
+        Some(&cal),
+        options(Strategy::Flash, Selection::Oracle, Some(4), layers),
+        &prompt,
+        8,
+    );
+    // Dropping exact zeros changes only how the sum is grouped: same tokens, logits equal to
+    // float rounding.
+    assert_eq!(got, dense);
+    for (a, b) in got_logits.iter().zip(&dense_logits) {
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff / scale < 1e-5, "relative difference {}", diff / scale);
+    }
+    std::fs::remove_file(path).ok();
+}
+
+#[test]
+fn smollm2_predictor_tokens_do_not_depend_on_the_budget() {
+    let Some(gguf) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let path = common::to_image(&gguf, "calib-smollm2", BundleDtype::Source);
+    let model = Model::open(&path).expect("open");
+    let tok = model.tokenizer.as_ref().expect("tokenizer");
+    let text = std::fs::read_to_string(common::fixture("text/python-doc-eval.txt")).unwrap();
+    let ids = tok.encode(&text, false, false);
+    let cal = calibrate(&model, &ids[..384], 0.5, 16);
+    let prompt = tok.encode("The capital of France is", false, false);
+    let layers = model.weights.config.n_layers;
+    let (big, _, _) = decode(
+        &model,
+        Some(&cal),
+        options(Strategy::Flash, Selection::Predictor, None, layers),
+        &prompt,
+        12,
+    );
+    let (tiny, _, _) = decode(
+        &model,
+        Some(&cal),
+        options(Strategy::Flash, Selection::Predictor, Some(16), layers),
+        &prompt,
+        12,
+    );
+    assert_eq!(
+        big, tiny,
+        "a 16-slot window changed the predictor path's tokens"
+    );
+    std::fs::remove_file(path).ok();
+}
