@@ -19,8 +19,15 @@ use crate::engine::flash::Strategy;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model: a flash image (every strategy), or a GGUF/HF model (`resident` only).
-    #[arg(short, long)]
-    model: PathBuf,
+    #[arg(short, long, required_unless_present = "probe_disk")]
+    model: Option<PathBuf>,
+    /// Instead of decoding, measure this disk's random direct-read throughput against read
+    /// size and concurrency, at the given path (a directory or a large file on the disk).
+    #[arg(long, value_name = "PATH")]
+    probe_disk: Option<PathBuf>,
+    /// Where --probe-disk saves the curve (JSON).
+    #[arg(long, default_value = "disk-curve.json")]
+    curve: PathBuf,
     /// Strategies to measure.
     #[arg(
         long,
@@ -70,13 +77,17 @@ struct Row {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let is_image = crate::image::is_flash_image(&a.model);
+    if let Some(path) = &a.probe_disk {
+        return probe_disk(path, &a.curve);
+    }
+    let model = a.model.clone().context("--model is required")?;
+    let is_image = crate::image::is_flash_image(&model);
     if !is_image && a.strategies.iter().any(|s| *s != Strategy::Resident) {
         bail!(
             "{} is not a flash image: only --strategies resident applies. Convert it first: \
              llmflash convert {} -o MODEL.flash",
-            a.model.display(),
-            a.model.display()
+            model.display(),
+            model.display()
         );
     }
     let mut rows = Vec::new();
@@ -124,7 +135,7 @@ fn measure(
         cmd.args(["--threads", &rayon::current_num_threads().to_string()])
             .arg("generate")
             .arg("-m")
-            .arg(&a.model)
+            .arg(a.model.as_deref().context("--model is required")?)
             .args([
                 "-p",
                 &a.prompt,
@@ -222,4 +233,53 @@ fn print_table(rows: &[Row]) {
             Bytes(r.peak_rss_bytes),
         );
     }
+}
+
+/// `bench --probe-disk`: random direct reads of 4 KiB to 1 MiB at 1 to 16 in flight, over a
+/// 1 GiB file (or the given file), printed and saved for comparison with `bench` runs.
+fn probe_disk(path: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    let chunks = [4096, 16384, 65536, 131072, 262144, 1 << 20];
+    let concurrency = [1, 2, 4, 8, 16];
+    eprintln!(
+        "probing {} ({} points, ~0.5 s each)",
+        path.display(),
+        chunks.len() * concurrency.len()
+    );
+    let curve = crate::storage::probe(
+        path,
+        1 << 30,
+        &chunks,
+        &concurrency,
+        std::time::Duration::from_millis(500),
+    )
+    .with_context(|| format!("probing {}", path.display()))?;
+    println!(
+        "random direct reads (MB/s){}",
+        if curve.direct {
+            ""
+        } else {
+            " -- page cache NOT bypassed"
+        }
+    );
+    print!("{:>8}", "chunk");
+    concurrency
+        .iter()
+        .for_each(|c| print!("  {:>7}", format!("x{c}")));
+    println!();
+    for &chunk in &chunks {
+        print!("{:>8}", Bytes(chunk as u64).to_string());
+        for &c in &concurrency {
+            let p = curve
+                .points
+                .iter()
+                .find(|p| p.chunk == chunk && p.concurrency == c);
+            print!("  {:>7.0}", p.map_or(f64::NAN, |p| p.mb_per_s));
+        }
+        println!();
+    }
+    curve
+        .save(out)
+        .with_context(|| format!("saving the curve to {}", out.display()))?;
+    eprintln!("saved {}", out.display());
+    Ok(())
 }

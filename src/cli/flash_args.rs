@@ -36,6 +36,13 @@ pub struct FlashArgs {
     /// Read a neuron's gate, up and down separately (ablation: no row-column bundling).
     #[arg(long)]
     pub unbundled: bool,
+    /// Instead of a predictor, draw random active sets of this density (I/O benchmarks on
+    /// synthetic images; meaningless for text).
+    #[arg(long)]
+    pub synthetic_activity: Option<f64>,
+    /// With --synthetic-activity: the fraction of each token's active set that is new.
+    #[arg(long, default_value_t = 0.2)]
+    pub synthetic_churn: f64,
 }
 
 impl FlashArgs {

@@ -16,8 +16,12 @@ pub struct Args {
     #[arg(short, long)]
     model: PathBuf,
     /// The prompt.
-    #[arg(short, long)]
+    #[arg(short, long, required_unless_present = "token_ids", default_value = "")]
     prompt: String,
+    /// The prompt as comma-separated token ids (models without a tokenizer, such as
+    /// synthetic images); the output is then token ids only.
+    #[arg(long, value_delimiter = ',', conflicts_with = "chat")]
+    token_ids: Option<Vec<u32>>,
     /// Tokens to generate at most.
     #[arg(short, long, default_value_t = 64)]
     n: usize,
@@ -58,26 +62,15 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let runner = super::runner::Runner::open(&a.model, &a.flash)?;
     let model = &runner.model;
-    let Some(tok) = model.tokenizer.as_ref() else {
-        bail!(
-            "{} has no tokenizer (no tokenizer.json); generate needs one",
+    let tok = model.tokenizer.as_ref();
+    let prompt = match (&a.token_ids, tok) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(tok)) => tok.encode(&prompt_text(&a, model)?, true, a.chat),
+        (None, None) => bail!(
+            "{} has no tokenizer; give the prompt as --token-ids 1,2,3",
             a.model.display()
-        );
+        ),
     };
-    let text = if a.chat {
-        let Some(t) = model.chat_template.as_ref() else {
-            bail!("{} has no chat template; drop --chat", a.model.display());
-        };
-        let msg = ChatMessage {
-            role: "user".into(),
-            content: a.prompt.clone(),
-        };
-        t.render(&[msg], true)
-            .context("rendering the chat template")?
-    } else {
-        a.prompt.clone()
-    };
-    let prompt = tok.encode(&text, true, a.chat);
     let sampling = match a.temp {
         Some(t) if !a.greedy => Sampling::Random {
             temperature: t,
@@ -100,9 +93,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &prompt,
         a.n,
         &mut sampler,
-        |t| !a.ignore_eos && tok.is_end_of_generation(t),
+        |t| !a.ignore_eos && tok.is_some_and(|tok| tok.is_end_of_generation(t)),
         |t| {
-            let piece = stream.push(tok, t);
+            let piece = match tok {
+                Some(tok) => stream.push(tok, t),
+                None => format!("{t} "),
+            };
             if json {
                 text_out.push_str(&piece);
             } else {
@@ -130,4 +126,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The prompt text, wrapped in the chat template with --chat.
+fn prompt_text(a: &Args, model: &crate::engine::model::Model) -> anyhow::Result<String> {
+    if !a.chat {
+        return Ok(a.prompt.clone());
+    }
+    let Some(t) = model.chat_template.as_ref() else {
+        bail!("{} has no chat template; drop --chat", a.model.display());
+    };
+    let msg = ChatMessage {
+        role: "user".into(),
+        content: a.prompt.clone(),
+    };
+    t.render(&[msg], true)
+        .context("rendering the chat template")
 }

@@ -9,12 +9,15 @@ use crate::cli::flash_args::FlashArgs;
 use crate::engine::flash::{Selection, Sparsity, Strategy};
 use crate::engine::model::Model;
 use crate::engine::Session;
+use crate::sparsity::synthetic::SyntheticActivity;
 use crate::sparsity::Calibration;
 
 pub struct Runner {
     pub model: Model,
     /// The image's calibration (thresholds, predictors), when it has one.
     pub calibration: Option<Calibration>,
+    /// Random active sets instead of a predictor (`--synthetic-activity`).
+    synthetic: Option<SyntheticActivity>,
 }
 
 impl Runner {
@@ -29,11 +32,29 @@ impl Runner {
                 .with_context(|| format!("reading the calibration of {}", path.display()))?,
             None => None,
         };
-        Ok(Runner { model, calibration })
+        let c = &model.weights.config;
+        let synthetic = args.synthetic_activity.map(|density| {
+            SyntheticActivity::new(
+                c.n_layers,
+                c.intermediate_size,
+                density,
+                args.synthetic_churn,
+                0x5eed,
+            )
+        });
+        Ok(Runner {
+            model,
+            calibration,
+            synthetic,
+        })
     }
 
     fn sparsity(&self) -> Option<&dyn Sparsity> {
-        self.calibration.as_ref().map(|c| c as &dyn Sparsity)
+        match (&self.synthetic, &self.calibration) {
+            (Some(s), _) => Some(s),
+            (None, Some(c)) => Some(c),
+            (None, None) => None,
+        }
     }
 
     /// A session over `ctx` positions; for a flash image, with `args`' strategy and budget.
@@ -68,9 +89,14 @@ impl Runner {
                 scratch: (c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4) as u64,
                 stride: image.bundle().stride as u64,
                 neurons: vec![n; c.n_layers],
-                active: match (selection, &self.calibration) {
-                    (Selection::All, _) | (_, None) => vec![n as f64; c.n_layers],
-                    (_, Some(cal)) => cal.expected_active(),
+                active: match (selection, &self.synthetic, &self.calibration) {
+                    (Selection::All, _, _) => vec![n as f64; c.n_layers],
+                    (_, Some(_), _) => {
+                        let density = args.synthetic_activity.unwrap_or(1.0);
+                        vec![density * n as f64; c.n_layers]
+                    }
+                    (_, None, Some(cal)) => cal.expected_active(),
+                    (_, None, None) => vec![n as f64; c.n_layers],
                 },
             };
             let plan = budget::plan(budget, &needs)?;

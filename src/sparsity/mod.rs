@@ -13,6 +13,7 @@ pub mod calibrate;
 pub mod linalg;
 pub mod predictor;
 pub mod record;
+pub mod synthetic;
 pub mod thresholds;
 
 use serde::{Deserialize, Serialize};
