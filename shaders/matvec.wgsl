@@ -1,6 +1,9 @@
 // y = W x (+ b): W is `rows x cols` raw ggml blocks of dtype DTYPE, x and y are f32.
-// A workgroup computes ROWS rows with LANES invocations each: the lanes of a row take its units
-// in turn and are summed in workgroup memory. Large matrices are split into row chunks of at most
+// A workgroup of 64 computes 64 / LANES rows with LANES invocations each: the lanes of a row take
+// its units in turn and are summed in workgroup memory. LANES is chosen per adapter: 16 on GPUs
+// (neighbouring lanes read neighbouring blocks), 1 on CPU adapters such as lavapipe, where each
+// barrier costs a switch between the workgroup's emulated invocations and one invocation per row
+// runs several times faster. Large matrices are split into row chunks of at most
 // one storage binding each; a chunk's rows land at y[out_offset + r].
 // Uses lib/quant.wgsl and lib/dot.wgsl.
 
@@ -18,9 +21,8 @@ struct Params {
 }
 
 override DTYPE: u32 = 0u;
-
-const LANES: u32 = 16u;
-const ROWS: u32 = 4u;
+// A power of two dividing 64.
+override LANES: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> W: array<u32>;
@@ -32,11 +34,17 @@ var<workgroup> partial: array<f32, 64>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let r = (wg.x + wg.y * P.groups_x) * ROWS + li / LANES;
+    let r = (wg.x + wg.y * P.groups_x) * (64u / LANES) + li / LANES;
     let lane = li % LANES;
     var acc = 0.0;
     if (r < P.rows) {
         acc = dot_row_part(DTYPE, r * P.row_bytes, P.cols, 0u, lane, LANES);
+    }
+    if (LANES == 1u) {
+        if (r < P.rows) {
+            Y[P.out_offset + r] = acc + select(0.0, BIAS[P.out_offset + r], (P.flags & 1u) != 0u);
+        }
+        return;
     }
     partial[li] = acc;
     workgroupBarrier();

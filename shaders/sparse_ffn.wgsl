@@ -3,7 +3,7 @@
 // layout, in the parts' own dtypes), for the active neurons ACTIVE = [count, id_0, id_1, ...]:
 //   out = sum_k a_k * down_{id_k},  a_k = silu(gate_k . h) * (up_k . h)  or  relu(up_k . h + b_id)
 // MAP[k] is the slot holding the k-th active neuron (bit 0 of flags: slot = id, every neuron
-// resident in slot order). Two entry points: `activations` (a_k into ACT; ROWS neurons per
+// resident in slot order). Two entry points: `activations` (a_k into ACT; 64 / LANES neurons per
 // workgroup, LANES invocations per neuron, dispatched for the largest possible count, the extra
 // workgroups exit) and `accumulate` (one invocation per output value, summing in list order, so
 // the result does not depend on scheduling). Uses lib/quant.wgsl and lib/dot.wgsl (X = h).
@@ -36,8 +36,8 @@ override KIND: u32 = 0u;
 @group(0) @binding(6) var<storage, read_write> ACT: array<f32>;
 @group(0) @binding(7) var<storage, read_write> OUT: array<f32>;
 
-const LANES: u32 = 16u;
-const ROWS: u32 = 4u;
+// Invocations per neuron, a power of two dividing 64 (see matvec.wgsl).
+override LANES: u32 = 16u;
 
 var<workgroup> part_g: array<f32, 64>;
 var<workgroup> part_u: array<f32, 64>;
@@ -51,7 +51,7 @@ fn slot_of(k: u32) -> u32 {
 
 @compute @workgroup_size(64)
 fn activations(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let k = (wg.x + wg.y * P.groups_x) * ROWS + li / LANES;
+    let k = (wg.x + wg.y * P.groups_x) * (64u / LANES) + li / LANES;
     let lane = li % LANES;
     let live = k < ACTIVE[0];
     var g = 0.0;
@@ -62,6 +62,12 @@ fn activations(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         if (KIND == 0u) {
             g = dot_row_part(GATE_DTYPE, base + P.gate_offset, P.d, 0u, lane, LANES);
         }
+    }
+    if (LANES == 1u) {
+        if (live) {
+            ACT[k] = activation(k, g, u);
+        }
+        return;
     }
     part_g[li] = g;
     part_u[li] = u;
@@ -74,18 +80,20 @@ fn activations(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         workgroupBarrier();
     }
     if (lane == 0u && live) {
-        var a = part_u[li];
-        if (KIND == 0u) {
-            let gv = part_g[li];
-            a = (gv / (1.0 + exp(-gv))) * a;
-        } else {
-            if ((P.flags & 2u) != 0u) {
-                a += UP_BIAS[ACTIVE[1u + k]];
-            }
-            a = max(a, 0.0);
-        }
-        ACT[k] = a;
+        ACT[k] = activation(k, part_g[li], part_u[li]);
     }
+}
+
+// a_k from the dots g = gate . h and u = up . h.
+fn activation(k: u32, g: f32, u: f32) -> f32 {
+    if (KIND == 0u) {
+        return (g / (1.0 + exp(-g))) * u;
+    }
+    var a = u;
+    if ((P.flags & 2u) != 0u) {
+        a += UP_BIAS[ACTIVE[1u + k]];
+    }
+    return max(a, 0.0);
 }
 
 @compute @workgroup_size(64)

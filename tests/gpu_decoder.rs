@@ -7,11 +7,10 @@ mod common;
 
 use std::time::Instant;
 
-use llmflash::backend::cpu::ops::log_softmax_at;
+use llmflash::backend::cpu::quant;
 use llmflash::backend::gpu::GpuDecoder;
 use llmflash::engine::sampler::argmax;
 use llmflash::engine::Session;
-use llmflash::backend::cpu::quant;
 use llmflash::model::load;
 use llmflash::model::tensor::Tensor;
 use llmflash::model::weights::ModelWeights;
@@ -53,7 +52,10 @@ fn check_hf(name: &str) {
         let got = gpu.step(t).expect("GPU step").to_vec();
         let cpu_logits = cpu.step(t, true).expect("CPU step");
         let err = relative_error(&got, &want);
-        assert!(err < 1e-3, "{name} position {pos}: vs transformers {err:.2e}");
+        assert!(
+            err < 1e-3,
+            "{name} position {pos}: vs transformers {err:.2e}"
+        );
         let err = relative_error(&got, cpu_logits);
         assert!(err < 1e-5, "{name} position {pos}: vs CPU {err:.2e}");
         last = got;
@@ -136,72 +138,54 @@ fn dequantized(w: &ModelWeights) -> ModelWeights {
 
 const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// See tests/smollm2_llamacpp.rs: llama.cpp disagrees with itself on choices led by less than
-/// this many nats, SmolLM2 being chaotic under activation quantisation.
-const NEAR_TIE: f64 = 0.3;
-
-/// Teacher-forced along llama.cpp's greedy trajectories: the GPU's top-1 is llama.cpp's choice at
-/// every step that is not a near-tie, and its log-probabilities of llama.cpp's top-5 stay close to
-/// the CPU decoder's (which quantises activations to Q8 as llama.cpp does; the GPU keeps them f32).
+/// Teacher-forced along llama.cpp's greedy trajectories (three of its prompts, 32 tokens each).
+/// The reference is the CPU decoder on the model dequantised to f32: it computes what the GPU
+/// computes (f32 activations into dequantised weights) in another summation order, so the logits
+/// must agree closely at every step (measured: 3e-6 relative at worst over 256 steps; the bound
+/// leaves 30x for other adapters). The GPU's choices are also compared with llama.cpp's, which
+/// quantises activations to Q8: SmolLM2 is chaotic enough that this moves choices led by up to
+/// ~0.5 nats (11 of 256 steps when measured), so only a 90% agreement is required there.
 #[test]
-fn smollm2_teacher_forced_matches_llamacpp_and_cpu() {
+fn smollm2_teacher_forced_matches_f32_cpu_and_llamacpp() {
     let Some(ctx) = common::gpu() else { return };
     let Some(path) = common::model(SMOLLM2, "tools/fetch-model") else {
         return;
     };
     let model = load(&path).expect("loading SmolLM2");
+    let exact = dequantized(&model.weights);
     let fx = common::read_json(&common::fixture("llamacpp/smollm2-greedy.json"));
     let mut gpu = GpuDecoder::new(ctx, &model.weights, 256).expect("GPU decoder");
-    let exact = dequantized(&model.weights);
-    let mut worst = 0f32;
-    let mut llama_disagree = Vec::new();
-    let (mut steps, mut gaps) = (0usize, Vec::new());
-    let mut step_time = 0f64;
-    for case in fx["cases"].as_array().expect("cases") {
+    let (mut steps, mut agree, mut worst, mut step_s) = (0usize, 0usize, 0f32, 0f64);
+    for case in fx["cases"].as_array().expect("cases").iter().take(3) {
         let prompt = common::u32s(&case["prompt_tokens"]);
         let tokens = common::u32s(&case["tokens"]);
-        let tops = case["top"].as_array().expect("top");
         gpu.reset();
         let mut cpu = Session::new(&exact, 256);
         let mut g = gpu.prefill(&prompt).expect("GPU prefill").to_vec();
         let mut c = cpu.prefill(&prompt).expect("CPU prefill").to_vec();
-        for (i, (&t, top)) in tokens.iter().zip(tops).enumerate() {
-            let top: Vec<(usize, f64)> = top
-                .as_array()
-                .expect("top-5")
-                .iter()
-                .map(|x| {
-                    (
-                        x["id"].as_u64().expect("id") as usize,
-                        x["logprob"].as_f64().expect("logprob"),
-                    )
-                })
-                .collect();
-            let margin = top[0].1 - top[1].1;
-            worst = worst.max(relative_error(&g, &c));
-            if argmax(&g) != t {
-                llama_disagree.push((i, margin));
-            }
-            for &(id, _) in &top {
-                gaps.push((log_softmax_at(&g, id) - log_softmax_at(&c, id)).abs());
-            }
+        for (i, &t) in tokens.iter().enumerate() {
+            let err = relative_error(&g, &c);
+            assert!(
+                err < 1e-4,
+                "{:?} step {i}: GPU vs f32 CPU relative error {err:.2e}",
+                case["prompt"]
+            );
+            worst = worst.max(err);
+            agree += (argmax(&g) == t) as usize;
             steps += 1;
             let t0 = Instant::now();
             g = gpu.step(t).expect("GPU step").to_vec();
-            step_time += t0.elapsed().as_secs_f64();
+            step_s += t0.elapsed().as_secs_f64();
             c = cpu.step(t, true).expect("CPU step").to_vec();
         }
     }
-    gaps.sort_by(f64::total_cmp);
-    let (median, p90, max) = (
-        gaps[gaps.len() / 2],
-        gaps[gaps.len() * 9 / 10],
-        gaps[gaps.len() - 1],
-    );
-    eprintln!("worst rel {worst:e}; disagreements with llama.cpp (step, margin): {llama_disagree:?}");
     eprintln!(
-        "SmolLM2 on {}: {steps} teacher-forced steps, |log-prob GPU - CPU| median {median:.4}, p90 {p90:.4}, max {max:.4}; {:.1} ms per step with logits readback",
+        "SmolLM2 on {}: {steps} steps, worst relative error vs f32 CPU {worst:.1e}, llama.cpp's choice {agree}/{steps}, {:.1} ms per step",
         ctx.info.name,
-        step_time * 1e3 / steps as f64
+        step_s * 1e3 / steps as f64
+    );
+    assert!(
+        agree * 10 >= steps * 9,
+        "the GPU made llama.cpp's choice at only {agree} of {steps} steps"
     );
 }

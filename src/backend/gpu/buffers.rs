@@ -261,7 +261,7 @@ pub fn read<T: bytemuck::Pod + Default>(
 /// Overwrites the start of `buf` with `data` (ordered before the next submission).
 pub fn write<T: bytemuck::Pod>(ctx: &GpuContext, buf: &wgpu::Buffer, data: &[T]) {
     let bytes: &[u8] = bytemuck::cast_slice(data);
-    if bytes.len() % 4 == 0 {
+    if bytes.len().is_multiple_of(4) {
         ctx.queue.write_buffer(buf, 0, bytes);
     } else {
         // write_buffer wants whole words.

@@ -28,7 +28,29 @@ pub struct GpuContext {
     /// Whether the adapter offers SHADER_F16. The kernels do not need it (f16 is unpacked from
     /// `u32`); recorded for reporting and for kernels that may use it later.
     pub has_f16: bool,
+    /// Work decomposition chosen for this adapter.
+    pub tuning: Tuning,
     kernels: Arc<Mutex<HashMap<String, Arc<Kernel>>>>,
+}
+
+/// How kernels split their work on this adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Invocations that share one row of a matvec (or one neuron of the sparse FFN), summed in
+    /// workgroup memory: a power of two dividing 64. 16 on GPUs; 1 on CPU adapters (lavapipe),
+    /// where a workgroup barrier is expensive (measured at SmolLM2's lm_head, 49152 x 576 Q8_0:
+    /// 163 ms with 16 lanes, see `examples/gpu_timings.rs`).
+    pub lanes: u32,
+}
+
+impl Tuning {
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
+        let lanes = match info.device_type {
+            wgpu::DeviceType::Cpu => 1,
+            _ => 16,
+        };
+        Tuning { lanes }
+    }
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -107,7 +129,9 @@ impl GpuContext {
     ) -> GpuContext {
         let limits = device.limits();
         let has_f16 = device.features().contains(wgpu::Features::SHADER_F16);
+        let tuning = Tuning::for_adapter(&info);
         GpuContext {
+            tuning,
             device,
             queue,
             info,

@@ -1,6 +1,6 @@
 //! Embedding gather (shaders/embed.wgsl): a row of a table in the file's dtype, dequantised.
 
-use super::{code, kernel, need, Dispatch};
+use super::{aligned, code, kernel, need, Dispatch};
 use crate::backend::gpu::buffers::{uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -50,7 +50,13 @@ impl Gather {
                 Binding::ReadWrite,
                 Binding::Uniform,
             ],
-            &[("DTYPE", dt as f64)],
+            &[
+                ("DTYPE", dt as f64),
+                (
+                    "ALIGNED",
+                    aligned(table.dtype, table.cols, 0, table.row_bytes) as u32 as f64,
+                ),
+            ],
         )?;
         let flags = (source == RowSource::Position) as u32 | (accumulate as u32) << 1;
         let p = uniform(

@@ -1,12 +1,9 @@
 //! `y = W x (+ b)` over raw ggml rows (shaders/matvec.wgsl), one dispatch per row chunk.
 
-use super::{code, kernel, need, Dispatch};
+use super::{aligned, code, kernel, need, Dispatch};
 use crate::backend::gpu::buffers::{uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::{grid, Binding};
 use crate::backend::gpu::{GpuContext, GpuError};
-
-/// Rows per workgroup (ROWS in the shader).
-const ROWS_PER_GROUP: usize = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -44,13 +41,21 @@ pub fn matvec(
             Binding::Read,
             Binding::ReadWrite,
         ],
-        &[("DTYPE", dt as f64)],
+        &[
+            ("DTYPE", dt as f64),
+            ("LANES", ctx.tuning.lanes as f64),
+            (
+                "ALIGNED",
+                aligned(w.dtype, w.cols, 0, w.row_bytes) as u32 as f64,
+            ),
+        ],
     )?;
+    let rows_per_group = 64 / ctx.tuning.lanes as usize;
     w.chunks
         .iter()
         .filter(|c| c.rows > 0)
         .map(|c| {
-            let groups = grid(ctx, c.rows.div_ceil(ROWS_PER_GROUP) as u32);
+            let groups = grid(ctx, c.rows.div_ceil(rows_per_group) as u32);
             let p = uniform(
                 ctx,
                 &w.name,
@@ -85,8 +90,17 @@ mod tests {
     /// activations with exactly those weights, so the only difference is f32 rounding of the
     /// sum: at most ~cols * 2^-24 * sum|w_j x_j| per row; the bound allows 1e-5 of sum|w_j x_j|.
     fn check(dtype: DType, rows: usize, cols: usize, max_binding: Option<u64>) {
+        // Both work splits, whatever this adapter would pick: 16 lanes per row (GPUs) and one
+        // (CPU adapters).
+        for lanes in [16, 1] {
+            check_with(dtype, rows, cols, max_binding, lanes);
+        }
+    }
+
+    fn check_with(dtype: DType, rows: usize, cols: usize, max_binding: Option<u64>, lanes: u32) {
         let Some(ctx) = ctx() else { return };
         let mut ctx = ctx.clone();
+        ctx.tuning.lanes = lanes;
         if let Some(m) = max_binding {
             ctx.limits.max_storage_buffer_binding_size = m;
         }
@@ -123,7 +137,7 @@ mod tests {
             let err = (got[r] as f64 - want).abs();
             assert!(
                 err <= 1e-5 * mag + 1e-6,
-                "{dtype} row {r}: got {} want {want} (error {err:e}, scale {mag})",
+                "{dtype} lanes {lanes} row {r}: got {} want {want} (error {err:e}, scale {mag})",
                 got[r]
             );
         }

@@ -36,6 +36,18 @@ pub fn dtype_code(d: DType) -> Option<u32> {
     })
 }
 
+/// Whether every 4-byte field that the shaders read of a `dtype` row of `cols` values starting at
+/// `offset` (and at `offset + k * stride`) sits at a multiple of 4 bytes: the `ALIGNED` override
+/// of shaders/lib/quant.wgsl, which saves a test per load.
+pub fn aligned(dtype: DType, cols: usize, offset: usize, stride: usize) -> bool {
+    let blocks_aligned = match dtype {
+        DType::F32 | DType::Q4_1 => true,
+        DType::F16 | DType::BF16 => cols.is_multiple_of(2),
+        _ => false,
+    };
+    blocks_aligned && offset.is_multiple_of(4) && stride.is_multiple_of(4)
+}
+
 /// What changes from one decode step to the next, written once per token into one small
 /// uniform buffer that every position-dependent kernel binds (`Step` in the shaders).
 #[repr(C)]

@@ -158,16 +158,15 @@ mod tests {
         );
         // f32 sums of 576 and 64 terms: a logit within 1e-4 of the threshold may land on either
         // side; every other neuron must be classified as the f64 reference does.
-        for i in 0..n {
-            let margin = z[i] - t as f64;
+        for (i, &zi) in z.iter().enumerate() {
+            let margin = zi - t as f64;
             if margin.abs() < 1e-4 {
                 continue;
             }
             assert_eq!(
                 active.binary_search(&(i as u32)).is_ok(),
                 margin > 0.0,
-                "neuron {i}: logit {} vs threshold {t}",
-                z[i]
+                "neuron {i}: logit {zi} vs threshold {t}"
             );
         }
     }

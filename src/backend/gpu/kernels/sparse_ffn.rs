@@ -1,15 +1,12 @@
 //! The sparse FFN over bundles in window slots (shaders/sparse_ffn.wgsl): the GPU twin of
 //! `backend::cpu::sparse_ffn`, reading the flash image's bundle layout unchanged.
 
-use super::{code, need, Dispatch};
+use super::{aligned, code, need, Dispatch};
 use crate::backend::cpu::sparse_ffn::{BundleParts, Part};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::{grid, Binding};
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::model::config::FfnKind;
-
-/// Neurons per workgroup of the `activations` pass (ROWS in the shader).
-const NEURONS_PER_GROUP: usize = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -52,7 +49,10 @@ pub struct SparseFfnArgs<'a> {
 
 fn check_part(p: &Part, d: usize, stride: usize, role: &str) -> Result<u32, GpuError> {
     let dt = code(p.dtype, &format!("the bundle's {role} part"))?;
-    if p.dtype.bytes_for(d) != Some(p.len) || p.offset + p.len > stride || p.offset % 2 != 0 {
+    if p.dtype.bytes_for(d) != Some(p.len)
+        || p.offset + p.len > stride
+        || !p.offset.is_multiple_of(2)
+    {
         return Err(GpuError::Shape(format!(
             "bundle {role} part: {} bytes at {} in a {stride}-byte bundle is not {d} {} values at an even offset",
             p.len, p.offset, p.dtype
@@ -64,7 +64,7 @@ fn check_part(p: &Part, d: usize, stride: usize, role: &str) -> Result<u32, GpuE
 /// Two dispatches: the active neurons' activations, then `out = sum_k a_k down_k` in list order.
 pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, GpuError> {
     let p = &a.parts;
-    if a.stride % 2 != 0 {
+    if !a.stride.is_multiple_of(2) {
         return Err(GpuError::Shape(format!(
             "bundle stride {} is odd; the kernels read bundles at even offsets",
             a.stride
@@ -89,6 +89,10 @@ pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, 
     if let Some(m) = a.map {
         need(m, a.max_active, "slot map")?;
     }
+    let all_aligned = [Some(&p.up), Some(&p.down), p.gate.as_ref()]
+        .into_iter()
+        .flatten()
+        .all(|part| aligned(part.dtype, a.d, part.offset, a.stride));
     let bindings = [
         Binding::Uniform,
         Binding::Read,
@@ -104,10 +108,15 @@ pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, 
         ("UP_DTYPE", up as f64),
         ("DOWN_DTYPE", down as f64),
         ("KIND", kind),
+        ("LANES", ctx.tuning.lanes as f64),
+        ("ALIGNED", all_aligned as u32 as f64),
     ];
     let act_k = ctx.kernel("sparse_ffn", "activations", &bindings, &constants)?;
     let acc_k = ctx.kernel("sparse_ffn", "accumulate", &bindings, &constants)?;
-    let groups = grid(ctx, a.max_active.div_ceil(NEURONS_PER_GROUP) as u32);
+    let groups = grid(
+        ctx,
+        a.max_active.div_ceil(64 / ctx.tuning.lanes as usize) as u32,
+    );
     let params = uniform(
         ctx,
         "sparse_ffn",
@@ -161,7 +170,24 @@ mod tests {
     /// as `convert` does), scatters them over slots, activates a subset, and compares the GPU
     /// result with the sum over the dequantised parts in f64.
     fn check(kind: FfnKind, dtypes: &[DType], d: usize, identity: bool, with_bias: bool) {
+        // Both work splits (see matvec's tests).
+        for lanes in [16, 1] {
+            check_with(kind, dtypes, d, identity, with_bias, lanes);
+        }
+    }
+
+    fn check_with(
+        kind: FfnKind,
+        dtypes: &[DType],
+        d: usize,
+        identity: bool,
+        with_bias: bool,
+        lanes: u32,
+    ) {
         let Some(ctx) = ctx() else { return };
+        let mut ctx = ctx.clone();
+        ctx.tuning.lanes = lanes;
+        let ctx = &ctx;
         let mut rng = Rng::new(d as u64 + dtypes.len() as u64);
         let n = 200;
         let roles: Vec<PartRole> = match kind {
@@ -261,7 +287,10 @@ mod tests {
         let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
         // f32 dots of d terms, then a sum of ~130 products: 1e-5 of the largest output.
         let err = max_rel_err(&got, &want, 1e-3);
-        assert!(err < 1e-5, "{kind:?} {dtypes:?}: relative error {err:e}");
+        assert!(
+            err < 1e-5,
+            "{kind:?} {dtypes:?} lanes {lanes}: relative error {err:e}"
+        );
     }
 
     #[test]
