@@ -180,3 +180,71 @@ impl GpuContext {
         Ok(k)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::gpu::buffers::{read, storage_f32};
+    use crate::backend::gpu::kernels::add::add;
+    use crate::backend::gpu::pipeline::submit;
+    use crate::backend::gpu::testing::ctx;
+
+    #[test]
+    fn a_host_applications_device_runs_the_kernels() {
+        let Some(engine) = ctx() else { return };
+        // As a host application would: its own device and queue, handed over.
+        let host = GpuContext::from_device(
+            engine.device.clone(),
+            engine.queue.clone(),
+            engine.info.clone(),
+        );
+        assert_eq!(host.limits, engine.device.limits());
+        assert!(host.max_binding() >= 1 << 20);
+        let x = storage_f32(&host, "x", &[1.0, 2.0, 3.0]).unwrap();
+        let y = storage_f32(&host, "y", &[10.0, 20.0, 30.0]).unwrap();
+        submit(&host, &[add(&host, 3, &x, &y).unwrap()]);
+        let got: Vec<f32> = read(&host, &y, 3).unwrap();
+        assert_eq!(got, [11.0, 22.0, 33.0]);
+    }
+
+    #[test]
+    fn an_unknown_adapter_name_lists_the_adapters() {
+        if ctx().is_none() {
+            return;
+        }
+        let opts = GpuOptions {
+            adapter: Some("no-such-adapter-xyz".to_string()),
+            backends: None,
+        };
+        match GpuContext::new(&opts) {
+            Err(GpuError::AdapterNotFound { wanted, available }) => {
+                assert_eq!(wanted, "no-such-adapter-xyz");
+                assert!(!available.is_empty());
+            }
+            other => panic!("expected AdapterNotFound, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_bindings_are_refused_with_a_message() {
+        let Some(c) = ctx() else { return };
+        let mut small = c.clone();
+        small.limits.max_storage_buffer_binding_size = 1024;
+        let e = crate::backend::gpu::buffers::storage_zeroed(&small, "KV cache", 4096)
+            .expect_err("4 KiB in a 1 KiB binding");
+        assert!(
+            matches!(e, GpuError::TooLarge { .. }) && e.to_string().contains("smaller context"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tuning_follows_the_device_type() {
+        let Some(c) = ctx() else { return };
+        let mut info = c.info.clone();
+        info.device_type = wgpu::DeviceType::Cpu;
+        assert_eq!(Tuning::for_adapter(&info).lanes, 1);
+        info.device_type = wgpu::DeviceType::DiscreteGpu;
+        assert_eq!(Tuning::for_adapter(&info).lanes, 16);
+    }
+}
