@@ -1,3 +1,4 @@
 //! Compute backends. Each runs one decode step over the loaded weights.
 
 pub mod cpu;
+pub mod gpu;

@@ -63,3 +63,20 @@ pub fn to_image(source: &Path, name: &str, dtype: BundleDtype) -> PathBuf {
     convert(&model, &out, &opts).expect("convert");
     out
 }
+
+/// A GPU context shared by a test binary's tests, or `None` (with a note) when this machine has
+/// no adapter. Under `LLMFLASH_REQUIRE_GPU=1` a missing adapter fails instead.
+pub fn gpu() -> Option<&'static llmflash::backend::gpu::GpuContext> {
+    use llmflash::backend::gpu::{GpuContext, GpuOptions};
+    static CTX: std::sync::OnceLock<Result<GpuContext, String>> = std::sync::OnceLock::new();
+    match CTX.get_or_init(|| GpuContext::new(&GpuOptions::default()).map_err(|e| e.to_string())) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if std::env::var("LLMFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("LLMFLASH_REQUIRE_GPU=1 but {e}");
+            }
+            eprintln!("skipping GPU test: {e}");
+            None
+        }
+    }
+}

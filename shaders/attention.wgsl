@@ -1,0 +1,99 @@
+// Causal attention of one new token over a GPU-resident KV cache, grouped-query aware:
+// out_h = softmax(q_h . K_g^T * scale) V_g over positions 0..Step.n_pos, g = h / (n_heads /
+// n_kv_heads). One workgroup per query head. The scores live in a global scratch row per head
+// (the context can outgrow workgroup memory); each phase's writes are made visible to the
+// whole workgroup by a storage barrier. Probabilities are normalised before the weighted sum,
+// as the CPU reference does.
+
+struct Params {
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    // Scratch row length per head: the cache capacity.
+    max_ctx: u32,
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+struct Step {
+    pos: u32,
+    n_pos: u32,
+    token_row: u32,
+    pos_row: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> Q: array<f32>;
+@group(0) @binding(2) var<storage, read> KC: array<f32>;
+@group(0) @binding(3) var<storage, read> VC: array<f32>;
+@group(0) @binding(4) var<storage, read_write> SCORES: array<f32>;
+@group(0) @binding(5) var<storage, read_write> OUT: array<f32>;
+@group(0) @binding(6) var<uniform> S: Step;
+
+const WG: u32 = 64u;
+var<workgroup> red: array<f32, 64>;
+
+fn reduce(li: u32, v: f32, is_max: bool) -> f32 {
+    red[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (li < s) {
+            if (is_max) {
+                red[li] = max(red[li], red[li + s]);
+            } else {
+                red[li] += red[li + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let h = wg.x;
+    let hd = P.head_dim;
+    let kv_dim = P.n_kv_heads * hd;
+    let g = h / (P.n_heads / P.n_kv_heads);
+    let q0 = h * hd;
+    let k0 = g * hd;
+    let row = h * P.max_ctx;
+    let n = S.n_pos;
+
+    var m = -3.4028235e38;
+    for (var t = li; t < n; t += WG) {
+        var s = 0.0;
+        for (var d = 0u; d < hd; d++) {
+            s += Q[q0 + d] * KC[t * kv_dim + k0 + d];
+        }
+        s *= P.scale;
+        SCORES[row + t] = s;
+        m = max(m, s);
+    }
+    m = reduce(li, m, true);
+
+    var l = 0.0;
+    for (var t = li; t < n; t += WG) {
+        let p = exp(SCORES[row + t] - m);
+        SCORES[row + t] = p;
+        l += p;
+    }
+    l = reduce(li, l, false);
+    // Each thread normalises the scores it wrote itself, so no barrier is needed before this.
+    for (var t = li; t < n; t += WG) {
+        SCORES[row + t] = SCORES[row + t] / l;
+    }
+    storageBarrier();
+
+    for (var d = li; d < hd; d += WG) {
+        var acc = 0.0;
+        for (var t = 0u; t < n; t++) {
+            acc += SCORES[row + t] * VC[t * kv_dim + k0 + d];
+        }
+        OUT[q0 + d] = acc;
+    }
+}

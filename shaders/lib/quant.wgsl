@@ -1,0 +1,108 @@
+// Raw ggml blocks read from the storage array `W` (declared by the kernel that includes this
+// file: the Rust side prepends this library to the kernel's source). Weights are uploaded as
+// the file's bytes, unchanged, so that bundles copied from the flash image need no repacking.
+// Every block size is even, so every field starts at an even byte offset, but not always at a
+// multiple of 4 (a Q8_0 block is 34 bytes): loads go through `w_u32`, which splices two words
+// when the offset is 2 mod 4. Storage buffers are padded by 4 bytes so the spliced load of the
+// last word stays in bounds.
+
+// Dtype codes (the Rust side maps `DType` to these in `kernels::dtype_code`).
+const DT_F32: u32 = 0u;
+const DT_F16: u32 = 1u;
+const DT_BF16: u32 = 2u;
+const DT_Q4_0: u32 = 3u;
+const DT_Q4_1: u32 = 4u;
+const DT_Q8_0: u32 = 5u;
+
+// Set by the host when every row (or bundle part) starts at a multiple of 4 bytes and its blocks
+// are multiples of 4 bytes (F32, F16/BF16 rows of even length, Q4_1's 20-byte blocks): the check
+// below then folds away. Q8_0 (34-byte) and Q4_0 (18-byte) blocks leave it false.
+override ALIGNED: bool = false;
+
+// The 4 bytes at even byte offset `b`, little-endian.
+fn w_u32(b: u32) -> u32 {
+    let i = b >> 2u;
+    if (ALIGNED || (b & 3u) == 0u) {
+        return W[i];
+    }
+    return (W[i] >> 16u) | (W[i + 1u] << 16u);
+}
+
+// The 2 bytes at even byte offset `b`.
+fn w_u16(b: u32) -> u32 {
+    return (W[b >> 2u] >> ((b & 2u) * 8u)) & 0xffffu;
+}
+
+fn w_byte(b: u32) -> u32 {
+    return (W[b >> 2u] >> ((b & 3u) * 8u)) & 0xffu;
+}
+
+fn w_f16(b: u32) -> f32 {
+    return unpack2x16float(w_u16(b)).x;
+}
+
+// Sign-extends byte `k` (0..3) of `w` to an i32.
+fn i8_of(w: u32, k: u32) -> i32 {
+    return bitcast<i32>(w << (24u - 8u * k)) >> 24u;
+}
+
+// Values per block of `dt`.
+fn block_len(dt: u32) -> u32 {
+    if (dt <= DT_BF16) {
+        return 1u;
+    }
+    return 32u;
+}
+
+// Bytes per block of `dt` (ggml's sizes).
+fn block_bytes(dt: u32) -> u32 {
+    switch dt {
+        case 0u: { return 4u; }
+        case 1u, 2u: { return 2u; }
+        case 3u: { return 18u; }
+        case 4u: { return 20u; }
+        default: { return 34u; }
+    }
+}
+
+// Value `j` of the row of dtype `dt` that starts at byte `row`: the shader twin of
+// `quant::dequantize`.
+fn w_value(dt: u32, row: u32, j: u32) -> f32 {
+    switch dt {
+        case 0u: {
+            return bitcast<f32>(w_u32(row + 4u * j));
+        }
+        case 1u: {
+            return w_f16(row + 2u * j);
+        }
+        case 2u: {
+            // A bf16 is the top half of an f32.
+            return bitcast<f32>(w_u16(row + 2u * j) << 16u);
+        }
+        case 3u: {
+            // Q4_0: {f16 d; u8 qs[16]}, value k = (nibble - 8) * d; low nibbles hold 0..15,
+            // high nibbles 16..31.
+            let blk = row + (j / 32u) * 18u;
+            let k = j % 32u;
+            let byte = w_byte(blk + 2u + (k % 16u));
+            let q = select(byte & 15u, byte >> 4u, k >= 16u);
+            return (f32(q) - 8.0) * w_f16(blk);
+        }
+        case 4u: {
+            // Q4_1: {f16 d; f16 m; u8 qs[16]}, value = nibble * d + m.
+            let blk = row + (j / 32u) * 20u;
+            let k = j % 32u;
+            let byte = w_byte(blk + 4u + (k % 16u));
+            let q = select(byte & 15u, byte >> 4u, k >= 16u);
+            let dm = unpack2x16float(w_u32(blk));
+            return f32(q) * dm.x + dm.y;
+        }
+        default: {
+            // Q8_0: {f16 d; i8 qs[32]}, value = q * d.
+            let blk = row + (j / 32u) * 34u;
+            let k = j % 32u;
+            let q = bitcast<i32>(w_byte(blk + 2u + k) << 24u) >> 24u;
+            return f32(q) * w_f16(blk);
+        }
+    }
+}

@@ -1,0 +1,53 @@
+// The low-rank predictor's last step: neuron i is active when its logit (z = B (A h), computed by
+// two matvecs) exceeds the layer's threshold. The active ids are compacted, in increasing order,
+// into LIST = [count, id_0, id_1, ...]. Ordered rather than appended with an atomic counter, so
+// the list, and the order in which the sparse FFN sums its neurons, is the same on every run:
+// one workgroup, each invocation owns a contiguous range of neurons, and an exclusive prefix sum
+// of the per-invocation counts gives each its first output slot.
+
+struct Params {
+    n: u32,
+    threshold: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> Z: array<f32>;
+@group(0) @binding(2) var<storage, read_write> LIST: array<u32>;
+
+const WG: u32 = 256u;
+var<workgroup> scan: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) li: u32) {
+    let per = (P.n + WG - 1u) / WG;
+    let first = min(li * per, P.n);
+    let end = min(first + per, P.n);
+    var c = 0u;
+    for (var i = first; i < end; i++) {
+        c += select(0u, 1u, Z[i] > P.threshold);
+    }
+    scan[li] = c;
+    workgroupBarrier();
+    // Hillis-Steele inclusive scan; the read and the write of each step are split by a barrier.
+    for (var s = 1u; s < WG; s <<= 1u) {
+        var v = scan[li];
+        if (li >= s) {
+            v += scan[li - s];
+        }
+        workgroupBarrier();
+        scan[li] = v;
+        workgroupBarrier();
+    }
+    var at = scan[li] - c;
+    for (var i = first; i < end; i++) {
+        if (Z[i] > P.threshold) {
+            LIST[1u + at] = i;
+            at++;
+        }
+    }
+    if (li == WG - 1u) {
+        LIST[0] = scan[WG - 1u];
+    }
+}

@@ -1,0 +1,250 @@
+//! The GPU device the backend runs on, and what it allows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::backend::gpu::pipeline::{Binding, Kernel};
+use crate::backend::gpu::GpuError;
+
+/// How the engine picks its GPU.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Take the first adapter whose name contains this (case-insensitive), e.g. "llvmpipe" or
+    /// "nvidia"; `None` takes wgpu's high-performance choice.
+    pub adapter: Option<String>,
+    /// Backends to consider; `None` takes wgpu's default, overridable with `WGPU_BACKEND`.
+    pub backends: Option<wgpu::Backends>,
+}
+
+/// A device and queue with the limits the kernels must honour, and the compiled kernels.
+/// Cloning is cheap: wgpu handles are reference counted and the kernel cache is shared.
+#[derive(Clone)]
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    /// The device's limits (not the adapter's: a host application may have asked for less).
+    pub limits: wgpu::Limits,
+    /// Whether the adapter offers SHADER_F16. The kernels do not need it (f16 is unpacked from
+    /// `u32`); recorded for reporting and for kernels that may use it later.
+    pub has_f16: bool,
+    /// Work decomposition chosen for this adapter.
+    pub tuning: Tuning,
+    kernels: Arc<Mutex<HashMap<String, Arc<Kernel>>>>,
+}
+
+/// How kernels split their work on this adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Invocations that share one row of a matvec (or one neuron of the sparse FFN), summed in
+    /// workgroup memory: a power of two dividing 64. 16 on GPUs; 1 on CPU adapters (lavapipe),
+    /// where a workgroup barrier is expensive (measured at SmolLM2's lm_head, 49152 x 576 Q8_0:
+    /// 163 ms with 16 lanes, see `examples/gpu_timings.rs`).
+    pub lanes: u32,
+}
+
+impl Tuning {
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
+        let lanes = match info.device_type {
+            wgpu::DeviceType::Cpu => 1,
+            _ => 16,
+        };
+        Tuning { lanes }
+    }
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl GpuContext {
+    /// Opens a device. The instance honours `WGPU_BACKEND` and the other wgpu environment
+    /// variables; the device gets every limit the adapter offers (the defaults cap storage
+    /// bindings at 128 MiB and buffers at 256 MiB, less than many adapters allow).
+    pub fn new(opts: &GpuOptions) -> Result<GpuContext, GpuError> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if let Some(b) = opts.backends {
+            desc.backends = b;
+        }
+        let backends = desc.backends;
+        let instance = wgpu::Instance::new(desc);
+        let adapter = match &opts.adapter {
+            Some(wanted) => {
+                let all = pollster::block_on(instance.enumerate_adapters(backends));
+                let needle = wanted.to_lowercase();
+                let names: Vec<String> = all
+                    .iter()
+                    .map(|a| {
+                        let i = a.get_info();
+                        format!("{} ({:?})", i.name, i.backend)
+                    })
+                    .collect();
+                if all.is_empty() {
+                    return Err(GpuError::NoAdapter {
+                        detail: format!(" (looking for `{wanted}`)"),
+                    });
+                }
+                all.into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&needle))
+                    .ok_or_else(|| GpuError::AdapterNotFound {
+                        wanted: wanted.clone(),
+                        available: names.join(", "),
+                    })?
+            }
+            None => pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                apply_limit_buckets: false,
+            }))
+            .map_err(|e| GpuError::NoAdapter {
+                detail: format!(" ({e})"),
+            })?,
+        };
+        let info = adapter.get_info();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("llmflash"),
+            required_features: wgpu::Features::empty(),
+            required_limits: adapter.limits(),
+            ..Default::default()
+        }))
+        .map_err(|e| GpuError::RequestDevice {
+            adapter: info.name.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut ctx = GpuContext::from_device(device, queue, info);
+        ctx.has_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+        log::info!("GPU: {}", ctx.describe());
+        Ok(ctx)
+    }
+
+    /// Wraps a host application's device and queue (e.g. a game engine's), so the model shares
+    /// its GPU. `info` is the adapter's, for messages.
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+    ) -> GpuContext {
+        let limits = device.limits();
+        let has_f16 = device.features().contains(wgpu::Features::SHADER_F16);
+        let tuning = Tuning::for_adapter(&info);
+        GpuContext {
+            tuning,
+            device,
+            queue,
+            info,
+            limits,
+            has_f16,
+            kernels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The adapter in words, e.g. "llvmpipe (LLVM 15.0.6, 256 bits), Cpu, Vulkan, ...".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}), max storage binding {} MiB, SHADER_F16 {}",
+            self.info.name,
+            self.info.device_type,
+            self.info.backend,
+            self.max_binding() >> 20,
+            if self.has_f16 { "yes" } else { "no" }
+        )
+    }
+
+    /// The largest buffer one storage binding may cover (and one buffer may be).
+    pub fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// The compiled kernel `name` (entry point `entry`) with its override constants, compiled on
+    /// first use and cached for the context's lifetime.
+    pub fn kernel(
+        &self,
+        name: &str,
+        entry: &str,
+        bindings: &[Binding],
+        constants: &[(&str, f64)],
+    ) -> Result<Arc<Kernel>, GpuError> {
+        let key = format!("{name}:{entry}:{constants:?}");
+        // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
+        let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = cache.get(&key) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(Kernel::new(self, name, entry, bindings, constants)?);
+        cache.insert(key, k.clone());
+        Ok(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::gpu::buffers::{read, storage_f32};
+    use crate::backend::gpu::kernels::add::add;
+    use crate::backend::gpu::pipeline::submit;
+    use crate::backend::gpu::testing::ctx;
+
+    #[test]
+    fn a_host_applications_device_runs_the_kernels() {
+        let Some(engine) = ctx() else { return };
+        // As a host application would: its own device and queue, handed over.
+        let host = GpuContext::from_device(
+            engine.device.clone(),
+            engine.queue.clone(),
+            engine.info.clone(),
+        );
+        assert_eq!(host.limits, engine.device.limits());
+        assert!(host.max_binding() >= 1 << 20);
+        let x = storage_f32(&host, "x", &[1.0, 2.0, 3.0]).unwrap();
+        let y = storage_f32(&host, "y", &[10.0, 20.0, 30.0]).unwrap();
+        submit(&host, &[add(&host, 3, &x, &y).unwrap()]);
+        let got: Vec<f32> = read(&host, &y, 3).unwrap();
+        assert_eq!(got, [11.0, 22.0, 33.0]);
+    }
+
+    #[test]
+    fn an_unknown_adapter_name_lists_the_adapters() {
+        if ctx().is_none() {
+            return;
+        }
+        let opts = GpuOptions {
+            adapter: Some("no-such-adapter-xyz".to_string()),
+            backends: None,
+        };
+        match GpuContext::new(&opts) {
+            Err(GpuError::AdapterNotFound { wanted, available }) => {
+                assert_eq!(wanted, "no-such-adapter-xyz");
+                assert!(!available.is_empty());
+            }
+            other => panic!("expected AdapterNotFound, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_bindings_are_refused_with_a_message() {
+        let Some(c) = ctx() else { return };
+        let mut small = c.clone();
+        small.limits.max_storage_buffer_binding_size = 1024;
+        let e = crate::backend::gpu::buffers::storage_zeroed(&small, "KV cache", 4096)
+            .expect_err("4 KiB in a 1 KiB binding");
+        assert!(
+            matches!(e, GpuError::TooLarge { .. }) && e.to_string().contains("smaller context"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tuning_follows_the_device_type() {
+        let Some(c) = ctx() else { return };
+        let mut info = c.info.clone();
+        info.device_type = wgpu::DeviceType::Cpu;
+        assert_eq!(Tuning::for_adapter(&info).lanes, 1);
+        info.device_type = wgpu::DeviceType::DiscreteGpu;
+        assert_eq!(Tuning::for_adapter(&info).lanes, 16);
+    }
+}

@@ -1,0 +1,448 @@
+//! The dense decode step wholly on the GPU: weights uploaded once, the KV cache resident on the
+//! GPU, every dispatch of a token recorded into one compute pass, and one readback per token (the
+//! logits, or 4 bytes with [`GpuDecoder::step_greedy`]). The same computation as
+//! `backend::cpu::forward`, for the llama family (SwiGLU, RMSNorm, RoPE, qwen2's q/k/v biases) and
+//! OPT (ReLU, LayerNorm, learned positions, projections, pre- or post-norm).
+//!
+//! Numerics: activations stay f32 into every matvec (the CPU quantises them to Q8 for quantised
+//! weights, as llama.cpp does), so on quantised models the two backends differ by that
+//! quantisation noise; on float weights they agree to f32 summation order.
+
+use crate::backend::cpu::attention::AttnShape;
+use crate::backend::cpu::ops::rope_frequencies;
+use crate::backend::gpu::buffers::{
+    storage_bytes, storage_zeroed, uniform, write, GpuMatrix, Readback,
+};
+use crate::backend::gpu::kernels::add::add;
+use crate::backend::gpu::kernels::argmax::argmax;
+use crate::backend::gpu::kernels::attention::attention;
+use crate::backend::gpu::kernels::embed::{Gather, RowSource};
+use crate::backend::gpu::kernels::ffn_act::ffn_act;
+use crate::backend::gpu::kernels::kv_store::kv_store;
+use crate::backend::gpu::kernels::matvec::matvec;
+use crate::backend::gpu::kernels::norm::GpuNorm;
+use crate::backend::gpu::kernels::rope::{rope, rope_table};
+use crate::backend::gpu::kernels::{Dispatch, Step};
+use crate::backend::gpu::{GpuContext, GpuError};
+use crate::model::config::{Config, FfnKind};
+use crate::model::weights::{Linear, ModelWeights};
+
+/// The activations of one step, each its own buffer (a dispatch may not read and write the same
+/// buffer).
+struct Scratch {
+    x: wgpu::Buffer,
+    h: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    att: wgpu::Buffer,
+    out: wgpu::Buffer,
+    a: wgpu::Buffer,
+    b: wgpu::Buffer,
+    emb: wgpu::Buffer,
+    scores: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    token: wgpu::Buffer,
+}
+
+impl Scratch {
+    fn new(ctx: &GpuContext, c: &Config, max_ctx: usize) -> Result<Scratch, GpuError> {
+        let f = |what: &str, n: usize| storage_zeroed(ctx, what, (n.max(1) * 4) as u64);
+        let q_dim = c.n_heads * c.head_dim;
+        Ok(Scratch {
+            x: f("x", c.hidden_size)?,
+            h: f("h", c.hidden_size)?,
+            q: f("q", q_dim)?,
+            k: f("k", c.kv_dim())?,
+            v: f("v", c.kv_dim())?,
+            att: f("att", q_dim)?,
+            out: f("out", c.hidden_size)?,
+            a: f("ffn a", c.intermediate_size)?,
+            b: f("ffn b", c.intermediate_size)?,
+            emb: f("embedding", c.embed_dim)?,
+            scores: f("scores", c.n_heads * max_ctx)?,
+            logits: f("logits", c.vocab_size)?,
+            token: f("token", 1)?,
+        })
+    }
+}
+
+/// A session's decoder on the GPU: [`GpuDecoder::step`] runs one token at the next position.
+pub struct GpuDecoder {
+    ctx: GpuContext,
+    config: Config,
+    max_ctx: usize,
+    pos: usize,
+    step: wgpu::Buffer,
+    embed: GpuMatrix,
+    embed_gather: Gather,
+    /// OPT's learned positions, row `position_offset + pos`.
+    positions: Option<(GpuMatrix, Gather)>,
+    position_offset: usize,
+    /// After the embedding gather (OPT's project_in), before the learned positions.
+    project_in: Vec<Dispatch>,
+    /// Every layer, in order.
+    layers: Vec<Dispatch>,
+    /// Final norm, projection and lm_head.
+    output: Vec<Dispatch>,
+    greedy: Dispatch,
+    s: Scratch,
+    logits_rb: Readback,
+    token_rb: Readback,
+    logits: Vec<f32>,
+    /// Weights, caches and tables: bind groups keep them alive too, but owning them states it.
+    _resident: Vec<GpuMatrix>,
+    _buffers: Vec<wgpu::Buffer>,
+}
+
+/// Uploads a linear layer: the matrix and its bias.
+fn upload_linear(
+    ctx: &GpuContext,
+    l: &Linear,
+    keep: &mut Vec<wgpu::Buffer>,
+) -> Result<(GpuMatrix, Option<wgpu::Buffer>), GpuError> {
+    let m = GpuMatrix::upload(ctx, &l.weight)?;
+    let b = match &l.bias {
+        Some(b) => {
+            let buf = storage_bytes(
+                ctx,
+                &format!("{} bias", l.weight.name),
+                bytemuck::cast_slice(b),
+            )?;
+            keep.push(buf.clone());
+            Some(buf)
+        }
+        None => None,
+    };
+    Ok((m, b))
+}
+
+impl GpuDecoder {
+    /// Uploads `w` and prepares every dispatch of a step, for contexts of up to `max_ctx`
+    /// positions (clamped to what the model was trained for). Fails with a message when the
+    /// model has tensors the kernels do not read, has no resident FFN (a flash image: the sparse
+    /// path is separate), or when a layer's KV cache would not fit one storage binding.
+    pub fn new(ctx: &GpuContext, w: &ModelWeights, max_ctx: usize) -> Result<GpuDecoder, GpuError> {
+        let c = w.config.clone();
+        let max_ctx = max_ctx.min(c.max_positions).max(1);
+        let s = Scratch::new(ctx, &c, max_ctx)?;
+        let step = uniform(ctx, "step", &Step::default());
+        let mut resident = Vec::new();
+        let mut keep = Vec::new();
+
+        let embed = GpuMatrix::upload(ctx, &w.embed)?;
+        let (first_target, project_in) = match &w.project_in {
+            Some(p) => {
+                let (m, b) = upload_linear(ctx, p, &mut keep)?;
+                let d = matvec(ctx, &m, &s.emb, b.as_ref(), &s.x)?;
+                resident.push(m);
+                (&s.emb, d)
+            }
+            None => (&s.x, Vec::new()),
+        };
+        let embed_gather = Gather::new(ctx, &embed, RowSource::Token, false, first_target, &step)?;
+        let positions = match &w.positions {
+            Some(t) => {
+                let m = GpuMatrix::upload(ctx, t)?;
+                let g = Gather::new(ctx, &m, RowSource::Position, true, &s.x, &step)?;
+                Some((m, g))
+            }
+            None => None,
+        };
+
+        let table = match c.rope_theta {
+            Some(theta) => {
+                let t = rope_table(&rope_frequencies(c.head_dim, theta), max_ctx);
+                Some(storage_bytes(ctx, "rope table", bytemuck::cast_slice(&t))?)
+            }
+            None => None,
+        };
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let cache_bytes = (max_ctx * c.kv_dim() * 4) as u64;
+
+        let mut layers = Vec::new();
+        for (l, layer) in w.layers.iter().enumerate() {
+            let ffn = layer.ffn.as_ref().ok_or_else(|| {
+                GpuError::Shape(format!(
+                    "layer {l} has no resident FFN matrices (a flash image): the dense GPU decoder needs a GGUF or HF model"
+                ))
+            })?;
+            let kc = storage_zeroed(ctx, &format!("layer {l} keys"), cache_bytes)?;
+            let vc = storage_zeroed(ctx, &format!("layer {l} values"), cache_bytes)?;
+            let attn_norm =
+                GpuNorm::upload(ctx, &format!("layer {l} attn_norm"), &layer.attn_norm)?;
+            let ffn_norm = GpuNorm::upload(ctx, &format!("layer {l} ffn_norm"), &layer.ffn_norm)?;
+            let (q, qb) = upload_linear(ctx, &layer.attn.q, &mut keep)?;
+            let (k, kb) = upload_linear(ctx, &layer.attn.k, &mut keep)?;
+            let (v, vb) = upload_linear(ctx, &layer.attn.v, &mut keep)?;
+            let (o, ob) = upload_linear(ctx, &layer.attn.o, &mut keep)?;
+            let up = GpuMatrix::upload(ctx, &ffn.up)?;
+            let down = GpuMatrix::upload(ctx, &ffn.down)?;
+            let gate = match &ffn.gate {
+                Some(g) => Some(GpuMatrix::upload(ctx, g)?),
+                None => None,
+            };
+            let bias =
+                |b: &Option<Vec<f32>>, what: &str| -> Result<Option<wgpu::Buffer>, GpuError> {
+                    b.as_ref()
+                        .map(|b| storage_bytes(ctx, what, bytemuck::cast_slice(b)))
+                        .transpose()
+                };
+            let up_b = bias(&layer.ffn_bias.up, "ffn up bias")?;
+            let down_b = bias(&layer.ffn_bias.down, "ffn down bias")?;
+
+            // Pre-norm: attention and FFN read norm(x) in h and add into x. Post-norm (OPT-350m):
+            // attention reads x, the normed sum becomes the residual in h, the FFN adds into h,
+            // and its normed sum lands back in x for the next layer.
+            let (attn_in, resid) = if c.pre_norm {
+                (&s.h, &s.x)
+            } else {
+                (&s.x, &s.x)
+            };
+            if c.pre_norm {
+                layers.push(attn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
+            }
+            layers.extend(matvec(ctx, &q, attn_in, qb.as_ref(), &s.q)?);
+            layers.extend(matvec(ctx, &k, attn_in, kb.as_ref(), &s.k)?);
+            layers.extend(matvec(ctx, &v, attn_in, vb.as_ref(), &s.v)?);
+            if let Some(t) = &table {
+                layers.push(rope(
+                    ctx,
+                    c.rope_style,
+                    c.n_heads,
+                    c.head_dim,
+                    t,
+                    &s.q,
+                    &step,
+                )?);
+                layers.push(rope(
+                    ctx,
+                    c.rope_style,
+                    c.n_kv_heads,
+                    c.head_dim,
+                    t,
+                    &s.k,
+                    &step,
+                )?);
+            }
+            layers.push(kv_store(
+                ctx,
+                c.kv_dim(),
+                max_ctx,
+                &s.k,
+                &s.v,
+                &kc,
+                &vc,
+                &step,
+            )?);
+            layers.push(attention(
+                ctx, shape, max_ctx, scale, &s.q, &kc, &vc, &s.scores, &s.att, &step,
+            )?);
+            layers.extend(matvec(ctx, &o, &s.att, ob.as_ref(), &s.out)?);
+            layers.push(add(ctx, c.hidden_size, &s.out, resid)?);
+            let (ffn_in, ffn_resid) = if c.pre_norm {
+                layers.push(ffn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
+                (&s.h, &s.x)
+            } else {
+                layers.push(attn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
+                (&s.h, &s.h)
+            };
+            layers.extend(matvec(ctx, &up, ffn_in, up_b.as_ref(), &s.a)?);
+            let kind = match (c.ffn_kind(), &gate) {
+                (FfnKind::SwiGlu, Some(g)) => {
+                    layers.extend(matvec(ctx, g, ffn_in, None, &s.b)?);
+                    FfnKind::SwiGlu
+                }
+                _ => FfnKind::Relu,
+            };
+            layers.push(ffn_act(ctx, kind, c.intermediate_size, &s.b, &s.a)?);
+            layers.extend(matvec(ctx, &down, &s.a, down_b.as_ref(), &s.out)?);
+            layers.push(add(ctx, c.hidden_size, &s.out, ffn_resid)?);
+            if !c.pre_norm {
+                layers.push(ffn_norm.dispatch(ctx, c.norm_eps, &s.h, &s.x)?);
+            }
+            resident.extend([q, k, v, o, up, down]);
+            resident.extend(gate);
+            keep.extend([kc, vc]);
+            keep.extend(qb.into_iter().chain(kb).chain(vb).chain(ob));
+            keep.extend(up_b.into_iter().chain(down_b));
+        }
+
+        let mut output = Vec::new();
+        let mut hidden = &s.x;
+        if let Some(n) = &w.final_norm {
+            let norm = GpuNorm::upload(ctx, "output_norm", n)?;
+            output.push(norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
+            hidden = &s.h;
+        }
+        if let Some(p) = &w.project_out {
+            let (m, b) = upload_linear(ctx, p, &mut keep)?;
+            output.extend(matvec(ctx, &m, hidden, b.as_ref(), &s.emb)?);
+            resident.push(m);
+            hidden = &s.emb;
+        }
+        let lm_head = GpuMatrix::upload(ctx, &w.lm_head)?;
+        output.extend(matvec(ctx, &lm_head, hidden, None, &s.logits)?);
+        resident.push(lm_head);
+        let greedy = argmax(ctx, c.vocab_size, &s.logits, &s.token)?;
+        keep.extend(table);
+
+        Ok(GpuDecoder {
+            logits_rb: Readback::new(ctx, (c.vocab_size * 4) as u64),
+            token_rb: Readback::new(ctx, 4),
+            logits: vec![0.0; c.vocab_size],
+            ctx: ctx.clone(),
+            max_ctx,
+            pos: 0,
+            step,
+            embed,
+            embed_gather,
+            positions,
+            position_offset: w.position_offset,
+            project_in,
+            layers,
+            output,
+            greedy,
+            s,
+            config: c,
+            _resident: resident,
+            _buffers: keep,
+        })
+    }
+
+    /// Positions consumed so far: the next token goes here.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The context capacity.
+    pub fn capacity(&self) -> usize {
+        self.max_ctx
+    }
+
+    /// Forgets every position (a new sequence); the cache is overwritten as positions come.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Runs `token` at the next position and returns the next-token logits.
+    pub fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
+        let mut enc = self.record(token, Output::Logits)?;
+        self.logits_rb.record(
+            &mut enc,
+            &self.s.logits,
+            (self.config.vocab_size * 4) as u64,
+        );
+        self.ctx.queue.submit([enc.finish()]);
+        self.pos += 1;
+        self.logits_rb.read(&self.ctx, &mut self.logits)?;
+        Ok(&self.logits)
+    }
+
+    /// Runs `token` and returns the most likely next token, chosen on the GPU (greedy decoding
+    /// reads back 4 bytes instead of the logits).
+    pub fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
+        let mut enc = self.record(token, Output::Greedy)?;
+        self.token_rb.record(&mut enc, &self.s.token, 4);
+        self.ctx.queue.submit([enc.finish()]);
+        self.pos += 1;
+        let mut t = [0u32];
+        self.token_rb.read(&self.ctx, &mut t)?;
+        Ok(t[0])
+    }
+
+    /// Runs `token` without computing logits (a prompt token whose successor is known). Nothing
+    /// is read back, so the GPU may still be working when this returns.
+    pub fn feed(&mut self, token: u32) -> Result<(), GpuError> {
+        let enc = self.record(token, Output::None)?;
+        self.ctx.queue.submit([enc.finish()]);
+        self.pos += 1;
+        Ok(())
+    }
+
+    /// Feeds `tokens` and returns the logits after the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], GpuError> {
+        let Some((last, rest)) = tokens.split_last() else {
+            return Err(GpuError::Shape(
+                "the prompt is empty: give at least one token".to_string(),
+            ));
+        };
+        for &t in rest {
+            self.feed(t)?;
+        }
+        self.step(*last)
+    }
+
+    /// Writes the step's uniform and records its dispatches into a new encoder.
+    fn record(&self, token: u32, out: Output) -> Result<wgpu::CommandEncoder, GpuError> {
+        let vocab = self.config.vocab_size;
+        if token as usize >= vocab {
+            return Err(GpuError::BadToken { id: token, vocab });
+        }
+        if self.pos >= self.max_ctx {
+            return Err(GpuError::ContextFull {
+                capacity: self.max_ctx,
+            });
+        }
+        let (gather, token_row) = self
+            .embed_gather
+            .for_row(&self.embed, token as usize)
+            .ok_or(GpuError::BadToken { id: token, vocab })?;
+        let position = match &self.positions {
+            Some((table, g)) => {
+                let r = self.position_offset + self.pos;
+                Some(g.for_row(table, r).ok_or_else(|| {
+                    GpuError::Shape(format!(
+                        "position {} is beyond the model's learned positions ({} rows)",
+                        self.pos, table.rows
+                    ))
+                })?)
+            }
+            None => None,
+        };
+        let step = Step {
+            pos: self.pos as u32,
+            n_pos: self.pos as u32 + 1,
+            token_row,
+            pos_row: position.map_or(0, |p| p.1),
+        };
+        write(&self.ctx, &self.step, &[step]);
+        let mut enc = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("decode step"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("decode step"),
+                timestamp_writes: None,
+            });
+            gather.encode(&mut pass);
+            self.project_in.iter().for_each(|d| d.encode(&mut pass));
+            if let Some((d, _)) = position {
+                d.encode(&mut pass);
+            }
+            self.layers.iter().for_each(|d| d.encode(&mut pass));
+            if out != Output::None {
+                self.output.iter().for_each(|d| d.encode(&mut pass));
+            }
+            if out == Output::Greedy {
+                self.greedy.encode(&mut pass);
+            }
+        }
+        Ok(enc)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    None,
+    Logits,
+    Greedy,
+}

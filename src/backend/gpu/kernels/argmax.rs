@@ -1,0 +1,70 @@
+//! Greedy choice on the GPU (shaders/argmax.wgsl): the index of the largest logit.
+
+use super::{kernel, need, Dispatch};
+use crate::backend::gpu::buffers::uniform;
+use crate::backend::gpu::pipeline::Binding;
+use crate::backend::gpu::{GpuContext, GpuError};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    _pad: [u32; 3],
+}
+
+/// `out[0] = argmax(x[..n])`, first index on ties (as `sampler::argmax`).
+pub fn argmax(
+    ctx: &GpuContext,
+    n: usize,
+    x: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+) -> Result<Dispatch, GpuError> {
+    need(x, n, "argmax input")?;
+    need(out, 1, "argmax output")?;
+    let k = kernel(
+        ctx,
+        "argmax",
+        &[Binding::Uniform, Binding::Read, Binding::ReadWrite],
+        &[],
+    )?;
+    let p = uniform(
+        ctx,
+        "argmax",
+        &Params {
+            n: n as u32,
+            _pad: [0; 3],
+        },
+    );
+    k.dispatch(ctx, &[&p, x, out], [1, 1, 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::gpu::buffers::{read, storage_f32, storage_zeroed};
+    use crate::backend::gpu::pipeline::submit;
+    use crate::backend::gpu::testing::{ctx, Rng};
+    use crate::engine::sampler::argmax as cpu_argmax;
+
+    #[test]
+    fn matches_cpu_argmax_including_ties() {
+        let Some(ctx) = ctx() else { return };
+        let mut rng = Rng::new(8);
+        let n = 49152;
+        let out = storage_zeroed(ctx, "out", 4).unwrap();
+        // No NaN or infinity cases: WGSL lets implementations assume neither occurs.
+        let mut cases = vec![rng.vec(n, 10.0), vec![0.5; n], vec![-3.0e38; n]];
+        // Ties between far-apart indices: the first wins.
+        let mut tie = rng.vec(n, 1.0);
+        tie[40_000] = 7.0;
+        tie[123] = 7.0;
+        tie[9_999] = 7.0;
+        cases.push(tie);
+        for (i, x) in cases.iter().enumerate() {
+            let bx = storage_f32(ctx, "x", x).unwrap();
+            submit(ctx, &[argmax(ctx, n, &bx, &out).unwrap()]);
+            let got: Vec<u32> = read(ctx, &out, 1).unwrap();
+            assert_eq!(got[0], cpu_argmax(x), "case {i}");
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! One Rust wrapper per kernel of `shaders/`: each checks its arguments, compiles (once per
+//! context) the pipeline variant it needs, and returns prepared [`Dispatch`]es. Every wrapper has
+//! a test against the CPU reference, run on whatever adapter exists (lavapipe in CI) and skipped
+//! with a message when there is none.
+
+pub mod add;
+pub mod argmax;
+pub mod attention;
+pub mod embed;
+pub mod ffn_act;
+pub mod kv_store;
+pub mod matvec;
+pub mod norm;
+pub mod predictor;
+pub mod rope;
+pub mod softmax;
+pub mod sparse_ffn;
+
+use crate::backend::gpu::device::GpuContext;
+use crate::backend::gpu::GpuError;
+use crate::model::tensor::DType;
+
+pub use crate::backend::gpu::pipeline::Dispatch;
+
+/// The shaders' code for a dtype (`DT_*` in shaders/lib/quant.wgsl), or `None` for the dtypes
+/// the kernels do not read (the K-quants).
+pub fn dtype_code(d: DType) -> Option<u32> {
+    Some(match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::Q4_0 => 3,
+        DType::Q4_1 => 4,
+        DType::Q8_0 => 5,
+        DType::Q4K | DType::Q6K => return None,
+    })
+}
+
+/// Whether every 4-byte field that the shaders read of a `dtype` row of `cols` values starting at
+/// `offset` (and at `offset + k * stride`) sits at a multiple of 4 bytes: the `ALIGNED` override
+/// of shaders/lib/quant.wgsl, which saves a test per load.
+pub fn aligned(dtype: DType, cols: usize, offset: usize, stride: usize) -> bool {
+    let blocks_aligned = match dtype {
+        DType::F32 | DType::Q4_1 => true,
+        DType::F16 | DType::BF16 => cols.is_multiple_of(2),
+        _ => false,
+    };
+    blocks_aligned && offset.is_multiple_of(4) && stride.is_multiple_of(4)
+}
+
+/// What changes from one decode step to the next, written once per token into one small
+/// uniform buffer that every position-dependent kernel binds (`Step` in the shaders).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Step {
+    /// Position of the token being decoded.
+    pub pos: u32,
+    /// Positions in the KV cache once this one is stored: `pos + 1`.
+    pub n_pos: u32,
+    /// The token's row within the embedding chunk bound for this step.
+    pub token_row: u32,
+    /// The position's row within the learned-position table (OPT).
+    pub pos_row: u32,
+}
+
+/// One workgroup per `per` items, at least one.
+fn groups_for(n: usize, per: usize) -> [u32; 3] {
+    [n.div_ceil(per).max(1) as u32, 1, 1]
+}
+
+/// Checks that `buf` holds at least `n` 4-byte values.
+fn need(buf: &wgpu::Buffer, n: usize, what: &str) -> Result<(), GpuError> {
+    let have = buf.size() / 4;
+    if have < n as u64 {
+        return Err(GpuError::Shape(format!(
+            "{what}: the buffer holds {have} values, the kernel needs {n}"
+        )));
+    }
+    Ok(())
+}
+
+/// The dtype code, or an error naming the tensor.
+fn code(d: DType, what: &str) -> Result<u32, GpuError> {
+    dtype_code(d).ok_or_else(|| GpuError::UnsupportedDtype {
+        what: what.to_string(),
+        dtype: d,
+    })
+}
+
+/// Compiles (or fetches) kernel `name` with its single entry point `main`.
+fn kernel(
+    ctx: &GpuContext,
+    name: &str,
+    bindings: &[crate::backend::gpu::pipeline::Binding],
+    constants: &[(&str, f64)],
+) -> Result<std::sync::Arc<crate::backend::gpu::pipeline::Kernel>, GpuError> {
+    ctx.kernel(name, "main", bindings, constants)
+}

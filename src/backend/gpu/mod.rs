@@ -1,0 +1,64 @@
+//! The wgpu backend: a decode step computed on a GPU (or on lavapipe, Mesa's Vulkan driver for
+//! the CPU, where no GPU exists).
+//!
+//! - [`device`]: [`GpuContext`], created by the engine or from a host application's own
+//!   `wgpu::Device` and `wgpu::Queue`, with the limits the kernels must honour.
+//! - [`buffers`]: uploads (weights as raw ggml blocks, split into row chunks that each fit one
+//!   storage binding) and readbacks.
+//! - [`pipeline`]: compute pipelines with explicit bind group layouts, and [`pipeline::Dispatch`],
+//!   a pipeline bound to its buffers, ready to encode.
+//! - [`shaders`]: the WGSL sources (`shaders/`, one file per kernel), validated by naga in tests.
+//! - [`kernels`]: one Rust wrapper per kernel, each tested against the CPU reference.
+//! - [`forward`]: [`GpuDecoder`], the dense decode step wholly on the GPU.
+//!
+//! Weights stay in their file's dtype on the GPU and are dequantised in the shaders; f16 values
+//! are read as two per `u32` with `unpack2x16float`, which every wgpu backend supports (native
+//! `f16` needs SHADER_F16, absent on the GL fallback, and was slower on lavapipe).
+
+pub mod buffers;
+pub mod device;
+pub mod forward;
+pub mod kernels;
+pub mod pipeline;
+pub mod shaders;
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use device::{GpuContext, GpuOptions};
+pub use forward::GpuDecoder;
+
+use crate::model::tensor::DType;
+
+/// Errors of the GPU backend. Each says what was expected, what was found, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no GPU adapter found{detail}: install mesa-vulkan-drivers for a CPU Vulkan device (lavapipe), check WGPU_BACKEND if it is set, or pass --backend cpu")]
+    NoAdapter { detail: String },
+    #[error("no GPU adapter's name contains `{wanted}`; the adapters here are: {available}. Pass part of one of these names, or none to take the default")]
+    AdapterNotFound { wanted: String, available: String },
+    #[error(
+        "could not open the GPU device `{adapter}`: {reason}; try another adapter or --backend cpu"
+    )]
+    RequestDevice { adapter: String, reason: String },
+    #[error("{what} needs {bytes} bytes in one GPU storage binding, but `{adapter}` allows at most {limit}; use a smaller context or the CPU backend")]
+    TooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+        adapter: String,
+    },
+    #[error("{what} is {dtype}, which the GPU kernels do not read (they read F32, F16, BF16, Q4_0, Q4_1 and Q8_0); use the CPU backend for this model")]
+    UnsupportedDtype { what: String, dtype: DType },
+    #[error("{0}")]
+    Shape(String),
+    #[error("the GPU rejected {what}: {reason}")]
+    Validation { what: String, reason: String },
+    #[error("reading results back from the GPU failed: {0}")]
+    Readback(String),
+    #[error(
+        "the context is full ({capacity} positions); use a larger context or a shorter prompt"
+    )]
+    ContextFull { capacity: usize },
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    BadToken { id: u32, vocab: usize },
+}

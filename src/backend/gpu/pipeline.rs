@@ -1,0 +1,184 @@
+//! Compute pipelines with explicit bind group layouts, and prepared dispatches.
+//!
+//! Explicit layouts (rather than wgpu's layout derived from the shader) keep a binding that an
+//! override constant compiles away (e.g. the gate input of the ReLU activation) part of the
+//! layout, so every variant of a kernel binds the same buffers.
+
+use std::borrow::Cow;
+
+use crate::backend::gpu::device::GpuContext;
+use crate::backend::gpu::{shaders, GpuError};
+
+/// What one binding of a kernel is, in binding order (binding i is the i-th).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    Uniform,
+    /// Read-only storage.
+    Read,
+    /// Read-write storage.
+    ReadWrite,
+}
+
+/// A compiled compute pipeline and its bind group layout.
+#[derive(Debug)]
+pub struct Kernel {
+    pub name: String,
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    bindings: Vec<Binding>,
+}
+
+impl Kernel {
+    /// Compiles kernel `name`'s entry point `entry` with override `constants`. Shader errors
+    /// (which naga tests should have caught) come back as [`GpuError::Validation`].
+    pub fn new(
+        ctx: &GpuContext,
+        name: &str,
+        entry: &str,
+        bindings: &[Binding],
+        constants: &[(&str, f64)],
+    ) -> Result<Kernel, GpuError> {
+        let src = shaders::source(name)
+            .ok_or_else(|| GpuError::Shape(format!("no shader named `{name}`")))?;
+        let device = &ctx.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(Cow::Owned(src)),
+        });
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b {
+                        Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                        Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                        Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(name),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(name),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(name),
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                // Every kernel writes its workgroup memory before reading it.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Validation {
+                what: format!("kernel `{name}` ({entry}, {constants:?})"),
+                reason: e.to_string(),
+            });
+        }
+        Ok(Kernel {
+            name: name.to_string(),
+            pipeline,
+            layout,
+            bindings: bindings.to_vec(),
+        })
+    }
+
+    /// Binds `buffers` (one per binding, in order) and prepares a dispatch of `groups`.
+    pub fn dispatch(
+        &self,
+        ctx: &GpuContext,
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<Dispatch, GpuError> {
+        if buffers.len() != self.bindings.len() {
+            return Err(GpuError::Shape(format!(
+                "kernel `{}` takes {} buffers, got {}",
+                self.name,
+                self.bindings.len(),
+                buffers.len()
+            )));
+        }
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.name),
+            layout: &self.layout,
+            entries: &entries,
+        });
+        Ok(Dispatch {
+            pipeline: self.pipeline.clone(),
+            bind_group,
+            groups,
+        })
+    }
+}
+
+/// A pipeline bound to its buffers: encoding it is two calls and a dispatch. Prepared once
+/// (e.g. per layer when a decoder is built) and encoded every token.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    pub groups: [u32; 3],
+}
+
+impl Dispatch {
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.groups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+/// Workgroup counts for `n` workgroups: a 2-D grid when `n` exceeds the per-dimension limit
+/// (e.g. one workgroup per 4 rows of a 150k-token vocabulary). Kernels rebuild the flat index
+/// as `x + y * groups_x`, and skip the few extra workgroups of the last row of the grid.
+pub fn grid(ctx: &GpuContext, n: u32) -> [u32; 3] {
+    let max = ctx.limits.max_compute_workgroups_per_dimension.max(1);
+    if n <= max {
+        [n.max(1), 1, 1]
+    } else {
+        [max, n.div_ceil(max), 1]
+    }
+}
+
+/// Encodes `dispatches` in order into one compute pass and submits them. wgpu orders the
+/// dispatches of a pass (each is its own usage scope), so a kernel sees its predecessors' writes.
+pub fn submit(ctx: &GpuContext, dispatches: &[Dispatch]) {
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
+        for d in dispatches {
+            d.encode(&mut pass);
+        }
+    }
+    ctx.queue.submit([enc.finish()]);
+}

@@ -1,0 +1,63 @@
+//! Helpers for the GPU tests: one shared context per test binary, skipped with a message when no
+//! adapter exists (unless LLMFLASH_REQUIRE_GPU=1), and a small deterministic random source.
+
+use std::sync::OnceLock;
+
+use crate::backend::gpu::{GpuContext, GpuError, GpuOptions};
+
+/// The shared context, or `None` (after printing why) when this machine has no adapter.
+/// Under `LLMFLASH_REQUIRE_GPU=1` a missing adapter fails the test instead.
+pub fn ctx() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Result<GpuContext, String>> = OnceLock::new();
+    let r = CTX.get_or_init(|| GpuContext::new(&GpuOptions::default()).map_err(describe));
+    match r {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if std::env::var("LLMFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("LLMFLASH_REQUIRE_GPU=1 but {e}");
+            }
+            eprintln!("skipping GPU test: {e}");
+            None
+        }
+    }
+}
+
+fn describe(e: GpuError) -> String {
+    e.to_string()
+}
+
+/// xorshift64*: reproducible inputs without a dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32() * scale).collect()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// Largest |a - b| relative to the largest |b| (at least `floor`).
+pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let scale = b.iter().fold(floor, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
