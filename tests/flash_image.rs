@@ -163,3 +163,45 @@ fn corrupted_image_is_refused() {
     assert!(!err.is_empty());
     std::fs::remove_file(image).ok();
 }
+
+/// The embedding and output head read into the session or streamed from the image give the
+/// same logits as taking them from the weights, tied or not.
+#[test]
+fn streamed_embedding_and_head_change_nothing() {
+    use llmflash::engine::streamed::{OutputRows, RowSource, TABLES};
+    for fixture in ["hf/llama", "hf/llama-tied"] {
+        let dir = common::fixture(fixture);
+        let tokens = common::u32s(&common::read_json(&dir.join("reference.json"))["tokens"]);
+        let image = to_image(&dir, "streamed", BundleDtype::Source);
+        let model = Model::open(&image).expect("open image");
+        let img = model.image.as_ref().unwrap();
+        let layers = model.weights.config.n_layers;
+        let reference = run(&model, options(Strategy::Flash, Some(3), layers), &tokens);
+        let source = |name: &str, streamed: bool| {
+            if streamed {
+                RowSource::streamed(img, name, true, 2).expect("streamed")
+            } else {
+                RowSource::resident(img, name, true).expect("resident")
+            }
+        };
+        let untied = img.meta.tensor(TABLES[1]).is_some();
+        assert_eq!(untied, fixture == "hf/llama", "fixture layout changed");
+        for streamed in [false, true] {
+            let rows = OutputRows {
+                embed: source(TABLES[0], streamed),
+                head: untied.then(|| source(TABLES[1], streamed)),
+            };
+            let mut session = model
+                .session(64, Some(options(Strategy::Flash, Some(3), layers)), None)
+                .expect("session")
+                .with_rows(rows);
+            let got = logits(&mut session, &tokens);
+            assert!(got == reference, "{fixture}, streamed {streamed}");
+            let stats = session.flash_stats().expect("flash stats");
+            if streamed {
+                assert!(stats.bytes_read > 0);
+            }
+        }
+        std::fs::remove_file(image).ok();
+    }
+}

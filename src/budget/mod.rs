@@ -11,8 +11,13 @@ use serde::Serialize;
 /// What the model needs, in bytes, apart from the FFN window.
 #[derive(Clone, Debug, Serialize)]
 pub struct Needs {
-    /// Resident tensors of the image (embeddings, attention, norms, lm_head, biases).
+    /// Resident tensors of the image apart from `tables` (attention, norms, biases).
     pub resident: u64,
+    /// The embedding table and output head (one entry when tied): kept resident when the
+    /// budget allows, streamed from the image otherwise.
+    pub tables: Vec<(String, u64)>,
+    /// Memory a streamed table needs (its read staging).
+    pub stream_staging: u64,
     /// Predictor weights, all layers.
     pub predictors: u64,
     /// KV cache at the planned context length.
@@ -36,16 +41,20 @@ pub struct Plan {
     /// Window slots per layer.
     pub window_slots: Vec<usize>,
     pub window_bytes: u64,
-    /// The smallest budget that runs this model: no window, one layer's active set in scratch.
+    /// The smallest budget that runs this model: no window, one layer's active set in scratch,
+    /// the tables streamed.
     pub minimum: u64,
+    /// Tables streamed from the image instead of held.
+    pub streamed: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BudgetError {
     #[error(
         "a memory budget of {budget} is too small for this model: it needs at least {minimum} \
-         ({resident} resident weights, {predictors} predictors, {kv} KV cache, {scratch} scratch, \
-         {window} for one layer's active neurons). Raise --memory-budget or shorten --ctx"
+         ({resident} resident weights with the embedding and output head streamed, {predictors} \
+         predictors, {kv} KV cache, {scratch} scratch, {window} for one layer's active neurons). \
+         Raise --memory-budget or shorten --ctx"
     )]
     TooSmall {
         budget: Bytes,
@@ -101,15 +110,23 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok((value * scale as f64).round() as u64)
 }
 
+/// Share of the expected active bundles the window should be able to hold before the
+/// embedding and output head are worth keeping resident: below it, every token would read
+/// most of its FFN again, and streaming the tables (one sequential pass per token) costs less
+/// than the FFN reads the freed memory saves.
+const WINDOW_BEFORE_TABLES: f64 = 0.25;
+
 /// Plans `budget` bytes for a model with `needs`.
 pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
     let one_layer = needs.active.iter().copied().fold(0.0, f64::max) * needs.stride as f64;
-    let fixed = needs.resident
+    let base = needs.resident
         + needs.predictors
         + needs.kv_cache
         + needs.scratch
         + one_layer.ceil() as u64;
-    let minimum = fixed;
+    let tables: u64 = needs.tables.iter().map(|t| t.1).sum();
+    let staging = needs.stream_staging * needs.tables.len() as u64;
+    let minimum = base + staging;
     if budget < minimum {
         return Err(BudgetError::TooSmall {
             budget: Bytes(budget),
@@ -117,10 +134,20 @@ pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
             resident: Bytes(needs.resident),
             predictors: Bytes(needs.predictors),
             kv: Bytes(needs.kv_cache),
-            scratch: Bytes(needs.scratch),
+            scratch: Bytes(needs.scratch + staging),
             window: Bytes(one_layer.ceil() as u64),
         });
     }
+    let active_bytes = needs.active.iter().sum::<f64>() * needs.stride as f64;
+    let keep_tables = budget as f64 >= (base + tables) as f64 + WINDOW_BEFORE_TABLES * active_bytes;
+    let (fixed, streamed) = if keep_tables {
+        (base + tables, Vec::new())
+    } else {
+        (
+            base + staging,
+            needs.tables.iter().map(|t| t.0.clone()).collect(),
+        )
+    };
     let slots_total = ((budget - fixed) / needs.stride.max(1)) as f64;
     let weight: f64 = needs.active.iter().sum::<f64>().max(1e-9);
     let window_slots: Vec<usize> = needs
@@ -136,6 +163,7 @@ pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
         window_slots,
         window_bytes,
         minimum,
+        streamed,
     })
 }
 
@@ -145,7 +173,9 @@ mod tests {
 
     fn needs() -> Needs {
         Needs {
-            resident: 40 << 20,
+            resident: 30 << 20,
+            tables: vec![("token_embd.weight".into(), 10 << 20)],
+            stream_staging: 1 << 20,
             predictors: 2 << 20,
             kv_cache: 1 << 20,
             scratch: 1 << 20,
@@ -170,7 +200,8 @@ mod tests {
         let n = needs();
         let err = plan(10 << 20, &n).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("at least 44.3 MiB"), "{msg}");
+        // 30 + 2 + 1 + 1 MiB, 300 bundles of 1000 bytes, 1 MiB of staging for the table.
+        assert!(msg.contains("at least 35.3 MiB"), "{msg}");
         assert!(msg.contains("--memory-budget"), "{msg}");
     }
 
@@ -184,5 +215,20 @@ mod tests {
         // A huge budget caps every layer at its neuron count.
         let p = plan(1 << 40, &n).unwrap();
         assert_eq!(p.window_slots, vec![1000, 1000]);
+        assert!(p.streamed.is_empty());
+    }
+
+    #[test]
+    fn tables_are_streamed_only_when_the_window_would_starve() {
+        let n = needs();
+        let with_tables = (44 << 20) + 300 * 1000;
+        // Room for the tables and a quarter of the active bundles (400 x 1000 bytes): keep.
+        let p = plan(with_tables + 100_000, &n).unwrap();
+        assert!(p.streamed.is_empty(), "{p:?}");
+        // Less: stream them and give their memory to the window.
+        let p = plan(with_tables, &n).unwrap();
+        assert_eq!(p.streamed, vec!["token_embd.weight".to_string()]);
+        assert!(p.window_bytes > 9 << 20, "{p:?}");
+        assert!(p.fixed + p.window_bytes <= p.budget);
     }
 }

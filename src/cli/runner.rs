@@ -8,7 +8,9 @@ use crate::budget::{self, Needs};
 use crate::cli::flash_args::FlashArgs;
 use crate::engine::flash::{Selection, Sparsity, Strategy};
 use crate::engine::model::Model;
+use crate::engine::streamed::{OutputRows, RowSource, STREAM_STAGING, TABLES};
 use crate::engine::Session;
+use crate::image::is_flash_image;
 use crate::sparsity::synthetic::SyntheticActivity;
 use crate::sparsity::Calibration;
 
@@ -18,6 +20,9 @@ pub struct Runner {
     pub calibration: Option<Calibration>,
     /// Random active sets instead of a predictor (`--synthetic-activity`).
     synthetic: Option<SyntheticActivity>,
+    /// The embedding and output head were left out of the load: each session reads them
+    /// (or streams them) as its memory plan says.
+    tables_deferred: bool,
 }
 
 impl Runner {
@@ -25,8 +30,11 @@ impl Runner {
     /// unless `args.no_direct`), except for the `mmap` strategy, which maps everything.
     pub fn open(path: &Path, args: &FlashArgs) -> anyhow::Result<Runner> {
         let load = (args.strategy != Strategy::Mmap).then_some(!args.no_direct);
-        let model =
-            Model::open_with(path, load).with_context(|| format!("loading {}", path.display()))?;
+        let tables_deferred =
+            load.is_some() && args.memory_budget.is_some() && is_flash_image(path);
+        let defer: &[&str] = if tables_deferred { &TABLES } else { &[] };
+        let model = Model::open_with(path, load, defer)
+            .with_context(|| format!("loading {}", path.display()))?;
         let calibration = match &model.image {
             Some(image) => Calibration::load(image)
                 .with_context(|| format!("reading the calibration of {}", path.display()))?,
@@ -46,6 +54,7 @@ impl Runner {
             model,
             calibration,
             synthetic,
+            tables_deferred,
         })
     }
 
@@ -81,8 +90,14 @@ impl Runner {
         if let Some(budget) = args.memory_budget {
             let c = &self.model.weights.config;
             let n = c.intermediate_size;
+            let tables: Vec<(String, u64)> = TABLES
+                .iter()
+                .filter_map(|&n| image.meta.tensor(n).map(|t| (n.to_string(), t.len)))
+                .collect();
             let needs = Needs {
-                resident: image.meta.resident_bytes(),
+                resident: image.meta.resident_bytes() - tables.iter().map(|t| t.1).sum::<u64>(),
+                tables,
+                stream_staging: STREAM_STAGING as u64,
                 // Loaded with the calibration, used or not.
                 predictors: self.calibration.as_ref().map_or(0, |c| c.predictor_bytes()),
                 kv_cache: (c.n_layers * ctx.min(c.max_positions) * c.kv_dim() * 2 * 4) as u64,
@@ -101,7 +116,31 @@ impl Runner {
             };
             let plan = budget::plan(budget, &needs)?;
             log::info!("memory plan: {plan:?}");
+            if !plan.streamed.is_empty() {
+                eprintln!(
+                    "memory plan: streaming {} from the image (budget below what keeping them needs)",
+                    plan.streamed.join(", ")
+                );
+            }
             opts.window_slots = Some(plan.window_slots);
+            let session = self.model.session(ctx, Some(opts), sparsity)?;
+            if !self.tables_deferred {
+                return Ok(session);
+            }
+            let source = |name: &str| -> anyhow::Result<RowSource> {
+                let direct = !args.no_direct;
+                Ok(if plan.streamed.iter().any(|s| s == name) {
+                    RowSource::streamed(image, name, direct, args.io_threads)?
+                } else {
+                    RowSource::resident(image, name, direct)?
+                })
+            };
+            let embed = source(TABLES[0])?;
+            let head = match image.meta.tensor(TABLES[1]) {
+                Some(_) => Some(source(TABLES[1])?),
+                None => None,
+            };
+            return Ok(session.with_rows(OutputRows { embed, head }));
         }
         Ok(self.model.session(ctx, Some(opts), sparsity)?)
     }

@@ -6,6 +6,7 @@ pub mod model;
 pub mod perplexity;
 pub mod sampler;
 pub mod stats;
+pub mod streamed;
 
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use crate::model::weights::ModelWeights;
 use kv_cache::KvCache;
 use sampler::Sampler;
 use stats::{FlashStats, GenerationStats};
+use streamed::OutputRows;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -31,6 +33,8 @@ pub struct Session<'w> {
     kv: KvCache,
     state: CpuState,
     ffn: Box<dyn FfnCompute + 'w>,
+    /// Embedding and output head held apart from the weights (resident copies or streamed).
+    rows: Option<OutputRows>,
 }
 
 impl<'w> Session<'w> {
@@ -53,7 +57,31 @@ impl<'w> Session<'w> {
             kv: KvCache::new(c, ctx),
             state: CpuState::new(c),
             ffn,
+            rows: None,
         }
+    }
+
+    /// Takes the embedding and output head from `rows` instead of the weights.
+    pub fn with_rows(mut self, rows: OutputRows) -> Session<'w> {
+        self.rows = Some(rows);
+        self
+    }
+
+    /// Bytes read and time spent streaming the embedding and output head, if they are.
+    fn row_costs(&self) -> (u64, std::time::Duration) {
+        self.rows
+            .as_ref()
+            .map_or((0, std::time::Duration::ZERO), |r| (r.bytes_read(), r.io()))
+    }
+
+    /// The flash path's costs so far, with the streamed embedding and head counted as I/O.
+    pub fn flash_stats(&self) -> Option<FlashStats> {
+        let mut s = self.ffn.flash_stats()?;
+        let (bytes, io) = self.row_costs();
+        s.bytes_read += bytes;
+        s.io += io;
+        s.memory_bytes += self.rows.as_ref().map_or(0, |r| r.memory_bytes() as u64);
+        Some(s)
     }
 
     /// The FFN provider, e.g. to read its statistics.
@@ -88,6 +116,7 @@ impl<'w> Session<'w> {
             token,
             want_logits,
             self.ffn.as_mut(),
+            self.rows.as_mut(),
         );
         Ok(&self.state.logits)
     }
@@ -121,7 +150,7 @@ pub fn generate(
     let t0 = Instant::now();
     let mut next = sampler.sample(session.prefill(prompt)?);
     let prompt_ms = ms_since(t0);
-    let before = session.ffn().flash_stats();
+    let before = session.flash_stats();
     let t1 = Instant::now();
     let mut tokens = Vec::with_capacity(max_new);
     while tokens.len() < max_new && !is_end(next) {
@@ -134,7 +163,7 @@ pub fn generate(
     }
     let decode_ms = ms_since(t1);
     let mut stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
-    if let (Some(a), Some(b)) = (before, session.ffn().flash_stats()) {
+    if let (Some(a), Some(b)) = (before, session.flash_stats()) {
         add_flash_costs(&mut stats, &a, &b);
     }
     Ok(Generation { tokens, stats })

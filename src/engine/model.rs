@@ -34,16 +34,21 @@ pub enum ModelError {
 impl Model {
     /// Opens a GGUF file, an HF directory or a flash image (resident tensors mapped).
     pub fn open(path: &Path) -> Result<Model, ModelError> {
-        Model::open_with(path, None)
+        Model::open_with(path, None, &[])
     }
 
     /// Like [`Model::open`]; for a flash image with `load_direct = Some(direct)`, the
     /// resident tensors are read into process memory (direct reads when `direct`) instead of
     /// being mapped, so that a memory cap cannot evict them.
-    pub fn open_with(path: &Path, load_direct: Option<bool>) -> Result<Model, ModelError> {
+    /// Tensors named in `stream` stay mapped and untouched (see [`crate::engine::streamed`]).
+    pub fn open_with(
+        path: &Path,
+        load_direct: Option<bool>,
+        stream: &[&str],
+    ) -> Result<Model, ModelError> {
         if is_flash_image(path) {
             let image = match load_direct {
-                Some(direct) => FlashImage::open_loaded(path, direct)?,
+                Some(direct) => FlashImage::open_loaded(path, direct, stream)?,
                 None => FlashImage::open(path)?,
             };
             return Model::from_image(image);

@@ -76,7 +76,9 @@ impl FlashImage {
     /// direct reads (when `direct`), checking their checksums there. Memory-mapped tensors
     /// live in the page cache, which the kernel may evict under a memory cap and read again
     /// on the next token; owned ones are counted in RSS and stay, so a memory budget holds.
-    pub fn open_loaded(path: &Path, direct: bool) -> Result<FlashImage, ImageError> {
+    /// Tensors named in `skip` stay mapped (and untouched: the caller streams them or reads
+    /// them itself).
+    pub fn open_loaded(path: &Path, direct: bool, skip: &[&str]) -> Result<FlashImage, ImageError> {
         use crate::storage::{CoalesceOptions, FlashFile, ReadPool};
         let file = File::open(path).map_err(|source| ImageError::Io {
             path: path.to_path_buf(),
@@ -100,13 +102,14 @@ impl FlashImage {
         // own buffer: the staging area stays small, so the peak RSS is the tensors alone.
         const PIECE: usize = 1 << 20;
         const BATCH: usize = 4;
+        let loaded = |t: &TensorEntry| !skip.contains(&t.name.as_str());
         let mut buffers: Vec<Vec<u8>> = meta
             .tensors
             .iter()
-            .map(|t| vec![0u8; t.len as usize])
+            .map(|t| vec![0u8; if loaded(t) { t.len as usize } else { 0 }])
             .collect();
         let mut pieces: Vec<(u64, usize, usize, usize)> = Vec::new(); // offset, len, tensor, at
-        for (i, t) in meta.tensors.iter().enumerate() {
+        for (i, t) in meta.tensors.iter().enumerate().filter(|(_, t)| loaded(t)) {
             let mut at = 0;
             while at < t.len as usize {
                 let len = PIECE.min(t.len as usize - at);
@@ -127,6 +130,9 @@ impl FlashImage {
         let mut bad = None;
         let mut owned = std::collections::HashMap::with_capacity(buffers.len());
         for (t, bytes) in meta.tensors.iter().zip(buffers) {
+            if !loaded(t) {
+                continue;
+            }
             let computed = crc32(&bytes);
             if computed != t.crc32 && bad.is_none() {
                 bad = Some((t.name.clone(), t.crc32, computed));

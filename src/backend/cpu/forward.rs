@@ -9,6 +9,7 @@ use crate::backend::cpu::matvec::{linear, matvec};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_frequencies, silu};
 use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::engine::kv_cache::KvCache;
+use crate::engine::streamed::OutputRows;
 use crate::model::config::{Config, FfnKind};
 use crate::model::tensor::Tensor;
 use crate::model::weights::{Ffn, Layer, ModelWeights};
@@ -140,10 +141,11 @@ pub fn forward(
     token: u32,
     want_logits: bool,
     ffn: &mut dyn FfnCompute,
+    mut rows: Option<&mut OutputRows>,
 ) {
     let c = &w.config;
     let pos = kv.len();
-    embed(w, s, token, pos);
+    embed(w, s, token, pos, rows.as_deref_mut());
     for (l, layer) in w.layers.iter().enumerate() {
         if c.pre_norm {
             apply_norm(&layer.attn_norm, &s.x, c.norm_eps, &mut s.h);
@@ -167,15 +169,23 @@ pub fn forward(
     }
     kv.advance();
     if want_logits {
-        output(w, s);
+        output(w, s, rows);
     }
 }
 
 /// Token embedding (plus OPT's projection and learned position) into `s.x`.
-fn embed(w: &ModelWeights, s: &mut CpuState, token: u32, pos: usize) {
-    let row = w.embed.row(token as usize);
-    quant::dequantize(w.embed.dtype, row, &mut s.embed)
-        .expect("embedding rows are whole blocks (checked at load time)");
+fn embed(
+    w: &ModelWeights,
+    s: &mut CpuState,
+    token: u32,
+    pos: usize,
+    rows: Option<&mut OutputRows>,
+) {
+    match rows {
+        Some(r) => r.embed_row(token, &mut s.embed),
+        None => quant::dequantize(w.embed.dtype, w.embed.row(token as usize), &mut s.embed)
+            .expect("embedding rows are whole blocks (checked at load time)"),
+    }
     match &w.project_in {
         Some(p) => linear(p, &s.embed, &mut s.act, &mut s.x),
         None => s.x.copy_from_slice(&s.embed),
@@ -210,7 +220,7 @@ fn attention(c: &Config, layer: &Layer, kv: &mut KvCache, l: usize, pos: usize, 
 }
 
 /// Final norm, optional projection, and the vocabulary projection into `s.logits`.
-fn output(w: &ModelWeights, s: &mut CpuState) {
+fn output(w: &ModelWeights, s: &mut CpuState, rows: Option<&mut OutputRows>) {
     let c = &w.config;
     match &w.final_norm {
         Some(n) => apply_norm(n, &s.x, c.norm_eps, &mut s.h),
@@ -223,8 +233,19 @@ fn output(w: &ModelWeights, s: &mut CpuState) {
         }
         None => &s.h,
     };
-    s.act
-        .quantize_for(w.lm_head.dtype, hidden)
-        .expect("lm_head columns match the hidden size (checked at load time)");
-    matvec(&w.lm_head, &s.act, &mut s.logits);
+    match rows {
+        Some(r) => {
+            let head = r.head();
+            s.act
+                .quantize_for(head.dtype(), hidden)
+                .expect("lm_head columns match the hidden size (checked at load time)");
+            head.matvec(&s.act, &mut s.logits);
+        }
+        None => {
+            s.act
+                .quantize_for(w.lm_head.dtype, hidden)
+                .expect("lm_head columns match the hidden size (checked at load time)");
+            matvec(&w.lm_head, &s.act, &mut s.logits);
+        }
+    }
 }

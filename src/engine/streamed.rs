@@ -1,0 +1,234 @@
+//! The embedding table and output head, resident or streamed from the flash image.
+//!
+//! In a small model they are a large share of what must stay in memory (SmolLM2's tied
+//! 49152 x 576 table is 29 MiB of its 45 MiB of non-FFN weights). Under a budget that cannot
+//! hold them, the planner streams them: a token's embedding is one row read, and the output
+//! head is read through in chunks of whole rows with direct, concurrent reads, each chunk
+//! multiplied as soon as it arrives. That costs one pass over the table per token, which the
+//! statistics count as I/O like the FFN's reads.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use crate::backend::cpu::quant::{self, ActivationBuffer};
+use crate::engine::flash::FlashError;
+use crate::image::{FlashImage, TensorEntry};
+use crate::model::tensor::DType;
+use crate::storage::{CoalesceOptions, FlashFile, ReadPool};
+
+/// Bytes of rows read per batch when streaming (the read pool's staging holds one batch).
+const STREAM_CHUNK: usize = 2 << 20;
+
+/// Memory one streamed table needs: a batch of rows plus alignment slack.
+pub const STREAM_STAGING: usize = STREAM_CHUNK + 2 * crate::storage::ALIGN;
+
+/// The image tensors that may be streamed: the token embedding and the (untied) output head.
+pub const TABLES: [&str; 2] = ["token_embd.weight", "output.weight"];
+
+/// One matrix of the image with `rows` rows, either read into memory or streamed.
+pub struct RowSource {
+    name: String,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    offset: u64,
+    where_: Where,
+    /// Cumulative streaming costs.
+    pub bytes_read: u64,
+    pub io: Duration,
+}
+
+enum Where {
+    Resident(Vec<u8>),
+    Streamed {
+        pool: ReadPool,
+        opts: CoalesceOptions,
+    },
+}
+
+impl RowSource {
+    /// Reads tensor `name` of `image` into memory (direct reads when `direct`).
+    pub fn resident(image: &FlashImage, name: &str, direct: bool) -> Result<RowSource, FlashError> {
+        let e = entry(image, name)?;
+        let pool = open_pool(image, direct, 4)?;
+        let mut bytes = vec![0u8; e.len as usize];
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let len = STREAM_CHUNK.min(bytes.len() - at);
+            pool.read_ranges(
+                &[(e.offset + at as u64, len)],
+                &CoalesceOptions::default(),
+                &mut |_, b| bytes[at..at + len].copy_from_slice(b),
+            )
+            .map_err(|err| read_error(image, name, err))?;
+            at += len;
+        }
+        if crate::image::crc32(&bytes) != e.crc32 {
+            return Err(FlashError::Setup(format!(
+                "tensor {name} of {} fails its checksum: the image is damaged; convert it again",
+                image.file().display()
+            )));
+        }
+        Ok(RowSource::new(e, Where::Resident(bytes)))
+    }
+
+    /// Streams tensor `name` of `image` with `io_threads` concurrent reads.
+    pub fn streamed(
+        image: &FlashImage,
+        name: &str,
+        direct: bool,
+        io_threads: usize,
+    ) -> Result<RowSource, FlashError> {
+        let e = entry(image, name)?;
+        let pool = open_pool(image, direct, io_threads.max(1))?;
+        let opts = CoalesceOptions::default();
+        Ok(RowSource::new(e, Where::Streamed { pool, opts }))
+    }
+
+    fn new(e: &TensorEntry, where_: Where) -> RowSource {
+        RowSource {
+            name: e.name.clone(),
+            dtype: e.dtype,
+            rows: e.rows,
+            cols: e.cols,
+            row_bytes: (e.len as usize) / e.rows.max(1),
+            offset: e.offset,
+            where_,
+            bytes_read: 0,
+            io: Duration::ZERO,
+        }
+    }
+
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.where_, Where::Streamed { .. })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes held in memory: the table, or the read staging of one chunk.
+    pub fn memory_bytes(&self) -> usize {
+        match &self.where_ {
+            Where::Resident(b) => b.len(),
+            Where::Streamed { .. } => STREAM_STAGING,
+        }
+    }
+
+    /// Row `i`, dequantised into `out` (`cols` values).
+    pub fn row(&mut self, i: usize, out: &mut [f32]) {
+        let (rb, dtype) = (self.row_bytes, self.dtype);
+        let done = |bytes: &[u8], out: &mut [f32]| {
+            quant::dequantize(dtype, bytes, out).expect("rows are whole blocks (checked at load)")
+        };
+        match &self.where_ {
+            Where::Resident(b) => done(&b[i * rb..(i + 1) * rb], out),
+            Where::Streamed { pool, opts } => {
+                let t = Instant::now();
+                let stats = pool
+                    .read_ranges(&[(self.offset + (i * rb) as u64, rb)], opts, &mut |_, b| {
+                        done(b, out)
+                    })
+                    .unwrap_or_else(|e| panic!("reading row {i} of {}: {e}", self.name));
+                self.bytes_read += stats.bytes_read;
+                self.io += t.elapsed();
+            }
+        }
+    }
+
+    /// `out = M act` over all rows.
+    pub fn matvec(&mut self, act: &ActivationBuffer, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), self.rows);
+        let (rb, dtype) = (self.row_bytes, self.dtype);
+        match &self.where_ {
+            Where::Resident(b) => par_matvec(dtype, b, rb, act, out),
+            Where::Streamed { pool, opts } => {
+                let per_chunk = (STREAM_CHUNK / rb).max(1);
+                let mut compute = Duration::ZERO;
+                let t = Instant::now();
+                for (k, out) in out.chunks_mut(per_chunk).enumerate() {
+                    let start = (k * per_chunk * rb) as u64;
+                    let len = out.len() * rb;
+                    let stats = pool
+                        .read_ranges(&[(self.offset + start, len)], opts, &mut |_, b| {
+                            let tc = Instant::now();
+                            par_matvec(dtype, b, rb, act, out);
+                            compute += tc.elapsed();
+                        })
+                        .unwrap_or_else(|e| panic!("streaming {}: {e}", self.name));
+                    self.bytes_read += stats.bytes_read;
+                }
+                self.io += t.elapsed().saturating_sub(compute);
+            }
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// Rows of `weights` (each `row_bytes`) times `act`, split across the worker threads.
+fn par_matvec(
+    dtype: DType,
+    weights: &[u8],
+    row_bytes: usize,
+    act: &ActivationBuffer,
+    out: &mut [f32],
+) {
+    const ROWS_PER_TASK: usize = 256;
+    out.par_chunks_mut(ROWS_PER_TASK)
+        .zip(weights.par_chunks(ROWS_PER_TASK * row_bytes))
+        .for_each(|(o, w)| quant::matvec(dtype, w, act, o));
+}
+
+fn entry<'i>(image: &'i FlashImage, name: &str) -> Result<&'i TensorEntry, FlashError> {
+    image.meta.tensor(name).ok_or_else(|| {
+        FlashError::Setup(format!("{} has no tensor {name}", image.file().display()))
+    })
+}
+
+fn open_pool(image: &FlashImage, direct: bool, threads: usize) -> Result<ReadPool, FlashError> {
+    let file = FlashFile::open(image.file(), direct)
+        .map_err(|e| FlashError::Setup(format!("opening {}: {e}", image.file().display())))?;
+    Ok(ReadPool::new(Arc::new(file), threads))
+}
+
+fn read_error(image: &FlashImage, name: &str, e: crate::storage::StorageError) -> FlashError {
+    FlashError::Setup(format!(
+        "reading {name} from {}: {e}",
+        image.file().display()
+    ))
+}
+
+/// The token embedding and the output head of a session, when they are not taken from the
+/// model's weights (see the module docs). `head: None` means tied: the embedding's table.
+pub struct OutputRows {
+    pub embed: RowSource,
+    pub head: Option<RowSource>,
+}
+
+impl OutputRows {
+    pub fn embed_row(&mut self, token: u32, out: &mut [f32]) {
+        self.embed.row(token as usize, out)
+    }
+
+    pub fn head(&mut self) -> &mut RowSource {
+        self.head.as_mut().unwrap_or(&mut self.embed)
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.embed.bytes_read + self.head.as_ref().map_or(0, |h| h.bytes_read)
+    }
+
+    pub fn io(&self) -> Duration {
+        self.embed.io + self.head.as_ref().map_or(Duration::ZERO, |h| h.io)
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.embed.memory_bytes() + self.head.as_ref().map_or(0, |h| h.memory_bytes())
+    }
+}
