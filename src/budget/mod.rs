@@ -15,7 +15,7 @@ pub struct Needs {
     pub resident: u64,
     /// The embedding table and output head (one entry when tied): kept resident when the
     /// budget allows, streamed from the image otherwise.
-    pub tables: Vec<(String, u64)>,
+    pub tables: Vec<Table>,
     /// Memory a streamed table needs (its read staging).
     pub stream_staging: u64,
     /// Predictor weights, all layers.
@@ -30,6 +30,16 @@ pub struct Needs {
     pub neurons: Vec<usize>,
     /// Expected active neurons per token, per layer (from calibration; `neurons` if unknown).
     pub active: Vec<f64>,
+}
+
+/// A table that may be streamed instead of held.
+#[derive(Clone, Debug, Serialize)]
+pub struct Table {
+    pub name: String,
+    pub bytes: u64,
+    /// Streaming it costs about nothing per token (an untied embedding: one row per token);
+    /// otherwise streaming reads the whole table every token (an output head).
+    pub cheap: bool,
 }
 
 /// The planner's decision. Neurons a full window cannot hold are read into a scratch area
@@ -110,12 +120,6 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok((value * scale as f64).round() as u64)
 }
 
-/// Share of the expected active bundles the window should be able to hold before the
-/// embedding and output head are worth keeping resident: below it, every token would read
-/// most of its FFN again, and streaming the tables (one sequential pass per token) costs less
-/// than the FFN reads the freed memory saves.
-const WINDOW_BEFORE_TABLES: f64 = 0.25;
-
 /// Plans `budget` bytes for a model with `needs`.
 pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
     let one_layer = needs.active.iter().copied().fold(0.0, f64::max) * needs.stride as f64;
@@ -124,9 +128,8 @@ pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
         + needs.kv_cache
         + needs.scratch
         + one_layer.ceil() as u64;
-    let tables: u64 = needs.tables.iter().map(|t| t.1).sum();
-    let staging = needs.stream_staging * needs.tables.len() as u64;
-    let minimum = base + staging;
+    let tables: u64 = needs.tables.iter().map(|t| t.bytes).sum();
+    let minimum = base + needs.stream_staging * needs.tables.len() as u64;
     if budget < minimum {
         return Err(BudgetError::TooSmall {
             budget: Bytes(budget),
@@ -134,20 +137,36 @@ pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
             resident: Bytes(needs.resident),
             predictors: Bytes(needs.predictors),
             kv: Bytes(needs.kv_cache),
-            scratch: Bytes(needs.scratch + staging),
+            scratch: Bytes(
+                minimum
+                    - needs.resident
+                    - needs.predictors
+                    - needs.kv_cache
+                    - one_layer.ceil() as u64,
+            ),
             window: Bytes(one_layer.ceil() as u64),
         });
     }
-    let active_bytes = needs.active.iter().sum::<f64>() * needs.stride as f64;
-    let keep_tables = budget as f64 >= (base + tables) as f64 + WINDOW_BEFORE_TABLES * active_bytes;
-    let (fixed, streamed) = if keep_tables {
-        (base + tables, Vec::new())
-    } else {
-        (
-            base + staging,
-            needs.tables.iter().map(|t| t.0.clone()).collect(),
-        )
-    };
+    // Bundles the window would hold with every neuron resident: below that, memory is worth
+    // more to the window than to a table that costs nothing to stream (an untied embedding
+    // is one row per token). A table that must be read whole every token (the output head)
+    // saves no reads by streaming, since what it frees the window reads back at most once:
+    // it is streamed only when holding it leaves no room to run.
+    let full_window: u64 = needs.neurons.iter().map(|&n| n as u64).sum::<u64>() * needs.stride;
+    let mut streamed = Vec::new();
+    let mut fixed = base + tables;
+    if budget < fixed + full_window {
+        for t in needs.tables.iter().filter(|t| t.cheap) {
+            fixed = fixed - t.bytes + needs.stream_staging;
+            streamed.push(t.name.clone());
+        }
+    }
+    if budget < fixed {
+        for t in needs.tables.iter().filter(|t| !t.cheap) {
+            fixed = fixed - t.bytes + needs.stream_staging;
+            streamed.push(t.name.clone());
+        }
+    }
     let slots_total = ((budget - fixed) / needs.stride.max(1)) as f64;
     let weight: f64 = needs.active.iter().sum::<f64>().max(1e-9);
     let window_slots: Vec<usize> = needs
@@ -174,7 +193,11 @@ mod tests {
     fn needs() -> Needs {
         Needs {
             resident: 30 << 20,
-            tables: vec![("token_embd.weight".into(), 10 << 20)],
+            tables: vec![Table {
+                name: "token_embd.weight".into(),
+                bytes: 10 << 20,
+                cheap: false,
+            }],
             stream_staging: 1 << 20,
             predictors: 2 << 20,
             kv_cache: 1 << 20,
@@ -219,16 +242,36 @@ mod tests {
     }
 
     #[test]
-    fn tables_are_streamed_only_when_the_window_would_starve() {
+    fn a_head_is_streamed_only_when_holding_it_leaves_no_room() {
         let n = needs();
-        let with_tables = (44 << 20) + 300 * 1000;
-        // Room for the tables and a quarter of the active bundles (400 x 1000 bytes): keep.
-        let p = plan(with_tables + 100_000, &n).unwrap();
+        let base = (34 << 20) + 300 * 1000;
+        let p = plan(base + (10 << 20), &n).unwrap();
         assert!(p.streamed.is_empty(), "{p:?}");
-        // Less: stream them and give their memory to the window.
-        let p = plan(with_tables, &n).unwrap();
+        assert_eq!(p.window_slots, vec![0, 0]);
+        let p = plan(base + (10 << 20) - 1, &n).unwrap();
         assert_eq!(p.streamed, vec!["token_embd.weight".to_string()]);
-        assert!(p.window_bytes > 9 << 20, "{p:?}");
+        // What the table freed went to the window, which now holds every neuron.
+        assert_eq!(p.window_slots, vec![1000, 1000]);
         assert!(p.fixed + p.window_bytes <= p.budget);
+    }
+
+    #[test]
+    fn an_untied_embedding_is_streamed_before_the_window_shrinks() {
+        let mut n = needs();
+        n.tables.push(Table {
+            name: "output.weight".into(),
+            bytes: 10 << 20,
+            cheap: false,
+        });
+        n.tables[0].cheap = true;
+        let all = (54 << 20) + 300 * 1000 + 2_000_000;
+        assert!(plan(all, &n).unwrap().streamed.is_empty());
+        let p = plan(all - 1, &n).unwrap();
+        assert_eq!(p.streamed, vec!["token_embd.weight".to_string()]);
+        // Far less: the head goes too.
+        let p = plan(30 << 20, &n).unwrap_err();
+        assert!(p.to_string().contains("at least"));
+        let p = plan((36 << 20) + 300 * 1000, &n).unwrap();
+        assert_eq!(p.streamed.len(), 2, "{p:?}");
     }
 }

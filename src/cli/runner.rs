@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
-use crate::budget::{self, Needs};
+use crate::budget::{self, Needs, Table};
 use crate::cli::flash_args::FlashArgs;
 use crate::engine::flash::{Selection, Sparsity, Strategy};
 use crate::engine::model::Model;
@@ -90,12 +90,18 @@ impl Runner {
         if let Some(budget) = args.memory_budget {
             let c = &self.model.weights.config;
             let n = c.intermediate_size;
-            let tables: Vec<(String, u64)> = TABLES
+            let tied = image.meta.tensor(TABLES[1]).is_none();
+            let tables: Vec<Table> = TABLES
                 .iter()
-                .filter_map(|&n| image.meta.tensor(n).map(|t| (n.to_string(), t.len)))
+                .filter_map(|&n| image.meta.tensor(n))
+                .map(|t| Table {
+                    name: t.name.clone(),
+                    bytes: t.len,
+                    cheap: !tied && t.name == TABLES[0],
+                })
                 .collect();
             let needs = Needs {
-                resident: image.meta.resident_bytes() - tables.iter().map(|t| t.1).sum::<u64>(),
+                resident: image.meta.resident_bytes() - tables.iter().map(|t| t.bytes).sum::<u64>(),
                 tables,
                 stream_staging: STREAM_STAGING as u64,
                 // Loaded with the calibration, used or not.
