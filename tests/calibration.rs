@@ -117,6 +117,23 @@ fn sparse_paths_agree(
             "{selection:?} {strategy:?} {slots:?}: logits differ"
         );
     }
+    // Hot neurons pinned in a small window: still the same.
+    let slots = vec![6; layers];
+    let pinned = cal.hot_neurons(&slots);
+    assert!(
+        pinned.iter().any(|p| !p.is_empty()),
+        "no hot neurons to pin"
+    );
+    let opts = FlashOptions {
+        pinned: Some(pinned),
+        ..options(Strategy::Flash, selection, Some(6), layers)
+    };
+    let (got, got_logits, _) = decode(model, Some(cal), opts, prompt, 8);
+    assert_eq!(got, want, "{selection:?} with pins: tokens differ");
+    assert!(
+        got_logits == want_logits,
+        "{selection:?} with pins: logits differ"
+    );
     needed
 }
 

@@ -70,6 +70,7 @@ impl FlashArgs {
             },
             direct: !self.no_direct,
             unbundled: self.unbundled,
+            pinned: None,
         }
     }
 }

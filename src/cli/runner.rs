@@ -128,6 +128,17 @@ impl Runner {
                     plan.streamed.join(", ")
                 );
             }
+            opts.pinned = match (selection, &self.calibration, &self.synthetic) {
+                // Every neuron every token: any full set of pins beats LRU's cyclic misses.
+                (Selection::All, _, _) => Some(
+                    plan.window_slots
+                        .iter()
+                        .map(|&s| (0..s as u32).collect())
+                        .collect(),
+                ),
+                (_, Some(cal), None) => Some(cal.hot_neurons(&plan.window_slots)),
+                _ => None,
+            };
             opts.window_slots = Some(plan.window_slots);
             let session = self.model.session(ctx, Some(opts), sparsity)?;
             if !self.tables_deferred {

@@ -88,6 +88,9 @@ pub struct FlashOptions {
     /// Read gate, up and down of a neuron as separate reads (the paper's ablation without
     /// row-column bundling).
     pub unbundled: bool,
+    /// Per layer, neurons given a window slot that is never evicted (hot neurons, read once at
+    /// setup).
+    pub pinned: Option<Vec<Vec<u32>>>,
 }
 
 impl Default for FlashOptions {
@@ -101,6 +104,7 @@ impl Default for FlashOptions {
             coalesce: CoalesceOptions::default(),
             direct: true,
             unbundled: false,
+            pinned: None,
         }
     }
 }
@@ -168,7 +172,11 @@ impl<'a> FlashFfn<'a> {
         } else {
             None
         };
-        Ok(FlashFfn {
+        let pinned = match opts.strategy {
+            Strategy::Flash => opts.pinned.clone(),
+            _ => None,
+        };
+        let mut ffn = FlashFfn {
             image,
             weights,
             calibration,
@@ -185,7 +193,37 @@ impl<'a> FlashFfn<'a> {
             naive: None,
             oracle_acts: Vec::new(),
             stats: FlashStats::default(),
-        })
+        };
+        for (layer, ids) in pinned.iter().flatten().enumerate() {
+            ffn.pin(layer, ids)?;
+        }
+        Ok(ffn)
+    }
+
+    /// Pins `ids` in `layer`'s window and reads their bundles into the slots they got.
+    fn pin(&mut self, layer: usize, ids: &[u32]) -> Result<(), FlashError> {
+        let setup = |e: String| FlashError::Setup(format!("pinning layer {layer}: {e}"));
+        let mut loads = self.layers[layer]
+            .window
+            .pin(ids)
+            .map_err(|e| setup(e.to_string()))?;
+        loads.sort_unstable_by_key(|&(n, _)| self.offset(layer, n));
+        let ranges: Vec<(u64, usize)> = loads
+            .iter()
+            .map(|&(n, _)| (self.offset(layer, n), self.stride))
+            .collect();
+        let pool = self
+            .pool
+            .as_ref()
+            .expect("the flash strategy opens the file");
+        let window = &mut self.layers[layer].window;
+        let stats = pool
+            .read_ranges(&ranges, &self.opts.coalesce, &mut |r, bytes| {
+                window.bundle_mut(loads[r].1).copy_from_slice(bytes)
+            })
+            .map_err(|e| setup(e.to_string()))?;
+        self.stats.bytes_read += stats.bytes_read;
+        Ok(())
     }
 
     /// Bytes this FFN holds in memory (window slabs, resident copies, scratch).

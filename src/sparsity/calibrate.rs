@@ -3,7 +3,9 @@
 
 use rayon::prelude::*;
 
-use super::predictor::{fit, fit_product, set_tau, Accuracy, Examples, FitOptions, Form};
+use super::predictor::{
+    fit, fit_product, predicted_frequencies, set_tau, Accuracy, Examples, FitOptions, Form,
+};
 use super::record::Records;
 use super::thresholds::{frequencies, labels, threshold};
 use super::{Calibration, CalibrationError, CalibrationMeta, LayerMeta, FORMAT};
@@ -89,20 +91,23 @@ pub fn fit_level(
                 Form::Product => fit_product(&w, &train_ex, &opts.fit)?,
             };
             let accuracy = set_tau(&mut p, &held_ex, opts.recall);
+            let predicted = predicted_frequencies(&p, &rec.inputs);
             let meta = LayerMeta {
                 threshold: t,
                 tau: p.tau,
                 accuracy,
             };
-            Ok((meta, freq, p))
+            Ok((meta, freq, predicted, p))
         })
         .collect::<Result<_, CalibrationError>>()?;
     let mut layers = Vec::with_capacity(fitted.len());
     let mut freqs = Vec::with_capacity(fitted.len());
+    let mut predicted = Vec::with_capacity(fitted.len());
     let mut predictors = Vec::with_capacity(fitted.len());
-    for (m, f, p) in fitted {
+    for (m, f, pf, p) in fitted {
         layers.push(m);
         freqs.push(f);
+        predicted.push(pf);
         predictors.push(p);
     }
     let rank = predictors.first().map_or(opts.fit.rank, |p| p.rank);
@@ -121,6 +126,7 @@ pub fn fit_level(
             evaluation: None,
         },
         frequencies: freqs,
+        predicted_frequencies: predicted,
         predictors,
     })
 }

@@ -24,7 +24,7 @@ use predictor::{Accuracy, Form, Predictor, PredictorError};
 
 /// The key of the calibration in the image's metadata.
 pub const EXTRA_KEY: &str = "calibration";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// One layer's calibration, as stored in the image's metadata.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -77,6 +77,8 @@ pub struct Calibration {
     pub meta: CalibrationMeta,
     /// Per layer, per neuron (model order): the fraction of calibration tokens it was active.
     pub frequencies: Vec<Vec<f32>>,
+    /// The same for the predictor's sets: what the window sees, so what pinning ranks by.
+    pub predicted_frequencies: Vec<Vec<f32>>,
     pub predictors: Vec<Predictor>,
 }
 
@@ -117,18 +119,22 @@ impl Calibration {
             )));
         }
         let n = c.intermediate_size;
-        let freq = image.blob(EXTRA_KEY, "frequencies")?;
-        if freq.len() != 4 * n * c.n_layers {
-            return Err(damaged(format!("frequencies are {} bytes", freq.len())));
-        }
-        let frequencies = freq
-            .chunks_exact(4 * n)
-            .map(|l| {
-                l.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
-            })
-            .collect();
+        let per_neuron = |name: &str| -> Result<Vec<Vec<f32>>, CalibrationError> {
+            let bytes = image.blob(EXTRA_KEY, name)?;
+            if bytes.len() != 4 * n * c.n_layers {
+                return Err(damaged(format!("{name} are {} bytes", bytes.len())));
+            }
+            Ok(bytes
+                .chunks_exact(4 * n)
+                .map(|l| {
+                    l.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect()
+                })
+                .collect())
+        };
+        let frequencies = per_neuron("frequencies")?;
+        let predicted_frequencies = per_neuron("predicted_frequencies")?;
         let predictors = meta
             .layers
             .iter()
@@ -148,25 +154,28 @@ impl Calibration {
         Ok(Some(Calibration {
             meta,
             frequencies,
+            predicted_frequencies,
             predictors,
         }))
     }
 
     /// Writes this calibration into the image at `path` (replacing an earlier one).
     pub fn save(&self, path: &std::path::Path) -> Result<(), CalibrationError> {
-        let freq: Vec<u8> = self
-            .frequencies
-            .iter()
-            .flatten()
-            .flat_map(|f| f.to_le_bytes())
-            .collect();
+        let flat = |v: &[Vec<f32>]| -> Vec<u8> {
+            v.iter().flatten().flat_map(|f| f.to_le_bytes()).collect()
+        };
+        let freq = flat(&self.frequencies);
+        let predicted = flat(&self.predicted_frequencies);
         let predictors: Vec<(String, Vec<u8>)> = self
             .predictors
             .iter()
             .enumerate()
             .map(|(l, p)| (format!("predictor.{l}"), p.to_bytes()))
             .collect();
-        let mut blobs: Vec<(&str, &[u8])> = vec![("frequencies", &freq)];
+        let mut blobs: Vec<(&str, &[u8])> = vec![
+            ("frequencies", &freq),
+            ("predicted_frequencies", &predicted),
+        ];
         blobs.extend(predictors.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
         let json = serde_json::to_value(&self.meta).map_err(|e| CalibrationError::Damaged {
             path: path.display().to_string(),
@@ -179,6 +188,25 @@ impl Calibration {
     /// Resident bytes of the predictors.
     pub fn predictor_bytes(&self) -> u64 {
         self.predictors.iter().map(|p| p.bytes() as u64).sum()
+    }
+
+    /// Per layer, up to `slots[l]` neurons the predictor picks on at least half of the
+    /// tokens, most frequent first: worth a slot that is never evicted. When a token's set is
+    /// larger than the window, least-recently-used eviction would evict each neuron just
+    /// before it is needed again; pinned ones stay.
+    pub fn hot_neurons(&self, slots: &[usize]) -> Vec<Vec<u32>> {
+        self.predicted_frequencies
+            .iter()
+            .zip(slots)
+            .map(|(f, &s)| {
+                let mut ids: Vec<u32> = (0..f.len() as u32)
+                    .filter(|&i| f[i as usize] >= 0.5)
+                    .collect();
+                ids.sort_by(|&a, &b| f[b as usize].total_cmp(&f[a as usize]));
+                ids.truncate(s);
+                ids
+            })
+            .collect()
     }
 
     /// Expected predicted-active neurons per token, per layer (for the budget planner).

@@ -512,6 +512,23 @@ pub fn set_tau(p: &mut Predictor, held_out: &Examples, recall: f64) -> Accuracy 
     accuracy(&all_scores, held_out, p.tau)
 }
 
+/// Per neuron, the fraction of `inputs` (tokens x d) for which `p` predicts it active: what
+/// the window will see, so what hot-neuron pinning ranks by.
+pub fn predicted_frequencies(p: &Predictor, inputs: &[f32]) -> Vec<f32> {
+    let mut counts = vec![0u32; p.n];
+    let mut active = Vec::new();
+    let tokens = inputs.len() / p.d;
+    for h in inputs.chunks_exact(p.d) {
+        active.clear();
+        p.predict(h, &mut active);
+        active.iter().for_each(|&i| counts[i as usize] += 1);
+    }
+    counts
+        .iter()
+        .map(|&c| c as f32 / tokens.max(1) as f32)
+        .collect()
+}
+
 fn accuracy(scores: &[f32], ex: &Examples, tau: f32) -> Accuracy {
     let labels = ex.labels;
     let (mut tp, mut fp, mut pos) = (0u64, 0u64, 0u64);
