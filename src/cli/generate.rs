@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
+use crate::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
 use crate::engine::generate;
+use crate::engine::gpu::{generate_gpu, GpuModel};
 use crate::engine::sampler::{Sampler, Sampling};
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::StreamDecoder;
@@ -43,9 +45,13 @@ pub struct Args {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
-    /// Compute backend.
-    #[arg(long, value_parser = ["cpu"], default_value = "cpu")]
+    /// Compute backend: cpu, or gpu (wgpu: Vulkan, Metal, DX12 or GL; lavapipe where no GPU
+    /// exists, which is a CPU emulating a GPU).
+    #[arg(long, value_parser = ["cpu", "gpu"], default_value = "cpu")]
     backend: String,
+    /// With --backend gpu: the first adapter whose name contains this (case-insensitive).
+    #[arg(long)]
+    gpu_adapter: Option<String>,
     /// Context length (positions) to allocate.
     #[arg(long, default_value_t = 2048)]
     ctx: usize,
@@ -80,33 +86,55 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         _ => Sampling::Greedy,
     };
-    let mut sampler = Sampler::new(sampling);
+    let mut sampler = Sampler::new(sampling.clone());
     // The KV cache only needs the positions this run can reach.
     let ctx = a.ctx.min(prompt.len() + a.n + 1);
-    let mut session = runner.session(ctx, &a.flash)?;
     let mut stream = StreamDecoder::new();
     let mut out = std::io::stdout().lock();
     let mut text_out = String::new();
     let json = a.json;
-    let gen = generate(
-        &mut session,
-        &prompt,
-        a.n,
-        &mut sampler,
-        |t| !a.ignore_eos && tok.is_some_and(|tok| tok.is_end_of_generation(t)),
-        |t| {
-            let piece = match tok {
-                Some(tok) => stream.push(tok, t),
-                None => format!("{t} "),
-            };
-            if json {
-                text_out.push_str(&piece);
-            } else {
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
-            }
-        },
-    )?;
+    let is_end = |t: u32| !a.ignore_eos && tok.is_some_and(|tok| tok.is_end_of_generation(t));
+    let on_token = |t: u32| {
+        let piece = match tok {
+            Some(tok) => stream.push(tok, t),
+            None => format!("{t} "),
+        };
+        if json {
+            text_out.push_str(&piece);
+        } else {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    };
+    let gen = if a.backend == "gpu" {
+        let gpu = GpuContext::new(&GpuOptions {
+            adapter: a.gpu_adapter.clone(),
+            backends: None,
+        })?;
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            eprintln!(
+                "note: the GPU adapter `{}` is a CPU emulating a GPU: its speed says nothing about a GPU's",
+                gpu.info.name
+            );
+        }
+        let mut dec = open_gpu_model(&gpu, &runner, ctx, &a.flash)?;
+        let greedy = sampling == Sampling::Greedy;
+        generate_gpu(
+            dec.as_mut(),
+            &prompt,
+            a.n,
+            greedy,
+            &mut sampler,
+            is_end,
+            on_token,
+        )?
+    } else {
+        if a.gpu_adapter.is_some() {
+            bail!("--gpu-adapter needs --backend gpu");
+        }
+        let mut session = runner.session(ctx, &a.flash)?;
+        generate(&mut session, &prompt, a.n, &mut sampler, is_end, on_token)?
+    };
     let tail = stream.finish();
     if json {
         text_out.push_str(&tail);
@@ -142,4 +170,23 @@ fn prompt_text(a: &Args, model: &crate::engine::model::Model) -> anyhow::Result<
     };
     t.render(&[msg], true)
         .context("rendering the chat template")
+}
+
+/// The GPU decoder for `runner`'s model: dense for GGUF and HF models; for a flash image, the
+/// flash path (bundles streamed from the SSD into GPU window buffers).
+pub(super) fn open_gpu_model<'r>(
+    gpu: &GpuContext,
+    runner: &'r super::runner::Runner,
+    ctx: usize,
+    flash: &super::flash_args::FlashArgs,
+) -> anyhow::Result<Box<dyn GpuModel + 'r>> {
+    let model = &runner.model;
+    if model.image.is_some() {
+        let _ = flash;
+        bail!("--backend gpu does not run flash images yet; use --backend cpu");
+    }
+    if flash.memory_budget.is_some() {
+        bail!("--memory-budget needs a flash image");
+    }
+    Ok(Box::new(GpuDecoder::new(gpu, &model.weights, ctx)?))
 }
