@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use crate::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
+use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder, GpuFlashOptions, GpuOptions};
+use crate::budget::{self, Needs};
+use crate::engine::flash::{Selection, Strategy};
 use crate::engine::generate;
 use crate::engine::gpu::{generate_gpu, GpuModel};
 use crate::engine::sampler::{Sampler, Sampling};
@@ -181,12 +183,99 @@ pub(super) fn open_gpu_model<'r>(
     flash: &super::flash_args::FlashArgs,
 ) -> anyhow::Result<Box<dyn GpuModel + 'r>> {
     let model = &runner.model;
-    if model.image.is_some() {
-        let _ = flash;
-        bail!("--backend gpu does not run flash images yet; use --backend cpu");
-    }
     if flash.memory_budget.is_some() {
-        bail!("--memory-budget needs a flash image");
+        bail!("--memory-budget plans host memory for --backend cpu; with --backend gpu use --vram-budget");
     }
-    Ok(Box::new(GpuDecoder::new(gpu, &model.weights, ctx)?))
+    let Some(image) = &model.image else {
+        if flash.vram_budget.is_some() {
+            bail!(
+                "--vram-budget needs a flash image; convert the model first: llmflash convert {} -o MODEL.flash",
+                model.path.display()
+            );
+        }
+        return Ok(Box::new(GpuDecoder::new(gpu, &model.weights, ctx)?));
+    };
+    if flash.strategy != Strategy::Flash {
+        bail!("--backend gpu runs the flash strategy only (bundles streamed into GPU windows); drop --strategy or use --backend cpu");
+    }
+    if flash.synthetic_activity.is_some() {
+        bail!("--synthetic-activity is not supported with --backend gpu; use --backend cpu");
+    }
+    let selection = flash.selection(runner.calibration.is_some());
+    let predictors = match selection {
+        Selection::All => {
+            if !flash.dense {
+                log::warn!(
+                    "{} is not calibrated: computing every FFN neuron (run `llmflash calibrate`)",
+                    model.path.display()
+                );
+            }
+            None
+        }
+        Selection::Predictor => runner.calibration.as_ref().map(|c| c.predictors.as_slice()),
+        Selection::Oracle => bail!("--oracle is not supported with --backend gpu"),
+    };
+    let base = flash.options(selection);
+    let mut opts = GpuFlashOptions {
+        window_tokens: base.window_tokens,
+        io_threads: base.io_threads,
+        coalesce: base.coalesce,
+        direct: base.direct,
+        ..GpuFlashOptions::default()
+    };
+    if let Some(budget) = flash.vram_budget {
+        let plan = plan_vram(runner, ctx, budget, predictors.is_some())?;
+        log::info!("VRAM plan: {plan:?}");
+        opts.window_slots = Some(plan.0.window_slots);
+        opts.overflow_slots = plan.1;
+    }
+    Ok(Box::new(GpuFlashDecoder::new(
+        gpu,
+        image,
+        &model.weights,
+        predictors,
+        ctx,
+        opts,
+    )?))
+}
+
+/// The VRAM plan of a flash image on the GPU, and the overflow reserve it counts (one layer's
+/// expected active neurons): the same planner as --memory-budget, with the GPU's buffers.
+pub(super) fn plan_vram(
+    runner: &super::runner::Runner,
+    ctx: usize,
+    budget: u64,
+    predicted: bool,
+) -> anyhow::Result<(budget::Plan, usize)> {
+    let model = &runner.model;
+    let Some(image) = &model.image else {
+        bail!("--vram-budget needs a flash image");
+    };
+    let c = &model.weights.config;
+    let n = c.intermediate_size;
+    let ctx = ctx.min(c.max_positions).max(1);
+    let cal = runner.calibration.as_ref().filter(|_| predicted);
+    let active = match cal {
+        Some(cal) => cal.expected_active(),
+        None => vec![n as f64; c.n_layers],
+    };
+    let needs = Needs {
+        resident: image.meta.resident_bytes(),
+        predictors: cal.map_or(0, |c| c.predictor_bytes()),
+        kv_cache: (c.n_layers * ctx * c.kv_dim() * 2 * 4) as u64,
+        // Activations, attention scores, logits, the active lists and slot map.
+        scratch: ((10 * c.hidden_size + 2 * n + c.n_heads * ctx + c.vocab_size + 4 * (n + 1)) * 4)
+            as u64,
+        stride: image.bundle().stride as u64,
+        neurons: vec![n; c.n_layers],
+        active: active.clone(),
+    };
+    let plan = budget::plan(budget, &needs).map_err(|e| {
+        anyhow::anyhow!(e
+            .to_string()
+            .replace("--memory-budget", "--vram-budget")
+            .replace("a memory budget", "a VRAM budget"))
+    })?;
+    let reserve = active.iter().copied().fold(1.0, f64::max).ceil() as usize;
+    Ok((plan, reserve))
 }

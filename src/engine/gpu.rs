@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::backend::gpu::{GpuContext, GpuDecoder, GpuError};
+use crate::backend::gpu::{GpuContext, GpuDecoder, GpuError, GpuFlashDecoder};
 use crate::engine::sampler::Sampler;
 use crate::engine::stats::FlashStats;
 use crate::engine::{add_flash_costs, summarize, Generation};
@@ -66,6 +66,37 @@ impl GpuModel for GpuDecoder {
         GpuCounters {
             wait: self.gpu_wait(),
             ..GpuCounters::default()
+        }
+    }
+    fn context(&self) -> &GpuContext {
+        self.ctx()
+    }
+}
+
+impl GpuModel for GpuFlashDecoder<'_> {
+    fn feed(&mut self, token: u32) -> Result<(), GpuError> {
+        GpuFlashDecoder::feed(self, token)
+    }
+    fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
+        GpuFlashDecoder::step(self, token)
+    }
+    fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
+        GpuFlashDecoder::step_greedy(self, token)
+    }
+    fn position(&self) -> usize {
+        GpuFlashDecoder::position(self)
+    }
+    fn capacity(&self) -> usize {
+        GpuFlashDecoder::capacity(self)
+    }
+    fn resident_bytes(&self) -> u64 {
+        GpuFlashDecoder::resident_bytes(self)
+    }
+    fn counters(&self) -> GpuCounters {
+        GpuCounters {
+            wait: self.gpu_wait(),
+            uploaded: self.uploaded(),
+            flash: Some(self.flash_stats()),
         }
     }
     fn context(&self) -> &GpuContext {

@@ -468,6 +468,11 @@ impl Core {
         self.pos += 1;
     }
 
+    /// The context capacity in positions.
+    pub(crate) fn capacity(&self) -> usize {
+        self.max_ctx
+    }
+
     /// Waits for the logits recorded by [`Core::finish`].
     pub(crate) fn read_logits(&mut self) -> Result<&[f32], GpuError> {
         let t = Instant::now();
