@@ -42,6 +42,9 @@ fn same_tokens(fixture: &str) {
     assert!(g["gpu_wait_ms"].as_f64().unwrap() > 0.0, "{stats}");
     assert!(g["adapter"].as_str().is_some_and(|a| !a.is_empty()));
     assert_eq!(stats["strategy"], "gpu");
+    // Timestamp queries where the adapter has them (lavapipe does), else null.
+    let t = &g["gpu_time_ms_per_token"];
+    assert!(t.is_null() || t.as_f64().unwrap() > 0.0, "{stats}");
 }
 
 #[test]

@@ -90,7 +90,7 @@ struct Row {
     uploaded_bytes_per_token: f64,
     /// Time blocked on the GPU per token (gpu backend).
     gpu_wait_ms: f64,
-    /// GPU execution time per token from timestamp queries: not measured (n/a).
+    /// GPU execution time per token from timestamp queries (n/a where unsupported).
     gpu_ms: Option<f64>,
     /// The GPU adapter, and whether it is a CPU emulating a GPU (lavapipe).
     adapter: Option<String>,
@@ -162,7 +162,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
         if rows.iter().any(|r| r.backend == "gpu") {
-            println!("GPU ms: n/a (timestamp queries are not used yet); GPU wait is the time the CPU blocked on the GPU.");
+            println!("GPU ms: the passes' execution time from timestamp queries (n/a where the adapter has none); GPU wait: the time the CPU blocked on the GPU.");
         }
     }
     Ok(())
@@ -248,7 +248,11 @@ fn measure(
         backend: backend.to_string(),
         uploaded_bytes_per_token: gpu("bytes_uploaded_per_token"),
         gpu_wait_ms: gpu("gpu_wait_ms_per_token"),
-        gpu_ms: None,
+        gpu_ms: samples
+            .iter()
+            .all(|s| s["gpu"]["gpu_time_ms_per_token"].is_f64())
+            .then(|| gpu("gpu_time_ms_per_token"))
+            .filter(|_| backend == "gpu"),
         adapter: first_gpu.and_then(|g| g["adapter"].as_str().map(String::from)),
         emulated: first_gpu.is_some_and(|g| g["emulated"].as_bool() == Some(true)),
         strategy,

@@ -21,6 +21,8 @@ pub struct GpuCounters {
     pub wait: Duration,
     /// Bytes copied to the GPU after it was built (FFN bundles on the flash path).
     pub uploaded: u64,
+    /// GPU execution time from timestamp queries; `None` where the device has none.
+    pub gpu_time: Option<Duration>,
     /// The flash path's counters (reads, window), when the FFN comes from flash.
     pub flash: Option<FlashStats>,
 }
@@ -65,6 +67,7 @@ impl GpuModel for GpuDecoder {
     fn counters(&self) -> GpuCounters {
         GpuCounters {
             wait: self.gpu_wait(),
+            gpu_time: self.gpu_time(),
             ..GpuCounters::default()
         }
     }
@@ -96,6 +99,7 @@ impl GpuModel for GpuFlashDecoder<'_> {
         GpuCounters {
             wait: self.gpu_wait(),
             uploaded: self.uploaded(),
+            gpu_time: self.gpu_time(),
             flash: Some(self.flash_stats()),
         }
     }
@@ -122,7 +126,8 @@ pub struct GpuRunStats {
     pub bytes_uploaded_per_token: f64,
     /// Bytes on the GPU from the start: weights, tables, KV cache, window buffers.
     pub resident_bytes: u64,
-    /// GPU execution time from timestamp queries: not measured yet (`None`, "n/a").
+    /// GPU execution time per generated token, summed over every compute pass from timestamp
+    /// queries; `None` ("n/a") where the device has no TIMESTAMP_QUERY.
     pub gpu_time_ms_per_token: Option<f64>,
 }
 
@@ -191,6 +196,10 @@ pub fn generate_gpu(
         gpu_wait_ms: wait_ms,
         bytes_uploaded_per_token: (after.uploaded - before.uploaded) as f64 / passes,
         resident_bytes: model.resident_bytes(),
+        gpu_time_ms_per_token: match (before.gpu_time, after.gpu_time) {
+            (Some(a), Some(b)) => Some((b - a).as_secs_f64() * 1e3 / passes),
+            _ => None,
+        },
         ..GpuRunStats::for_context(model.context())
     });
     Ok(Generation { tokens, stats })

@@ -324,6 +324,12 @@ impl<'a> GpuFlashDecoder<'a> {
         self.core.wait
     }
 
+    /// GPU execution time (timestamp queries) of the tokens read back so far; `None` where
+    /// the device has no timestamp queries.
+    pub fn gpu_time(&self) -> Option<Duration> {
+        self.core.gpu_time()
+    }
+
     /// Bytes copied to the GPU since creation (bundles, lists, slot maps).
     pub fn uploaded(&self) -> u64 {
         self.uploaded
@@ -380,10 +386,7 @@ impl<'a> GpuFlashDecoder<'a> {
     /// Encodes layer `l`'s attention and predictor, and the copy of its list for readback.
     fn encode_attn(&self, enc: &mut wgpu::CommandEncoder, l: usize, token: Option<u32>) {
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("attention and predictor"),
-                timestamp_writes: None,
-            });
+            let mut pass = self.core.pass(enc, "attention and predictor");
             if let Some(t) = token {
                 self.core.encode_head(t, &mut pass);
             }
@@ -453,10 +456,7 @@ impl<'a> GpuFlashDecoder<'a> {
             let si = self.acquire_staging()?;
             self.load_and_compute(l, si, &mut enc)?;
             {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("residual"),
-                    timestamp_writes: None,
-                });
+                let mut pass = self.core.pass(&mut enc, "residual");
                 self.core.layers[l]
                     .post
                     .iter()
@@ -610,10 +610,7 @@ impl<'a> GpuFlashDecoder<'a> {
         };
         copy_list(enc, 0, held.len());
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("sparse ffn (window)"),
-                timestamp_writes: None,
-            });
+            let mut pass = self.core.pass(enc, "sparse ffn (window)");
             layer.window_ffn.iter().for_each(|d| d.encode(&mut pass));
         }
         let first_overflow = plan.loads.len();
@@ -626,10 +623,7 @@ impl<'a> GpuFlashDecoder<'a> {
                 c.len() as u64 * s,
             );
             copy_list(enc, chunk_at[j], c.len());
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("sparse ffn (overflow)"),
-                timestamp_writes: None,
-            });
+            let mut pass = self.core.pass(enc, "sparse ffn (overflow)");
             layer.overflow_ffn.iter().for_each(|d| d.encode(&mut pass));
             self.add_out2.encode(&mut pass);
         }

@@ -23,6 +23,7 @@ use crate::backend::gpu::kernels::matvec::matvec;
 use crate::backend::gpu::kernels::norm::GpuNorm;
 use crate::backend::gpu::kernels::rope::{rope, rope_table};
 use crate::backend::gpu::kernels::{Dispatch, Step};
+use crate::backend::gpu::timer::GpuTimer;
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::model::config::{Config, FfnKind};
 use crate::model::weights::{Linear, ModelWeights};
@@ -104,6 +105,8 @@ pub(crate) struct Core {
     logits: Vec<f32>,
     /// Time spent blocked on the GPU (waiting for readbacks), since creation.
     pub(crate) wait: Duration,
+    /// GPU time of every pass, where the device has timestamp queries.
+    pub(crate) timer: Option<GpuTimer>,
     /// Bytes written to the GPU when it was built (weights, tables).
     pub(crate) resident_bytes: u64,
     /// Weights, caches and tables: bind groups keep them alive too, but owning them states it.
@@ -160,6 +163,12 @@ impl GpuDecoder {
         self.core.wait
     }
 
+    /// GPU execution time (timestamp queries) of the tokens read back so far; `None` where
+    /// the device has no timestamp queries.
+    pub fn gpu_time(&self) -> Option<Duration> {
+        self.core.gpu_time()
+    }
+
     /// Bytes uploaded when the decoder was built (weights and tables).
     pub fn resident_bytes(&self) -> u64 {
         self.core.resident_bytes
@@ -200,9 +209,9 @@ impl GpuDecoder {
     /// Runs `token` without computing logits (a prompt token whose successor is known). Nothing
     /// is read back, so the GPU may still be working when this returns.
     pub fn feed(&mut self, token: u32) -> Result<(), GpuError> {
-        let enc = self.core.record(token)?;
+        let mut enc = self.core.record(token)?;
+        self.core.finish(&mut enc, Output::None);
         self.core.ctx.queue.submit([enc.finish()]);
-        self.core.pos += 1;
         Ok(())
     }
 
@@ -418,6 +427,7 @@ impl Core {
             .chain(keep.iter().map(|b| b.size()))
             .sum();
         Ok(Core {
+            timer: GpuTimer::new(ctx),
             wait: Duration::ZERO,
             resident_bytes,
             logits_rb: Readback::new(ctx, (c.vocab_size * 4) as u64),
@@ -446,14 +456,14 @@ impl Core {
     /// copy of their result into the readback buffer; advances the position.
     pub(crate) fn finish(&mut self, enc: &mut wgpu::CommandEncoder, out: Output) {
         if out == Output::None {
+            if let Some(t) = &self.timer {
+                t.resolve(enc);
+            }
             self.pos += 1;
             return;
         }
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("output"),
-                timestamp_writes: None,
-            });
+            let mut pass = self.pass(enc, "output");
             self.output.iter().for_each(|d| d.encode(&mut pass));
             if out == Output::Greedy {
                 self.greedy.encode(&mut pass);
@@ -465,7 +475,27 @@ impl Core {
                 .logits_rb
                 .record(enc, &self.s.logits, (self.config.vocab_size * 4) as u64),
         }
+        if let Some(t) = &self.timer {
+            t.resolve(enc);
+        }
         self.pos += 1;
+    }
+
+    /// A compute pass, timed when the device has timestamp queries.
+    pub(crate) fn pass<'e>(
+        &self,
+        enc: &'e mut wgpu::CommandEncoder,
+        label: &str,
+    ) -> wgpu::ComputePass<'e> {
+        enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(label),
+            timestamp_writes: self.timer.as_ref().and_then(|t| t.writes()),
+        })
+    }
+
+    /// GPU execution time of the passes of every token read back so far, where measured.
+    pub(crate) fn gpu_time(&self) -> Option<Duration> {
+        self.timer.as_ref().map(|t| t.total)
     }
 
     /// The context capacity in positions.
@@ -478,6 +508,9 @@ impl Core {
         let t = Instant::now();
         self.logits_rb.read(&self.ctx, &mut self.logits)?;
         self.wait += t.elapsed();
+        if let Some(timer) = &mut self.timer {
+            timer.collect(&self.ctx);
+        }
         Ok(&self.logits)
     }
 
@@ -487,6 +520,9 @@ impl Core {
         let mut tok = [0u32];
         self.token_rb.read(&self.ctx, &mut tok)?;
         self.wait += t.elapsed();
+        if let Some(timer) = &mut self.timer {
+            timer.collect(&self.ctx);
+        }
         Ok(tok[0])
     }
 
@@ -494,10 +530,7 @@ impl Core {
     fn record(&self, token: u32) -> Result<wgpu::CommandEncoder, GpuError> {
         let mut enc = self.begin(token)?;
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("decode step"),
-                timestamp_writes: None,
-            });
+            let mut pass = self.pass(&mut enc, "decode step");
             self.encode_head(token, &mut pass);
             for l in &self.layers {
                 for d in l.attn.iter().chain(&l.ffn).chain(&l.post) {

@@ -26,6 +26,7 @@ pub mod pipeline;
 pub mod shaders;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod timer;
 
 pub use device::{GpuContext, GpuOptions};
 pub use flash::{GpuFlashDecoder, GpuFlashOptions};
