@@ -289,11 +289,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         gen_max = gen_max.max(spent);
     }
     let wall = t_all.elapsed().as_secs_f64() * 1e3;
-    let text = match &model.tokenizer {
-        Some(t) => t.decode(&generated),
-        None => format!("{generated:?}"),
-    };
-    println!("{}{}", a.prompt, text);
+    match &model.tokenizer {
+        Some(t) => println!("{}{}", a.prompt, t.decode(&generated)),
+        None => println!("(no tokenizer) prompt ids {prompt:?}, generated ids {generated:?}"),
+    }
     println!(
         "{} frames in {:.0} ms ({:.1} fps): render {:.2} ms/frame; generation {:.2} ms/frame on average, {:.2} ms at most (slice {slice} ms); {} prompt + {} generated tokens, {:.2} ms per token",
         a.frames,
