@@ -73,3 +73,51 @@ fn unknown_adapter_is_refused_with_the_list() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-adapter-xyz"), "{err}");
 }
+
+/// `bench --backend cpu,gpu` on a flash image: one row per backend and budget, the GPU rows
+/// with their upload and GPU-time columns.
+#[test]
+fn bench_measures_both_backends() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let image = common::to_image(
+        &common::fixture("hf/llama"),
+        "bench-gpu",
+        llmflash::image::BundleDtype::Source,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_llmflash"))
+        .args(["bench", "-m"])
+        .arg(&image)
+        .args(["--backend", "cpu,gpu", "--strategies", "flash,resident"])
+        .args(["--vram-budget", "1GiB", "-n", "4", "--runs", "1", "--json"])
+        .args(["--extra", "--token-ids 1,2,3 --ignore-eos"])
+        .output()
+        .expect("running llmflash bench");
+    std::fs::remove_file(&image).ok();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON rows");
+    let rows = rows.as_array().expect("rows");
+    let backends: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["backend"].as_str().unwrap(),
+                r["strategy"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // The GPU runs the flash strategy only on images.
+    assert_eq!(
+        backends,
+        [("cpu", "flash"), ("cpu", "resident"), ("gpu", "flash")]
+    );
+    let gpu = &rows[2];
+    assert!(gpu["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(gpu["uploaded_bytes_per_token"].as_f64().unwrap() > 0.0);
+    assert!(gpu["adapter"].is_string());
+}
