@@ -1,5 +1,7 @@
-// The low-rank predictor's last step: neuron i is active when its logit (z = B (A h), computed by
-// two matvecs) exceeds the layer's threshold. The active ids are compacted, in increasing order,
+// The low-rank predictor's last step: neuron i is active when its score reaches the layer's
+// threshold tau (score >= tau, as `sparsity::predictor`). The heads Z = B (A h) + bias come from
+// two matvecs; the score is Z[i] (FORM 0, linear) or |silu(Z[i]) * Z[n + i]| (FORM 1, product:
+// estimated gate and up pre-activations). The active ids are compacted, in increasing order,
 // into LIST = [count, id_0, id_1, ...]. Ordered rather than appended with an atomic counter, so
 // the list, and the order in which the sparse FFN sums its neurons, is the same on every run:
 // one workgroup, each invocation owns a contiguous range of neurons, and an exclusive prefix sum
@@ -8,7 +10,8 @@
 struct Params {
     n: u32,
     threshold: f32,
-    _pad0: u32,
+    // 0: linear, 1: product.
+    form: u32,
     _pad1: u32,
 }
 
@@ -19,6 +22,14 @@ struct Params {
 const WG: u32 = 256u;
 var<workgroup> scan: array<u32, 256>;
 
+fn score(i: u32) -> f32 {
+    if (P.form == 0u) {
+        return Z[i];
+    }
+    let g = Z[i];
+    return abs(g / (1.0 + exp(-g)) * Z[P.n + i]);
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) li: u32) {
     let per = (P.n + WG - 1u) / WG;
@@ -26,7 +37,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
     let end = min(first + per, P.n);
     var c = 0u;
     for (var i = first; i < end; i++) {
-        c += select(0u, 1u, Z[i] > P.threshold);
+        c += select(0u, 1u, score(i) >= P.threshold);
     }
     scan[li] = c;
     workgroupBarrier();
@@ -42,7 +53,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
     }
     var at = scan[li] - c;
     for (var i = first; i < end; i++) {
-        if (Z[i] > P.threshold) {
+        if (score(i) >= P.threshold) {
             LIST[1u + at] = i;
             at++;
         }

@@ -39,6 +39,17 @@ pub struct Args {
     /// baselines run without a window.
     #[arg(long, value_delimiter = ',', value_parser = parse_bytes)]
     memory_budget: Vec<u64>,
+    /// Backends to measure (comma-separated): cpu, gpu. On a flash image the GPU runs the flash
+    /// strategy only (with each --vram-budget); on a GGUF/HF model, the dense decoder.
+    #[arg(long, value_delimiter = ',', default_value = "cpu", value_parser = ["cpu", "gpu"])]
+    backend: Vec<String>,
+    /// With the gpu backend: the adapter whose name contains this.
+    #[arg(long)]
+    gpu_adapter: Option<String>,
+    /// VRAM budgets for the gpu backend on a flash image (comma-separated); none: every
+    /// neuron gets a GPU window slot.
+    #[arg(long, value_delimiter = ',', value_parser = parse_bytes)]
+    vram_budget: Vec<u64>,
     /// Tokens to generate per run.
     #[arg(short, long, default_value_t = 32)]
     n: usize,
@@ -62,6 +73,7 @@ pub struct Args {
 /// Medians of one configuration.
 #[derive(Clone, Debug, Serialize)]
 struct Row {
+    backend: String,
     strategy: Strategy,
     budget: Option<u64>,
     runs: usize,
@@ -74,6 +86,15 @@ struct Row {
     tokens_per_s: f64,
     peak_rss_bytes: u64,
     speedup_vs_naive: Option<f64>,
+    /// Bytes copied to the GPU per token (gpu backend).
+    uploaded_bytes_per_token: f64,
+    /// Time blocked on the GPU per token (gpu backend).
+    gpu_wait_ms: f64,
+    /// GPU execution time per token from timestamp queries (n/a where unsupported).
+    gpu_ms: Option<f64>,
+    /// The GPU adapter, and whether it is a CPU emulating a GPU (lavapipe).
+    adapter: Option<String>,
+    emulated: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -91,21 +112,41 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     let mut rows = Vec::new();
-    for &strategy in &a.strategies {
-        let budgets: Vec<Option<u64>> =
-            if strategy == Strategy::Flash && !a.memory_budget.is_empty() {
-                a.memory_budget.iter().map(|&b| Some(b)).collect()
+    for backend in &a.backend {
+        let gpu = backend == "gpu";
+        for &strategy in &a.strategies {
+            // The GPU runs the flash path on images and the dense decoder otherwise.
+            let gpu_strategy = if is_image {
+                Strategy::Flash
+            } else {
+                Strategy::Resident
+            };
+            if gpu && strategy != gpu_strategy {
+                eprintln!("bench: gpu backend skips {strategy:?} (it runs {gpu_strategy:?} only)");
+                continue;
+            }
+            let listed = if gpu {
+                &a.vram_budget
+            } else {
+                &a.memory_budget
+            };
+            let budgets: Vec<Option<u64>> = if strategy == Strategy::Flash && !listed.is_empty() {
+                listed.iter().map(|&b| Some(b)).collect()
             } else {
                 vec![None]
             };
-        for budget in budgets {
-            eprintln!("bench: {strategy:?}, budget {:?}", budget.map(Bytes));
-            rows.push(measure(&a, is_image, strategy, budget)?);
+            for budget in budgets {
+                eprintln!(
+                    "bench: {backend} {strategy:?}, budget {:?}",
+                    budget.map(Bytes)
+                );
+                rows.push(measure(&a, is_image, backend, strategy, budget)?);
+            }
         }
     }
     let naive = rows
         .iter()
-        .find(|r| r.strategy == Strategy::Naive)
+        .find(|r| r.strategy == Strategy::Naive && r.backend == "cpu")
         .map(|r| r.tokens_per_s);
     for r in &mut rows {
         r.speedup_vs_naive = naive.map(|n| r.tokens_per_s / n);
@@ -114,6 +155,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print_table(&rows);
+        if let Some(r) = rows.iter().find(|r| r.emulated) {
+            println!(
+                "\nnote: the gpu rows ran on `{}`, a CPU emulating a GPU (lavapipe): they measure the GPU code path, not a GPU's speed; do not compare them with the cpu rows as GPU numbers.",
+                r.adapter.as_deref().unwrap_or("?")
+            );
+        }
+        if rows.iter().any(|r| r.backend == "gpu") {
+            println!("GPU ms: the passes' execution time from timestamp queries (n/a where the adapter has none); GPU wait: the time the CPU blocked on the GPU.");
+        }
     }
     Ok(())
 }
@@ -121,6 +171,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 fn measure(
     a: &Args,
     is_image: bool,
+    backend: &str,
     strategy: Strategy,
     budget: Option<u64>,
 ) -> anyhow::Result<Row> {
@@ -147,8 +198,17 @@ fn measure(
         if is_image {
             cmd.args(["--strategy", &format!("{strategy:?}").to_lowercase()]);
         }
+        cmd.args(["--backend", backend]);
+        let budget_flag = if backend == "gpu" {
+            if let Some(name) = &a.gpu_adapter {
+                cmd.args(["--gpu-adapter", name]);
+            }
+            "--vram-budget"
+        } else {
+            "--memory-budget"
+        };
         if let Some(b) = budget {
-            cmd.args(["--memory-budget", &b.to_string()]);
+            cmd.args([budget_flag, &b.to_string()]);
         }
         if let Some(extra) = &a.extra {
             cmd.args(extra.split_whitespace());
@@ -156,7 +216,7 @@ fn measure(
         let out = cmd.output().context("running llmflash generate")?;
         if !out.status.success() {
             bail!(
-                "generate failed for {strategy:?}: {}",
+                "generate failed for {backend} {strategy:?}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
@@ -175,7 +235,26 @@ fn measure(
     let io_ms = med("io_ms_per_token");
     let bytes = med("bytes_read_per_token");
     let tokens_per_s = med("tokens_per_s");
+    let gpu = |key: &str| {
+        median(
+            samples
+                .iter()
+                .map(|s| s["gpu"][key].as_f64().unwrap_or(0.0))
+                .collect(),
+        )
+    };
+    let first_gpu = samples.first().map(|s| &s["gpu"]);
     Ok(Row {
+        backend: backend.to_string(),
+        uploaded_bytes_per_token: gpu("bytes_uploaded_per_token"),
+        gpu_wait_ms: gpu("gpu_wait_ms_per_token"),
+        gpu_ms: samples
+            .iter()
+            .all(|s| s["gpu"]["gpu_time_ms_per_token"].is_f64())
+            .then(|| gpu("gpu_time_ms_per_token"))
+            .filter(|_| backend == "gpu"),
+        adapter: first_gpu.and_then(|g| g["adapter"].as_str().map(String::from)),
+        emulated: first_gpu.is_some_and(|g| g["emulated"].as_bool() == Some(true)),
         strategy,
         budget,
         runs: samples.len(),
@@ -213,12 +292,14 @@ fn drop_page_cache() -> anyhow::Result<()> {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| strategy | budget | MB read/token | read MB/s | I/O ms | mem ms | compute ms | total ms | tokens/s | vs naive | peak RSS |"
+        "| backend | strategy | budget | MB read/token | read MB/s | I/O ms | mem ms | compute ms | total ms | tokens/s | vs naive | peak RSS | MB uploaded/token | GPU wait ms | GPU ms |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in rows {
+        let gpu = r.backend == "gpu";
         println!(
-            "| {:?} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            "| {} | {:?} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
+            r.backend,
             r.strategy,
             r.budget.map_or("-".to_string(), |b| Bytes(b).to_string()),
             r.bytes_read_per_token / 1e6,
@@ -231,6 +312,9 @@ fn print_table(rows: &[Row]) {
             r.speedup_vs_naive
                 .map_or("-".into(), |s| format!("{s:.2}x")),
             Bytes(r.peak_rss_bytes),
+            if gpu { format!("{:.3}", r.uploaded_bytes_per_token / 1e6) } else { "-".into() },
+            if gpu { format!("{:.2}", r.gpu_wait_ms) } else { "-".into() },
+            r.gpu_ms.map_or(if gpu { "n/a".into() } else { "-".into() }, |m| format!("{m:.2}")),
         );
     }
 }

@@ -18,6 +18,11 @@ pub struct FlashArgs {
     /// Memory budget for the whole process, e.g. 48MiB or 1.5GiB (flash images only).
     #[arg(long, value_parser = parse_bytes)]
     pub memory_budget: Option<u64>,
+    /// GPU memory budget with --backend gpu on a flash image, e.g. 64MiB: planned like
+    /// --memory-budget (resident weights, predictors, KV cache, scratch, one layer's active
+    /// neurons; the rest becomes window slots). Without it every neuron gets a slot.
+    #[arg(long, value_parser = parse_bytes)]
+    pub vram_budget: Option<u64>,
     /// Tokens a neuron stays in the window after its last use (the paper's k).
     #[arg(long, default_value_t = 5)]
     pub window: usize,

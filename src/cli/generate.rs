@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
+use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder, GpuFlashOptions, GpuOptions};
+use crate::budget::{self, Needs};
+use crate::engine::flash::{Selection, Strategy};
 use crate::engine::generate;
+use crate::engine::gpu::{generate_gpu, GpuModel};
 use crate::engine::sampler::{Sampler, Sampling};
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::StreamDecoder;
@@ -43,9 +47,13 @@ pub struct Args {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
-    /// Compute backend.
-    #[arg(long, value_parser = ["cpu"], default_value = "cpu")]
+    /// Compute backend: cpu, or gpu (wgpu: Vulkan, Metal, DX12 or GL; lavapipe where no GPU
+    /// exists, which is a CPU emulating a GPU).
+    #[arg(long, value_parser = ["cpu", "gpu"], default_value = "cpu")]
     backend: String,
+    /// With --backend gpu: the first adapter whose name contains this (case-insensitive).
+    #[arg(long)]
+    gpu_adapter: Option<String>,
     /// Context length (positions) to allocate.
     #[arg(long, default_value_t = 2048)]
     ctx: usize,
@@ -80,33 +88,55 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         _ => Sampling::Greedy,
     };
-    let mut sampler = Sampler::new(sampling);
+    let mut sampler = Sampler::new(sampling.clone());
     // The KV cache only needs the positions this run can reach.
     let ctx = a.ctx.min(prompt.len() + a.n + 1);
-    let mut session = runner.session(ctx, &a.flash)?;
     let mut stream = StreamDecoder::new();
     let mut out = std::io::stdout().lock();
     let mut text_out = String::new();
     let json = a.json;
-    let gen = generate(
-        &mut session,
-        &prompt,
-        a.n,
-        &mut sampler,
-        |t| !a.ignore_eos && tok.is_some_and(|tok| tok.is_end_of_generation(t)),
-        |t| {
-            let piece = match tok {
-                Some(tok) => stream.push(tok, t),
-                None => format!("{t} "),
-            };
-            if json {
-                text_out.push_str(&piece);
-            } else {
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
-            }
-        },
-    )?;
+    let is_end = |t: u32| !a.ignore_eos && tok.is_some_and(|tok| tok.is_end_of_generation(t));
+    let on_token = |t: u32| {
+        let piece = match tok {
+            Some(tok) => stream.push(tok, t),
+            None => format!("{t} "),
+        };
+        if json {
+            text_out.push_str(&piece);
+        } else {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    };
+    let gen = if a.backend == "gpu" {
+        let gpu = GpuContext::new(&GpuOptions {
+            adapter: a.gpu_adapter.clone(),
+            backends: None,
+        })?;
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            eprintln!(
+                "note: the GPU adapter `{}` is a CPU emulating a GPU: its speed says nothing about a GPU's",
+                gpu.info.name
+            );
+        }
+        let mut dec = open_gpu_model(&gpu, &runner, ctx, &a.flash)?;
+        let greedy = sampling == Sampling::Greedy;
+        generate_gpu(
+            dec.as_mut(),
+            &prompt,
+            a.n,
+            greedy,
+            &mut sampler,
+            is_end,
+            on_token,
+        )?
+    } else {
+        if a.gpu_adapter.is_some() {
+            bail!("--gpu-adapter needs --backend gpu");
+        }
+        let mut session = runner.session(ctx, &a.flash)?;
+        generate(&mut session, &prompt, a.n, &mut sampler, is_end, on_token)?
+    };
     let tail = stream.finish();
     if json {
         text_out.push_str(&tail);
@@ -142,4 +172,113 @@ fn prompt_text(a: &Args, model: &crate::engine::model::Model) -> anyhow::Result<
     };
     t.render(&[msg], true)
         .context("rendering the chat template")
+}
+
+/// The GPU decoder for `runner`'s model: dense for GGUF and HF models; for a flash image, the
+/// flash path (bundles streamed from the SSD into GPU window buffers).
+pub(super) fn open_gpu_model<'r>(
+    gpu: &GpuContext,
+    runner: &'r super::runner::Runner,
+    ctx: usize,
+    flash: &super::flash_args::FlashArgs,
+) -> anyhow::Result<Box<dyn GpuModel + 'r>> {
+    let model = &runner.model;
+    if flash.memory_budget.is_some() {
+        bail!("--memory-budget plans host memory for --backend cpu; with --backend gpu use --vram-budget");
+    }
+    let Some(image) = &model.image else {
+        if flash.vram_budget.is_some() {
+            bail!(
+                "--vram-budget needs a flash image; convert the model first: llmflash convert {} -o MODEL.flash",
+                model.path.display()
+            );
+        }
+        return Ok(Box::new(GpuDecoder::new(gpu, &model.weights, ctx)?));
+    };
+    if flash.strategy != Strategy::Flash {
+        bail!("--backend gpu runs the flash strategy only (bundles streamed into GPU windows); drop --strategy or use --backend cpu");
+    }
+    if flash.synthetic_activity.is_some() {
+        bail!("--synthetic-activity is not supported with --backend gpu; use --backend cpu");
+    }
+    let selection = flash.selection(runner.calibration.is_some());
+    let predictors = match selection {
+        Selection::All => {
+            if !flash.dense {
+                log::warn!(
+                    "{} is not calibrated: computing every FFN neuron (run `llmflash calibrate`)",
+                    model.path.display()
+                );
+            }
+            None
+        }
+        Selection::Predictor => runner.calibration.as_ref().map(|c| c.predictors.as_slice()),
+        Selection::Oracle => bail!("--oracle is not supported with --backend gpu"),
+    };
+    let base = flash.options(selection);
+    let mut opts = GpuFlashOptions {
+        window_tokens: base.window_tokens,
+        io_threads: base.io_threads,
+        coalesce: base.coalesce,
+        direct: base.direct,
+        ..GpuFlashOptions::default()
+    };
+    if let Some(budget) = flash.vram_budget {
+        let plan = plan_vram(runner, ctx, budget, predictors.is_some())?;
+        log::info!("VRAM plan: {plan:?}");
+        opts.window_slots = Some(plan.0.window_slots);
+        opts.overflow_slots = plan.1;
+    }
+    Ok(Box::new(GpuFlashDecoder::new(
+        gpu,
+        image,
+        &model.weights,
+        predictors,
+        ctx,
+        opts,
+    )?))
+}
+
+/// The VRAM plan of a flash image on the GPU, and the overflow reserve it counts (one layer's
+/// expected active neurons): the same planner as --memory-budget, with the GPU's buffers.
+pub(super) fn plan_vram(
+    runner: &super::runner::Runner,
+    ctx: usize,
+    budget: u64,
+    predicted: bool,
+) -> anyhow::Result<(budget::Plan, usize)> {
+    let model = &runner.model;
+    let Some(image) = &model.image else {
+        bail!("--vram-budget needs a flash image");
+    };
+    let c = &model.weights.config;
+    let n = c.intermediate_size;
+    let ctx = ctx.min(c.max_positions).max(1);
+    let cal = runner.calibration.as_ref().filter(|_| predicted);
+    let active = match cal {
+        Some(cal) => cal.expected_active(),
+        None => vec![n as f64; c.n_layers],
+    };
+    let needs = Needs {
+        // The GPU path keeps the embedding and output head in VRAM: nothing is streamed.
+        resident: image.meta.resident_bytes(),
+        tables: Vec::new(),
+        stream_staging: 0,
+        predictors: cal.map_or(0, |c| c.predictor_bytes()),
+        kv_cache: (c.n_layers * ctx * c.kv_dim() * 2 * 4) as u64,
+        // Activations, attention scores, logits, the active lists and slot map.
+        scratch: ((10 * c.hidden_size + 2 * n + c.n_heads * ctx + c.vocab_size + 4 * (n + 1)) * 4)
+            as u64,
+        stride: image.bundle().stride as u64,
+        neurons: vec![n; c.n_layers],
+        active: active.clone(),
+    };
+    let plan = budget::plan(budget, &needs).map_err(|e| {
+        anyhow::anyhow!(e
+            .to_string()
+            .replace("--memory-budget", "--vram-budget")
+            .replace("a memory budget", "a VRAM budget"))
+    })?;
+    let reserve = active.iter().copied().fold(1.0, f64::max).ceil() as usize;
+    Ok((plan, reserve))
 }

@@ -1,6 +1,7 @@
 //! The decode loop, KV cache, sampler and per-token statistics.
 
 pub mod flash;
+pub mod gpu;
 pub mod kv_cache;
 pub mod model;
 pub mod perplexity;
@@ -171,7 +172,11 @@ pub fn generate(
 
 /// Splits decode time into the FFN's I/O and memory management (measured by the flash
 /// path between `before` and `after`) and compute (the rest).
-fn add_flash_costs(stats: &mut GenerationStats, before: &FlashStats, after: &FlashStats) {
+pub(crate) fn add_flash_costs(
+    stats: &mut GenerationStats,
+    before: &FlashStats,
+    after: &FlashStats,
+) {
     let passes = stats.generated_tokens.saturating_sub(1).max(1) as f64;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / passes;
     stats.strategy = "flash".into();
@@ -189,7 +194,12 @@ fn ms_since(t: Instant) -> f64 {
 
 /// Rates from counts and times. The first generated token comes from the prompt's logits, so
 /// decode time covers `generated - 1` forward passes.
-fn summarize(prompt: usize, generated: usize, prompt_ms: f64, decode_ms: f64) -> GenerationStats {
+pub(crate) fn summarize(
+    prompt: usize,
+    generated: usize,
+    prompt_ms: f64,
+    decode_ms: f64,
+) -> GenerationStats {
     let passes = generated.saturating_sub(1).max(1) as f64;
     let rate = |n: f64, ms: f64| if ms > 0.0 { n * 1e3 / ms } else { 0.0 };
     GenerationStats {
@@ -210,5 +220,6 @@ fn summarize(prompt: usize, generated: usize, prompt_ms: f64, decode_ms: f64) ->
         compute_ms_per_token: decode_ms / passes,
         peak_rss_bytes: stats::peak_rss_bytes(),
         flash: None,
+        gpu: None,
     }
 }

@@ -26,6 +26,9 @@ pub struct GenerationStats {
     /// The flash path's cumulative counters (whole session), when the FFN reads from flash.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flash: Option<FlashStats>,
+    /// The GPU backend's costs, when generation ran on a GPU (`--backend gpu`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::engine::gpu::GpuRunStats>,
 }
 
 /// The process's peak resident set size, from `/proc/self/status` (Linux only).

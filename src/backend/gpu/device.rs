@@ -106,7 +106,8 @@ impl GpuContext {
         let info = adapter.get_info();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("llmflash"),
-            required_features: wgpu::Features::empty(),
+            // Timestamps, where offered, give the GPU's own execution time (backend::gpu::timer).
+            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
             required_limits: adapter.limits(),
             ..Default::default()
         }))

@@ -23,26 +23,28 @@ use crate::backend::gpu::kernels::matvec::matvec;
 use crate::backend::gpu::kernels::norm::GpuNorm;
 use crate::backend::gpu::kernels::rope::{rope, rope_table};
 use crate::backend::gpu::kernels::{Dispatch, Step};
+use crate::backend::gpu::timer::GpuTimer;
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::model::config::{Config, FfnKind};
 use crate::model::weights::{Linear, ModelWeights};
+use std::time::{Duration, Instant};
 
 /// The activations of one step, each its own buffer (a dispatch may not read and write the same
 /// buffer).
-struct Scratch {
-    x: wgpu::Buffer,
-    h: wgpu::Buffer,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
-    att: wgpu::Buffer,
-    out: wgpu::Buffer,
-    a: wgpu::Buffer,
-    b: wgpu::Buffer,
-    emb: wgpu::Buffer,
-    scores: wgpu::Buffer,
-    logits: wgpu::Buffer,
-    token: wgpu::Buffer,
+pub(crate) struct Scratch {
+    pub(crate) x: wgpu::Buffer,
+    pub(crate) h: wgpu::Buffer,
+    pub(crate) q: wgpu::Buffer,
+    pub(crate) k: wgpu::Buffer,
+    pub(crate) v: wgpu::Buffer,
+    pub(crate) att: wgpu::Buffer,
+    pub(crate) out: wgpu::Buffer,
+    pub(crate) a: wgpu::Buffer,
+    pub(crate) b: wgpu::Buffer,
+    pub(crate) emb: wgpu::Buffer,
+    pub(crate) scores: wgpu::Buffer,
+    pub(crate) logits: wgpu::Buffer,
+    pub(crate) token: wgpu::Buffer,
 }
 
 impl Scratch {
@@ -67,12 +69,23 @@ impl Scratch {
     }
 }
 
-/// A session's decoder on the GPU: [`GpuDecoder::step`] runs one token at the next position.
-pub struct GpuDecoder {
-    ctx: GpuContext,
-    config: Config,
+/// One layer's prepared dispatches: attention up to the FFN input (`h`), the FFN into `out`
+/// (empty on the flash path, which encodes its own), then the residual add (and OPT-350m's
+/// post-norm).
+pub(crate) struct LayerCode {
+    pub(crate) attn: Vec<Dispatch>,
+    pub(crate) ffn: Vec<Dispatch>,
+    pub(crate) post: Vec<Dispatch>,
+}
+
+/// What every GPU decoder shares: weights except the FFN bundles, the KV cache, the scratch
+/// buffers and every prepared dispatch. [`GpuDecoder`] runs it densely; the flash decoder
+/// (`backend::gpu::flash`) splits each token at every layer's FFN.
+pub(crate) struct Core {
+    pub(crate) ctx: GpuContext,
+    pub(crate) config: Config,
     max_ctx: usize,
-    pos: usize,
+    pub(crate) pos: usize,
     step: wgpu::Buffer,
     embed: GpuMatrix,
     embed_gather: Gather,
@@ -82,17 +95,28 @@ pub struct GpuDecoder {
     /// After the embedding gather (OPT's project_in), before the learned positions.
     project_in: Vec<Dispatch>,
     /// Every layer, in order.
-    layers: Vec<Dispatch>,
+    pub(crate) layers: Vec<LayerCode>,
     /// Final norm, projection and lm_head.
     output: Vec<Dispatch>,
     greedy: Dispatch,
-    s: Scratch,
+    pub(crate) s: Scratch,
     logits_rb: Readback,
     token_rb: Readback,
     logits: Vec<f32>,
+    /// Time spent blocked on the GPU (waiting for readbacks), since creation.
+    pub(crate) wait: Duration,
+    /// GPU time of every pass, where the device has timestamp queries.
+    pub(crate) timer: Option<GpuTimer>,
+    /// Bytes written to the GPU when it was built (weights, tables).
+    pub(crate) resident_bytes: u64,
     /// Weights, caches and tables: bind groups keep them alive too, but owning them states it.
     _resident: Vec<GpuMatrix>,
     _buffers: Vec<wgpu::Buffer>,
+}
+
+/// A session's decoder on the GPU: [`GpuDecoder::step`] runs one token at the next position.
+pub struct GpuDecoder {
+    core: Core,
 }
 
 /// Uploads a linear layer: the matrix and its bias.
@@ -121,8 +145,99 @@ impl GpuDecoder {
     /// Uploads `w` and prepares every dispatch of a step, for contexts of up to `max_ctx`
     /// positions (clamped to what the model was trained for). Fails with a message when the
     /// model has tensors the kernels do not read, has no resident FFN (a flash image: the sparse
-    /// path is separate), or when a layer's KV cache would not fit one storage binding.
+    /// path is `backend::gpu::flash`), or when a layer's KV cache would not fit one storage
+    /// binding.
     pub fn new(ctx: &GpuContext, w: &ModelWeights, max_ctx: usize) -> Result<GpuDecoder, GpuError> {
+        Ok(GpuDecoder {
+            core: Core::new(ctx, w, max_ctx, true)?,
+        })
+    }
+
+    /// The context this decoder runs on.
+    pub fn ctx(&self) -> &GpuContext {
+        &self.core.ctx
+    }
+
+    /// Time spent blocked waiting for the GPU (readbacks), since creation.
+    pub fn gpu_wait(&self) -> Duration {
+        self.core.wait
+    }
+
+    /// GPU execution time (timestamp queries) of the tokens read back so far; `None` where
+    /// the device has no timestamp queries.
+    pub fn gpu_time(&self) -> Option<Duration> {
+        self.core.gpu_time()
+    }
+
+    /// Bytes uploaded when the decoder was built (weights and tables).
+    pub fn resident_bytes(&self) -> u64 {
+        self.core.resident_bytes
+    }
+
+    /// Positions consumed so far: the next token goes here.
+    pub fn position(&self) -> usize {
+        self.core.pos
+    }
+
+    /// The context capacity.
+    pub fn capacity(&self) -> usize {
+        self.core.max_ctx
+    }
+
+    /// Forgets every position (a new sequence); the cache is overwritten as positions come.
+    pub fn reset(&mut self) {
+        self.core.pos = 0;
+    }
+
+    /// Runs `token` at the next position and returns the next-token logits.
+    pub fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
+        let mut enc = self.core.record(token)?;
+        self.core.finish(&mut enc, Output::Logits);
+        self.core.ctx.queue.submit([enc.finish()]);
+        self.core.read_logits()
+    }
+
+    /// Runs `token` and returns the most likely next token, chosen on the GPU (greedy decoding
+    /// reads back 4 bytes instead of the logits).
+    pub fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
+        let mut enc = self.core.record(token)?;
+        self.core.finish(&mut enc, Output::Greedy);
+        self.core.ctx.queue.submit([enc.finish()]);
+        self.core.read_token()
+    }
+
+    /// Runs `token` without computing logits (a prompt token whose successor is known). Nothing
+    /// is read back, so the GPU may still be working when this returns.
+    pub fn feed(&mut self, token: u32) -> Result<(), GpuError> {
+        let mut enc = self.core.record(token)?;
+        self.core.finish(&mut enc, Output::None);
+        self.core.ctx.queue.submit([enc.finish()]);
+        Ok(())
+    }
+
+    /// Feeds `tokens` and returns the logits after the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], GpuError> {
+        let Some((last, rest)) = tokens.split_last() else {
+            return Err(GpuError::Shape(
+                "the prompt is empty: give at least one token".to_string(),
+            ));
+        };
+        for &t in rest {
+            self.feed(t)?;
+        }
+        self.step(*last)
+    }
+}
+
+impl Core {
+    /// Uploads `w` and prepares every dispatch; with `dense_ffn` false, the layers' FFN
+    /// dispatches are left to the caller (their down bias, if any, is added in `post`).
+    pub(crate) fn new(
+        ctx: &GpuContext,
+        w: &ModelWeights,
+        max_ctx: usize,
+        dense_ffn: bool,
+    ) -> Result<Core, GpuError> {
         let c = w.config.clone();
         let max_ctx = max_ctx.min(c.max_positions).max(1);
         let s = Scratch::new(ctx, &c, max_ctx)?;
@@ -167,11 +282,6 @@ impl GpuDecoder {
 
         let mut layers = Vec::new();
         for (l, layer) in w.layers.iter().enumerate() {
-            let ffn = layer.ffn.as_ref().ok_or_else(|| {
-                GpuError::Shape(format!(
-                    "layer {l} has no resident FFN matrices (a flash image): the dense GPU decoder needs a GGUF or HF model"
-                ))
-            })?;
             let kc = storage_zeroed(ctx, &format!("layer {l} keys"), cache_bytes)?;
             let vc = storage_zeroed(ctx, &format!("layer {l} values"), cache_bytes)?;
             let attn_norm =
@@ -181,12 +291,6 @@ impl GpuDecoder {
             let (k, kb) = upload_linear(ctx, &layer.attn.k, &mut keep)?;
             let (v, vb) = upload_linear(ctx, &layer.attn.v, &mut keep)?;
             let (o, ob) = upload_linear(ctx, &layer.attn.o, &mut keep)?;
-            let up = GpuMatrix::upload(ctx, &ffn.up)?;
-            let down = GpuMatrix::upload(ctx, &ffn.down)?;
-            let gate = match &ffn.gate {
-                Some(g) => Some(GpuMatrix::upload(ctx, g)?),
-                None => None,
-            };
             let bias =
                 |b: &Option<Vec<f32>>, what: &str| -> Result<Option<wgpu::Buffer>, GpuError> {
                     b.as_ref()
@@ -195,6 +299,9 @@ impl GpuDecoder {
                 };
             let up_b = bias(&layer.ffn_bias.up, "ffn up bias")?;
             let down_b = bias(&layer.ffn_bias.down, "ffn down bias")?;
+            let mut attn = Vec::new();
+            let mut ffn_code = Vec::new();
+            let mut post = Vec::new();
 
             // Pre-norm: attention and FFN read norm(x) in h and add into x. Post-norm (OPT-350m):
             // attention reads x, the normed sum becomes the residual in h, the FFN adds into h,
@@ -205,13 +312,13 @@ impl GpuDecoder {
                 (&s.x, &s.x)
             };
             if c.pre_norm {
-                layers.push(attn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
+                attn.push(attn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
             }
-            layers.extend(matvec(ctx, &q, attn_in, qb.as_ref(), &s.q)?);
-            layers.extend(matvec(ctx, &k, attn_in, kb.as_ref(), &s.k)?);
-            layers.extend(matvec(ctx, &v, attn_in, vb.as_ref(), &s.v)?);
+            attn.extend(matvec(ctx, &q, attn_in, qb.as_ref(), &s.q)?);
+            attn.extend(matvec(ctx, &k, attn_in, kb.as_ref(), &s.k)?);
+            attn.extend(matvec(ctx, &v, attn_in, vb.as_ref(), &s.v)?);
             if let Some(t) = &table {
-                layers.push(rope(
+                attn.push(rope(
                     ctx,
                     c.rope_style,
                     c.n_heads,
@@ -220,7 +327,7 @@ impl GpuDecoder {
                     &s.q,
                     &step,
                 )?);
-                layers.push(rope(
+                attn.push(rope(
                     ctx,
                     c.rope_style,
                     c.n_kv_heads,
@@ -230,7 +337,7 @@ impl GpuDecoder {
                     &step,
                 )?);
             }
-            layers.push(kv_store(
+            attn.push(kv_store(
                 ctx,
                 c.kv_dim(),
                 max_ctx,
@@ -240,34 +347,55 @@ impl GpuDecoder {
                 &vc,
                 &step,
             )?);
-            layers.push(attention(
+            attn.push(attention(
                 ctx, shape, max_ctx, scale, &s.q, &kc, &vc, &s.scores, &s.att, &step,
             )?);
-            layers.extend(matvec(ctx, &o, &s.att, ob.as_ref(), &s.out)?);
-            layers.push(add(ctx, c.hidden_size, &s.out, resid)?);
+            attn.extend(matvec(ctx, &o, &s.att, ob.as_ref(), &s.out)?);
+            attn.push(add(ctx, c.hidden_size, &s.out, resid)?);
             let (ffn_in, ffn_resid) = if c.pre_norm {
-                layers.push(ffn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
+                attn.push(ffn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
                 (&s.h, &s.x)
             } else {
-                layers.push(attn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
+                attn.push(attn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
                 (&s.h, &s.h)
             };
-            layers.extend(matvec(ctx, &up, ffn_in, up_b.as_ref(), &s.a)?);
-            let kind = match (c.ffn_kind(), &gate) {
-                (FfnKind::SwiGlu, Some(g)) => {
-                    layers.extend(matvec(ctx, g, ffn_in, None, &s.b)?);
-                    FfnKind::SwiGlu
-                }
-                _ => FfnKind::Relu,
-            };
-            layers.push(ffn_act(ctx, kind, c.intermediate_size, &s.b, &s.a)?);
-            layers.extend(matvec(ctx, &down, &s.a, down_b.as_ref(), &s.out)?);
-            layers.push(add(ctx, c.hidden_size, &s.out, ffn_resid)?);
-            if !c.pre_norm {
-                layers.push(ffn_norm.dispatch(ctx, c.norm_eps, &s.h, &s.x)?);
+            if dense_ffn {
+                let ffn = layer.ffn.as_ref().ok_or_else(|| {
+                    GpuError::Shape(format!(
+                        "layer {l} has no resident FFN matrices (a flash image): the dense GPU decoder needs a GGUF or HF model"
+                    ))
+                })?;
+                let up = GpuMatrix::upload(ctx, &ffn.up)?;
+                let down = GpuMatrix::upload(ctx, &ffn.down)?;
+                let gate = match &ffn.gate {
+                    Some(g) => Some(GpuMatrix::upload(ctx, g)?),
+                    None => None,
+                };
+                ffn_code.extend(matvec(ctx, &up, ffn_in, up_b.as_ref(), &s.a)?);
+                let kind = match (c.ffn_kind(), &gate) {
+                    (FfnKind::SwiGlu, Some(g)) => {
+                        ffn_code.extend(matvec(ctx, g, ffn_in, None, &s.b)?);
+                        FfnKind::SwiGlu
+                    }
+                    _ => FfnKind::Relu,
+                };
+                ffn_code.push(ffn_act(ctx, kind, c.intermediate_size, &s.b, &s.a)?);
+                ffn_code.extend(matvec(ctx, &down, &s.a, down_b.as_ref(), &s.out)?);
+                resident.extend([up, down]);
+                resident.extend(gate);
+            } else if let Some(b) = &down_b {
+                post.push(add(ctx, c.hidden_size, b, &s.out)?);
             }
-            resident.extend([q, k, v, o, up, down]);
-            resident.extend(gate);
+            post.push(add(ctx, c.hidden_size, &s.out, ffn_resid)?);
+            if !c.pre_norm {
+                post.push(ffn_norm.dispatch(ctx, c.norm_eps, &s.h, &s.x)?);
+            }
+            layers.push(LayerCode {
+                attn,
+                ffn: ffn_code,
+                post,
+            });
+            resident.extend([q, k, v, o]);
             keep.extend([kc, vc]);
             keep.extend(qb.into_iter().chain(kb).chain(vb).chain(ob));
             keep.extend(up_b.into_iter().chain(down_b));
@@ -292,7 +420,16 @@ impl GpuDecoder {
         let greedy = argmax(ctx, c.vocab_size, &s.logits, &s.token)?;
         keep.extend(table);
 
-        Ok(GpuDecoder {
+        let resident_bytes = resident
+            .iter()
+            .flat_map(|m: &GpuMatrix| &m.chunks)
+            .map(|c| c.buffer.size())
+            .chain(keep.iter().map(|b| b.size()))
+            .sum();
+        Ok(Core {
+            timer: GpuTimer::new(ctx),
+            wait: Duration::ZERO,
+            resident_bytes,
             logits_rb: Readback::new(ctx, (c.vocab_size * 4) as u64),
             token_rb: Readback::new(ctx, 4),
             logits: vec![0.0; c.vocab_size],
@@ -315,71 +452,98 @@ impl GpuDecoder {
         })
     }
 
-    /// Positions consumed so far: the next token goes here.
-    pub fn position(&self) -> usize {
-        self.pos
+    /// Records the output dispatches (final norm, lm_head, argmax) in their own pass and the
+    /// copy of their result into the readback buffer; advances the position.
+    pub(crate) fn finish(&mut self, enc: &mut wgpu::CommandEncoder, out: Output) {
+        if out == Output::None {
+            if let Some(t) = &self.timer {
+                t.resolve(enc);
+            }
+            self.pos += 1;
+            return;
+        }
+        {
+            let mut pass = self.pass(enc, "output");
+            self.output.iter().for_each(|d| d.encode(&mut pass));
+            if out == Output::Greedy {
+                self.greedy.encode(&mut pass);
+            }
+        }
+        match out {
+            Output::Greedy => self.token_rb.record(enc, &self.s.token, 4),
+            _ => self
+                .logits_rb
+                .record(enc, &self.s.logits, (self.config.vocab_size * 4) as u64),
+        }
+        if let Some(t) = &self.timer {
+            t.resolve(enc);
+        }
+        self.pos += 1;
     }
 
-    /// The context capacity.
-    pub fn capacity(&self) -> usize {
+    /// A compute pass, timed when the device has timestamp queries.
+    pub(crate) fn pass<'e>(
+        &self,
+        enc: &'e mut wgpu::CommandEncoder,
+        label: &str,
+    ) -> wgpu::ComputePass<'e> {
+        enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(label),
+            timestamp_writes: self.timer.as_ref().and_then(|t| t.writes()),
+        })
+    }
+
+    /// GPU execution time of the passes of every token read back so far, where measured.
+    pub(crate) fn gpu_time(&self) -> Option<Duration> {
+        self.timer.as_ref().map(|t| t.total)
+    }
+
+    /// The context capacity in positions.
+    pub(crate) fn capacity(&self) -> usize {
         self.max_ctx
     }
 
-    /// Forgets every position (a new sequence); the cache is overwritten as positions come.
-    pub fn reset(&mut self) {
-        self.pos = 0;
-    }
-
-    /// Runs `token` at the next position and returns the next-token logits.
-    pub fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
-        let mut enc = self.record(token, Output::Logits)?;
-        self.logits_rb.record(
-            &mut enc,
-            &self.s.logits,
-            (self.config.vocab_size * 4) as u64,
-        );
-        self.ctx.queue.submit([enc.finish()]);
-        self.pos += 1;
+    /// Waits for the logits recorded by [`Core::finish`].
+    pub(crate) fn read_logits(&mut self) -> Result<&[f32], GpuError> {
+        let t = Instant::now();
         self.logits_rb.read(&self.ctx, &mut self.logits)?;
+        self.wait += t.elapsed();
+        if let Some(timer) = &mut self.timer {
+            timer.collect(&self.ctx);
+        }
         Ok(&self.logits)
     }
 
-    /// Runs `token` and returns the most likely next token, chosen on the GPU (greedy decoding
-    /// reads back 4 bytes instead of the logits).
-    pub fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
-        let mut enc = self.record(token, Output::Greedy)?;
-        self.token_rb.record(&mut enc, &self.s.token, 4);
-        self.ctx.queue.submit([enc.finish()]);
-        self.pos += 1;
-        let mut t = [0u32];
-        self.token_rb.read(&self.ctx, &mut t)?;
-        Ok(t[0])
-    }
-
-    /// Runs `token` without computing logits (a prompt token whose successor is known). Nothing
-    /// is read back, so the GPU may still be working when this returns.
-    pub fn feed(&mut self, token: u32) -> Result<(), GpuError> {
-        let enc = self.record(token, Output::None)?;
-        self.ctx.queue.submit([enc.finish()]);
-        self.pos += 1;
-        Ok(())
-    }
-
-    /// Feeds `tokens` and returns the logits after the last one.
-    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], GpuError> {
-        let Some((last, rest)) = tokens.split_last() else {
-            return Err(GpuError::Shape(
-                "the prompt is empty: give at least one token".to_string(),
-            ));
-        };
-        for &t in rest {
-            self.feed(t)?;
+    /// Waits for the token recorded by [`Core::finish`].
+    pub(crate) fn read_token(&mut self) -> Result<u32, GpuError> {
+        let t = Instant::now();
+        let mut tok = [0u32];
+        self.token_rb.read(&self.ctx, &mut tok)?;
+        self.wait += t.elapsed();
+        if let Some(timer) = &mut self.timer {
+            timer.collect(&self.ctx);
         }
-        self.step(*last)
+        Ok(tok[0])
     }
 
     /// Writes the step's uniform and records its dispatches into a new encoder.
-    fn record(&self, token: u32, out: Output) -> Result<wgpu::CommandEncoder, GpuError> {
+    fn record(&self, token: u32) -> Result<wgpu::CommandEncoder, GpuError> {
+        let mut enc = self.begin(token)?;
+        {
+            let mut pass = self.pass(&mut enc, "decode step");
+            self.encode_head(token, &mut pass);
+            for l in &self.layers {
+                for d in l.attn.iter().chain(&l.ffn).chain(&l.post) {
+                    d.encode(&mut pass);
+                }
+            }
+        }
+        Ok(enc)
+    }
+
+    /// The gather dispatches of `token` at the current position, with their rows.
+    #[allow(clippy::type_complexity)]
+    fn head(&self, token: u32) -> Result<((&Dispatch, u32), Option<(&Dispatch, u32)>), GpuError> {
         let vocab = self.config.vocab_size;
         if token as usize >= vocab {
             return Err(GpuError::BadToken { id: token, vocab });
@@ -389,7 +553,7 @@ impl GpuDecoder {
                 capacity: self.max_ctx,
             });
         }
-        let (gather, token_row) = self
+        let gather = self
             .embed_gather
             .for_row(&self.embed, token as usize)
             .ok_or(GpuError::BadToken { id: token, vocab })?;
@@ -405,6 +569,12 @@ impl GpuDecoder {
             }
             None => None,
         };
+        Ok((gather, position))
+    }
+
+    /// Checks `token` and the position, writes the step's uniform and returns a new encoder.
+    pub(crate) fn begin(&self, token: u32) -> Result<wgpu::CommandEncoder, GpuError> {
+        let ((_, token_row), position) = self.head(token)?;
         let step = Step {
             pos: self.pos as u32,
             n_pos: self.pos as u32 + 1,
@@ -412,36 +582,29 @@ impl GpuDecoder {
             pos_row: position.map_or(0, |p| p.1),
         };
         write(&self.ctx, &self.step, &[step]);
-        let mut enc = self
+        Ok(self
             .ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("decode step"),
-            });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("decode step"),
-                timestamp_writes: None,
-            });
-            gather.encode(&mut pass);
-            self.project_in.iter().for_each(|d| d.encode(&mut pass));
-            if let Some((d, _)) = position {
-                d.encode(&mut pass);
-            }
-            self.layers.iter().for_each(|d| d.encode(&mut pass));
-            if out != Output::None {
-                self.output.iter().for_each(|d| d.encode(&mut pass));
-            }
-            if out == Output::Greedy {
-                self.greedy.encode(&mut pass);
-            }
+            }))
+    }
+
+    /// Encodes the embedding of `token` (checked by [`Core::begin`]) into `x`.
+    pub(crate) fn encode_head(&self, token: u32, pass: &mut wgpu::ComputePass<'_>) {
+        let Ok(((gather, _), position)) = self.head(token) else {
+            return;
+        };
+        gather.encode(pass);
+        self.project_in.iter().for_each(|d| d.encode(pass));
+        if let Some((d, _)) = position {
+            d.encode(pass);
         }
-        Ok(enc)
     }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Output {
+pub(crate) enum Output {
     None,
     Logits,
     Greedy,

@@ -10,6 +10,8 @@
 //! - [`shaders`]: the WGSL sources (`shaders/`, one file per kernel), validated by naga in tests.
 //! - [`kernels`]: one Rust wrapper per kernel, each tested against the CPU reference.
 //! - [`forward`]: [`GpuDecoder`], the dense decode step wholly on the GPU.
+//! - [`flash`]: [`GpuFlashDecoder`], a flash image's FFN streamed from the SSD into per-layer
+//!   GPU window buffers through a staging ring, selected by the predictor on the GPU.
 //!
 //! Weights stay in their file's dtype on the GPU and are dequantised in the shaders; f16 values
 //! are read as two per `u32` with `unpack2x16float`, which every wgpu backend supports (native
@@ -17,14 +19,17 @@
 
 pub mod buffers;
 pub mod device;
+pub mod flash;
 pub mod forward;
 pub mod kernels;
 pub mod pipeline;
 pub mod shaders;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod timer;
 
 pub use device::{GpuContext, GpuOptions};
+pub use flash::{GpuFlashDecoder, GpuFlashOptions};
 pub use forward::GpuDecoder;
 
 use crate::model::tensor::DType;

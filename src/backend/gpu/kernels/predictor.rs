@@ -1,29 +1,50 @@
-//! The low-rank activation predictor on the GPU (the paper's §3.1): `z = B (A h)`, neuron i
-//! active when `z_i > threshold`, compacted in increasing order into `[count, id_0, id_1, ...]`
-//! (shaders/predictor_select.wgsl after two matvecs).
+//! The low-rank activation predictor on the GPU (the paper's section 3.1), the same computation as
+//! `sparsity::predictor::Predictor`: heads `z = B (A h) + bias` by two matvecs (A and B in f16,
+//! as stored), then shaders/predictor_select.wgsl keeps neuron i when its score reaches `tau`
+//! (`z_i` for the linear form, `|silu(z_i) * z_{n+i}|` for the product form), compacted in
+//! increasing order into `[count, id_0, id_1, ...]`.
 
 use super::{kernel, matvec::matvec, need, Dispatch};
-use crate::backend::gpu::buffers::{storage_zeroed, uniform, GpuMatrix};
+use crate::backend::gpu::buffers::{storage_bytes, storage_zeroed, uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
+use crate::model::tensor::DType;
+use crate::sparsity::predictor::{Form, Predictor};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     n: u32,
     threshold: f32,
-    _pad: [u32; 2],
+    form: u32,
+    _pad: u32,
 }
 
-/// `list = [count, ids of z[..n] > threshold in increasing order...]`; `list` holds `1 + n`.
+fn form_code(form: Form) -> u32 {
+    match form {
+        Form::Linear => 0,
+        Form::Product => 1,
+    }
+}
+
+fn heads(form: Form) -> usize {
+    match form {
+        Form::Linear => 1,
+        Form::Product => 2,
+    }
+}
+
+/// `list = [count, ids i < n whose score reaches threshold, in increasing order...]`; `list`
+/// holds `1 + n`, `z` holds `n` (linear) or `2n` (product) heads.
 pub fn select(
     ctx: &GpuContext,
     n: usize,
+    form: Form,
     threshold: f32,
     z: &wgpu::Buffer,
     list: &wgpu::Buffer,
 ) -> Result<Dispatch, GpuError> {
-    need(z, n, "predictor logits")?;
+    need(z, heads(form) * n, "predictor heads")?;
     need(list, n + 1, "active list")?;
     let k = kernel(
         ctx,
@@ -37,57 +58,102 @@ pub fn select(
         &Params {
             n: n as u32,
             threshold,
-            _pad: [0; 2],
+            form: form_code(form),
+            _pad: 0,
         },
     );
     k.dispatch(ctx, &[&p, z, list], [1, 1, 1])
 }
 
-/// One layer's predictor: `a` is `r x d` (the down-projection to rank r), `b` is `n x r`.
+/// A predictor's weights on the GPU and its scratch (the rank vector and the heads).
 pub struct GpuPredictor {
     pub a: GpuMatrix,
     pub b: GpuMatrix,
+    pub form: Form,
+    /// Neurons (the length of the active list's id space).
+    pub n: usize,
     pub threshold: f32,
-    /// Scratch: `A h` (r values) and `z` (n values).
+    bias: Option<wgpu::Buffer>,
     low: wgpu::Buffer,
     z: wgpu::Buffer,
 }
 
 impl GpuPredictor {
+    /// A predictor from its matrices: `a` (rank x d), `b` (heads * n x rank), an optional
+    /// per-head bias, and the decision threshold on the score.
     pub fn new(
         ctx: &GpuContext,
         a: GpuMatrix,
         b: GpuMatrix,
+        bias: Option<&[f32]>,
+        form: Form,
         threshold: f32,
     ) -> Result<GpuPredictor, GpuError> {
-        if b.cols != a.rows {
+        if b.cols != a.rows || !b.rows.is_multiple_of(heads(form)) {
             return Err(GpuError::Shape(format!(
-                "predictor: A is {} x {} but B is {} x {}; B's columns must be A's rows (the rank)",
-                a.rows, a.cols, b.rows, b.cols
+                "predictor: A is {} x {} but B is {} x {}; B's columns must be A's rows (the rank) and its rows {} per neuron",
+                a.rows, a.cols, b.rows, b.cols, heads(form)
             )));
         }
+        if bias.is_some_and(|v| v.len() != b.rows) {
+            return Err(GpuError::Shape(format!(
+                "predictor: {} biases for {} heads",
+                bias.map_or(0, |v| v.len()),
+                b.rows
+            )));
+        }
+        let bias = bias
+            .map(|v| storage_bytes(ctx, "predictor bias", bytemuck::cast_slice(v)))
+            .transpose()?;
         let low = storage_zeroed(ctx, "predictor rank", (a.rows * 4) as u64)?;
-        let z = storage_zeroed(ctx, "predictor logits", (b.rows * 4) as u64)?;
+        let z = storage_zeroed(ctx, "predictor heads", (b.rows * 4) as u64)?;
         Ok(GpuPredictor {
+            n: b.rows / heads(form),
             a,
             b,
+            form,
             threshold,
+            bias,
             low,
             z,
         })
     }
 
-    /// Neurons the predictor scores.
-    pub fn n(&self) -> usize {
-        self.b.rows
+    /// Uploads a calibrated predictor (its f16 A and B as stored, its f32 bias and tau).
+    pub fn upload(ctx: &GpuContext, p: &Predictor, what: &str) -> Result<GpuPredictor, GpuError> {
+        let bytes = p.to_bytes();
+        let rows = heads(p.form) * p.n;
+        let (a, rest) = bytes.split_at(2 * p.rank * p.d);
+        let (b, bias) = rest.split_at(2 * rows * p.rank);
+        let bias: Vec<f32> = bias
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let a = GpuMatrix::from_bytes(ctx, &format!("{what} A"), DType::F16, p.rank, p.d, a)?;
+        let b = GpuMatrix::from_bytes(ctx, &format!("{what} B"), DType::F16, rows, p.rank, b)?;
+        GpuPredictor::new(ctx, a, b, Some(&bias), p.form, p.tau)
     }
 
-    /// The logits `z`, after the dispatches ran.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes on the GPU.
+    pub fn bytes(&self) -> u64 {
+        [&self.a, &self.b]
+            .iter()
+            .flat_map(|m| &m.chunks)
+            .map(|c| c.buffer.size())
+            .sum::<u64>()
+            + self.bias.as_ref().map_or(0, |b| b.size())
+    }
+
+    /// The heads `z` after [`GpuPredictor::dispatches`] ran.
     pub fn logits(&self) -> &wgpu::Buffer {
         &self.z
     }
 
-    /// Dispatches that fill `list` (room for `1 + n` values) from `h`.
+    /// Predicts from `h` into `list` (`[count, ids...]`, room for `1 + n`).
     pub fn dispatches(
         &self,
         ctx: &GpuContext,
@@ -95,8 +161,21 @@ impl GpuPredictor {
         list: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>, GpuError> {
         let mut d = matvec(ctx, &self.a, h, None, &self.low)?;
-        d.extend(matvec(ctx, &self.b, &self.low, None, &self.z)?);
-        d.push(select(ctx, self.n(), self.threshold, &self.z, list)?);
+        d.extend(matvec(
+            ctx,
+            &self.b,
+            &self.low,
+            self.bias.as_ref(),
+            &self.z,
+        )?);
+        d.push(select(
+            ctx,
+            self.n,
+            self.form,
+            self.threshold,
+            &self.z,
+            list,
+        )?);
         Ok(d)
     }
 }
@@ -117,9 +196,9 @@ mod tests {
             let z = rng.vec(n, 1.0);
             let bz = storage_f32(ctx, "z", &z).unwrap();
             let list = storage_zeroed(ctx, "list", ((n + 1) * 4) as u64).unwrap();
-            submit(ctx, &[select(ctx, n, t, &bz, &list).unwrap()]);
+            submit(ctx, &[select(ctx, n, Form::Linear, t, &bz, &list).unwrap()]);
             let got: Vec<u32> = read(ctx, &list, n + 1).unwrap();
-            let want: Vec<u32> = (0..n as u32).filter(|&i| z[i as usize] > t).collect();
+            let want: Vec<u32> = (0..n as u32).filter(|&i| z[i as usize] >= t).collect();
             assert_eq!(got[0] as usize, want.len(), "n={n} t={t}: count");
             assert_eq!(&got[1..=want.len()], &want[..], "n={n} t={t}: ids");
         }
@@ -146,7 +225,7 @@ mod tests {
         let mut sorted = z.clone();
         sorted.sort_by(f64::total_cmp);
         let t = sorted[n / 2] as f32;
-        let p = GpuPredictor::new(ctx, ga, gb, t).unwrap();
+        let p = GpuPredictor::new(ctx, ga, gb, None, Form::Linear, t).unwrap();
         let bh = storage_f32(ctx, "h", &h).unwrap();
         let list = storage_zeroed(ctx, "list", ((n + 1) * 4) as u64).unwrap();
         submit(ctx, &p.dispatches(ctx, &bh, &list).unwrap());
@@ -165,9 +244,56 @@ mod tests {
             }
             assert_eq!(
                 active.binary_search(&(i as u32)).is_ok(),
-                margin > 0.0,
+                margin >= 0.0,
                 "neuron {i}: logit {zi} vs threshold {t}"
             );
+        }
+    }
+
+    /// A calibrated predictor (f16 A and B, bias, tau), both forms, against
+    /// `Predictor::predict`: every neuron whose score is not within rounding of tau agrees.
+    #[test]
+    fn calibrated_predictor_matches_the_cpu() {
+        let Some(ctx) = ctx() else { return };
+        let mut rng = Rng::new(11);
+        let (d, rank, n) = (96, 16, 300);
+        for form in [Form::Linear, Form::Product] {
+            let rows = heads(form) * n;
+            let f16s = |v: Vec<f32>| -> Vec<u8> {
+                v.iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect()
+            };
+            let mut blob = f16s(rng.vec(rank * d, 0.3));
+            blob.extend(f16s(rng.vec(rows * rank, 0.3)));
+            blob.extend(rng.vec(rows, 0.5).iter().flat_map(|x| x.to_le_bytes()));
+            let h = rng.vec(d, 1.0);
+            let probe = Predictor::from_bytes(&blob, form, rank, d, n, 0.0).unwrap();
+            let mut z = vec![0.0; n];
+            probe.scores(&h, &mut z);
+            let mut sorted = z.clone();
+            sorted.sort_by(f32::total_cmp);
+            let tau = sorted[n / 2];
+            let cpu = Predictor::from_bytes(&blob, form, rank, d, n, tau).unwrap();
+            let mut want = Vec::new();
+            cpu.predict(&h, &mut want);
+            let gp = GpuPredictor::upload(ctx, &cpu, "test predictor").unwrap();
+            let bh = storage_f32(ctx, "h", &h).unwrap();
+            let list = storage_zeroed(ctx, "list", ((n + 1) * 4) as u64).unwrap();
+            submit(ctx, &gp.dispatches(ctx, &bh, &list).unwrap());
+            let got: Vec<u32> = read(ctx, &list, n + 1).unwrap();
+            let got = &got[1..=got[0] as usize];
+            for i in 0..n as u32 {
+                let zi = z[i as usize];
+                if (zi - tau).abs() < 1e-4 * (1.0 + tau.abs()) {
+                    continue;
+                }
+                assert_eq!(
+                    got.contains(&i),
+                    want.contains(&i),
+                    "{form:?} neuron {i}: score {zi} vs tau {tau}"
+                );
+            }
         }
     }
 }

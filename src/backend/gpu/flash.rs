@@ -1,0 +1,634 @@
+//! The flash path on the GPU: a flash image's FFN bundles stay on the SSD and are streamed into
+//! per-layer GPU window buffers as the predictor asks for them.
+//!
+//! Per token and layer:
+//! 1. the GPU runs attention, the FFN norm and the layer's low-rank predictor, compacts the
+//!    active ids into a list and copies it to a readback buffer: one small readback per layer
+//!    (with dense selection every neuron is active and nothing is read back);
+//! 2. the CPU-side [`Window`] (bookkeeping only: its slab is empty) decides which active
+//!    neurons are hits, which get a free slot (evicting by the window and LRU rules: eviction
+//!    moves no bytes) and which overflow;
+//! 3. the storage layer ([`ReadPool`], direct coalesced reads) delivers the missing bundles into
+//!    the next buffer of a ring of mapped staging buffers (`MAP_WRITE | COPY_SRC`, created once
+//!    and re-mapped after each use), together with the lists and slot maps of this layer's
+//!    sparse passes;
+//! 4. one command buffer copies staging -> the window's free slots, runs the sparse FFN over
+//!    the window (list and slot map copied from staging), then over the overflow neurons in
+//!    chunks of the overflow reserve (each chunk copied into the reserve buffer and added to the
+//!    FFN output), the residual add, and the next layer's attention and predictor.
+//!
+//! The window pass sums its neurons in id order, like the CPU flash path; overflow chunks are
+//! summed separately and added, so the logits depend on the window size only through float
+//! rounding (the active sets do not depend on it at all).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::cpu::sparse_ffn::{BundleParts, Part};
+use crate::backend::gpu::buffers::{storage_bytes, storage_zeroed, Readback};
+use crate::backend::gpu::forward::{Core, Output};
+use crate::backend::gpu::kernels::add::add;
+use crate::backend::gpu::kernels::predictor::GpuPredictor;
+use crate::backend::gpu::kernels::sparse_ffn::{sparse_ffn, SparseFfnArgs};
+use crate::backend::gpu::kernels::Dispatch;
+use crate::backend::gpu::{GpuContext, GpuError};
+use crate::engine::stats::FlashStats;
+use crate::image::{FlashImage, PartRole};
+use crate::model::config::FfnKind;
+use crate::model::weights::ModelWeights;
+use crate::sparsity::predictor::Predictor;
+use crate::storage::{CoalesceOptions, FlashFile, ReadPool};
+use crate::window::{Plan, Window, WindowConfig};
+
+/// How the GPU flash path holds and fetches bundles.
+#[derive(Clone, Debug)]
+pub struct GpuFlashOptions {
+    /// Window slots per layer (from the VRAM planner); `None`: every neuron.
+    pub window_slots: Option<Vec<usize>>,
+    /// Tokens a neuron stays after its last use (the paper's k).
+    pub window_tokens: usize,
+    /// Slots of the overflow reserve (active neurons the window cannot hold go through it, in
+    /// chunks of this size). At least 1.
+    pub overflow_slots: usize,
+    pub io_threads: usize,
+    pub coalesce: CoalesceOptions,
+    /// Bypass the page cache.
+    pub direct: bool,
+    /// Staging buffers in the ring (at least 2).
+    pub staging_buffers: usize,
+}
+
+impl Default for GpuFlashOptions {
+    fn default() -> Self {
+        GpuFlashOptions {
+            window_slots: None,
+            window_tokens: 5,
+            overflow_slots: 64,
+            io_threads: 8,
+            coalesce: CoalesceOptions::default(),
+            direct: true,
+            staging_buffers: 2,
+        }
+    }
+}
+
+/// A mapped staging buffer of the ring, and whether its re-mapping has completed.
+struct Staging {
+    buf: wgpu::Buffer,
+    ready: Arc<AtomicBool>,
+}
+
+struct FlashLayer {
+    window: Window,
+    /// Model neuron -> position on disk.
+    disk_slot: Vec<u32>,
+    predictor: Option<Vec<Dispatch>>,
+    /// The sparse FFN over the window slots into `out`, and over the overflow reserve into
+    /// `out2`.
+    window_ffn: Vec<Dispatch>,
+    overflow_ffn: Vec<Dispatch>,
+    /// The window's bundles on the GPU (`max(capacity, 1)` slots).
+    slots: wgpu::Buffer,
+}
+
+/// A flash image decoded on the GPU (see the module docs).
+pub struct GpuFlashDecoder<'a> {
+    core: Core,
+    image: &'a FlashImage,
+    stride: usize,
+    n: usize,
+    layers: Vec<FlashLayer>,
+    pool: ReadPool,
+    opts: GpuFlashOptions,
+    overflow_slots: usize,
+    overflow: wgpu::Buffer,
+    /// The list and slot map of the sparse pass being run (copied from staging).
+    list: wgpu::Buffer,
+    map: wgpu::Buffer,
+    /// The predictor's output list, read back per layer.
+    pred_list: wgpu::Buffer,
+    list_rb: Readback,
+    add_out2: Dispatch,
+    staging: Vec<Staging>,
+    staging_size: u64,
+    next_staging: usize,
+    active: Vec<u32>,
+    plan: Plan,
+    stats: FlashStats,
+    uploaded: u64,
+    gpu_bytes: u64,
+}
+
+/// The sparse kernel's view of the image's bundle layout.
+fn bundle_parts(image: &FlashImage, kind: FfnKind) -> Result<BundleParts, GpuError> {
+    let layout = image.bundle();
+    let part = |role: PartRole| {
+        layout.part(role).map(|p| Part {
+            dtype: p.dtype,
+            offset: p.offset,
+            len: p.len,
+        })
+    };
+    let missing = |what: &str| GpuError::Shape(format!("the image's bundles have no {what} part"));
+    Ok(BundleParts {
+        kind,
+        gate: part(PartRole::Gate),
+        up: part(PartRole::Up).ok_or_else(|| missing("up"))?,
+        down: part(PartRole::Down).ok_or_else(|| missing("down"))?,
+    })
+}
+
+/// 32-bit words of the lists and slot maps of one layer: the window pass (count, ids, slots)
+/// and each overflow chunk's.
+fn list_words(held: usize, overflow: usize, chunk: usize) -> usize {
+    let chunks = overflow.div_ceil(chunk);
+    1 + 2 * held + chunks + 2 * overflow
+}
+
+impl<'a> GpuFlashDecoder<'a> {
+    /// Builds the decoder for `image` (whose resident weights are `w`) with contexts of up to
+    /// `max_ctx` positions; `predictors` (one per layer) select the active neurons, `None`
+    /// computes every neuron.
+    pub fn new(
+        ctx: &GpuContext,
+        image: &'a FlashImage,
+        w: &ModelWeights,
+        predictors: Option<&[Predictor]>,
+        max_ctx: usize,
+        opts: GpuFlashOptions,
+    ) -> Result<GpuFlashDecoder<'a>, GpuError> {
+        let c = &w.config;
+        let core = Core::new(ctx, w, max_ctx, false)?;
+        let parts = bundle_parts(image, c.ffn_kind())?;
+        let stride = image.bundle().stride;
+        if !stride.is_multiple_of(4) {
+            return Err(GpuError::Shape(format!(
+                "the image's bundle stride is {stride} bytes; GPU copies need a multiple of 4 (convert with --bundle-dtype f16)"
+            )));
+        }
+        let n = c.intermediate_size;
+        if let Some(p) = predictors {
+            if p.len() != c.n_layers || p.iter().any(|p| p.n != n || p.d != c.hidden_size) {
+                return Err(GpuError::Shape(format!(
+                    "the calibration's predictors do not match the model ({} layers of {n} neurons); run `llmflash calibrate` again",
+                    c.n_layers
+                )));
+            }
+        }
+        let overflow_slots = opts.overflow_slots.clamp(1, n.max(1));
+        let overflow = storage_zeroed(ctx, "overflow bundles", (overflow_slots * stride) as u64)?;
+        let list = storage_zeroed(ctx, "active list", ((n + 1) * 4) as u64)?;
+        let map = storage_zeroed(ctx, "slot map", (n * 4).max(4) as u64)?;
+        let pred_list = storage_zeroed(ctx, "predicted list", ((n + 1) * 4) as u64)?;
+        let out2 = storage_zeroed(ctx, "ffn out2", (c.hidden_size * 4) as u64)?;
+        let add_out2 = add(ctx, c.hidden_size, &out2, &core.s.out)?;
+        let mut gpu_bytes = overflow.size() + list.size() + map.size() + pred_list.size();
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let section = image.ffn_section(l);
+            if section.n_neurons != n {
+                return Err(GpuError::Shape(format!(
+                    "layer {l} of the image has {} neurons, the model {n}",
+                    section.n_neurons
+                )));
+            }
+            let mut disk_slot: Vec<u32> = (0..n as u32).collect();
+            if let Some(perm) = &section.permutation {
+                for (slot, &neuron) in perm.iter().enumerate() {
+                    if let Some(d) = disk_slot.get_mut(neuron as usize) {
+                        *d = slot as u32;
+                    }
+                }
+            }
+            let capacity = opts
+                .window_slots
+                .as_ref()
+                .map_or(n, |s| s.get(l).copied().unwrap_or(n))
+                .min(n);
+            let window = Window::new(WindowConfig {
+                n_neurons: n,
+                capacity,
+                stride: 0,
+                k: opts.window_tokens,
+            })
+            .map_err(|e| GpuError::Shape(format!("layer {l} window: {e}")))?;
+            let slots = storage_zeroed(
+                ctx,
+                &format!("layer {l} window"),
+                (capacity.max(1) * stride) as u64,
+            )?;
+            gpu_bytes += slots.size();
+            let up_bias = w.layers[l]
+                .ffn_bias
+                .up
+                .as_ref()
+                .map(|b| storage_bytes(ctx, "ffn up bias", bytemuck::cast_slice(b)))
+                .transpose()?;
+            let sparse = |slots: &wgpu::Buffer, n_slots: usize, max_active: usize, out| {
+                sparse_ffn(
+                    ctx,
+                    &SparseFfnArgs {
+                        parts,
+                        stride,
+                        d: c.hidden_size,
+                        slots,
+                        n_slots,
+                        h: &core.s.h,
+                        active: &list,
+                        max_active,
+                        map: Some(&map),
+                        up_bias: up_bias.as_ref(),
+                        act: &core.s.a,
+                        out,
+                    },
+                )
+            };
+            let window_ffn = sparse(&slots, capacity.max(1), n, &core.s.out)?;
+            let overflow_ffn = sparse(&overflow, overflow_slots, overflow_slots, &out2)?;
+            let predictor = match predictors {
+                Some(p) => {
+                    let gp = GpuPredictor::upload(ctx, &p[l], &format!("layer {l} predictor"))?;
+                    gpu_bytes += gp.bytes();
+                    Some(gp.dispatches(ctx, &core.s.h, &pred_list)?)
+                }
+                None => None,
+            };
+            layers.push(FlashLayer {
+                window,
+                disk_slot,
+                predictor,
+                window_ffn,
+                overflow_ffn,
+                slots,
+            });
+        }
+        let file = FlashFile::open(image.file(), opts.direct)
+            .map_err(|e| GpuError::Shape(format!("opening {}: {e}", image.file().display())))?;
+        let pool = ReadPool::new(Arc::new(file), opts.io_threads.max(1));
+        // Room for a whole layer: every neuron is either loaded or overflows at most once.
+        let staging_size =
+            (n * stride + 4 * list_words(n, n, overflow_slots).max(list_words(0, n, 1))) as u64;
+        let staging = (0..opts.staging_buffers.max(2))
+            .map(|i| Staging {
+                buf: ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&format!("staging {i}")),
+                    size: staging_size.div_ceil(4) * 4,
+                    usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: true,
+                }),
+                ready: Arc::new(AtomicBool::new(true)),
+            })
+            .collect();
+        Ok(GpuFlashDecoder {
+            list_rb: Readback::new(ctx, ((n + 1) * 4) as u64),
+            core,
+            image,
+            stride,
+            n,
+            layers,
+            pool,
+            opts,
+            overflow_slots,
+            overflow,
+            list,
+            map,
+            pred_list,
+            add_out2,
+            staging,
+            staging_size,
+            next_staging: 0,
+            active: Vec::new(),
+            plan: Plan::default(),
+            stats: FlashStats::default(),
+            uploaded: 0,
+            gpu_bytes,
+        })
+    }
+
+    pub fn position(&self) -> usize {
+        self.core.pos
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.core.capacity()
+    }
+
+    pub fn ctx(&self) -> &GpuContext {
+        &self.core.ctx
+    }
+
+    /// Time blocked on the GPU since creation (readbacks of lists, logits and tokens, and
+    /// waits for a staging buffer).
+    pub fn gpu_wait(&self) -> Duration {
+        self.core.wait
+    }
+
+    /// GPU execution time (timestamp queries) of the tokens read back so far; `None` where
+    /// the device has no timestamp queries.
+    pub fn gpu_time(&self) -> Option<Duration> {
+        self.core.gpu_time()
+    }
+
+    /// Bytes copied to the GPU since creation (bundles, lists, slot maps).
+    pub fn uploaded(&self) -> u64 {
+        self.uploaded
+    }
+
+    /// Bytes on the GPU from the start: resident weights, KV cache, window and overflow
+    /// buffers, predictors.
+    pub fn resident_bytes(&self) -> u64 {
+        self.core.resident_bytes + self.gpu_bytes
+    }
+
+    /// Bytes of the mapped staging ring (host-visible memory).
+    pub fn staging_bytes(&self) -> u64 {
+        self.staging_size * self.staging.len() as u64
+    }
+
+    /// The flash counters (reads, window hits, I/O and memory-management time).
+    pub fn flash_stats(&self) -> FlashStats {
+        let mut s = self.stats.clone();
+        s.memory_bytes = self.staging_bytes() + self.pool.staging_bytes() as u64;
+        s
+    }
+
+    /// Runs `token`; returns its logits.
+    pub fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
+        self.run(token, Output::Logits)?;
+        self.core.read_logits()
+    }
+
+    /// Runs `token`; returns the most likely next token, chosen on the GPU.
+    pub fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
+        self.run(token, Output::Greedy)?;
+        self.core.read_token()
+    }
+
+    /// Runs a prompt token (no logits).
+    pub fn feed(&mut self, token: u32) -> Result<(), GpuError> {
+        self.run(token, Output::None)
+    }
+
+    /// Feeds `tokens` and returns the logits after the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], GpuError> {
+        let Some((last, rest)) = tokens.split_last() else {
+            return Err(GpuError::Shape(
+                "the prompt is empty: give at least one token".to_string(),
+            ));
+        };
+        for &t in rest {
+            self.feed(t)?;
+        }
+        self.step(*last)
+    }
+
+    /// Encodes layer `l`'s attention and predictor, and the copy of its list for readback.
+    fn encode_attn(&self, enc: &mut wgpu::CommandEncoder, l: usize, token: Option<u32>) {
+        {
+            let mut pass = self.core.pass(enc, "attention and predictor");
+            if let Some(t) = token {
+                self.core.encode_head(t, &mut pass);
+            }
+            self.core.layers[l]
+                .attn
+                .iter()
+                .chain(self.layers[l].predictor.iter().flatten())
+                .for_each(|d| d.encode(&mut pass));
+        }
+        if self.layers[l].predictor.is_some() {
+            self.list_rb
+                .record(enc, &self.pred_list, ((self.n + 1) * 4) as u64);
+        }
+    }
+
+    /// Reads layer `l`'s active list (or takes every neuron) into `self.active`.
+    fn read_active(&mut self, l: usize) -> Result<(), GpuError> {
+        self.active.clear();
+        if self.layers[l].predictor.is_none() {
+            self.active.extend(0..self.n as u32);
+            return Ok(());
+        }
+        let t = Instant::now();
+        self.active.resize(self.n + 1, 0);
+        self.list_rb.read(&self.core.ctx, &mut self.active)?;
+        self.core.wait += t.elapsed();
+        let count = (self.active[0] as usize).min(self.n);
+        self.active.copy_within(1..=count, 0);
+        self.active.truncate(count);
+        Ok(())
+    }
+
+    /// Waits until the next staging buffer is mapped and returns its index.
+    fn acquire_staging(&mut self) -> Result<usize, GpuError> {
+        let i = self.next_staging;
+        self.next_staging = (i + 1) % self.staging.len();
+        if !self.staging[i].ready.load(Ordering::Acquire) {
+            let t = Instant::now();
+            while !self.staging[i].ready.load(Ordering::Acquire) {
+                self.core
+                    .ctx
+                    .device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| GpuError::Readback(e.to_string()))?;
+            }
+            self.core.wait += t.elapsed();
+        }
+        Ok(i)
+    }
+
+    /// One token through every layer (see the module docs).
+    fn run(&mut self, token: u32, out: Output) -> Result<(), GpuError> {
+        let mut enc = self.core.begin(token)?;
+        self.encode_attn(&mut enc, 0, Some(token));
+        self.core.ctx.queue.submit([enc.finish()]);
+        self.read_active(0)?;
+        self.stats.tokens += 1;
+        let n_layers = self.layers.len();
+        for l in 0..n_layers {
+            let mut enc =
+                self.core
+                    .ctx
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("flash layer"),
+                    });
+            let si = self.acquire_staging()?;
+            self.load_and_compute(l, si, &mut enc)?;
+            {
+                let mut pass = self.core.pass(&mut enc, "residual");
+                self.core.layers[l]
+                    .post
+                    .iter()
+                    .for_each(|d| d.encode(&mut pass));
+            }
+            if l + 1 < n_layers {
+                self.encode_attn(&mut enc, l + 1, None);
+            } else {
+                self.core.finish(&mut enc, out);
+            }
+            self.core.ctx.queue.submit([enc.finish()]);
+            let st = &self.staging[si];
+            st.ready.store(false, Ordering::Release);
+            let ready = st.ready.clone();
+            st.buf.slice(..).map_async(wgpu::MapMode::Write, move |r| {
+                ready.store(r.is_ok(), Ordering::Release);
+            });
+            if l + 1 < n_layers {
+                self.read_active(l + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans layer `l`'s window for `self.active`, reads the missing bundles into staging
+    /// buffer `si`, and encodes the copies and sparse passes into `enc` (leaving the FFN
+    /// output in `out`).
+    fn load_and_compute(
+        &mut self,
+        l: usize,
+        si: usize,
+        enc: &mut wgpu::CommandEncoder,
+    ) -> Result<(), GpuError> {
+        let t = Instant::now();
+        let stride = self.stride;
+        let chunk = self.overflow_slots;
+        let layer = &mut self.layers[l];
+        layer
+            .window
+            .plan_into(&self.active, &mut self.plan)
+            .map_err(|e| GpuError::Shape(format!("layer {l}: {e}")))?;
+        let plan = &self.plan;
+        self.stats.neurons_needed += self.active.len() as u64;
+        self.stats.window_hits += plan.hits as u64;
+        self.stats.neurons_loaded += (plan.loads.len() + plan.overflow.len()) as u64;
+
+        // Staging layout: [window list | window map | per chunk: list, map | bundles].
+        let held: Vec<u32> = self
+            .active
+            .iter()
+            .copied()
+            .filter(|&i| layer.window.slot(i).is_some())
+            .collect();
+        let mut words: Vec<u32> =
+            Vec::with_capacity(list_words(held.len(), plan.overflow.len(), chunk));
+        words.push(held.len() as u32);
+        words.extend_from_slice(&held);
+        words.extend(held.iter().map(|&i| layer.window.slot(i).unwrap_or(0)));
+        let mut chunk_at = Vec::new();
+        for c in plan.overflow.chunks(chunk) {
+            chunk_at.push(words.len());
+            words.push(c.len() as u32);
+            words.extend_from_slice(c);
+            words.extend(0..c.len() as u32);
+        }
+        let bundles_at = (words.len() * 4) as u64;
+        let n_bundles = plan.loads.len() + plan.overflow.len();
+        let need = bundles_at + (n_bundles * stride) as u64;
+        if need > self.staging_size {
+            return Err(GpuError::Shape(format!(
+                "layer {l} needs {need} staging bytes, the ring's buffers hold {}",
+                self.staging_size
+            )));
+        }
+        // Bundle k of staging: loads first, then overflow, each in plan order.
+        let section = self.image.ffn_section(l).offset;
+        let offset =
+            |neuron: u32| section + layer.disk_slot[neuron as usize] as u64 * stride as u64;
+        let mut order: Vec<(u64, usize)> = plan
+            .loads
+            .iter()
+            .map(|&(i, _)| i)
+            .chain(plan.overflow.iter().copied())
+            .enumerate()
+            .map(|(k, i)| (offset(i), k))
+            .collect();
+        order.sort_unstable();
+        let ranges: Vec<(u64, usize)> = order.iter().map(|&(o, _)| (o, stride)).collect();
+
+        let staging = &self.staging[si].buf;
+        let mut copy = Duration::ZERO;
+        let io_start;
+        let read = {
+            let mut view = staging
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| GpuError::Readback(format!("staging buffer: {e}")))?;
+            view.slice(..bundles_at as usize)
+                .copy_from_slice(bytemuck::cast_slice(&words));
+            self.stats.memory += t.elapsed();
+            io_start = Instant::now();
+            let base = bundles_at as usize;
+            self.pool
+                .read_ranges(&ranges, &self.opts.coalesce, &mut |r, bytes| {
+                    let tc = Instant::now();
+                    let at = base + order[r].1 * stride;
+                    view.slice(at..at + bytes.len()).copy_from_slice(bytes);
+                    copy += tc.elapsed();
+                })
+                .map_err(|e| {
+                    GpuError::Shape(format!(
+                        "reading layer {l} from {}: {e}",
+                        self.image.file().display()
+                    ))
+                })?
+        };
+        staging.unmap();
+        self.stats.bytes_read += read.bytes_read;
+        self.stats.read_ops += read.ops as u64;
+        self.stats.io += io_start.elapsed().saturating_sub(copy);
+        let t2 = Instant::now();
+
+        // Staging -> window slots, runs of consecutive slots in one copy.
+        let s = stride as u64;
+        let mut k = 0;
+        while k < plan.loads.len() {
+            let mut end = k + 1;
+            while end < plan.loads.len() && plan.loads[end].1 == plan.loads[end - 1].1 + 1 {
+                end += 1;
+            }
+            enc.copy_buffer_to_buffer(
+                staging,
+                bundles_at + k as u64 * s,
+                &layer.slots,
+                plan.loads[k].1 as u64 * s,
+                (end - k) as u64 * s,
+            );
+            k = end;
+        }
+        let copy_list = |enc: &mut wgpu::CommandEncoder, at: usize, m: usize| {
+            enc.copy_buffer_to_buffer(staging, (at * 4) as u64, &self.list, 0, (1 + m) as u64 * 4);
+            if m > 0 {
+                enc.copy_buffer_to_buffer(
+                    staging,
+                    ((at + 1 + m) * 4) as u64,
+                    &self.map,
+                    0,
+                    m as u64 * 4,
+                );
+            }
+        };
+        copy_list(enc, 0, held.len());
+        {
+            let mut pass = self.core.pass(enc, "sparse ffn (window)");
+            layer.window_ffn.iter().for_each(|d| d.encode(&mut pass));
+        }
+        let first_overflow = plan.loads.len();
+        for (j, c) in plan.overflow.chunks(chunk).enumerate() {
+            enc.copy_buffer_to_buffer(
+                staging,
+                bundles_at + (first_overflow + j * chunk) as u64 * s,
+                &self.overflow,
+                0,
+                c.len() as u64 * s,
+            );
+            copy_list(enc, chunk_at[j], c.len());
+            let mut pass = self.core.pass(enc, "sparse ffn (overflow)");
+            layer.overflow_ffn.iter().for_each(|d| d.encode(&mut pass));
+            self.add_out2.encode(&mut pass);
+        }
+        self.uploaded += need;
+        self.stats.memory += copy + t2.elapsed();
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! The decode loop on the GPU backend (`generate --backend gpu`): the same loop as
+//! [`crate::engine::generate`], over a [`GpuModel`] (the dense [`GpuDecoder`] for GGUF and HF
+//! models, `backend::gpu::flash::GpuFlashDecoder` for flash images).
+//!
+//! Greedy decoding picks the token on the GPU (4 bytes read back per token); sampling reads the
+//! logits back and samples on the CPU with the same [`Sampler`].
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::backend::gpu::{GpuContext, GpuDecoder, GpuError, GpuFlashDecoder};
+use crate::engine::sampler::Sampler;
+use crate::engine::stats::FlashStats;
+use crate::engine::{add_flash_costs, summarize, Generation};
+
+/// What a GPU decoder has cost since it was built.
+#[derive(Clone, Debug, Default)]
+pub struct GpuCounters {
+    /// Time the CPU spent blocked on the GPU (readbacks of tokens, logits, active lists).
+    pub wait: Duration,
+    /// Bytes copied to the GPU after it was built (FFN bundles on the flash path).
+    pub uploaded: u64,
+    /// GPU execution time from timestamp queries; `None` where the device has none.
+    pub gpu_time: Option<Duration>,
+    /// The flash path's counters (reads, window), when the FFN comes from flash.
+    pub flash: Option<FlashStats>,
+}
+
+/// A decoder on the GPU, stepped one token at a time.
+pub trait GpuModel {
+    /// Runs a prompt token whose successor is known (no logits).
+    fn feed(&mut self, token: u32) -> Result<(), GpuError>;
+    /// Runs `token` and returns the next-token logits.
+    fn step(&mut self, token: u32) -> Result<&[f32], GpuError>;
+    /// Runs `token` and returns the most likely next token (ties: the lowest id).
+    fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError>;
+    /// Positions consumed so far.
+    fn position(&self) -> usize;
+    /// Context capacity in positions.
+    fn capacity(&self) -> usize;
+    /// Bytes uploaded when the decoder was built (resident weights, tables, window buffers).
+    fn resident_bytes(&self) -> u64;
+    fn counters(&self) -> GpuCounters;
+    fn context(&self) -> &GpuContext;
+}
+
+impl GpuModel for GpuDecoder {
+    fn feed(&mut self, token: u32) -> Result<(), GpuError> {
+        GpuDecoder::feed(self, token)
+    }
+    fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
+        GpuDecoder::step(self, token)
+    }
+    fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
+        GpuDecoder::step_greedy(self, token)
+    }
+    fn position(&self) -> usize {
+        GpuDecoder::position(self)
+    }
+    fn capacity(&self) -> usize {
+        GpuDecoder::capacity(self)
+    }
+    fn resident_bytes(&self) -> u64 {
+        GpuDecoder::resident_bytes(self)
+    }
+    fn counters(&self) -> GpuCounters {
+        GpuCounters {
+            wait: self.gpu_wait(),
+            gpu_time: self.gpu_time(),
+            ..GpuCounters::default()
+        }
+    }
+    fn context(&self) -> &GpuContext {
+        self.ctx()
+    }
+}
+
+impl GpuModel for GpuFlashDecoder<'_> {
+    fn feed(&mut self, token: u32) -> Result<(), GpuError> {
+        GpuFlashDecoder::feed(self, token)
+    }
+    fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
+        GpuFlashDecoder::step(self, token)
+    }
+    fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
+        GpuFlashDecoder::step_greedy(self, token)
+    }
+    fn position(&self) -> usize {
+        GpuFlashDecoder::position(self)
+    }
+    fn capacity(&self) -> usize {
+        GpuFlashDecoder::capacity(self)
+    }
+    fn resident_bytes(&self) -> u64 {
+        GpuFlashDecoder::resident_bytes(self)
+    }
+    fn counters(&self) -> GpuCounters {
+        GpuCounters {
+            wait: self.gpu_wait(),
+            uploaded: self.uploaded(),
+            gpu_time: self.gpu_time(),
+            flash: Some(self.flash_stats()),
+        }
+    }
+    fn context(&self) -> &GpuContext {
+        self.ctx()
+    }
+}
+
+/// The GPU part of `generate --json`'s stats.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GpuRunStats {
+    pub adapter: String,
+    pub device_type: String,
+    pub backend: String,
+    /// The adapter is a CPU (lavapipe/llvmpipe, SwiftShader, WARP): every time here is a CPU
+    /// emulating a GPU, not a GPU's.
+    pub emulated: bool,
+    /// Time blocked on the GPU during decoding, per generated token (readbacks; on the flash
+    /// path also the per-layer active-list readbacks).
+    pub gpu_wait_ms_per_token: f64,
+    /// Same, whole decode.
+    pub gpu_wait_ms: f64,
+    /// Bytes copied to the GPU per generated token (FFN bundles from flash; 0 when dense).
+    pub bytes_uploaded_per_token: f64,
+    /// Bytes on the GPU from the start: weights, tables, KV cache, window buffers.
+    pub resident_bytes: u64,
+    /// GPU execution time per generated token, summed over every compute pass from timestamp
+    /// queries; `None` ("n/a") where the device has no TIMESTAMP_QUERY.
+    pub gpu_time_ms_per_token: Option<f64>,
+}
+
+impl GpuRunStats {
+    pub fn for_context(ctx: &GpuContext) -> GpuRunStats {
+        GpuRunStats {
+            adapter: ctx.info.name.clone(),
+            device_type: format!("{:?}", ctx.info.device_type),
+            backend: format!("{:?}", ctx.info.backend),
+            emulated: ctx.info.device_type == wgpu::DeviceType::Cpu,
+            ..GpuRunStats::default()
+        }
+    }
+}
+
+/// Decodes up to `max_new` tokens after `prompt` on the GPU, as [`crate::engine::generate`]
+/// does on the CPU. With `greedy`, tokens are chosen on the GPU and `sampler` is used only for
+/// the first one (from the prompt's logits).
+pub fn generate_gpu(
+    model: &mut dyn GpuModel,
+    prompt: &[u32],
+    max_new: usize,
+    greedy: bool,
+    sampler: &mut Sampler,
+    is_end: impl Fn(u32) -> bool,
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation, GpuError> {
+    let Some((&last, rest)) = prompt.split_last() else {
+        return Err(GpuError::Shape(
+            "the prompt is empty: give at least one token".to_string(),
+        ));
+    };
+    let t0 = Instant::now();
+    for &t in rest {
+        model.feed(t)?;
+    }
+    let mut next = sampler.sample(model.step(last)?);
+    let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let before = model.counters();
+    let t1 = Instant::now();
+    let mut tokens = Vec::with_capacity(max_new);
+    while tokens.len() < max_new && !is_end(next) {
+        tokens.push(next);
+        on_token(next);
+        if tokens.len() == max_new || model.position() >= model.capacity() {
+            break;
+        }
+        next = if greedy {
+            model.step_greedy(next)?
+        } else {
+            sampler.sample(model.step(next)?)
+        };
+    }
+    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let after = model.counters();
+    let mut stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
+    stats.strategy = "gpu".into();
+    if let (Some(a), Some(b)) = (&before.flash, &after.flash) {
+        add_flash_costs(&mut stats, a, b);
+        stats.strategy = "gpu-flash".into();
+    }
+    let passes = tokens.len().saturating_sub(1).max(1) as f64;
+    let wait_ms = (after.wait - before.wait).as_secs_f64() * 1e3;
+    stats.gpu = Some(GpuRunStats {
+        gpu_wait_ms_per_token: wait_ms / passes,
+        gpu_wait_ms: wait_ms,
+        bytes_uploaded_per_token: (after.uploaded - before.uploaded) as f64 / passes,
+        resident_bytes: model.resident_bytes(),
+        gpu_time_ms_per_token: match (before.gpu_time, after.gpu_time) {
+            (Some(a), Some(b)) => Some((b - a).as_secs_f64() * 1e3 / passes),
+            _ => None,
+        },
+        ..GpuRunStats::for_context(model.context())
+    });
+    Ok(Generation { tokens, stats })
+}
