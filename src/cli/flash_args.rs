@@ -29,6 +29,10 @@ pub struct FlashArgs {
     /// Concurrent reads.
     #[arg(long, default_value_t = 8)]
     pub io_threads: usize,
+    /// A disk curve saved by `bench --probe-disk`: the number of concurrent reads is then the
+    /// one the curve says reads fastest at --max-read (replacing --io-threads).
+    #[arg(long)]
+    pub disk_curve: Option<std::path::PathBuf>,
     /// Largest coalesced read, in bytes.
     #[arg(long, default_value = "256KiB", value_parser = parse_bytes)]
     pub max_read: u64,

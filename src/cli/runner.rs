@@ -13,6 +13,7 @@ use crate::engine::Session;
 use crate::image::is_flash_image;
 use crate::sparsity::synthetic::SyntheticActivity;
 use crate::sparsity::Calibration;
+use crate::storage::DiskCurve;
 
 pub struct Runner {
     pub model: Model,
@@ -87,6 +88,12 @@ impl Runner {
             );
         }
         let mut opts = args.options(selection);
+        if let Some(path) = &args.disk_curve {
+            let curve = DiskCurve::load(path)
+                .with_context(|| format!("reading the disk curve {}", path.display()))?;
+            opts.io_threads = fastest_concurrency(&curve, opts.coalesce.max_read, opts.io_threads);
+            log::info!("disk curve: {} concurrent reads", opts.io_threads);
+        }
         if let Some(budget) = args.memory_budget {
             let c = &self.model.weights.config;
             let n = c.intermediate_size;
@@ -161,4 +168,20 @@ impl Runner {
         }
         Ok(self.model.session(ctx, Some(opts), sparsity)?)
     }
+}
+
+/// The measured concurrency that reads `chunk`-byte pieces fastest (ties: the fewer threads);
+/// `fallback` when the curve has no points.
+fn fastest_concurrency(curve: &DiskCurve, chunk: usize, fallback: usize) -> usize {
+    let mut concurrencies: Vec<usize> = curve.points.iter().map(|p| p.concurrency).collect();
+    concurrencies.sort_unstable();
+    concurrencies.dedup();
+    concurrencies
+        .into_iter()
+        .map(|c| (c, curve.throughput(chunk, c)))
+        .fold(None, |best: Option<(usize, f64)>, (c, t)| match best {
+            Some((_, bt)) if bt >= t => best,
+            _ => Some((c, t)),
+        })
+        .map_or(fallback, |(c, _)| c)
 }
