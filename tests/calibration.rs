@@ -12,18 +12,7 @@ use llmflash::sparsity::predictor::FitOptions;
 use llmflash::sparsity::record::record;
 use llmflash::sparsity::Calibration;
 
-/// Pseudo-random token ids below `vocab` (a fixed sequence, so failures reproduce).
-fn tokens(n: usize, vocab: usize) -> Vec<u32> {
-    let mut x = 0x9e37_79b9u32;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x % vocab as u32
-        })
-        .collect()
-}
+use common::tokens;
 
 fn calibrate(model: &Model, tokens: &[u32], sparsity: f64, rank: usize) -> Calibration {
     let records = record(model, tokens, 64, None, tokens.len(), |_, _| {}).expect("record");

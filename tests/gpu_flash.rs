@@ -17,17 +17,7 @@ use llmflash::sparsity::predictor::FitOptions;
 use llmflash::sparsity::record::record;
 use llmflash::sparsity::Calibration;
 
-fn tokens(n: usize, vocab: usize) -> Vec<u32> {
-    let mut x = 0x9e37_79b9u32;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x % vocab as u32
-        })
-        .collect()
-}
+use common::tokens;
 
 /// A calibrated copy of the tiny llama fixture (product-form predictors, 50% sparsity).
 fn calibrated_image(name: &str) -> std::path::PathBuf {

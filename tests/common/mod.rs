@@ -80,3 +80,16 @@ pub fn gpu() -> Option<&'static llmflash::backend::gpu::GpuContext> {
         }
     }
 }
+
+/// Pseudo-random token ids below `vocab` (a fixed sequence, so failures reproduce).
+pub fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut x = 0x9e37_79b9u32;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x % vocab as u32
+        })
+        .collect()
+}
