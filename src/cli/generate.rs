@@ -256,8 +256,8 @@ pub(super) fn plan_vram(
     let ctx = ctx.min(c.max_positions).max(1);
     let cal = runner.calibration.as_ref().filter(|_| predicted);
     let active = match cal {
-        Some(cal) => cal.expected_active(),
-        None => vec![n as f64; c.n_layers],
+        Some(_) => runner.expected_active(Selection::Predictor),
+        None => runner.expected_active(Selection::All),
     };
     let needs = Needs {
         // The GPU path keeps the embedding and output head in VRAM: nothing is streamed.

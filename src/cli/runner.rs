@@ -10,7 +10,7 @@ use crate::engine::flash::{Selection, Sparsity, Strategy};
 use crate::engine::model::Model;
 use crate::engine::streamed::{OutputRows, RowSource, STREAM_STAGING, TABLES};
 use crate::engine::Session;
-use crate::image::is_flash_image;
+use crate::image::{is_flash_image, FlashImage};
 use crate::sparsity::synthetic::SyntheticActivity;
 use crate::sparsity::Calibration;
 use crate::storage::DiskCurve;
@@ -94,80 +94,103 @@ impl Runner {
             opts.io_threads = fastest_concurrency(&curve, opts.coalesce.max_read, opts.io_threads);
             log::info!("disk curve: {} concurrent reads", opts.io_threads);
         }
-        if let Some(budget) = args.memory_budget {
-            let c = &self.model.weights.config;
-            let n = c.intermediate_size;
-            let tied = image.meta.tensor(TABLES[1]).is_none();
-            let tables: Vec<Table> = TABLES
-                .iter()
-                .filter_map(|&n| image.meta.tensor(n))
-                .map(|t| Table {
-                    name: t.name.clone(),
-                    bytes: t.len,
-                    cheap: !tied && t.name == TABLES[0],
-                })
-                .collect();
-            let needs = Needs {
-                resident: image.meta.resident_bytes() - tables.iter().map(|t| t.bytes).sum::<u64>(),
-                tables,
-                stream_staging: STREAM_STAGING as u64,
-                // Loaded with the calibration, used or not.
-                predictors: self.calibration.as_ref().map_or(0, |c| c.predictor_bytes()),
-                kv_cache: (c.n_layers * ctx.min(c.max_positions) * c.kv_dim() * 2 * 4) as u64,
-                scratch: (c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4) as u64,
-                stride: image.bundle().stride as u64,
-                neurons: vec![n; c.n_layers],
-                active: match (selection, &self.synthetic, &self.calibration) {
-                    (Selection::All, _, _) => vec![n as f64; c.n_layers],
-                    (_, Some(_), _) => {
-                        let density = args.synthetic_activity.unwrap_or(1.0);
-                        vec![density * n as f64; c.n_layers]
-                    }
-                    (_, None, Some(cal)) => cal.expected_active(),
-                    (_, None, None) => vec![n as f64; c.n_layers],
-                },
-            };
-            let plan = budget::plan(budget, &needs)?;
-            log::info!("memory plan: {plan:?}");
-            if !plan.streamed.is_empty() {
-                eprintln!(
-                    "memory plan: streaming {} from the image (budget below what keeping them needs)",
-                    plan.streamed.join(", ")
-                );
-            }
-            opts.pinned = match (selection, &self.calibration, &self.synthetic) {
-                // Every neuron every token: any full set of pins beats LRU's cyclic misses.
-                (Selection::All, _, _) => Some(
-                    plan.window_slots
-                        .iter()
-                        .map(|&s| (0..s as u32).collect())
-                        .collect(),
-                ),
-                (_, Some(cal), None) => Some(cal.hot_neurons(&plan.window_slots)),
-                _ => None,
-            };
-            opts.window_slots = Some(plan.window_slots);
-            let session = self.model.session(ctx, Some(opts), sparsity)?;
-            if !self.tables_deferred {
-                return Ok(session);
-            }
-            let source = |name: &str| -> anyhow::Result<RowSource> {
-                let direct = !args.no_direct;
-                Ok(if plan.streamed.iter().any(|s| s == name) {
-                    RowSource::streamed(image, name, direct, args.io_threads)?
-                } else {
-                    RowSource::resident(image, name, direct)?
-                })
-            };
-            let embed = source(TABLES[0])?;
-            let head = match image.meta.tensor(TABLES[1]) {
-                Some(_) => Some(source(TABLES[1])?),
-                None => None,
-            };
-            return Ok(session.with_rows(OutputRows { embed, head }));
+        let Some(budget) = args.memory_budget else {
+            return Ok(self.model.session(ctx, Some(opts), sparsity)?);
+        };
+        let plan = budget::plan(budget, &self.needs(image, ctx, selection))?;
+        log::info!("memory plan: {plan:?}");
+        if !plan.streamed.is_empty() {
+            eprintln!(
+                "memory plan: streaming {} from the image (budget below what keeping them needs)",
+                plan.streamed.join(", ")
+            );
         }
-        Ok(self.model.session(ctx, Some(opts), sparsity)?)
+        opts.pinned = self.pins(selection, &plan.window_slots);
+        opts.window_slots = Some(plan.window_slots.clone());
+        let session = self.model.session(ctx, Some(opts), sparsity)?;
+        if !self.tables_deferred {
+            return Ok(session);
+        }
+        Ok(session.with_rows(output_rows(image, &plan, args)?))
     }
+
+    /// Expected active neurons per token, per layer, under `selection`.
+    pub fn expected_active(&self, selection: Selection) -> Vec<f64> {
+        let c = &self.model.weights.config;
+        let dense = || vec![c.intermediate_size as f64; c.n_layers];
+        match (selection, &self.synthetic, &self.calibration) {
+            (Selection::All, _, _) => dense(),
+            (_, Some(s), _) => s.expected_active(),
+            (_, None, Some(cal)) => cal.expected_active(),
+            (_, None, None) => dense(),
+        }
+    }
+
+    /// What a session over `ctx` positions needs from the planner, the embedding and output
+    /// head listed apart as tables it may stream.
+    fn needs(&self, image: &FlashImage, ctx: usize, selection: Selection) -> Needs {
+        let c = &self.model.weights.config;
+        let n = c.intermediate_size;
+        let tied = image.meta.tensor(TABLES[1]).is_none();
+        let tables: Vec<Table> = TABLES
+            .iter()
+            .filter_map(|&name| image.meta.tensor(name))
+            .map(|t| Table {
+                name: t.name.clone(),
+                bytes: t.len,
+                cheap: !tied && t.name == TABLES[0],
+            })
+            .collect();
+        Needs {
+            resident: image.meta.resident_bytes() - tables.iter().map(|t| t.bytes).sum::<u64>(),
+            tables,
+            stream_staging: STREAM_STAGING as u64,
+            // Loaded with the calibration, used or not.
+            predictors: self.calibration.as_ref().map_or(0, |c| c.predictor_bytes()),
+            kv_cache: (c.n_layers * ctx.min(c.max_positions) * c.kv_dim() * 2 * 4) as u64,
+            scratch: (c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4) as u64,
+            stride: image.bundle().stride as u64,
+            neurons: vec![n; c.n_layers],
+            active: self.expected_active(selection),
+        }
+    }
+
+    /// Neurons to pin in windows of `slots`: for dense runs any full set (every neuron is
+    /// needed every token, and pins beat LRU's cyclic misses), else the calibration's hot ones.
+    fn pins(&self, selection: Selection, slots: &[usize]) -> Option<Vec<Vec<u32>>> {
+        match (selection, &self.calibration, &self.synthetic) {
+            (Selection::All, _, _) => {
+                Some(slots.iter().map(|&s| (0..s as u32).collect()).collect())
+            }
+            (_, Some(cal), None) => Some(cal.hot_neurons(slots)),
+            _ => None,
+        }
+    }
+}
+
+/// The embedding and output head of a session whose tables were left out of the load: read
+/// into memory, or streamed where `plan` says so.
+fn output_rows(
+    image: &FlashImage,
+    plan: &budget::Plan,
+    args: &FlashArgs,
+) -> anyhow::Result<OutputRows> {
+    let source = |name: &str| -> anyhow::Result<RowSource> {
+        let direct = !args.no_direct;
+        Ok(if plan.streamed.iter().any(|s| s == name) {
+            RowSource::streamed(image, name, direct, args.io_threads)?
+        } else {
+            RowSource::resident(image, name, direct)?
+        })
+    };
+    let head = match image.meta.tensor(TABLES[1]) {
+        Some(_) => Some(source(TABLES[1])?),
+        None => None,
+    };
+    Ok(OutputRows {
+        embed: source(TABLES[0])?,
+        head,
+    })
 }
 
 /// The measured concurrency that reads `chunk`-byte pieces fastest (ties: the fewer threads);

@@ -32,7 +32,6 @@ pub struct RowSource {
     name: String,
     dtype: DType,
     rows: usize,
-    cols: usize,
     row_bytes: usize,
     offset: u64,
     where_: Where,
@@ -93,17 +92,12 @@ impl RowSource {
             name: e.name.clone(),
             dtype: e.dtype,
             rows: e.rows,
-            cols: e.cols,
             row_bytes: (e.len as usize) / e.rows.max(1),
             offset: e.offset,
             where_,
             bytes_read: 0,
             io: Duration::ZERO,
         }
-    }
-
-    pub fn is_streamed(&self) -> bool {
-        matches!(self.where_, Where::Streamed { .. })
     }
 
     pub fn dtype(&self) -> DType {
@@ -164,10 +158,6 @@ impl RowSource {
                 self.io += t.elapsed().saturating_sub(compute);
             }
         }
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
     }
 }
 

@@ -11,6 +11,7 @@
 use half::f16;
 
 use super::linalg::{axpy, matmul_nn, matmul_nt, matmul_tn_acc, orthonormalize_columns};
+use super::rng::Rng;
 use crate::backend::cpu::ops::silu;
 use crate::backend::cpu::quant::{dot_f16, use_simd};
 
@@ -132,28 +133,38 @@ impl Predictor {
 
     /// The scores `z` for input `h` into `z` (length n).
     pub fn scores(&self, h: &[f32], z: &mut [f32]) {
-        let simd = use_simd();
-        let mut u = [0.0f32; MAX_RANK];
-        let u = &mut u[..self.rank];
-        for (j, uj) in u.iter_mut().enumerate() {
-            *uj = dot_f16(&self.a[2 * j * self.d..2 * (j + 1) * self.d], h, simd);
-        }
-        let row = 2 * self.rank;
-        let head = |i: usize| dot_f16(&self.b[i * row..(i + 1) * row], u, simd) + self.bias[i];
-        match self.form {
-            Form::Linear => z.iter_mut().enumerate().for_each(|(i, zi)| *zi = head(i)),
-            Form::Product => z
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, zi)| *zi = (silu(head(i)) * head(self.n + i)).abs()),
+        let (u, simd) = (self.project(h), use_simd());
+        for (i, zi) in z.iter_mut().enumerate() {
+            *zi = self.score(i, &u[..self.rank], simd);
         }
     }
 
-    /// Appends the neurons predicted active for `h` to `active`.
+    /// Appends the neurons predicted active for `h` to `active`. Runs per layer per token:
+    /// no allocation, one score at a time.
     pub fn predict(&self, h: &[f32], active: &mut Vec<u32>) {
-        let mut z = vec![0.0f32; self.n];
-        self.scores(h, &mut z);
-        active.extend((0..self.n as u32).filter(|&i| z[i as usize] >= self.tau));
+        let (u, simd) = (self.project(h), use_simd());
+        let u = &u[..self.rank];
+        active.extend((0..self.n as u32).filter(|&i| self.score(i as usize, u, simd) >= self.tau));
+    }
+
+    /// `A h` (the first `rank` values).
+    fn project(&self, h: &[f32]) -> [f32; MAX_RANK] {
+        let simd = use_simd();
+        let mut u = [0.0f32; MAX_RANK];
+        for (j, uj) in u[..self.rank].iter_mut().enumerate() {
+            *uj = dot_f16(&self.a[2 * j * self.d..2 * (j + 1) * self.d], h, simd);
+        }
+        u
+    }
+
+    /// Neuron `i`'s score from the projection `u`.
+    fn score(&self, i: usize, u: &[f32], simd: bool) -> f32 {
+        let row = 2 * self.rank;
+        let head = |r: usize| dot_f16(&self.b[r * row..(r + 1) * row], u, simd) + self.bias[r];
+        match self.form {
+            Form::Linear => head(i),
+            Form::Product => (silu(head(i)) * head(self.n + i)).abs(),
+        }
     }
 }
 
@@ -220,25 +231,6 @@ struct Params {
     c: Vec<f32>,
 }
 
-/// A small deterministic generator (xorshift64*), so calibration is reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in [-1, 1): a fine sketch matrix for the range finder.
-    fn symmetric(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// Starts from the rank-r range of `w` (n x d, the projection that decides activity):
 /// `A = Q^T W`, `B = Q`, with `Q` an orthonormal basis of `W`'s top range found by a
 /// randomised range finder with two power iterations. Then `B A h` is `W h` projected.
@@ -282,11 +274,6 @@ impl Params {
     }
 
     fn into_predictor(self) -> Predictor {
-        let to_f16 = |v: &[f32]| -> Vec<u8> {
-            v.iter()
-                .flat_map(|&x| f16::from_f32(x).to_le_bytes())
-                .collect()
-        };
         let mut b = vec![0.0; self.n * self.rank];
         for j in 0..self.rank {
             for i in 0..self.n {
@@ -298,12 +285,19 @@ impl Params {
             rank: self.rank,
             d: self.d,
             n: self.n,
-            a: to_f16(&self.a),
-            b: to_f16(&b),
+            a: f16_bytes(&self.a),
+            b: f16_bytes(&b),
             bias: self.c,
             tau: 0.0,
         }
     }
+}
+
+/// `v` as little-endian f16, the predictors' stored form.
+fn f16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+        .collect()
 }
 
 /// Adam's moment estimates for one parameter tensor.
@@ -341,7 +335,7 @@ pub fn fit(w: &[f32], train: &Examples, opts: &FitOptions) -> Result<Predictor, 
     if rank == 0 || rank > MAX_RANK {
         return Err(PredictorError::Rank(opts.rank));
     }
-    let mut rng = Rng(opts.seed | 1);
+    let mut rng = Rng::new(opts.seed);
     let mut p = init_from(w, d, n, rank, &mut rng);
     let tokens = train.tokens();
     if tokens == 0 {
@@ -440,7 +434,7 @@ pub fn fit_product(
     let scale = 1.0 / train.tokens().max(1) as f32;
     c.iter_mut().for_each(|v| *v *= scale);
 
-    let mut rng = Rng(opts.seed | 1);
+    let mut rng = Rng::new(opts.seed);
     let mut q: Vec<f32> = (0..rows * rank).map(|_| rng.symmetric()).collect();
     orthonormalize_columns(&mut q, rank);
     let (mut x, mut y) = (vec![0.0f32; d * rank], vec![0.0f32; d * rank]);
@@ -453,18 +447,13 @@ pub fn fit_product(
     }
     let mut a = vec![0.0f32; rank * d];
     matmul_tn_acc(&q, m, rank, &mut a);
-    let to_f16 = |v: &[f32]| -> Vec<u8> {
-        v.iter()
-            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
-            .collect()
-    };
     Ok(Predictor {
         form: Form::Product,
         rank,
         d,
         n,
-        a: to_f16(&a),
-        b: to_f16(&q),
+        a: f16_bytes(&a),
+        b: f16_bytes(&q),
         bias: vec![0.0; rows],
         tau: 0.0,
     })
@@ -553,8 +542,9 @@ fn accuracy(scores: &[f32], ex: &Examples, tau: f32) -> Accuracy {
     }
 }
 
-/// Class-balanced BCE of a predictor on some examples (for tests and diagnostics).
-pub fn loss(p: &Predictor, ex: &Examples) -> f64 {
+/// Unweighted BCE of a predictor on some examples.
+#[cfg(test)]
+fn loss(p: &Predictor, ex: &Examples) -> f64 {
     let mut z = vec![0.0; p.n];
     let mut total = 0.0f64;
     for t in 0..ex.tokens() {
@@ -574,7 +564,7 @@ mod tests {
     /// Inputs whose labels follow a rank-1 linear rule: neuron i is active when
     /// `v_i * (w . h) > 0.3`. A rank-2 predictor must learn it almost perfectly.
     fn linear_rule(tokens: usize, d: usize, n: usize) -> (Vec<f32>, Vec<u8>, Vec<f16>) {
-        let mut rng = Rng(42);
+        let mut rng = Rng::new(42);
         let w: Vec<f32> = (0..d).map(|_| rng.symmetric()).collect();
         let v: Vec<f32> = (0..n).map(|_| rng.symmetric()).collect();
         let mut inputs = Vec::new();

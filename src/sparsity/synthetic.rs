@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 
+use super::rng::Rng;
 use crate::engine::flash::Sparsity;
 
 pub struct SyntheticActivity {
@@ -19,16 +20,7 @@ pub struct SyntheticActivity {
 
 struct LayerActivity {
     active: Vec<bool>,
-    rng: u64,
-}
-
-impl LayerActivity {
-    fn next(&mut self) -> f64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
+    rng: Rng,
 }
 
 impl SyntheticActivity {
@@ -39,10 +31,10 @@ impl SyntheticActivity {
             .map(|l| {
                 let mut s = LayerActivity {
                     active: vec![false; n],
-                    rng: (seed ^ (l as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1,
+                    rng: Rng::new(seed ^ (l as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
                 };
                 for i in 0..n {
-                    s.active[i] = s.next() < density;
+                    s.active[i] = s.rng.unit() < density;
                 }
                 s
             })
@@ -52,6 +44,17 @@ impl SyntheticActivity {
             churn: churn.clamp(0.0, 1.0),
             layers: RefCell::new(layers),
         }
+    }
+}
+
+impl SyntheticActivity {
+    /// Active neurons per token, per layer, on average (for the budget planner).
+    pub fn expected_active(&self) -> Vec<f64> {
+        let layers = self.layers.borrow();
+        layers
+            .iter()
+            .map(|l| self.density * l.active.len() as f64)
+            .collect()
     }
 }
 
@@ -65,7 +68,7 @@ impl Sparsity for SyntheticActivity {
             1.0
         };
         for i in 0..s.active.len() {
-            let r = s.next();
+            let r = s.rng.unit();
             let was = s.active[i];
             let now = if was { r >= self.churn } else { r < on_rate };
             s.active[i] = now;

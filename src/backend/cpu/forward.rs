@@ -233,19 +233,13 @@ fn output(w: &ModelWeights, s: &mut CpuState, rows: Option<&mut OutputRows>) {
         }
         None => &s.h,
     };
-    match rows {
-        Some(r) => {
-            let head = r.head();
-            s.act
-                .quantize_for(head.dtype(), hidden)
-                .expect("lm_head columns match the hidden size (checked at load time)");
-            head.matvec(&s.act, &mut s.logits);
-        }
-        None => {
-            s.act
-                .quantize_for(w.lm_head.dtype, hidden)
-                .expect("lm_head columns match the hidden size (checked at load time)");
-            matvec(&w.lm_head, &s.act, &mut s.logits);
-        }
+    let mut head = rows.map(|r| r.head());
+    let dtype = head.as_ref().map_or(w.lm_head.dtype, |h| h.dtype());
+    s.act
+        .quantize_for(dtype, hidden)
+        .expect("lm_head columns match the hidden size (checked at load time)");
+    match head.as_mut() {
+        Some(h) => h.matvec(&s.act, &mut s.logits),
+        None => matvec(&w.lm_head, &s.act, &mut s.logits),
     }
 }
