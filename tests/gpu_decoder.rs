@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use llmflash::backend::cpu::quant;
 use llmflash::backend::gpu::GpuDecoder;
+use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::sampler::argmax;
 use llmflash::engine::Session;
 use llmflash::model::load;
@@ -45,7 +46,8 @@ fn check_hf(name: &str) {
     let tokens = common::u32s(&reference["tokens"]);
     let logits = reference["logits"].as_array().expect("logits");
     let mut gpu = GpuDecoder::new(ctx, &model.weights, 64).expect("GPU decoder");
-    let mut cpu = Session::new(&model.weights, 64);
+    // The GPU keeps its cache in f32; so does the CPU reference here.
+    let mut cpu = Session::new(&model.weights, 64).with_kv_type(KvType::F32);
     let mut last = Vec::new();
     for (pos, (&t, want)) in tokens.iter().zip(logits).enumerate() {
         let want = floats(want);
@@ -160,7 +162,7 @@ fn smollm2_teacher_forced_matches_f32_cpu_and_llamacpp() {
         let prompt = common::u32s(&case["prompt_tokens"]);
         let tokens = common::u32s(&case["tokens"]);
         gpu.reset();
-        let mut cpu = Session::new(&exact, 256);
+        let mut cpu = Session::new(&exact, 256).with_kv_type(KvType::F32);
         let mut g = gpu.prefill(&prompt).expect("GPU prefill").to_vec();
         let mut c = cpu.prefill(&prompt).expect("CPU prefill").to_vec();
         for (i, &t) in tokens.iter().enumerate() {

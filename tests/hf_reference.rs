@@ -4,6 +4,7 @@
 
 mod common;
 
+use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::sampler::argmax;
 use llmflash::engine::Session;
 use llmflash::model::load;
@@ -24,7 +25,8 @@ fn check(name: &str) {
     let model = load(&dir).unwrap_or_else(|e| panic!("loading {name}: {e}"));
     let tokens = common::u32s(&reference["tokens"]);
     let logits = reference["logits"].as_array().expect("logits");
-    let mut session = Session::new(&model.weights, 64);
+    // transformers computes in f32 throughout, the cache included.
+    let mut session = Session::new(&model.weights, 64).with_kv_type(KvType::F32);
     let mut last = Vec::new();
     for (pos, (&t, want)) in tokens.iter().zip(logits).enumerate() {
         let want: Vec<f32> = want

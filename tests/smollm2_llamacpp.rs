@@ -42,12 +42,17 @@ const GREEDY: &str = "llamacpp/smollm2-greedy.json";
 const GREEDY_F32KV: &str = "llamacpp/smollm2-greedy-f32kv.json";
 
 /// A decision is a near-tie when llama.cpp's top-1 leads its top-2 by less than this many
-/// nats. Why a margin at all: SmolLM2 is numerically chaotic under Q8 activation
-/// quantisation (one value landing on the other side of a rounding boundary moves later
-/// log-probabilities by ~0.1 nats), so llama.cpp disagrees with itself: its f16- and
-/// f32-attention runs pick different tokens at margins up to 0.28 nats and produce the same
-/// 32 tokens for only 3 of the 8 prompts. Every choice made by a wider margin must be ours too.
+/// nats. Our CPU decoder reproduces llama.cpp's CPU arithmetic operation for operation (Q8
+/// activations, f16 KV cache and flash attention, ggml's exp, rope and summation orders), so
+/// its logits equal llama.cpp's bit for bit on this machine and every choice is the same. The
+/// margin is the allowance for a platform whose libm rounds one `expf` or `sinf` differently:
+/// SmolLM2 is numerically chaotic (llama.cpp's own f16- and f32-attention runs pick different
+/// tokens at margins up to 0.28 nats and agree on all 32 tokens for only 3 of the 8 prompts),
+/// so one flipped rounding may flip a near-tie, never a clear choice.
 const NEAR_TIE: f64 = 0.3;
+
+/// The issue's bar: at least 7 of the 8 greedy continuations identical to llama.cpp's.
+const IDENTICAL_AT_LEAST: usize = 7;
 
 /// One step of a recorded trajectory: the chosen token and llama.cpp's top-5.
 struct Step {
@@ -176,11 +181,19 @@ fn greedy_continuations_match_llamacpp() {
         "{identical}/{} continuations identical to llama.cpp",
         cases.len()
     );
+    assert!(
+        identical >= IDENTICAL_AT_LEAST,
+        "only {identical} of {} continuations identical to llama.cpp",
+        cases.len()
+    );
 }
 
 /// Teacher-forced along llama.cpp's own tokens: our top-1 is its choice at every step that is
-/// not a near-tie, and our log-probabilities of its top-5 are as close to its numbers as its
-/// f16- and f32-attention runs are to each other (median and 90th percentile within 25%).
+/// not a near-tie, and our log-probabilities of its top-5 are its numbers. Exact arithmetic
+/// gives gaps of zero up to the fixture's printed precision (measured: median and p90 0.000);
+/// the bounds (1e-3 nats median, 1e-2 p90) are 25x below llama.cpp's own f16-vs-f32-attention
+/// spread (median 0.073, p90 0.253 nats) and leave room only for a libm that rounds a value
+/// differently somewhere along the 256 steps.
 #[test]
 fn logprobs_match_llamacpp_within_its_own_spread() {
     let Some((_, model)) = smollm2() else { return };
@@ -215,20 +228,16 @@ fn logprobs_match_llamacpp_within_its_own_spread() {
     }
     let (median, p90) = spread(gaps);
     eprintln!(
-        "log-prob gap to llama.cpp: median {median:.3}, p90 {p90:.3} nats; llama.cpp f16 vs f32 \
+        "log-prob gap to llama.cpp: median {median:.2e}, p90 {p90:.2e} nats; llama.cpp f16 vs f32 \
          attention: median {self_median:.3}, p90 {self_p90:.3}; top-1 agrees on {agree}/{steps} steps"
     );
     assert!(
-        median <= 1.25 * self_median,
-        "median gap {median:.3} vs llama.cpp's own {self_median:.3}"
+        median <= 1e-3 && median * 25.0 <= self_median,
+        "median gap {median:.4} (llama.cpp's own spread {self_median:.3})"
     );
     assert!(
-        p90 <= 1.25 * self_p90,
-        "p90 gap {p90:.3} vs llama.cpp's own {self_p90:.3}"
-    );
-    assert!(
-        agree * 100 >= steps * 95,
-        "top-1 agrees on only {agree}/{steps} steps"
+        p90 <= 1e-2 && p90 * 25.0 <= self_p90,
+        "p90 gap {p90:.4} (llama.cpp's own spread {self_p90:.3})"
     );
 }
 

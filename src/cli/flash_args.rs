@@ -1,7 +1,9 @@
-//! Options shared by the commands that run a flash image.
+//! Options shared by the commands that run a model: KV cache type, and for flash images the
+//! strategy, budget, window and I/O settings.
 
 use crate::budget::parse_bytes;
 use crate::engine::flash::{FlashOptions, Selection, Strategy};
+use crate::engine::kv_cache::KvType;
 use crate::storage::CoalesceOptions;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -23,6 +25,10 @@ pub struct FlashArgs {
     /// neurons; the rest becomes window slots). Without it every neuron gets a slot.
     #[arg(long, value_parser = parse_bytes)]
     pub vram_budget: Option<u64>,
+    /// Element type of the KV cache: f16 (llama.cpp's default, and its exact attention
+    /// arithmetic) or f32.
+    #[arg(long, value_enum, default_value_t = KvType::F16)]
+    pub kv_type: KvType,
     /// Tokens a neuron stays in the window after its last use (the paper's k).
     #[arg(long, default_value_t = 5)]
     pub window: usize,

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use crate::budget::{self, Needs, Table};
 use crate::cli::flash_args::FlashArgs;
 use crate::engine::flash::{Selection, Sparsity, Strategy};
+use crate::engine::kv_cache::{KvCache, KvType};
 use crate::engine::model::Model;
 use crate::engine::streamed::{OutputRows, RowSource, STREAM_STAGING, TABLES};
 use crate::engine::Session;
@@ -69,6 +70,10 @@ impl Runner {
 
     /// A session over `ctx` positions; for a flash image, with `args`' strategy and budget.
     pub fn session(&self, ctx: usize, args: &FlashArgs) -> anyhow::Result<Session<'_>> {
+        Ok(self.build_session(ctx, args)?.with_kv_type(args.kv_type))
+    }
+
+    fn build_session(&self, ctx: usize, args: &FlashArgs) -> anyhow::Result<Session<'_>> {
         let Some(image) = &self.model.image else {
             if args.memory_budget.is_some() {
                 bail!(
@@ -97,7 +102,7 @@ impl Runner {
         let Some(budget) = args.memory_budget else {
             return Ok(self.model.session(ctx, Some(opts), sparsity)?);
         };
-        let plan = budget::plan(budget, &self.needs(image, ctx, selection))?;
+        let plan = budget::plan(budget, &self.needs(image, ctx, selection, args.kv_type))?;
         log::info!("memory plan: {plan:?}");
         if !plan.streamed.is_empty() {
             eprintln!(
@@ -128,7 +133,13 @@ impl Runner {
 
     /// What a session over `ctx` positions needs from the planner, the embedding and output
     /// head listed apart as tables it may stream.
-    fn needs(&self, image: &FlashImage, ctx: usize, selection: Selection) -> Needs {
+    fn needs(
+        &self,
+        image: &FlashImage,
+        ctx: usize,
+        selection: Selection,
+        kv_type: KvType,
+    ) -> Needs {
         let c = &self.model.weights.config;
         let n = c.intermediate_size;
         let tied = image.meta.tensor(TABLES[1]).is_none();
@@ -147,7 +158,7 @@ impl Runner {
             stream_staging: STREAM_STAGING as u64,
             // Loaded with the calibration, used or not.
             predictors: self.calibration.as_ref().map_or(0, |c| c.predictor_bytes()),
-            kv_cache: (c.n_layers * ctx.min(c.max_positions) * c.kv_dim() * 2 * 4) as u64,
+            kv_cache: KvCache::bytes_for(c, ctx.min(c.max_positions), kv_type),
             scratch: (c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4) as u64,
             stride: image.bundle().stride as u64,
             neurons: vec![n; c.n_layers],

@@ -1,27 +1,103 @@
-//! Keys and values of every past position, per layer, in f32.
+//! Keys and values of every past position, per layer, in f16 (llama.cpp's default) or f32.
+
+use half::f16;
 
 use crate::model::config::Config;
+
+/// The element type of the cache. f16 halves the cache and is what llama.cpp keeps by default,
+/// so its attention numerics (and hence its greedy tokens) are reproduced exactly; f32 is
+/// closer to a float reference such as HF transformers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvType {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvType {
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+}
+
+/// Rows of one layer's keys or values, in the cache's element type.
+enum Rows {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl Rows {
+    fn new(dtype: KvType) -> Rows {
+        match dtype {
+            KvType::F16 => Rows::F16(Vec::new()),
+            KvType::F32 => Rows::F32(Vec::new()),
+        }
+    }
+
+    /// Overwrites position `at / kv_dim` (dropping anything after it) with `src`.
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            Rows::F16(buf) => {
+                buf.truncate(at);
+                // Round to nearest even, as ggml's f32 -> f16 copy into its cache does.
+                buf.extend(src.iter().map(|&v| f16::from_f32(v)));
+            }
+            Rows::F32(buf) => {
+                buf.truncate(at);
+                buf.extend_from_slice(src);
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Rows::F16(b) => b.capacity() * 2,
+            Rows::F32(b) => b.capacity() * 4,
+        }
+    }
+}
+
+/// One layer's keys and values for positions `0..n`, each `n x kv_dim`.
+#[derive(Clone, Copy)]
+pub enum KvLayer<'a> {
+    F16 { keys: &'a [f16], values: &'a [f16] },
+    F32 { keys: &'a [f32], values: &'a [f32] },
+}
 
 pub struct KvCache {
     kv_dim: usize,
     capacity: usize,
     len: usize,
-    /// Per layer: `capacity x kv_dim` keys then values.
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    dtype: KvType,
+    /// Per layer: up to `capacity x kv_dim` keys, and as many values.
+    keys: Vec<Rows>,
+    values: Vec<Rows>,
 }
 
 impl KvCache {
     /// A cache for `capacity` positions. Memory grows as positions are written, not up front,
     /// so a large context limit costs nothing until it is used.
-    pub fn new(c: &Config, capacity: usize) -> KvCache {
+    pub fn new(c: &Config, capacity: usize, dtype: KvType) -> KvCache {
         KvCache {
             kv_dim: c.kv_dim(),
             capacity,
             len: 0,
-            keys: vec![Vec::new(); c.n_layers],
-            values: vec![Vec::new(); c.n_layers],
+            dtype,
+            keys: (0..c.n_layers).map(|_| Rows::new(dtype)).collect(),
+            values: (0..c.n_layers).map(|_| Rows::new(dtype)).collect(),
         }
+    }
+
+    /// Bytes a cache of `positions` positions holds when full.
+    pub fn bytes_for(c: &Config, positions: usize, dtype: KvType) -> u64 {
+        (c.n_layers * positions * c.kv_dim() * 2 * dtype.bytes_per_value()) as u64
+    }
+
+    pub fn dtype(&self) -> KvType {
+        self.dtype
     }
 
     /// Positions stored so far; the next token goes at this position.
@@ -44,16 +120,24 @@ impl KvCache {
     /// Stores the current position's key and value for layer `l`.
     pub fn write(&mut self, l: usize, k: &[f32], v: &[f32]) {
         let at = self.len * self.kv_dim;
-        for (buf, src) in [(&mut self.keys[l], k), (&mut self.values[l], v)] {
-            buf.truncate(at);
-            buf.extend_from_slice(src);
-        }
+        self.keys[l].write(at, k);
+        self.values[l].write(at, v);
     }
 
     /// Keys and values of layer `l` for positions `0..n`.
-    pub fn layer(&self, l: usize, n: usize) -> (&[f32], &[f32]) {
+    pub fn layer(&self, l: usize, n: usize) -> KvLayer<'_> {
         let end = n * self.kv_dim;
-        (&self.keys[l][..end], &self.values[l][..end])
+        match (&self.keys[l], &self.values[l]) {
+            (Rows::F16(k), Rows::F16(v)) => KvLayer::F16 {
+                keys: &k[..end],
+                values: &v[..end],
+            },
+            (Rows::F32(k), Rows::F32(v)) => KvLayer::F32 {
+                keys: &k[..end],
+                values: &v[..end],
+            },
+            _ => unreachable!("keys and values share the cache's dtype"),
+        }
     }
 
     /// Marks the current position as written in every layer.
@@ -68,12 +152,6 @@ impl KvCache {
 
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
-        let per: usize = self
-            .keys
-            .iter()
-            .chain(&self.values)
-            .map(|b| b.capacity())
-            .sum();
-        per * std::mem::size_of::<f32>()
+        self.keys.iter().chain(&self.values).map(Rows::bytes).sum()
     }
 }

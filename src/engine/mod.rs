@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crate::backend::cpu::forward::{forward, CpuState, DenseFfn, FfnCompute};
 use crate::model::weights::ModelWeights;
-use kv_cache::KvCache;
+use kv_cache::{KvCache, KvType};
 use sampler::Sampler;
 use stats::{FlashStats, GenerationStats};
 use streamed::OutputRows;
@@ -55,11 +55,19 @@ impl<'w> Session<'w> {
         let ctx = ctx.min(c.max_positions).max(1);
         Session {
             weights,
-            kv: KvCache::new(c, ctx),
+            kv: KvCache::new(c, ctx, KvType::default()),
             state: CpuState::new(c),
             ffn,
             rows: None,
         }
+    }
+
+    /// Keeps keys and values as `dtype` (f16 by default, as llama.cpp does). Call before the
+    /// first step: it empties the cache.
+    pub fn with_kv_type(mut self, dtype: KvType) -> Session<'w> {
+        let c = &self.weights.config;
+        self.kv = KvCache::new(c, self.kv.capacity(), dtype);
+        self
     }
 
     /// Takes the embedding and output head from `rows` instead of the weights.

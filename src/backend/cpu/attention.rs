@@ -1,8 +1,11 @@
-//! Causal self-attention of one new token over the KV cache, grouped-query aware.
+//! Causal self-attention of one new token over the KV cache, grouped-query aware: exact
+//! softmax over an f32 cache, ggml's flash attention over an f16 one (`attention_f16`).
 
 use rayon::prelude::*;
 
+use crate::backend::cpu::attention_f16::attend_f16;
 use crate::backend::cpu::ops::softmax;
+use crate::engine::kv_cache::KvLayer;
 
 /// Shape of the attention computation.
 #[derive(Clone, Copy, Debug)]
@@ -13,9 +16,24 @@ pub struct AttnShape {
 }
 
 /// `out[h] = softmax(q_h . K_g^T * scale) V_g` over positions `0..n_pos`, where `g` is the KV
-/// head that query head `h` shares (GQA). `keys`/`values` hold `n_pos` rows of
-/// `n_kv_heads * head_dim`.
+/// head that query head `h` shares (GQA). The cache layer holds `n_pos` rows of
+/// `n_kv_heads * head_dim` keys and values.
 pub fn attend(
+    q: &[f32],
+    kv: KvLayer<'_>,
+    n_pos: usize,
+    shape: AttnShape,
+    scale: f32,
+    out: &mut [f32],
+) {
+    match kv {
+        KvLayer::F16 { keys, values } => attend_f16(q, keys, values, n_pos, shape, scale, out),
+        KvLayer::F32 { keys, values } => attend_f32(q, keys, values, n_pos, shape, scale, out),
+    }
+}
+
+/// Exact softmax attention over an f32 cache.
+fn attend_f32(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -60,6 +78,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
+
+    /// `attend` over an f32 cache and over an f16 copy (the test values are exact in f16).
+    fn both(q: &[f32], k: &[f32], v: &[f32], n_pos: usize, shape: AttnShape) -> [Vec<f32>; 2] {
+        let half = |x: &[f32]| x.iter().map(|&a| f16::from_f32(a)).collect::<Vec<_>>();
+        let (k16, v16) = (half(k), half(v));
+        let mut out = [vec![0.0; q.len()], vec![0.0; q.len()]];
+        let f32_cache = KvLayer::F32 { keys: k, values: v };
+        let f16_cache = KvLayer::F16 {
+            keys: &k16,
+            values: &v16,
+        };
+        attend(q, f32_cache, n_pos, shape, 1.0, &mut out[0]);
+        attend(q, f16_cache, n_pos, shape, 1.0, &mut out[1]);
+        out
+    }
 
     #[test]
     fn one_position_returns_its_value() {
@@ -68,17 +102,9 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 2,
         };
-        let mut out = [0.0; 4];
-        attend(
-            &[1.0, 0.0, 0.0, 1.0],
-            &[5.0, 5.0],
-            &[0.25, -1.0],
-            1,
-            shape,
-            1.0,
-            &mut out,
-        );
-        assert_eq!(out, [0.25, -1.0, 0.25, -1.0]);
+        for out in both(&[1.0, 0.0, 0.0, 1.0], &[5.0, 5.0], &[0.25, -1.0], 1, shape) {
+            assert_eq!(out, [0.25, -1.0, 0.25, -1.0]);
+        }
     }
 
     #[test]
@@ -89,8 +115,8 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 1,
         };
-        let mut out = [0.0];
-        attend(&[1.0], &[-50.0, 50.0], &[1.0, 2.0], 2, shape, 1.0, &mut out);
-        assert!((out[0] - 2.0).abs() < 1e-6);
+        for out in both(&[1.0], &[-50.0, 50.0], &[1.0, 2.0], 2, shape) {
+            assert!((out[0] - 2.0).abs() < 1e-6);
+        }
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::backend::cpu::attention::{attend, AttnShape};
 use crate::backend::cpu::matvec::{linear, matvec};
-use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_frequencies, silu};
+use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles, swiglu};
 use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::streamed::OutputRows;
@@ -26,7 +26,8 @@ pub struct CpuState {
     out: Vec<f32>,
     pub logits: Vec<f32>,
     act: ActivationBuffer,
-    rope_freqs: Vec<f32>,
+    /// The current position's rotary `(cos, sin)` per pair, shared by every layer.
+    rope: Vec<[f32; 2]>,
 }
 
 impl CpuState {
@@ -44,10 +45,7 @@ impl CpuState {
             out: vec![0.0; d],
             logits: vec![0.0; c.vocab_size],
             act: ActivationBuffer::new(),
-            rope_freqs: c
-                .rope_theta
-                .map(|t| rope_frequencies(c.head_dim, t))
-                .unwrap_or_default(),
+            rope: Vec::with_capacity(c.head_dim / 2),
         }
     }
 }
@@ -96,9 +94,7 @@ impl<'w> DenseFfn<'w> {
         match (c.ffn_kind(), &f.gate) {
             (FfnKind::SwiGlu, Some(gate)) => {
                 act_matvec(gate, h, &mut self.act, &mut self.b);
-                for (u, &g) in self.a.iter_mut().zip(&self.b) {
-                    *u *= silu(g);
-                }
+                swiglu(&mut self.a, &self.b);
             }
             _ => self.a.iter_mut().for_each(|u| *u = u.max(0.0)),
         }
@@ -145,6 +141,9 @@ pub fn forward(
 ) {
     let c = &w.config;
     let pos = kv.len();
+    if let Some(theta) = c.rope_theta {
+        rope_angles(pos, c.head_dim, theta, &mut s.rope);
+    }
     embed(w, s, token, pos, rows.as_deref_mut());
     for (l, layer) in w.layers.iter().enumerate() {
         if c.pre_norm {
@@ -204,8 +203,8 @@ fn attention(c: &Config, layer: &Layer, kv: &mut KvCache, l: usize, pos: usize, 
     linear(&a.k, &s.h, &mut s.act, &mut s.k);
     linear(&a.v, &s.h, &mut s.act, &mut s.v);
     if c.rope_theta.is_some() {
-        rope(&mut s.q, c.head_dim, pos, &s.rope_freqs, c.rope_style);
-        rope(&mut s.k, c.head_dim, pos, &s.rope_freqs, c.rope_style);
+        rope(&mut s.q, c.head_dim, &s.rope, c.rope_style);
+        rope(&mut s.k, c.head_dim, &s.rope, c.rope_style);
     }
     kv.write(l, &s.k, &s.v);
     let shape = AttnShape {
@@ -214,8 +213,14 @@ fn attention(c: &Config, layer: &Layer, kv: &mut KvCache, l: usize, pos: usize, 
         head_dim: c.head_dim,
     };
     let scale = 1.0 / (c.head_dim as f32).sqrt();
-    let (keys, values) = kv.layer(l, pos + 1);
-    attend(&s.q, keys, values, pos + 1, shape, scale, &mut s.att);
+    attend(
+        &s.q,
+        kv.layer(l, pos + 1),
+        pos + 1,
+        shape,
+        scale,
+        &mut s.att,
+    );
     linear(&a.o, &s.att, &mut s.act, &mut s.out);
 }
 

@@ -2,6 +2,7 @@
 //! and the elementwise ops of a transformer layer.
 
 pub mod attention;
+pub mod attention_f16;
 pub mod forward;
 pub mod matvec;
 pub mod ops;

@@ -33,32 +33,129 @@ pub fn apply_norm(norm: &Norm, x: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// The rotation frequencies of one head: `theta^(-2i/head_dim)` for each pair i.
-pub fn rope_frequencies(head_dim: usize, theta: f32) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| (theta as f64).powf(-2.0 * i as f64 / head_dim as f64) as f32)
-        .collect()
+/// ggml's rotary cache for position `pos`: `(cos, sin)` of `pos * theta^(-2i/head_dim)` for each
+/// pair i, with the angle built as ggml builds it (a running f32 product, not a power per
+/// pair) so that the rotations agree with llama.cpp to the last bit.
+pub fn rope_angles(pos: usize, head_dim: usize, theta: f32, out: &mut Vec<[f32; 2]>) {
+    out.clear();
+    let step = theta.powf(-2.0 / head_dim as f32);
+    let mut angle = pos as f32;
+    for _ in 0..head_dim / 2 {
+        out.push([angle.cos(), angle.sin()]);
+        angle *= step;
+    }
 }
 
-/// Rotates each head of `x` (a concatenation of heads of `head_dim`) by position `pos`.
-pub fn rope(x: &mut [f32], head_dim: usize, pos: usize, freqs: &[f32], style: RopeStyle) {
+/// Rotates each head of `x` (a concatenation of heads of `head_dim`) by `angles` (from
+/// [`rope_angles`]). The fused multiply-adds are where GCC puts them in ggml's rope loop, again
+/// for bit-equality.
+pub fn rope(x: &mut [f32], head_dim: usize, angles: &[[f32; 2]], style: RopeStyle) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::backend::cpu::quant::use_simd() {
+        // SAFETY: use_simd() found avx2, fma and f16c on this CPU.
+        return unsafe { rope_fma(x, head_dim, angles, style) };
+    }
+    rope_lanes(x, head_dim, angles, style)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rope_fma(x: &mut [f32], head_dim: usize, angles: &[[f32; 2]], style: RopeStyle) {
+    rope_lanes(x, head_dim, angles, style)
+}
+
+/// `mul_add` compiles to one instruction where FMA is enabled (the caller above, aarch64) and
+/// to an exact libm call elsewhere: the same bits either way.
+#[inline(always)]
+fn rope_lanes(x: &mut [f32], head_dim: usize, angles: &[[f32; 2]], style: RopeStyle) {
     let half = head_dim / 2;
     for head in x.chunks_exact_mut(head_dim) {
-        for (i, &f) in freqs.iter().enumerate() {
-            let (sin, cos) = (pos as f32 * f).sin_cos();
+        for (i, &[cos, sin]) in angles.iter().enumerate() {
             let (a, b) = match style {
                 RopeStyle::Adjacent => (2 * i, 2 * i + 1),
                 RopeStyle::Halves => (i, i + half),
             };
             let (x0, x1) = (head[a], head[b]);
-            head[a] = x0 * cos - x1 * sin;
-            head[b] = x0 * sin + x1 * cos;
+            head[a] = x0.mul_add(cos, -(x1 * sin));
+            head[b] = x0.mul_add(sin, x1 * cos);
         }
     }
 }
 
+/// `x * sigmoid(x)`, computed as ggml's vectorised `ggml_v_silu` computes each lane (its own
+/// polynomial `exp`, not libm's), so SwiGLU activations equal llama.cpp's bit for bit.
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    #[cfg(target_arch = "x86_64")]
+    if crate::backend::cpu::quant::use_simd() {
+        // SAFETY: use_simd() found avx2, fma and f16c on this CPU.
+        return unsafe { silu_fma(x) };
+    }
+    silu_lane(x)
+}
+
+/// `up[i] *= silu(gate[i])`: the SwiGLU activation in place.
+pub fn swiglu(up: &mut [f32], gate: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::backend::cpu::quant::use_simd() {
+        // SAFETY: as in `silu`.
+        return unsafe { swiglu_fma(up, gate) };
+    }
+    swiglu_lanes(up, gate)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_fma(x: f32) -> f32 {
+    silu_lane(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_fma(up: &mut [f32], gate: &[f32]) {
+    swiglu_lanes(up, gate)
+}
+
+#[inline(always)]
+fn swiglu_lanes(up: &mut [f32], gate: &[f32]) {
+    for (u, &g) in up.iter_mut().zip(gate) {
+        *u *= silu_lane(g);
+    }
+}
+
+#[inline(always)]
+fn silu_lane(x: f32) -> f32 {
+    x / (1.0 + exp_lane(0.0 - x))
+}
+
+/// One lane of ggml's AVX2 `ggml_v_expf`: `e^x = 2^n * (1 + j(b))` with `n = round(x log2 e)`,
+/// `b` the reduced argument and `j` a degree-5 polynomial; the constants are ggml's (given as
+/// bit patterns: Rust has no hex float literals).
+#[inline(always)]
+fn exp_lane(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let r = c(0x4b40_0000); // 0x1.8p23: adding it rounds to an integer
+    let z = x.mul_add(c(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x)); // ln 2, hi + lo
+    let e = z.to_bits() << 23;
+    let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
+    let u = b * b;
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)));
+    let j = j.mul_add(u, c(0x3f7f_fff6) * b);
+    if n.abs() <= 126.0 {
+        return k.mul_add(j, k);
+    }
+    // Out of the direct exponent range: scale in two steps, or saturate.
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    if n.abs() > 192.0 {
+        s1 * s1
+    } else {
+        s2.mul_add(j, s2) * s1
+    }
 }
 
 /// In-place softmax, numerically stable.
@@ -113,11 +210,12 @@ mod tests {
 
     #[test]
     fn rope_styles_pair_different_dims_and_keep_norm() {
-        let freqs = rope_frequencies(4, 10000.0);
+        let mut angles = Vec::new();
+        rope_angles(3, 4, 10000.0, &mut angles);
         let base = [1.0, 2.0, 3.0, 4.0];
         let (mut a, mut h) = (base, base);
-        rope(&mut a, 4, 3, &freqs, RopeStyle::Adjacent);
-        rope(&mut h, 4, 3, &freqs, RopeStyle::Halves);
+        rope(&mut a, 4, &angles, RopeStyle::Adjacent);
+        rope(&mut h, 4, &angles, RopeStyle::Halves);
         let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
         assert!((norm(&a) - norm(&base)).abs() < 1e-4);
         assert!((norm(&h) - norm(&base)).abs() < 1e-4);
@@ -126,8 +224,40 @@ mod tests {
         assert!((a[0] - (c - 2.0 * s)).abs() < 1e-5);
         assert!((h[0] - (c - 3.0 * s)).abs() < 1e-5);
         let mut zero = base;
-        rope(&mut zero, 4, 0, &freqs, RopeStyle::Adjacent);
+        rope_angles(0, 4, 10000.0, &mut angles);
+        rope(&mut zero, 4, &angles, RopeStyle::Adjacent);
         assert_eq!(zero, base);
+    }
+
+    #[test]
+    fn ggml_exp_is_within_two_ulps_of_libm_and_saturates() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp_lane(x), x.exp());
+            let ulps = (got.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(ulps <= 2, "exp({x}): {got} vs {want}");
+            x += 0.0137;
+        }
+        assert_eq!(exp_lane(-200.0), 0.0);
+        assert_eq!(exp_lane(200.0), f32::INFINITY);
+        // Past the direct exponent range but representable: the two-step scaling.
+        let sub = exp_lane(-95.0);
+        assert!(sub > 0.0 && (sub / (-95.0f32).exp() - 1.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn silu_and_swiglu_agree_with_the_definition() {
+        let gate: Vec<f32> = (0..40).map(|i| i as f32 * 0.7 - 14.0).collect();
+        let mut up = vec![1.5f32; 40];
+        swiglu(&mut up, &gate);
+        for (&u, &g) in up.iter().zip(&gate) {
+            let want = 1.5 * g / (1.0 + (-g).exp());
+            assert!(
+                (u - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{g}: {u} vs {want}"
+            );
+            assert_eq!(u, 1.5 * silu(g));
+        }
     }
 
     #[test]

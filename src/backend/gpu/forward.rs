@@ -9,7 +9,6 @@
 //! quantisation noise; on float weights they agree to f32 summation order.
 
 use crate::backend::cpu::attention::AttnShape;
-use crate::backend::cpu::ops::rope_frequencies;
 use crate::backend::gpu::buffers::{
     storage_bytes, storage_zeroed, uniform, write, GpuMatrix, Readback,
 };
@@ -267,7 +266,7 @@ impl Core {
 
         let table = match c.rope_theta {
             Some(theta) => {
-                let t = rope_table(&rope_frequencies(c.head_dim, theta), max_ctx);
+                let t = rope_table(c.head_dim, theta, max_ctx);
                 Some(storage_bytes(ctx, "rope table", bytemuck::cast_slice(&t))?)
             }
             None => None,

@@ -88,6 +88,7 @@ mod tests {
     use crate::backend::gpu::kernels::{kv_store::kv_store, Step};
     use crate::backend::gpu::pipeline::submit;
     use crate::backend::gpu::testing::{ctx, max_rel_err, Rng};
+    use crate::engine::kv_cache::KvLayer;
 
     /// Fills a GPU cache position by position with `kv_store`, then attends at several lengths
     /// and compares with the CPU's `attend` over the same keys and values.
@@ -138,15 +139,11 @@ mod tests {
             let got: Vec<f32> = read(ctx, &out, q_dim).unwrap();
             let n = pos + 1;
             let mut want = vec![0.0; q_dim];
-            attend(
-                &q,
-                &keys[..n * kv_dim],
-                &values[..n * kv_dim],
-                n,
-                shape,
-                scale,
-                &mut want,
-            );
+            let cache = KvLayer::F32 {
+                keys: &keys[..n * kv_dim],
+                values: &values[..n * kv_dim],
+            };
+            attend(&q, cache, n, shape, scale, &mut want);
             // Dots of 64 terms, a softmax (exp may differ by ulps), a weighted sum of up to 150
             // values: 1e-5 of the largest output covers the different summation orders.
             let err = max_rel_err(&got, &want, 1e-3);

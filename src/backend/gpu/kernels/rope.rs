@@ -1,6 +1,7 @@
 //! Rotary position embedding in place (shaders/rope.wgsl), from a (cos, sin) table.
 
 use super::{kernel, need, Dispatch};
+use crate::backend::cpu::ops::rope_angles;
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -14,15 +15,14 @@ struct Params {
     _pad: [u32; 2],
 }
 
-/// `(cos, sin)` of `pos * freqs[i]` for every position below `max_ctx` and every pair, with
-/// the CPU reference's arithmetic (`ops::rope`), so both backends rotate by the same values.
-pub fn rope_table(freqs: &[f32], max_ctx: usize) -> Vec<[f32; 2]> {
-    let mut t = Vec::with_capacity(max_ctx * freqs.len());
+/// `(cos, sin)` for every position below `max_ctx` and every pair of a `head_dim` head, from
+/// the CPU reference's [`rope_angles`], so both backends rotate by the same values.
+pub fn rope_table(head_dim: usize, theta: f32, max_ctx: usize) -> Vec<[f32; 2]> {
+    let mut t = Vec::with_capacity(max_ctx * head_dim / 2);
+    let mut angles = Vec::new();
     for pos in 0..max_ctx {
-        for &f in freqs {
-            let (sin, cos) = (pos as f32 * f).sin_cos();
-            t.push([cos, sin]);
-        }
+        rope_angles(pos, head_dim, theta, &mut angles);
+        t.extend_from_slice(&angles);
     }
     t
 }
@@ -77,7 +77,7 @@ pub fn rope(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::ops::{rope as cpu_rope, rope_frequencies};
+    use crate::backend::cpu::ops::rope as cpu_rope;
     use crate::backend::gpu::buffers::{read, storage_bytes, storage_f32, write};
     use crate::backend::gpu::kernels::Step;
     use crate::backend::gpu::pipeline::submit;
@@ -88,8 +88,7 @@ mod tests {
         let Some(ctx) = ctx() else { return };
         let mut rng = Rng::new(5);
         let (heads, hd, max_ctx) = (9, 64, 300);
-        let freqs = rope_frequencies(hd, 100_000.0);
-        let table = rope_table(&freqs, max_ctx);
+        let table = rope_table(hd, 100_000.0, max_ctx);
         let bt = storage_bytes(ctx, "table", bytemuck::cast_slice(&table)).unwrap();
         let step = uniform(ctx, "step", &Step::default());
         for style in [RopeStyle::Adjacent, RopeStyle::Halves] {
@@ -110,7 +109,12 @@ mod tests {
                 );
                 let got: Vec<f32> = read(ctx, &bv, x.len()).unwrap();
                 let mut want = x.clone();
-                cpu_rope(&mut want, hd, pos, &freqs, style);
+                cpu_rope(
+                    &mut want,
+                    hd,
+                    &table[pos * hd / 2..(pos + 1) * hd / 2],
+                    style,
+                );
                 // Same cos and sin; a GPU may fuse `x0 * c - x1 * s` into one FMA.
                 let err = max_rel_err(&got, &want, 1e-3);
                 assert!(err < 1e-6, "{style:?} pos {pos}: relative error {err:e}");
