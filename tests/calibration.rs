@@ -5,6 +5,7 @@
 mod common;
 
 use llmflash::engine::flash::{FlashOptions, Selection, Sparsity, Strategy};
+use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::model::Model;
 use llmflash::image::BundleDtype;
 use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
@@ -53,9 +54,12 @@ fn decode(
     prompt: &[u32],
     n: usize,
 ) -> (Vec<u32>, Vec<Vec<f32>>, u64) {
+    // An f32 cache: these tests compare FFN paths, and an f16 cache would magnify their
+    // float-rounding differences into f16 rounding flips.
     let mut s = model
         .session(prompt.len() + n + 1, Some(opts), cal)
-        .expect("session");
+        .expect("session")
+        .with_kv_type(KvType::F32);
     let mut logits = vec![s.prefill(prompt).expect("prefill").to_vec()];
     let mut out = Vec::new();
     for _ in 0..n {

@@ -33,7 +33,9 @@ fn same_tokens(fixture: &str) {
     }
     let dir = common::fixture(fixture);
     let args = ["--token-ids", "1,2,3,4,5", "-n", "24"];
-    let (cpu, _) = generate(&dir, &[&args[..], &["--backend", "cpu"]].concat());
+    // The GPU keeps its KV cache in f32; so does the CPU here.
+    let cpu_args = ["--backend", "cpu", "--kv-type", "f32"];
+    let (cpu, _) = generate(&dir, &[&args[..], &cpu_args].concat());
     let (gpu, stats) = generate(&dir, &[&args[..], &["--backend", "gpu"]].concat());
     assert_eq!(gpu, cpu, "{fixture}: GPU and CPU greedy tokens");
     assert_eq!(cpu.len(), 24);

@@ -10,6 +10,7 @@ use std::process::Command;
 
 use llmflash::backend::gpu::{GpuFlashDecoder, GpuFlashOptions};
 use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
+use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::model::Model;
 use llmflash::image::BundleDtype;
 use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
@@ -85,7 +86,8 @@ fn gpu_flash_tokens_do_not_depend_on_the_vram_budget_and_match_the_cpu() {
         return;
     }
     let image = calibrated_image("gpu-flash");
-    let (cpu, cpu_stats) = generate(&image, &["--backend", "cpu"]).unwrap();
+    // The GPU keeps its KV cache in f32; so does the CPU here.
+    let (cpu, cpu_stats) = generate(&image, &["--backend", "cpu", "--kv-type", "f32"]).unwrap();
     assert_eq!(cpu_stats["strategy"], "flash");
     let tiny = minimum_plus(&image, 0);
     let (small, small_stats) =
@@ -138,7 +140,10 @@ fn gpu_flash_logits_match_the_cpu_flash_path() {
         io_threads: 2,
         ..FlashOptions::default()
     };
-    let mut cpu = model.session(64, Some(opts), Some(&cal)).expect("session");
+    let mut cpu = model
+        .session(64, Some(opts), Some(&cal))
+        .expect("session")
+        .with_kv_type(KvType::F32);
     let layers = model.weights.config.n_layers;
     for slots in [None, Some(vec![3; layers])] {
         let mut gpu = GpuFlashDecoder::new(

@@ -25,10 +25,10 @@ pub struct FlashArgs {
     /// neurons; the rest becomes window slots). Without it every neuron gets a slot.
     #[arg(long, value_parser = parse_bytes)]
     pub vram_budget: Option<u64>,
-    /// Element type of the KV cache: f16 (llama.cpp's default, and its exact attention
-    /// arithmetic) or f32.
-    #[arg(long, value_enum, default_value_t = KvType::F16)]
-    pub kv_type: KvType,
+    /// Element type of the CPU backend's KV cache: f16 (the default, as in llama.cpp, with its
+    /// exact attention arithmetic) or f32. The GPU backend keeps its cache in f32.
+    #[arg(long, value_enum)]
+    pub kv_type: Option<KvType>,
     /// Tokens a neuron stays in the window after its last use (the paper's k).
     #[arg(long, default_value_t = 5)]
     pub window: usize,

@@ -10,6 +10,7 @@ use crate::budget::{self, Needs};
 use crate::engine::flash::{Selection, Strategy};
 use crate::engine::generate;
 use crate::engine::gpu::{generate_gpu, GpuModel};
+use crate::engine::kv_cache::KvType;
 use crate::engine::sampler::{Sampler, Sampling};
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::StreamDecoder;
@@ -185,6 +186,9 @@ pub(super) fn open_gpu_model<'r>(
     let model = &runner.model;
     if flash.memory_budget.is_some() {
         bail!("--memory-budget plans host memory for --backend cpu; with --backend gpu use --vram-budget");
+    }
+    if flash.kv_type == Some(KvType::F16) {
+        bail!("the GPU backend keeps its KV cache in f32; drop --kv-type or use --backend cpu");
     }
     let Some(image) = &model.image else {
         if flash.vram_budget.is_some() {

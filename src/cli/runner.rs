@@ -70,7 +70,9 @@ impl Runner {
 
     /// A session over `ctx` positions; for a flash image, with `args`' strategy and budget.
     pub fn session(&self, ctx: usize, args: &FlashArgs) -> anyhow::Result<Session<'_>> {
-        Ok(self.build_session(ctx, args)?.with_kv_type(args.kv_type))
+        Ok(self
+            .build_session(ctx, args)?
+            .with_kv_type(args.kv_type.unwrap_or_default()))
     }
 
     fn build_session(&self, ctx: usize, args: &FlashArgs) -> anyhow::Result<Session<'_>> {
@@ -102,7 +104,10 @@ impl Runner {
         let Some(budget) = args.memory_budget else {
             return Ok(self.model.session(ctx, Some(opts), sparsity)?);
         };
-        let plan = budget::plan(budget, &self.needs(image, ctx, selection, args.kv_type))?;
+        let plan = budget::plan(
+            budget,
+            &self.needs(image, ctx, selection, args.kv_type.unwrap_or_default()),
+        )?;
         log::info!("memory plan: {plan:?}");
         if !plan.streamed.is_empty() {
             eprintln!(
