@@ -3,6 +3,7 @@
 # developer; CI only reads the results).
 #
 #   tools/record-llamacpp-fixtures.sh [LLAMA_CPP_BUILD_DIR]      (or env LLAMA_CPP_BIN)
+#   LLAMA_FIXTURES=qwen tools/record-llamacpp-fixtures.sh ...    (only the Qwen fixtures)
 #
 # LLAMA_CPP_BUILD_DIR is llama.cpp's cmake build dir or its bin/ folder (the one holding
 # llama-server, llama-perplexity, llama-simple, llama-tokenize, llama-bench).
@@ -25,7 +26,11 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${1:-${LLAMA_CPP_BIN:-}}"
 [ -n "$bin" ] || { echo "usage: $0 LLAMA_CPP_BUILD_DIR   (or set LLAMA_CPP_BIN)" >&2; exit 2; }
 [ -x "$bin/bin/llama-server" ] && bin="$bin/bin"
-for t in llama-server llama-perplexity llama-simple llama-tokenize llama-bench; do
+only="${LLAMA_FIXTURES:-all}"
+case "$only" in all) tools=(llama-server llama-perplexity llama-simple llama-tokenize llama-bench) ;;
+  qwen) tools=(llama-server) ;;
+  *) echo "LLAMA_FIXTURES must be all or qwen, not $only" >&2; exit 2 ;; esac
+for t in "${tools[@]}"; do
   [ -x "$bin/$t" ] || { echo "$bin/$t not found: build llama.cpp first (see the header)" >&2; exit 1; }
 done
 command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
@@ -72,6 +77,7 @@ stop() {  # stop the server and wait until the port no longer answers
 }
 trap stop EXIT
 
+if [ "$only" = all ]; then
 # 1. SmolLM2: greedy continuations with top-5 log-probabilities, and tokenisations; once with
 # llama.cpp's defaults (f16 KV cache, flash attention) and once with f32 attention. SmolLM2 is
 # numerically chaotic under activation quantisation, so the two runs disagree with each other;
@@ -108,14 +114,24 @@ python3 "$root/tools/record_llamacpp_fixtures.py" perplexity "$out/smollm2-perpl
   "llama-perplexity -m MODEL -f tests/fixtures/text/python-doc-eval.txt -c 512 -t 2" \
   /tmp/llama-ppl.log /tmp/llama-ppl-tokens.txt
 
-# 3. Qwen2.5-Coder-1.5B (only when fetched: tools/fetch-model --qwen).
+fi
+
+# 3. Qwen2.5-Coder-1.5B (only when fetched: tools/fetch-model --qwen). Twice: with llama.cpp's
+# defaults, and with --no-repack. On AVX2 llama.cpp by default repacks Q4_K weights into 8-row
+# tiles whose kernels sum in another order than its row-by-row dot products (the ones every
+# platform has, and the ones we reproduce bit for bit); the two runs' spread is the yardstick.
 qwen="$("$root/tools/fetch-model" --qwen --print-path)"
 if [ -f "$qwen" ]; then
   serve "$qwen"
   python3 "$root/tools/record_llamacpp_fixtures.py" greedy "$url" "$qwen" \
     "$out/qwen2.5-coder-1.5b-greedy.json" "$root/tools/llamacpp-qwen-prompts.json" 32
   stop
+  serve "$qwen" --no-repack
+  python3 "$root/tools/record_llamacpp_fixtures.py" greedy "$url" "$qwen" \
+    "$out/qwen2.5-coder-1.5b-greedy-norepack.json" "$root/tools/llamacpp-qwen-prompts.json" 32
+  stop
 fi
+[ "$only" = all ] || { echo "fixtures written to $out" >&2; exit 0; }
 
 # 4. Speed, for the record (informational; our bench compares against it in the same sitting).
 { date -u; echo "llama.cpp: $LLAMA_CPP_VERSION"; echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"

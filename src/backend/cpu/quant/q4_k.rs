@@ -95,14 +95,21 @@ pub unsafe fn dot_avx2(row: &[u8], act: &Q8KAct) -> f32 {
     use std::arch::x86_64::*;
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = _mm256_setzero_ps();
-    let mut summs = 0.0f32;
+    // The minimums' term in ggml's four lanes (lane k: sub-blocks 2k and 2k + 1), for the
+    // same rounding.
+    let mut acc_m = _mm_setzero_ps();
     let blocks = row
         .chunks_exact(BYTES)
         .zip(&act.d)
         .zip(act.bsums.chunks_exact(16));
     for (i, ((b, &da), bsums)) in blocks.enumerate() {
         let (sc, mn) = scales_mins(&b[4..16]);
-        summs += da * f16_at(b, 2) * mins_dot(&mn, bsums) as f32;
+        let pair = |j: usize| bsums[2 * j] as i32 + bsums[2 * j + 1] as i32;
+        let lanes: [i32; 4] = std::array::from_fn(|k| {
+            mn[2 * k] as i32 * pair(2 * k) + mn[2 * k + 1] as i32 * pair(2 * k + 1)
+        });
+        let prod = _mm_cvtepi32_ps(_mm_loadu_si128(lanes.as_ptr().cast()));
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(-(da * f16_at(b, 2))), prod, acc_m);
         let mut sumi = _mm256_setzero_si256();
         for j in 0..4 {
             let q4 = load32(b, 16 + 32 * j);
@@ -120,5 +127,7 @@ pub unsafe fn dot_avx2(row: &[u8], act: &Q8KAct) -> f32 {
         let d = _mm256_set1_ps(da * f16_at(b, 0));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc) - summs
+    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    hsum_ps(acc) + _mm_cvtss_f32(m)
 }

@@ -77,16 +77,23 @@ pub unsafe fn dot_avx2(row: &[u8], act: &Q8KAct) -> f32 {
     use std::arch::x86_64::*;
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(3);
-    let m32 = _mm256_set1_epi8(32);
     let mut acc = _mm256_setzero_ps();
-    for (i, (b, &da)) in row.chunks_exact(BYTES).zip(&act.d).enumerate() {
+    let blocks = row
+        .chunks_exact(BYTES)
+        .zip(&act.d)
+        .zip(act.bsums.chunks_exact(16));
+    for (i, ((b, &da), bsums)) in blocks.enumerate() {
         let scales = load16(b, 192);
+        // ggml's lane layout, which the f32 accumulation below depends on: the quants are
+        // taken unsigned (0..63) and their -32 offset is removed at the end through the
+        // activation sums, lane k holding the 32 activations of groups 2k and 2k + 1.
+        let bs = _mm256_loadu_si256(bsums.as_ptr().cast());
+        let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(bs, _mm256_cvtepi8_epi16(scales)));
         let mut sumi = _mm256_setzero_si256();
         for n in 0..2 {
             let h = load32(b, 128 + 32 * n);
             let l0 = load32(b, 64 * n);
             let l1 = load32(b, 64 * n + 32);
-            // Unsigned 0..63 quants; the -32 is applied after the multiply (below).
             let q = [
                 _mm256_or_si256(
                     _mm256_and_si256(l0, m4),
@@ -107,8 +114,7 @@ pub unsafe fn dot_avx2(row: &[u8], act: &Q8KAct) -> f32 {
             ];
             for (k, &qk) in q.iter().enumerate() {
                 let a = load32_i8(&act.qs, i * QK + 128 * n + 32 * k);
-                // (q - 32) * a == q * a - 32 * a; both maddubs stay within i16.
-                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(qk, a), _mm256_maddubs_epi16(m32, a));
+                let p = _mm256_maddubs_epi16(qk, a);
                 // Lanes 0..7 hold group 8n + 2k, lanes 8..15 group 8n + 2k + 1.
                 let g = (8 * n + 2 * k) as i64;
                 let pick =
@@ -117,6 +123,7 @@ pub unsafe fn dot_avx2(row: &[u8], act: &Q8KAct) -> f32 {
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc, p));
             }
         }
+        let sumi = _mm256_sub_epi32(sumi, offset);
         let d = _mm256_set1_ps(da * f16_at(b, 208));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
