@@ -119,7 +119,13 @@ impl KvCache {
 
     /// Stores the current position's key and value for layer `l`.
     pub fn write(&mut self, l: usize, k: &[f32], v: &[f32]) {
-        let at = self.len * self.kv_dim;
+        self.write_at(l, self.len, k, v);
+    }
+
+    /// Stores position `pos`'s key and value for layer `l`, forgetting any later position of
+    /// that layer (a batch writes its positions in order, then [`KvCache::advance_by`]).
+    pub fn write_at(&mut self, l: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let at = pos * self.kv_dim;
         self.keys[l].write(at, k);
         self.values[l].write(at, v);
     }
@@ -142,7 +148,12 @@ impl KvCache {
 
     /// Marks the current position as written in every layer.
     pub fn advance(&mut self) {
-        self.len += 1;
+        self.advance_by(1);
+    }
+
+    /// Marks the next `n` positions as written in every layer.
+    pub fn advance_by(&mut self, n: usize) {
+        self.len += n;
     }
 
     /// Forgets every position (a new sequence).

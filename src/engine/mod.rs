@@ -12,6 +12,7 @@ pub mod streamed;
 use std::time::Instant;
 
 use crate::backend::cpu::forward::{forward, CpuState, DenseFfn, FfnCompute};
+use crate::backend::cpu::prefill::{forward_batch, BatchState};
 use crate::model::weights::ModelWeights;
 use kv_cache::{KvCache, KvType};
 use sampler::Sampler;
@@ -36,7 +37,13 @@ pub struct Session<'w> {
     ffn: Box<dyn FfnCompute + 'w>,
     /// Embedding and output head held apart from the weights (resident copies or streamed).
     rows: Option<OutputRows>,
+    /// Activations of a prefill batch.
+    batch: BatchState,
 }
+
+/// Prompt tokens per prefill batch: enough to read each weight once for many tokens, few
+/// enough that a batch's activations stay small (64 x the FFN width in f32).
+const PREFILL_BATCH: usize = 64;
 
 impl<'w> Session<'w> {
     /// A session whose context holds at most `ctx` positions (clamped to what the model was
@@ -59,6 +66,7 @@ impl<'w> Session<'w> {
             state: CpuState::new(c),
             ffn,
             rows: None,
+            batch: BatchState::default(),
         }
     }
 
@@ -130,13 +138,45 @@ impl<'w> Session<'w> {
         Ok(&self.state.logits)
     }
 
-    /// Feeds `tokens` in order and returns the logits after the last one.
+    /// Feeds `tokens` in order and returns the logits after the last one. With dense FFN
+    /// weights the tokens go through in batches (each weight read once per batch, the same
+    /// logits to the bit); the flash path takes them one at a time.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
         let (last, rest) = tokens.split_last().ok_or(EngineError::EmptyPrompt)?;
-        for &t in rest {
-            self.step(t, false)?;
+        if !self.ffn.batched() {
+            for &t in rest {
+                self.step(t, false)?;
+            }
+            return self.step(*last, true);
         }
-        self.step(*last, true)
+        self.check(tokens)?;
+        for batch in tokens.chunks(PREFILL_BATCH) {
+            forward_batch(
+                self.weights,
+                &mut self.kv,
+                &mut self.state,
+                &mut self.batch,
+                batch,
+                self.ffn.as_mut(),
+                self.rows.as_mut(),
+            );
+        }
+        Ok(&self.state.logits)
+    }
+
+    /// Refuses tokens outside the vocabulary and a prompt that would overflow the context,
+    /// before any of it is run.
+    fn check(&self, tokens: &[u32]) -> Result<(), EngineError> {
+        let vocab = self.weights.config.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::BadToken { id, vocab });
+        }
+        if self.kv.len() + tokens.len() > self.kv.capacity() {
+            return Err(EngineError::ContextFull {
+                capacity: self.kv.capacity(),
+            });
+        }
+        Ok(())
     }
 }
 

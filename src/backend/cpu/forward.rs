@@ -5,7 +5,7 @@
 //! pre- or post-norm).
 
 use crate::backend::cpu::attention::{attend, AttnShape};
-use crate::backend::cpu::matvec::{linear, matvec};
+use crate::backend::cpu::matvec::{linear, matmul, matvec, quantize_rows};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles, swiglu};
 use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::engine::kv_cache::KvCache;
@@ -16,7 +16,7 @@ use crate::model::weights::{Ffn, Layer, ModelWeights};
 
 /// Scratch buffers of one decode step, allocated once per session.
 pub struct CpuState {
-    x: Vec<f32>,
+    pub(super) x: Vec<f32>,
     h: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -56,6 +56,21 @@ pub trait FfnCompute {
     /// `out = FFN_layer(h)`, where `h` is the normed input of layer `layer`.
     fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]);
 
+    /// Whether a prompt may go through this FFN a batch at a time, layer by layer
+    /// ([`FfnCompute::ffn_batch`]). Dense weights can; the flash path cannot (its window follows
+    /// tokens one at a time), and prefill then feeds the prompt token by token.
+    fn batched(&self) -> bool {
+        false
+    }
+
+    /// `out[i] = FFN_layer(hs[i])` for rows of `hidden` values; the same values as `ffn` on
+    /// each row.
+    fn ffn_batch(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
+        for (h, o) in hs.chunks_exact(hidden).zip(out.chunks_exact_mut(hidden)) {
+            self.ffn(layer, h, o);
+        }
+    }
+
     /// I/O, memory and compute costs so far, for FFNs that read from flash.
     fn flash_stats(&self) -> Option<crate::engine::stats::FlashStats> {
         None
@@ -68,6 +83,16 @@ pub struct DenseFfn<'w> {
     a: Vec<f32>,
     b: Vec<f32>,
     act: ActivationBuffer,
+    batch: FfnBatch,
+}
+
+/// Scratch of a batched FFN: the hidden activations of every row and the quantised inputs.
+#[derive(Default)]
+struct FfnBatch {
+    up: Vec<f32>,
+    gate: Vec<f32>,
+    acts: Vec<ActivationBuffer>,
+    scratch: Vec<f32>,
 }
 
 impl<'w> DenseFfn<'w> {
@@ -78,6 +103,7 @@ impl<'w> DenseFfn<'w> {
             a: vec![0.0; f],
             b: vec![0.0; f],
             act: ActivationBuffer::new(),
+            batch: FfnBatch::default(),
         }
     }
 
@@ -110,6 +136,18 @@ fn dense(l: &Layer, layer: usize) -> &Ffn {
     })
 }
 
+/// `out[i] = W xs[i]` for a batch, each row quantised for `W`'s dtype.
+fn linear_batch_t(
+    w: &Tensor,
+    xs: &[f32],
+    acts: &mut [ActivationBuffer],
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    quantize_rows(w.dtype, xs, acts);
+    matmul(w, acts, scratch, out);
+}
+
 /// `out = W x` with `x` quantised for `W`'s dtype.
 fn act_matvec(w: &Tensor, x: &[f32], act: &mut ActivationBuffer, out: &mut [f32]) {
     act.quantize_for(w.dtype, x)
@@ -118,6 +156,39 @@ fn act_matvec(w: &Tensor, x: &[f32], act: &mut ActivationBuffer, out: &mut [f32]
 }
 
 impl FfnCompute for DenseFfn<'_> {
+    fn batched(&self) -> bool {
+        true
+    }
+
+    fn ffn_batch(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
+        let n = hs.len() / hidden;
+        let (c, l) = (&self.weights.config, &self.weights.layers[layer]);
+        let f = dense(l, layer);
+        let b = &mut self.batch;
+        b.acts.resize_with(n, ActivationBuffer::new);
+        b.up.resize(n * c.intermediate_size, 0.0);
+        linear_batch_t(&f.up, hs, &mut b.acts, &mut b.scratch, &mut b.up);
+        if let Some(bias) = &l.ffn_bias.up {
+            b.up.chunks_exact_mut(c.intermediate_size)
+                .for_each(|u| add_into(u, bias));
+        }
+        match (c.ffn_kind(), &f.gate) {
+            (FfnKind::SwiGlu, Some(gate)) => {
+                b.gate.resize(n * c.intermediate_size, 0.0);
+                linear_batch_t(gate, hs, &mut b.acts, &mut b.scratch, &mut b.gate);
+                let rows = b.up.chunks_exact_mut(c.intermediate_size);
+                for (u, g) in rows.zip(b.gate.chunks_exact(c.intermediate_size)) {
+                    swiglu(u, g);
+                }
+            }
+            _ => b.up.iter_mut().for_each(|u| *u = u.max(0.0)),
+        }
+        linear_batch_t(&f.down, &b.up, &mut b.acts, &mut b.scratch, out);
+        if let Some(bias) = &l.ffn_bias.down {
+            out.chunks_exact_mut(hidden).for_each(|o| add_into(o, bias));
+        }
+    }
+
     fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
         self.hidden(layer, h);
         let l = &self.weights.layers[layer];
@@ -173,7 +244,7 @@ pub fn forward(
 }
 
 /// Token embedding (plus OPT's projection and learned position) into `s.x`.
-fn embed(
+pub(super) fn embed(
     w: &ModelWeights,
     s: &mut CpuState,
     token: u32,
@@ -225,7 +296,7 @@ fn attention(c: &Config, layer: &Layer, kv: &mut KvCache, l: usize, pos: usize, 
 }
 
 /// Final norm, optional projection, and the vocabulary projection into `s.logits`.
-fn output(w: &ModelWeights, s: &mut CpuState, rows: Option<&mut OutputRows>) {
+pub(super) fn output(w: &ModelWeights, s: &mut CpuState, rows: Option<&mut OutputRows>) {
     let c = &w.config;
     match &w.final_norm {
         Some(n) => apply_norm(n, &s.x, c.norm_eps, &mut s.h),

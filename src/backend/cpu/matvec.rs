@@ -35,3 +35,78 @@ pub fn linear(l: &Linear, x: &[f32], act: &mut ActivationBuffer, out: &mut [f32]
         }
     }
 }
+
+/// `out[b] = W x_b` for a batch of activations (`acts[b]` holds `x_b` quantised for `w.dtype`);
+/// `out` is `acts.len()` rows of `w.rows`. Each weight row is dotted with every activation
+/// while it is in cache, so the weights stream from memory once per batch instead of once per
+/// token; every product is the same [`quant::vec_dot`] as in [`matvec`], so each `out[b]` equals
+/// `matvec(w, acts[b])` bit for bit. `scratch` holds the row-major transpose between the two.
+pub fn matmul(w: &Tensor, acts: &[ActivationBuffer], scratch: &mut Vec<f32>, out: &mut [f32]) {
+    let (n, rows) = (acts.len(), w.rows);
+    debug_assert_eq!(out.len(), n * rows);
+    let row_bytes = w.row_bytes();
+    let bytes = w.bytes();
+    scratch.clear();
+    scratch.resize(n * rows, 0.0);
+    // Tasks own whole weight rows: `scratch[r * n + b] = row_r . x_b`.
+    scratch
+        .par_chunks_mut(ROWS_PER_TASK * n)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * ROWS_PER_TASK;
+            for (i, dots) in chunk.chunks_exact_mut(n).enumerate() {
+                let row = &bytes[(first + i) * row_bytes..(first + i + 1) * row_bytes];
+                let mut groups = dots.chunks_exact_mut(4).zip(acts.chunks_exact(4));
+                for (d, a) in &mut groups {
+                    d.copy_from_slice(&quant::vec_dot4(
+                        w.dtype,
+                        [row; 4],
+                        [&a[0], &a[1], &a[2], &a[3]],
+                    ));
+                }
+                let done = n - n % 4;
+                for (d, act) in dots[done..].iter_mut().zip(&acts[done..]) {
+                    *d = quant::vec_dot(w.dtype, row, act);
+                }
+            }
+        });
+    for (r, dots) in scratch.chunks_exact(n).enumerate() {
+        for (b, &d) in dots.iter().enumerate() {
+            out[b * rows + r] = d;
+        }
+    }
+}
+
+/// [`linear`] for a batch: `xs` and `out` are `acts.len()` rows (of `l`'s columns and rows).
+pub fn linear_batch(
+    l: &Linear,
+    xs: &[f32],
+    acts: &mut [ActivationBuffer],
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    quantize_rows(l.weight.dtype, xs, acts);
+    matmul(&l.weight, acts, scratch, out);
+    if let Some(b) = &l.bias {
+        for row in out.chunks_exact_mut(l.weight.rows) {
+            for (o, &bv) in row.iter_mut().zip(b) {
+                *o += bv;
+            }
+        }
+    }
+}
+
+/// Quantises each row of `xs` into `acts` for weights of `dtype`.
+pub fn quantize_rows(
+    dtype: crate::model::tensor::DType,
+    xs: &[f32],
+    acts: &mut [ActivationBuffer],
+) {
+    let cols = xs.len() / acts.len();
+    acts.par_iter_mut()
+        .zip(xs.par_chunks(cols))
+        .for_each(|(act, x)| {
+            act.quantize_for(dtype, x)
+                .expect("activation length matches the weight's columns (checked at load time)")
+        });
+}

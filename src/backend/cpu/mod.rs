@@ -6,5 +6,6 @@ pub mod attention_f16;
 pub mod forward;
 pub mod matvec;
 pub mod ops;
+pub mod prefill;
 pub mod quant;
 pub mod sparse_ffn;

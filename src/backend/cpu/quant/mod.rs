@@ -189,6 +189,44 @@ fn act_kind_for(dtype: DType) -> ActKind {
 /// If `act` was not quantised for `dtype`, or the row holds a different number of values than
 /// `act`: both are caller bugs, and the check costs two compares per row.
 pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
+    check_dot(dtype, row, act);
+    let simd = use_simd();
+    match dtype {
+        DType::F32 => float::dot_f32(row, &act.f32, simd),
+        DType::F16 => float::dot_f16(row, &act.f32, simd),
+        DType::BF16 => float::dot_bf16(row, &act.f32, simd),
+        DType::Q4_0 => q4_0::dot(row, &act.q8, simd),
+        DType::Q4_1 => q4_1::dot(row, &act.q8, simd),
+        DType::Q8_0 => q8_0::dot(row, &act.q8, simd),
+        DType::Q4K => q4_k::dot(row, &act.q8k, simd),
+        DType::Q6K => q6_k::dot(row, &act.q8k, simd),
+    }
+}
+
+/// Four dot products `rows[k] · acts[k]` at once, each equal to [`vec_dot`]`(dtype, rows[k],
+/// acts[k])` bit for bit; interleaved where a kernel exists (Q4_1 on AVX2), one by one
+/// otherwise.
+pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if dtype == DType::Q4_1 && use_simd() {
+        for (row, act) in rows.iter().zip(&acts) {
+            check_dot(dtype, row, act);
+        }
+        let acts = acts.map(|a| &a.q8);
+        // SAFETY: use_simd() found avx2, fma and f16c.
+        return unsafe {
+            if rows.iter().all(|r| std::ptr::eq(*r, rows[0])) {
+                q4_1::dot_row4_avx2(rows[0], acts)
+            } else {
+                q4_1::dot4_avx2(rows, acts)
+            }
+        };
+    }
+    std::array::from_fn(|k| vec_dot(dtype, rows[k], acts[k]))
+}
+
+/// `vec_dot`'s contract: `act` quantised for `dtype`, as many values as the row.
+fn check_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) {
     assert_eq!(
         act.kind,
         act_kind_for(dtype),
@@ -201,17 +239,6 @@ pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
         row.len(),
         act.len()
     );
-    let simd = use_simd();
-    match dtype {
-        DType::F32 => float::dot_f32(row, &act.f32, simd),
-        DType::F16 => float::dot_f16(row, &act.f32, simd),
-        DType::BF16 => float::dot_bf16(row, &act.f32, simd),
-        DType::Q4_0 => q4_0::dot(row, &act.q8, simd),
-        DType::Q4_1 => q4_1::dot(row, &act.q8, simd),
-        DType::Q8_0 => q8_0::dot(row, &act.q8, simd),
-        DType::Q4K => q4_k::dot(row, &act.q8k, simd),
-        DType::Q6K => q6_k::dot(row, &act.q8k, simd),
-    }
 }
 
 /// `out[r] = row_r · act` for `rows` consecutive rows in `weights`, single-threaded. The
@@ -229,12 +256,14 @@ pub fn matvec(dtype: DType, weights: &[u8], act: &ActivationBuffer, out: &mut [f
         out.fill(0.0);
         return;
     }
-    for (r, (y, row)) in out
-        .iter_mut()
-        .zip(weights.chunks_exact(row_bytes))
-        .enumerate()
-    {
-        prefetch(weights, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
+    let mut rows = weights.chunks_exact(row_bytes);
+    let mut outs = out.chunks_exact_mut(4);
+    for (r, ys) in (&mut outs).enumerate() {
+        prefetch(weights, (4 * r + PREFETCH_ROWS) * row_bytes, 4 * row_bytes);
+        let four: [&[u8]; 4] = std::array::from_fn(|_| rows.next().expect("4 rows per 4 outputs"));
+        ys.copy_from_slice(&vec_dot4(dtype, four, [act; 4]));
+    }
+    for (y, row) in outs.into_remainder().iter_mut().zip(rows) {
         *y = vec_dot(dtype, row, act);
     }
 }

@@ -12,6 +12,24 @@ pub const BYTES: usize = 34;
 /// `block_q8_1.s`). The exact formula matters: SmolLM2 amplifies a single value rounded the
 /// other way into log-probabilities ~0.1 nats apart.
 pub fn quantize_act(x: &[f32], act: &mut Q8Act, with_sums: bool) {
+    // Inside an SSE4.1/AVX2 function `round_ties_even` is one instruction; elsewhere a libm
+    // call per value (same result either way).
+    #[cfg(target_arch = "x86_64")]
+    if super::use_simd() {
+        // SAFETY: use_simd() found avx2 (which implies sse4.1).
+        return unsafe { quantize_act_avx2(x, act, with_sums) };
+    }
+    quantize_act_body(x, act, with_sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_act_avx2(x: &[f32], act: &mut Q8Act, with_sums: bool) {
+    quantize_act_body(x, act, with_sums)
+}
+
+#[inline(always)]
+fn quantize_act_body(x: &[f32], act: &mut Q8Act, with_sums: bool) {
     let nb = x.len() / QK;
     act.qs.resize(x.len(), 0);
     act.d.clear();
@@ -29,6 +47,7 @@ pub fn quantize_act(x: &[f32], act: &mut Q8Act, with_sums: bool) {
 }
 
 /// Quantises one block of 32 into `q`, returning the unrounded scale.
+#[inline(always)]
 fn block_scale(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     // ggml computes q from 127 / amax (not 1 / d) but stores the f16-rounded d.

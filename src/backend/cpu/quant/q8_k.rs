@@ -9,6 +9,24 @@ pub const QK: usize = 256;
 /// ggml's `quantize_row_q8_K_ref`: the value of largest magnitude maps to -127 (so the scale
 /// carries its sign), quants round half to even (ggml's `nearest_int`) and are clamped to 127.
 pub fn quantize_act(x: &[f32], act: &mut Q8KAct) {
+    // Inside an SSE4.1/AVX2 function `round_ties_even` is one instruction; elsewhere a libm
+    // call per value (same result either way).
+    #[cfg(target_arch = "x86_64")]
+    if super::use_simd() {
+        // SAFETY: use_simd() found avx2 (which implies sse4.1).
+        return unsafe { quantize_act_avx2(x, act) };
+    }
+    quantize_act_body(x, act)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_act_avx2(x: &[f32], act: &mut Q8KAct) {
+    quantize_act_body(x, act)
+}
+
+#[inline(always)]
+fn quantize_act_body(x: &[f32], act: &mut Q8KAct) {
     act.qs.resize(x.len(), 0);
     act.d.clear();
     act.bsums.clear();

@@ -1,0 +1,144 @@
+//! A batch of prompt tokens through the model at once: the same arithmetic as one
+//! [`forward`](super::forward::forward) per token, reorganised so that each weight matrix is
+//! read once per batch instead of once per token.
+//!
+//! Decoding one token is bound by memory bandwidth: every weight byte is read for a handful of
+//! multiply-adds. A prompt's tokens are all known up front, so each layer multiplies a whole
+//! batch ([`matmul`]: every weight row dotted with every token's activation while it is in
+//! cache). Attention still runs token by token over the cache, each token seeing the positions
+//! up to its own. Every product, sum and rounding is the one the single-token path performs, so
+//! the logits are bit-for-bit those of feeding the tokens one at a time (tested).
+
+use crate::backend::cpu::attention::{attend, AttnShape};
+use crate::backend::cpu::forward::{embed, output, CpuState, FfnCompute};
+use crate::backend::cpu::matvec::linear_batch;
+use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles};
+use crate::backend::cpu::quant::ActivationBuffer;
+use crate::engine::kv_cache::KvCache;
+use crate::engine::streamed::OutputRows;
+use crate::model::config::Config;
+use crate::model::weights::{Layer, ModelWeights};
+
+/// Row-major `tokens x width` activations of one batch, allocated once per session and grown
+/// to the largest batch seen.
+#[derive(Default)]
+pub struct BatchState {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    out: Vec<f32>,
+    acts: Vec<ActivationBuffer>,
+    scratch: Vec<f32>,
+    rope: Vec<[f32; 2]>,
+}
+
+impl BatchState {
+    fn resize(&mut self, c: &Config, n: usize) {
+        let (d, q_dim) = (c.hidden_size, c.n_heads * c.head_dim);
+        for (buf, width) in [
+            (&mut self.x, d),
+            (&mut self.h, d),
+            (&mut self.q, q_dim),
+            (&mut self.k, c.kv_dim()),
+            (&mut self.v, c.kv_dim()),
+            (&mut self.att, q_dim),
+            (&mut self.out, d),
+        ] {
+            buf.resize(n * width, 0.0);
+        }
+        self.acts.resize_with(n, ActivationBuffer::new);
+    }
+}
+
+/// Runs `tokens` at positions `kv.len()..` through the model, appends their keys and values to
+/// `kv`, and leaves the logits after the last token in `s.logits`. `ffn` must support batches
+/// ([`FfnCompute::batched`]).
+pub fn forward_batch(
+    w: &ModelWeights,
+    kv: &mut KvCache,
+    s: &mut CpuState,
+    b: &mut BatchState,
+    tokens: &[u32],
+    ffn: &mut dyn FfnCompute,
+    mut rows: Option<&mut OutputRows>,
+) {
+    let c = &w.config;
+    let (n, d, pos0) = (tokens.len(), c.hidden_size, kv.len());
+    b.resize(c, n);
+    for (i, &t) in tokens.iter().enumerate() {
+        embed(w, s, t, pos0 + i, rows.as_deref_mut());
+        b.x[i * d..(i + 1) * d].copy_from_slice(&s.x);
+    }
+    for (l, layer) in w.layers.iter().enumerate() {
+        if c.pre_norm {
+            norm_rows(&layer.attn_norm, c, &b.x, &mut b.h);
+            attention_batch(c, layer, kv, l, pos0, b);
+            add_into(&mut b.x, &b.out);
+            norm_rows(&layer.ffn_norm, c, &b.x, &mut b.h);
+            ffn.ffn_batch(l, d, &b.h, &mut b.out);
+            add_into(&mut b.x, &b.out);
+        } else {
+            // Post-norm (OPT-350m): x = norm(x + block(x)).
+            b.h.copy_from_slice(&b.x);
+            attention_batch(c, layer, kv, l, pos0, b);
+            add_into(&mut b.x, &b.out);
+            norm_rows(&layer.attn_norm, c, &b.x, &mut b.h);
+            b.x.copy_from_slice(&b.h);
+            ffn.ffn_batch(l, d, &b.h, &mut b.out);
+            add_into(&mut b.x, &b.out);
+            norm_rows(&layer.ffn_norm, c, &b.x, &mut b.h);
+            b.x.copy_from_slice(&b.h);
+        }
+    }
+    kv.advance_by(n);
+    s.x.copy_from_slice(&b.x[(n - 1) * d..]);
+    output(w, s, rows);
+}
+
+fn norm_rows(norm: &crate::model::weights::Norm, c: &Config, xs: &[f32], out: &mut [f32]) {
+    let d = c.hidden_size;
+    for (x, o) in xs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        apply_norm(norm, x, c.norm_eps, o);
+    }
+}
+
+/// Self-attention of the batch's normed inputs `b.h` into `b.out`: the projections batched,
+/// then each token rotated, cached and attending over positions up to its own.
+fn attention_batch(
+    c: &Config,
+    layer: &Layer,
+    kv: &mut KvCache,
+    l: usize,
+    pos0: usize,
+    b: &mut BatchState,
+) {
+    let a = &layer.attn;
+    linear_batch(&a.q, &b.h, &mut b.acts, &mut b.scratch, &mut b.q);
+    linear_batch(&a.k, &b.h, &mut b.acts, &mut b.scratch, &mut b.k);
+    linear_batch(&a.v, &b.h, &mut b.acts, &mut b.scratch, &mut b.v);
+    let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.kv_dim());
+    let shape = AttnShape {
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim,
+    };
+    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    let n = b.acts.len();
+    for i in 0..n {
+        let pos = pos0 + i;
+        let q = &mut b.q[i * q_dim..(i + 1) * q_dim];
+        let k = &mut b.k[i * kv_dim..(i + 1) * kv_dim];
+        if let Some(theta) = c.rope_theta {
+            rope_angles(pos, c.head_dim, theta, &mut b.rope);
+            rope(q, c.head_dim, &b.rope, c.rope_style);
+            rope(k, c.head_dim, &b.rope, c.rope_style);
+        }
+        kv.write_at(l, pos, k, &b.v[i * kv_dim..(i + 1) * kv_dim]);
+        let att = &mut b.att[i * q_dim..(i + 1) * q_dim];
+        attend(q, kv.layer(l, pos + 1), pos + 1, shape, scale, att);
+    }
+    linear_batch(&a.o, &b.att, &mut b.acts, &mut b.scratch, &mut b.out);
+}
