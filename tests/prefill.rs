@@ -1,6 +1,6 @@
-//! Batched prefill against feeding the prompt one token at a time: the logits after the prompt
-//! and after further decode steps must be the same to the bit, for every architecture and
-//! weight format (batches of 64, so long prompts span several).
+//! Batched prefill and scoring against feeding the tokens one at a time: the logits after the
+//! prompt, after further decode steps, and after every scored token must be the same to the
+//! bit, for every architecture and weight format (batches of 64, so long prompts span several).
 
 mod common;
 
@@ -29,6 +29,19 @@ fn logits(w: &ModelWeights, prompt: &[u32], follow: &[u32], batched: bool) -> Ve
     out
 }
 
+/// Every token's logits through `Session::score` (batched) and through `step`.
+fn scored(w: &ModelWeights, tokens: &[u32], batched: bool) -> Vec<Vec<f32>> {
+    let mut s = Session::new(w, tokens.len() + 1);
+    if batched {
+        let mut out = Vec::new();
+        s.score(tokens, |_, l| out.push(l.to_vec())).expect("score");
+        out
+    } else {
+        let step = |t: &u32| s.step(*t, true).expect("step").to_vec();
+        tokens.iter().map(step).collect()
+    }
+}
+
 fn check(w: &ModelWeights, name: &str) {
     let vocab = w.config.vocab_size;
     let fits = |&len: &usize| len + 4 <= w.config.max_positions;
@@ -42,6 +55,10 @@ fn check(w: &ModelWeights, name: &str) {
         assert!(
             batched == stepped,
             "{name}: a {len}-token prompt prefilled in batches changes the logits"
+        );
+        assert!(
+            scored(w, &prompt, true) == scored(w, &prompt, false),
+            "{name}: scoring {len} tokens in batches changes their logits"
         );
     }
 }

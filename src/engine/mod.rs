@@ -12,7 +12,7 @@ pub mod streamed;
 use std::time::Instant;
 
 use crate::backend::cpu::forward::{forward, CpuState, DenseFfn, FfnCompute};
-use crate::backend::cpu::prefill::{forward_batch, BatchState};
+use crate::backend::cpu::prefill::{forward_batch, BatchState, Logits};
 use crate::model::weights::ModelWeights;
 use kv_cache::{KvCache, KvType};
 use sampler::Sampler;
@@ -157,11 +157,46 @@ impl<'w> Session<'w> {
                 &mut self.state,
                 &mut self.batch,
                 batch,
+                Logits::Last,
                 self.ffn.as_mut(),
                 self.rows.as_mut(),
             );
         }
         Ok(&self.state.logits)
+    }
+
+    /// Feeds `tokens` in order and calls `each(i, logits)` with the next-token logits after
+    /// token `i`: what perplexity needs. Batched like [`Session::prefill`] when the FFN allows
+    /// (the vocabulary projection too), token by token otherwise; the same logits either way.
+    pub fn score(
+        &mut self,
+        tokens: &[u32],
+        mut each: impl FnMut(usize, &[f32]),
+    ) -> Result<(), EngineError> {
+        if !self.ffn.batched() {
+            for (i, &t) in tokens.iter().enumerate() {
+                each(i, self.step(t, true)?);
+            }
+            return Ok(());
+        }
+        self.check(tokens)?;
+        let vocab = self.weights.config.vocab_size;
+        for (k, batch) in tokens.chunks(PREFILL_BATCH).enumerate() {
+            forward_batch(
+                self.weights,
+                &mut self.kv,
+                &mut self.state,
+                &mut self.batch,
+                batch,
+                Logits::All,
+                self.ffn.as_mut(),
+                self.rows.as_mut(),
+            );
+            for (j, logits) in self.batch.logits().chunks_exact(vocab).enumerate() {
+                each(k * PREFILL_BATCH + j, logits);
+            }
+        }
+        Ok(())
     }
 
     /// Refuses tokens outside the vocabulary and a prompt that would overflow the context,

@@ -60,14 +60,11 @@ pub fn perplexity(
             window[0] = b;
         }
         session.reset();
-        for j in 0..ctx - 1 {
-            let scored = j >= first;
-            let logits = session.step(window[j], scored)?;
-            if scored {
-                nll -= log_softmax_at(logits, window[j + 1] as usize);
-                count += 1;
-            }
-        }
+        session.prefill(&window[..first])?;
+        session.score(&window[first..ctx - 1], |i, logits| {
+            nll -= log_softmax_at(logits, window[first + i + 1] as usize);
+            count += 1;
+        })?;
         let ppl = (nll / count as f64).exp();
         running.push(ppl);
         progress(chunk + 1, ppl);

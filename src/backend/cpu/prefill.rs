@@ -11,7 +11,7 @@
 
 use crate::backend::cpu::attention::{attend, AttnShape};
 use crate::backend::cpu::forward::{embed, output, CpuState, FfnCompute};
-use crate::backend::cpu::matvec::linear_batch;
+use crate::backend::cpu::matvec::{linear_batch, matmul, quantize_rows};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles};
 use crate::backend::cpu::quant::ActivationBuffer;
 use crate::engine::kv_cache::KvCache;
@@ -33,6 +33,7 @@ pub struct BatchState {
     acts: Vec<ActivationBuffer>,
     scratch: Vec<f32>,
     rope: Vec<[f32; 2]>,
+    logits: Vec<f32>,
 }
 
 impl BatchState {
@@ -53,15 +54,32 @@ impl BatchState {
     }
 }
 
+/// Which logits a batch computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// After the last token only, into the session's `CpuState::logits`.
+    Last,
+    /// After every token, into [`BatchState::logits`] (row-major, one vocabulary per token).
+    All,
+}
+
+impl BatchState {
+    /// The logits of the last `Logits::All` batch: `tokens x vocab`.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+}
+
 /// Runs `tokens` at positions `kv.len()..` through the model, appends their keys and values to
-/// `kv`, and leaves the logits after the last token in `s.logits`. `ffn` must support batches
-/// ([`FfnCompute::batched`]).
+/// `kv`, and computes `logits`. `ffn` must support batches ([`FfnCompute::batched`]).
+#[allow(clippy::too_many_arguments)]
 pub fn forward_batch(
     w: &ModelWeights,
     kv: &mut KvCache,
     s: &mut CpuState,
     b: &mut BatchState,
     tokens: &[u32],
+    logits: Logits,
     ffn: &mut dyn FfnCompute,
     mut rows: Option<&mut OutputRows>,
 ) {
@@ -94,8 +112,40 @@ pub fn forward_batch(
         }
     }
     kv.advance_by(n);
-    s.x.copy_from_slice(&b.x[(n - 1) * d..]);
-    output(w, s, rows);
+    match logits {
+        Logits::Last => {
+            s.x.copy_from_slice(&b.x[(n - 1) * d..]);
+            output(w, s, rows);
+        }
+        Logits::All => output_all(w, s, b, rows),
+    }
+}
+
+/// Every token's logits into `b.logits`: the vocabulary projection batched when the head is
+/// one resident matrix, row by row otherwise (a streamed head, or OPT's output projection).
+fn output_all(
+    w: &ModelWeights,
+    s: &mut CpuState,
+    b: &mut BatchState,
+    mut rows: Option<&mut OutputRows>,
+) {
+    let (c, n) = (&w.config, b.acts.len());
+    let (d, vocab) = (c.hidden_size, c.vocab_size);
+    b.logits.resize(n * vocab, 0.0);
+    if rows.is_some() || w.project_out.is_some() {
+        for (x, out) in b.x.chunks_exact(d).zip(b.logits.chunks_exact_mut(vocab)) {
+            s.x.copy_from_slice(x);
+            output(w, s, rows.as_deref_mut());
+            out.copy_from_slice(&s.logits);
+        }
+        return;
+    }
+    match &w.final_norm {
+        Some(norm) => norm_rows(norm, c, &b.x, &mut b.h),
+        None => b.h.copy_from_slice(&b.x),
+    }
+    quantize_rows(w.lm_head.dtype, &b.h, &mut b.acts);
+    matmul(&w.lm_head, &b.acts, &mut b.scratch, &mut b.logits);
 }
 
 fn norm_rows(norm: &crate::model::weights::Norm, c: &Config, xs: &[f32], out: &mut [f32]) {
