@@ -204,23 +204,28 @@ pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
 }
 
 /// Four dot products `rows[k] · acts[k]` at once, each equal to [`vec_dot`]`(dtype, rows[k],
-/// acts[k])` bit for bit; interleaved where a kernel exists (Q4_1 on AVX2), one by one
+/// acts[k])` bit for bit; interleaved where an AVX2 kernel exists (one row with four
+/// activations: Q4_1, Q8_0, Q4_K, Q6_K; four rows with one activation: Q4_1), one by one
 /// otherwise.
 pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
-    if dtype == DType::Q4_1 && use_simd() {
+    if use_simd() {
         for (row, act) in rows.iter().zip(&acts) {
             check_dot(dtype, row, act);
         }
-        let acts = acts.map(|a| &a.q8);
-        // SAFETY: use_simd() found avx2, fma and f16c.
-        return unsafe {
-            if rows.iter().all(|r| std::ptr::eq(*r, rows[0])) {
-                q4_1::dot_row4_avx2(rows[0], acts)
-            } else {
-                q4_1::dot4_avx2(rows, acts)
+        let one_row = rows.iter().all(|r| std::ptr::eq(*r, rows[0]));
+        // SAFETY: use_simd() found avx2, fma and f16c; the activations are of the right kind
+        // and length (checked above).
+        unsafe {
+            match (dtype, one_row) {
+                (DType::Q4_1, true) => return q4_1::dot_row4_avx2(rows[0], acts.map(|a| &a.q8)),
+                (DType::Q4_1, false) => return q4_1::dot4_avx2(rows, acts.map(|a| &a.q8)),
+                (DType::Q8_0, true) => return q8_0::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
+                (DType::Q4K, true) => return q4_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
+                (DType::Q6K, true) => return q6_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
+                _ => {}
             }
-        };
+        }
     }
     std::array::from_fn(|k| vec_dot(dtype, rows[k], acts[k]))
 }

@@ -91,43 +91,65 @@ pub fn dot_scalar(row: &[u8], act: &Q8KAct) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(row: &[u8], act: &Q8KAct) -> f32 {
+    dot_acts_avx2(row, [act])[0]
+}
+
+/// One row dotted with `K` activations, the weight block unpacked once for all of them (a
+/// prefill batch); each result is exactly what `dot_avx2` gives for that activation.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [f32; K] {
     use super::x86::*;
     use std::arch::x86_64::*;
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
+    let nb = row.len() / BYTES;
+    for act in acts {
+        assert!(act.qs.len() >= nb * QK && act.d.len() >= nb && act.bsums.len() >= nb * 16);
+    }
+    let mut acc = [_mm256_setzero_ps(); K];
     // The minimums' term in ggml's four lanes (lane k: sub-blocks 2k and 2k + 1), for the
     // same rounding.
-    let mut acc_m = _mm_setzero_ps();
-    let blocks = row
-        .chunks_exact(BYTES)
-        .zip(&act.d)
-        .zip(act.bsums.chunks_exact(16));
-    for (i, ((b, &da), bsums)) in blocks.enumerate() {
+    let mut acc_m = [_mm_setzero_ps(); K];
+    for (i, b) in row.chunks_exact(BYTES).enumerate() {
         let (sc, mn) = scales_mins(&b[4..16]);
-        let pair = |j: usize| bsums[2 * j] as i32 + bsums[2 * j + 1] as i32;
-        let lanes: [i32; 4] = std::array::from_fn(|k| {
-            mn[2 * k] as i32 * pair(2 * k) + mn[2 * k + 1] as i32 * pair(2 * k + 1)
-        });
-        let prod = _mm_cvtepi32_ps(_mm_loadu_si128(lanes.as_ptr().cast()));
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(-(da * f16_at(b, 2))), prod, acc_m);
-        let mut sumi = _mm256_setzero_si256();
-        for j in 0..4 {
+        let (dw, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let q: [(__m256i, __m256i); 4] = std::array::from_fn(|j| {
             let q4 = load32(b, 16 + 32 * j);
-            let lo = _mm256_and_si256(q4, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-            let a0 = load32_i8(&act.qs, i * QK + 64 * j);
-            let a1 = load32_i8(&act.qs, i * QK + 64 * j + 32);
-            // Products are at most 2 * 15 * 127, so the i16 pair sums cannot saturate.
-            let pl = _mm256_maddubs_epi16(lo, a0);
-            let ph = _mm256_maddubs_epi16(hi, a1);
-            let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j] as i16), pl);
-            let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1] as i16), ph);
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            (
+                _mm256_and_si256(q4, m4),
+                _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4),
+            )
+        });
+        for k in 0..K {
+            let (act, da) = (acts[k], acts[k].d[i]);
+            let bsums = &act.bsums[16 * i..16 * i + 16];
+            let pair = |j: usize| bsums[2 * j] as i32 + bsums[2 * j + 1] as i32;
+            let lanes: [i32; 4] = std::array::from_fn(|l| {
+                mn[2 * l] as i32 * pair(2 * l) + mn[2 * l + 1] as i32 * pair(2 * l + 1)
+            });
+            let prod = _mm_cvtepi32_ps(_mm_loadu_si128(lanes.as_ptr().cast()));
+            acc_m[k] = _mm_fmadd_ps(_mm_set1_ps(-(da * dmin)), prod, acc_m[k]);
+            let mut sumi = _mm256_setzero_si256();
+            for (j, &(lo, hi)) in q.iter().enumerate() {
+                let a0 = load32_i8(&act.qs, i * QK + 64 * j);
+                let a1 = load32_i8(&act.qs, i * QK + 64 * j + 32);
+                // Products are at most 2 * 15 * 127, so the i16 pair sums cannot saturate.
+                let pl = _mm256_maddubs_epi16(lo, a0);
+                let ph = _mm256_maddubs_epi16(hi, a1);
+                let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j] as i16), pl);
+                let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1] as i16), ph);
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }
+            let d = _mm256_set1_ps(da * dw);
+            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc[k]);
         }
-        let d = _mm256_set1_ps(da * f16_at(b, 0));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum_ps(acc) + _mm_cvtss_f32(m)
+    std::array::from_fn(|k| {
+        let m = _mm_add_ps(acc_m[k], _mm_movehl_ps(acc_m[k], acc_m[k]));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        hsum_ps(acc[k]) + _mm_cvtss_f32(m)
+    })
 }

@@ -73,59 +73,65 @@ pub fn dot_scalar(row: &[u8], act: &Q8KAct) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_avx2(row: &[u8], act: &Q8KAct) -> f32 {
+    dot_acts_avx2(row, [act])[0]
+}
+
+/// One row dotted with `K` activations, the weight block unpacked once for all of them (a
+/// prefill batch); each result is exactly what `dot_avx2` gives for that activation.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [f32; K] {
     use super::x86::*;
     use std::arch::x86_64::*;
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(3);
-    let mut acc = _mm256_setzero_ps();
-    let blocks = row
-        .chunks_exact(BYTES)
-        .zip(&act.d)
-        .zip(act.bsums.chunks_exact(16));
-    for (i, ((b, &da), bsums)) in blocks.enumerate() {
+    let nb = row.len() / BYTES;
+    for act in acts {
+        assert!(act.qs.len() >= nb * QK && act.d.len() >= nb && act.bsums.len() >= nb * 16);
+    }
+    let mut acc = [_mm256_setzero_ps(); K];
+    for (i, b) in row.chunks_exact(BYTES).enumerate() {
         let scales = load16(b, 192);
-        // ggml's lane layout, which the f32 accumulation below depends on: the quants are
-        // taken unsigned (0..63) and their -32 offset is removed at the end through the
-        // activation sums, lane k holding the 32 activations of groups 2k and 2k + 1.
-        let bs = _mm256_loadu_si256(bsums.as_ptr().cast());
-        let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(bs, _mm256_cvtepi8_epi16(scales)));
-        let mut sumi = _mm256_setzero_si256();
-        for n in 0..2 {
+        let scales16 = _mm256_cvtepi8_epi16(scales);
+        let dw = f16_at(b, 208);
+        // The unsigned (0..63) quants of the block, 32 at a time, with the scales of their
+        // two groups of 16 (lanes 0..7 and 8..15).
+        let q: [(__m256i, __m256i); 8] = std::array::from_fn(|c| {
+            let (n, k) = (c / 4, c % 4);
             let h = load32(b, 128 + 32 * n);
-            let l0 = load32(b, 64 * n);
-            let l1 = load32(b, 64 * n + 32);
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(l0, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(h, m2), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(l1, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4),
-                ),
-            ];
-            for (k, &qk) in q.iter().enumerate() {
-                let a = load32_i8(&act.qs, i * QK + 128 * n + 32 * k);
+            let (l0, l1) = (load32(b, 64 * n), load32(b, 64 * n + 32));
+            let (low, shift) = match k {
+                0 => (_mm256_and_si256(l0, m4), 0),
+                1 => (_mm256_and_si256(l1, m4), 2),
+                2 => (_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), 4),
+                _ => (_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), 6),
+            };
+            let high = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(shift)), m2);
+            let qk = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+            let g = (8 * n + 2 * k) as i64;
+            let pick = _mm_set_epi64x((g + 1) * 0x0101_0101_0101_0101, g * 0x0101_0101_0101_0101);
+            (qk, _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick)))
+        });
+        for k in 0..K {
+            let act = acts[k];
+            // ggml's lane layout, which the f32 accumulation below depends on: the quants are
+            // taken unsigned and their -32 offset is removed at the end through the
+            // activation sums, lane l holding the 32 activations of groups 2l and 2l + 1.
+            let bs = _mm256_loadu_si256(act.bsums[16 * i..16 * i + 16].as_ptr().cast());
+            let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(bs, scales16));
+            let mut sumi = _mm256_setzero_si256();
+            for (c, &(qk, sc)) in q.iter().enumerate() {
+                let a = load32_i8(&act.qs, i * QK + 32 * c);
                 let p = _mm256_maddubs_epi16(qk, a);
-                // Lanes 0..7 hold group 8n + 2k, lanes 8..15 group 8n + 2k + 1.
-                let g = (8 * n + 2 * k) as i64;
-                let pick =
-                    _mm_set_epi64x((g + 1) * 0x0101_0101_0101_0101, g * 0x0101_0101_0101_0101);
-                let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc, p));
             }
+            let sumi = _mm256_sub_epi32(sumi, offset);
+            let d = _mm256_set1_ps(act.d[i] * dw);
+            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc[k]);
         }
-        let sumi = _mm256_sub_epi32(sumi, offset);
-        let d = _mm256_set1_ps(da * f16_at(b, 208));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc)
+    acc.map(|a| hsum_ps(a))
 }

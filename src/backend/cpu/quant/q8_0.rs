@@ -143,3 +143,25 @@ fn block(
     let d = _mm256_set1_ps(f16_at(b, 0) * act.d[i]);
     _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8_i8(w, a)), acc)
 }
+
+/// One row dotted with `K` activations (a prefill batch), each exactly as [`dot_avx2`].
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8Act; K]) -> [f32; K] {
+    use super::x86::hsum_ps;
+    use std::arch::x86_64::*;
+    let nb = row.len() / BYTES;
+    for act in acts {
+        assert!(act.qs.len() >= nb * QK && act.d.len() >= nb);
+    }
+    let mut acc = [_mm256_setzero_ps(); K];
+    for i in 0..nb {
+        for k in 0..K {
+            acc[k] = block(row, acts[k], i, acc[k]);
+        }
+    }
+    acc.map(|a| hsum_ps(a))
+}

@@ -212,6 +212,38 @@ fn matvec_is_one_dot_per_row() {
     }
 }
 
+#[test]
+fn four_dots_at_once_are_the_single_dots() {
+    let mut rng = Rng(11);
+    for dtype in ALL {
+        let n = 512;
+        let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(&mut rng, dtype, n)).collect();
+        let acts: Vec<ActivationBuffer> = (0..4)
+            .map(|_| {
+                let mut a = ActivationBuffer::new();
+                a.quantize_for(dtype, &rng.vec(n)).unwrap();
+                a
+            })
+            .collect();
+        let acts4 = [&acts[0], &acts[1], &acts[2], &acts[3]];
+        // One row with four activations (a prefill batch), and four rows with four.
+        let same = vec_dot4(dtype, [&rows[0][..]; 4], acts4);
+        let each = vec_dot4(dtype, std::array::from_fn(|k| &rows[k][..]), acts4);
+        for k in 0..4 {
+            assert_eq!(
+                same[k],
+                vec_dot(dtype, &rows[0], &acts[k]),
+                "{dtype} row 0, act {k}"
+            );
+            assert_eq!(
+                each[k],
+                vec_dot(dtype, &rows[k], &acts[k]),
+                "{dtype} row {k}"
+            );
+        }
+    }
+}
+
 fn deq(dtype: DType, b: &[u8]) -> Vec<f32> {
     let mut out = vec![0.0; b.len() / dtype.block_bytes() * dtype.block_len()];
     dequantize(dtype, b, &mut out).unwrap();
