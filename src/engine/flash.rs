@@ -523,9 +523,9 @@ fn layer_state(
     })
     .map_err(|e| FlashError::Setup(format!("layer {layer} window: {e}")))?;
     let resident = (opts.strategy == Strategy::Resident).then(|| {
-        (0..n)
-            .flat_map(|s| image.bundle_bytes(layer, s).iter().copied())
-            .collect()
+        let mut all = Vec::with_capacity(n * stride);
+        (0..n).for_each(|s| all.extend_from_slice(image.bundle_bytes(layer, s)));
+        all
     });
     Ok(LayerState {
         window,

@@ -95,16 +95,10 @@ impl SparseFfn {
             .for_each(|(acc, chunk)| {
                 acc.clear();
                 acc.resize(out.len(), 0.0);
-                let mut down = vec![0.0f32; out.len()];
                 for &(id, bundle) in chunk {
                     let a = activation(parts, bundle, id, act_gate, act_up, up_bias);
-                    if a == 0.0 {
-                        continue;
-                    }
-                    quant::dequantize(parts.down.dtype, parts.down.of(bundle), &mut down)
-                        .expect("down part is whole blocks (checked at open)");
-                    for (o, &w) in acc.iter_mut().zip(&down) {
-                        *o += a * w;
+                    if a != 0.0 {
+                        quant::axpy(parts.down.dtype, a, parts.down.of(bundle), acc);
                     }
                 }
             });
@@ -126,12 +120,22 @@ fn activation(
     act_up: &ActivationBuffer,
     up_bias: Option<&[f32]>,
 ) -> f32 {
-    let mut u = quant::vec_dot(parts.up.dtype, parts.up.of(bundle), act_up);
+    let up = quant::vec_dot(parts.up.dtype, parts.up.of(bundle), act_up);
+    let gate = parts
+        .gate
+        .as_ref()
+        .map(|g| quant::vec_dot(g.dtype, g.of(bundle), act_gate));
+    combine(parts.kind, gate, up, id, up_bias)
+}
+
+/// `silu(gate) * (up + b)` or `relu(up + b)` from the two dot products.
+fn combine(kind: FfnKind, gate: Option<f32>, up: f32, id: u32, up_bias: Option<&[f32]>) -> f32 {
+    let mut u = up;
     if let Some(b) = up_bias {
         u += b[id as usize];
     }
-    match (parts.kind, &parts.gate) {
-        (FfnKind::SwiGlu, Some(g)) => silu(quant::vec_dot(g.dtype, g.of(bundle), act_gate)) * u,
+    match (kind, gate) {
+        (FfnKind::SwiGlu, Some(g)) => silu(g) * u,
         _ => u.max(0.0),
     }
 }

@@ -332,6 +332,32 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Qua
     Ok(())
 }
 
+/// `out += a * dequantize(bytes)`: a weighted column added in place (the sparse FFN's down
+/// projection), with the roundings of dequantising first and adding after (`w = d * q`, then
+/// `out + a * w`), in one pass for Q8_0 on AVX2.
+pub fn axpy(dtype: DType, a: f32, bytes: &[u8], out: &mut [f32]) {
+    let (bb, bl) = (dtype.block_bytes(), dtype.block_len());
+    assert!(
+        bytes.len().is_multiple_of(bb) && bytes.len() / bb * bl == out.len(),
+        "axpy: {dtype} column of {} bytes does not hold {} values",
+        bytes.len(),
+        out.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if dtype == DType::Q8_0 && use_simd() {
+        // SAFETY: use_simd() found avx2, fma and f16c; the lengths match (checked above).
+        return unsafe { q8_0::axpy_avx2(a, bytes, out) };
+    }
+    let mut w = [0.0f32; 256];
+    for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bl)) {
+        let w = &mut w[..bl];
+        dequantize(dtype, b, w).expect("whole blocks (checked above)");
+        for (o, &w) in o.iter_mut().zip(w.iter()) {
+            *o += a * w;
+        }
+    }
+}
+
 /// Quantises `x` into `dtype` blocks appended to `out` (cleared first), matching ggml's
 /// `quantize_row_*_ref`. Q4_K and Q6_K are not implemented (their quantisers search scales).
 pub fn quantize(dtype: DType, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {

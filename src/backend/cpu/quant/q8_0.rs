@@ -165,3 +165,25 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8Act; K]) -> [f
     }
     acc.map(|a| hsum_ps(a))
 }
+
+/// `out += a * dequantize(bytes)`, eight values at a time, with the same two roundings per
+/// value as [`dequantize`] followed by a scalar multiply-add (no fusing).
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_avx2(a: f32, bytes: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let av = _mm256_set1_ps(a);
+    for (b, o) in bytes.chunks_exact(BYTES).zip(out.chunks_exact_mut(QK)) {
+        let d = _mm256_set1_ps(f16_at(b, 0));
+        for (q, o) in b[2..].chunks_exact(8).zip(o.chunks_exact_mut(8)) {
+            // SAFETY: `q` is 8 readable bytes and `o` 8 writable floats; unaligned access.
+            let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.as_ptr().cast()));
+            let w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
+            let sum = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr()), _mm256_mul_ps(av, w));
+            _mm256_storeu_ps(o.as_mut_ptr(), sum);
+        }
+    }
+}

@@ -244,6 +244,21 @@ fn four_dots_at_once_are_the_single_dots() {
     }
 }
 
+#[test]
+fn axpy_is_dequantize_then_multiply_add() {
+    let mut rng = Rng(13);
+    for dtype in ALL {
+        let n = 512;
+        let col = random_row(&mut rng, dtype, n);
+        let start = rng.vec(n);
+        let mut got = start.clone();
+        axpy(dtype, -0.37, &col, &mut got);
+        let w = deq(dtype, &col);
+        let want: Vec<f32> = start.iter().zip(&w).map(|(o, w)| o + -0.37 * w).collect();
+        assert_eq!(got, want, "{dtype}");
+    }
+}
+
 fn deq(dtype: DType, b: &[u8]) -> Vec<f32> {
     let mut out = vec![0.0; b.len() / dtype.block_bytes() * dtype.block_len()];
     dequantize(dtype, b, &mut out).unwrap();
