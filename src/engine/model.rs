@@ -63,12 +63,14 @@ impl Model {
         })
     }
 
-    fn from_image(image: FlashImage) -> Result<Model, ModelError> {
+    fn from_image(mut image: FlashImage) -> Result<Model, ModelError> {
         let path = image.path.clone();
         let path = path.as_path();
         let weights = image.weights()?;
+        // Built once, then the source is dropped: for a 150k-token vocabulary its strings
+        // would otherwise stay in memory twice, outside any budget.
         let tokenizer =
-            match image.tokenizer_source() {
+            match image.meta.tokenizer.take() {
                 Some(src) => Some(src.build().map_err(|e| {
                     ModelError::Other(format!("{}: tokenizer: {e}", path.display()))
                 })?),
