@@ -10,7 +10,7 @@ use crate::budget::{self, Needs};
 use crate::engine::flash::{Selection, Strategy};
 use crate::engine::generate;
 use crate::engine::gpu::{generate_gpu, GpuModel};
-use crate::engine::kv_cache::KvType;
+use crate::engine::kv_cache::{KvCache, KvType};
 use crate::engine::sampler::{Sampler, Sampling};
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::StreamDecoder;
@@ -269,7 +269,7 @@ pub(super) fn plan_vram(
         tables: Vec::new(),
         stream_staging: 0,
         predictors: cal.map_or(0, |c| c.predictor_bytes()),
-        kv_cache: (c.n_layers * ctx * c.kv_dim() * 2 * 4) as u64,
+        kv_cache: KvCache::bytes_for(c, ctx, KvType::F32), // the GPU cache is f32
         // Activations, attention scores, logits, the active lists and slot map.
         scratch: ((10 * c.hidden_size + 2 * n + c.n_heads * ctx + c.vocab_size + 4 * (n + 1)) * 4)
             as u64,

@@ -13,10 +13,9 @@ use serde::Serialize;
 
 use crate::backend::cpu::forward::FfnCompute;
 use crate::backend::cpu::ops::add_into;
-use crate::backend::cpu::sparse_ffn::{activations, BundleParts, Neuron, Part, SparseFfn};
+use crate::backend::cpu::sparse_ffn::{activations, BundleParts, Neuron, SparseFfn};
 use crate::engine::stats::FlashStats;
-use crate::image::{FlashImage, PartRole};
-use crate::model::config::FfnKind;
+use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
 use crate::storage::{AlignedBuf, CoalesceOptions, FlashFile, ReadPool};
 use crate::window::{Window, WindowConfig};
@@ -158,7 +157,8 @@ impl<'a> FlashFfn<'a> {
                     .into(),
             ));
         }
-        let parts = bundle_parts(image, weights.config.ffn_kind())?;
+        let parts =
+            BundleParts::of_image(image, weights.config.ffn_kind()).map_err(FlashError::Setup)?;
         let stride = image.bundle().stride;
         let layers = (0..weights.config.n_layers)
             .map(|l| layer_state(image, l, stride, &opts))
@@ -468,26 +468,6 @@ impl FlashFfn<'_> {
         p.sort_unstable();
         p
     }
-}
-
-/// The sparse kernel's view of the image's bundle layout.
-fn bundle_parts(image: &FlashImage, kind: FfnKind) -> Result<BundleParts, FlashError> {
-    let layout = image.bundle();
-    let part = |role: PartRole| {
-        layout.part(role).map(|p| Part {
-            dtype: p.dtype,
-            offset: p.offset,
-            len: p.len,
-        })
-    };
-    let missing =
-        |what: &str| FlashError::Setup(format!("the image's bundles have no {what} part"));
-    Ok(BundleParts {
-        kind,
-        gate: part(PartRole::Gate),
-        up: part(PartRole::Up).ok_or_else(|| missing("up"))?,
-        down: part(PartRole::Down).ok_or_else(|| missing("down"))?,
-    })
 }
 
 fn layer_state(

@@ -117,15 +117,7 @@ impl<'w> Session<'w> {
 
     /// Runs one token; returns the next-token logits when `want_logits`.
     pub fn step(&mut self, token: u32, want_logits: bool) -> Result<&[f32], EngineError> {
-        let vocab = self.weights.config.vocab_size;
-        if token as usize >= vocab {
-            return Err(EngineError::BadToken { id: token, vocab });
-        }
-        if self.kv.is_full() {
-            return Err(EngineError::ContextFull {
-                capacity: self.kv.capacity(),
-            });
-        }
+        self.check(std::slice::from_ref(&token))?;
         forward(
             self.weights,
             &mut self.kv,
@@ -151,16 +143,7 @@ impl<'w> Session<'w> {
         }
         self.check(tokens)?;
         for batch in tokens.chunks(PREFILL_BATCH) {
-            forward_batch(
-                self.weights,
-                &mut self.kv,
-                &mut self.state,
-                &mut self.batch,
-                batch,
-                Logits::Last,
-                self.ffn.as_mut(),
-                self.rows.as_mut(),
-            );
+            self.run_batch(batch, Logits::Last);
         }
         Ok(&self.state.logits)
     }
@@ -182,21 +165,26 @@ impl<'w> Session<'w> {
         self.check(tokens)?;
         let vocab = self.weights.config.vocab_size;
         for (k, batch) in tokens.chunks(PREFILL_BATCH).enumerate() {
-            forward_batch(
-                self.weights,
-                &mut self.kv,
-                &mut self.state,
-                &mut self.batch,
-                batch,
-                Logits::All,
-                self.ffn.as_mut(),
-                self.rows.as_mut(),
-            );
+            self.run_batch(batch, Logits::All);
             for (j, logits) in self.batch.logits().chunks_exact(vocab).enumerate() {
                 each(k * PREFILL_BATCH + j, logits);
             }
         }
         Ok(())
+    }
+
+    /// One batch of at most `PREFILL_BATCH` tokens through the model (already `check`ed).
+    fn run_batch(&mut self, batch: &[u32], logits: Logits) {
+        forward_batch(
+            self.weights,
+            &mut self.kv,
+            &mut self.state,
+            &mut self.batch,
+            batch,
+            logits,
+            self.ffn.as_mut(),
+            self.rows.as_mut(),
+        );
     }
 
     /// Refuses tokens outside the vocabulary and a prompt that would overflow the context,

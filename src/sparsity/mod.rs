@@ -13,7 +13,7 @@ pub mod calibrate;
 pub mod linalg;
 pub mod predictor;
 pub mod record;
-mod rng;
+pub(crate) mod rng;
 pub mod synthetic;
 pub mod thresholds;
 

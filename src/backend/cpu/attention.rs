@@ -15,6 +15,19 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+impl AttnShape {
+    /// Values of one position's keys (or values): every KV head.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Where query head `h`'s KV head starts within a position's keys or values (GQA: each KV
+    /// head serves `n_heads / n_kv_heads` query heads).
+    pub fn kv_offset(&self, h: usize) -> usize {
+        h / (self.n_heads / self.n_kv_heads) * self.head_dim
+    }
+}
+
 /// `out[h] = softmax(q_h . K_g^T * scale) V_g` over positions `0..n_pos`, where `g` is the KV
 /// head that query head `h` shares (GQA). The cache layer holds `n_pos` rows of
 /// `n_kv_heads * head_dim` keys and values.
@@ -42,28 +55,22 @@ fn attend_f32(
     scale: f32,
     out: &mut [f32],
 ) {
-    let AttnShape {
-        n_heads,
-        n_kv_heads,
-        head_dim,
-    } = shape;
-    let kv_dim = n_kv_heads * head_dim;
-    let group = n_heads / n_kv_heads;
+    let (head_dim, kv_dim) = (shape.head_dim, shape.kv_dim());
     out.par_chunks_mut(head_dim)
         .enumerate()
         .for_each(|(h, out_h)| {
-            let g = h / group;
+            let at = shape.kv_offset(h);
             let q_h = &q[h * head_dim..(h + 1) * head_dim];
             let mut scores: Vec<f32> = (0..n_pos)
                 .map(|t| {
-                    let k = &keys[t * kv_dim + g * head_dim..][..head_dim];
+                    let k = &keys[t * kv_dim + at..][..head_dim];
                     dot(q_h, k) * scale
                 })
                 .collect();
             softmax(&mut scores);
             out_h.fill(0.0);
             for (t, &p) in scores.iter().enumerate() {
-                let v = &values[t * kv_dim + g * head_dim..][..head_dim];
+                let v = &values[t * kv_dim + at..][..head_dim];
                 for (o, &vv) in out_h.iter_mut().zip(v) {
                     *o += p * vv;
                 }

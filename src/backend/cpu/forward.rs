@@ -5,7 +5,7 @@
 //! pre- or post-norm).
 
 use crate::backend::cpu::attention::{attend, AttnShape};
-use crate::backend::cpu::matvec::{linear, matmul, matvec, quantize_rows};
+use crate::backend::cpu::matvec::{linear, matmul_rows, matvec};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles, swiglu};
 use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::engine::kv_cache::KvCache;
@@ -136,18 +136,6 @@ fn dense(l: &Layer, layer: usize) -> &Ffn {
     })
 }
 
-/// `out[i] = W xs[i]` for a batch, each row quantised for `W`'s dtype.
-fn linear_batch_t(
-    w: &Tensor,
-    xs: &[f32],
-    acts: &mut [ActivationBuffer],
-    scratch: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    quantize_rows(w.dtype, xs, acts);
-    matmul(w, acts, scratch, out);
-}
-
 /// `out = W x` with `x` quantised for `W`'s dtype.
 fn act_matvec(w: &Tensor, x: &[f32], act: &mut ActivationBuffer, out: &mut [f32]) {
     act.quantize_for(w.dtype, x)
@@ -167,7 +155,7 @@ impl FfnCompute for DenseFfn<'_> {
         let b = &mut self.batch;
         b.acts.resize_with(n, ActivationBuffer::new);
         b.up.resize(n * c.intermediate_size, 0.0);
-        linear_batch_t(&f.up, hs, &mut b.acts, &mut b.scratch, &mut b.up);
+        matmul_rows(&f.up, hs, &mut b.acts, &mut b.scratch, &mut b.up);
         if let Some(bias) = &l.ffn_bias.up {
             b.up.chunks_exact_mut(c.intermediate_size)
                 .for_each(|u| add_into(u, bias));
@@ -175,7 +163,7 @@ impl FfnCompute for DenseFfn<'_> {
         match (c.ffn_kind(), &f.gate) {
             (FfnKind::SwiGlu, Some(gate)) => {
                 b.gate.resize(n * c.intermediate_size, 0.0);
-                linear_batch_t(gate, hs, &mut b.acts, &mut b.scratch, &mut b.gate);
+                matmul_rows(gate, hs, &mut b.acts, &mut b.scratch, &mut b.gate);
                 let rows = b.up.chunks_exact_mut(c.intermediate_size);
                 for (u, g) in rows.zip(b.gate.chunks_exact(c.intermediate_size)) {
                     swiglu(u, g);
@@ -183,7 +171,7 @@ impl FfnCompute for DenseFfn<'_> {
             }
             _ => b.up.iter_mut().for_each(|u| *u = u.max(0.0)),
         }
-        linear_batch_t(&f.down, &b.up, &mut b.acts, &mut b.scratch, out);
+        matmul_rows(&f.down, &b.up, &mut b.acts, &mut b.scratch, out);
         if let Some(bias) = &l.ffn_bias.down {
             out.chunks_exact_mut(hidden).for_each(|o| add_into(o, bias));
         }

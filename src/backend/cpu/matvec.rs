@@ -85,8 +85,7 @@ pub fn linear_batch(
     scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    quantize_rows(l.weight.dtype, xs, acts);
-    matmul(&l.weight, acts, scratch, out);
+    matmul_rows(&l.weight, xs, acts, scratch, out);
     if let Some(b) = &l.bias {
         for row in out.chunks_exact_mut(l.weight.rows) {
             for (o, &bv) in row.iter_mut().zip(b) {
@@ -96,12 +95,21 @@ pub fn linear_batch(
     }
 }
 
-/// Quantises each row of `xs` into `acts` for weights of `dtype`.
-pub fn quantize_rows(
-    dtype: crate::model::tensor::DType,
+/// `out[i] = W xs[i]` for a batch: each row of `xs` quantised for `W`'s dtype into `acts`,
+/// then [`matmul`].
+pub fn matmul_rows(
+    w: &Tensor,
     xs: &[f32],
     acts: &mut [ActivationBuffer],
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
 ) {
+    quantize_rows(w.dtype, xs, acts);
+    matmul(w, acts, scratch, out);
+}
+
+/// Quantises each row of `xs` into `acts` for weights of `dtype`.
+fn quantize_rows(dtype: crate::model::tensor::DType, xs: &[f32], acts: &mut [ActivationBuffer]) {
     let cols = xs.len() / acts.len();
     acts.par_iter_mut()
         .zip(xs.par_chunks(cols))

@@ -11,7 +11,7 @@
 
 use crate::backend::cpu::attention::{attend, AttnShape};
 use crate::backend::cpu::forward::{embed, output, CpuState, FfnCompute};
-use crate::backend::cpu::matvec::{linear_batch, matmul, quantize_rows};
+use crate::backend::cpu::matvec::{linear_batch, matmul_rows};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles};
 use crate::backend::cpu::quant::ActivationBuffer;
 use crate::engine::kv_cache::KvCache;
@@ -144,8 +144,7 @@ fn output_all(
         Some(norm) => norm_rows(norm, c, &b.x, &mut b.h),
         None => b.h.copy_from_slice(&b.x),
     }
-    quantize_rows(w.lm_head.dtype, &b.h, &mut b.acts);
-    matmul(&w.lm_head, &b.acts, &mut b.scratch, &mut b.logits);
+    matmul_rows(&w.lm_head, &b.h, &mut b.acts, &mut b.scratch, &mut b.logits);
 }
 
 fn norm_rows(norm: &crate::model::weights::Norm, c: &Config, xs: &[f32], out: &mut [f32]) {

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::ops::silu;
 use crate::backend::cpu::quant::{self, ActivationBuffer};
+use crate::image::{FlashImage, PartRole};
 use crate::model::config::FfnKind;
 use crate::model::tensor::DType;
 
@@ -35,6 +36,28 @@ pub struct BundleParts {
     pub gate: Option<Part>,
     pub up: Part,
     pub down: Part,
+}
+
+impl BundleParts {
+    /// The parts of `image`'s bundles. Errs with a message naming the missing part (an image
+    /// without up or down parts is malformed).
+    pub fn of_image(image: &FlashImage, kind: FfnKind) -> Result<BundleParts, String> {
+        let layout = image.bundle();
+        let part = |role: PartRole| {
+            layout.part(role).map(|p| Part {
+                dtype: p.dtype,
+                offset: p.offset,
+                len: p.len,
+            })
+        };
+        let missing = |what: &str| format!("the image's bundles have no {what} part");
+        Ok(BundleParts {
+            kind,
+            gate: part(PartRole::Gate),
+            up: part(PartRole::Up).ok_or_else(|| missing("up"))?,
+            down: part(PartRole::Down).ok_or_else(|| missing("down"))?,
+        })
+    }
 }
 
 /// Neurons per task: a chunk's partial sum is one `d`-vector, so chunks must be large enough

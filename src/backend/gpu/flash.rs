@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::cpu::sparse_ffn::{BundleParts, Part};
+use crate::backend::cpu::sparse_ffn::BundleParts;
 use crate::backend::gpu::buffers::{storage_bytes, storage_zeroed, Readback};
 use crate::backend::gpu::forward::{Core, Output};
 use crate::backend::gpu::kernels::add::add;
@@ -34,8 +34,7 @@ use crate::backend::gpu::kernels::sparse_ffn::{sparse_ffn, SparseFfnArgs};
 use crate::backend::gpu::kernels::Dispatch;
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::engine::stats::FlashStats;
-use crate::image::{FlashImage, PartRole};
-use crate::model::config::FfnKind;
+use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
 use crate::sparsity::predictor::Predictor;
 use crate::storage::{CoalesceOptions, FlashFile, ReadPool};
@@ -120,25 +119,6 @@ pub struct GpuFlashDecoder<'a> {
     gpu_bytes: u64,
 }
 
-/// The sparse kernel's view of the image's bundle layout.
-fn bundle_parts(image: &FlashImage, kind: FfnKind) -> Result<BundleParts, GpuError> {
-    let layout = image.bundle();
-    let part = |role: PartRole| {
-        layout.part(role).map(|p| Part {
-            dtype: p.dtype,
-            offset: p.offset,
-            len: p.len,
-        })
-    };
-    let missing = |what: &str| GpuError::Shape(format!("the image's bundles have no {what} part"));
-    Ok(BundleParts {
-        kind,
-        gate: part(PartRole::Gate),
-        up: part(PartRole::Up).ok_or_else(|| missing("up"))?,
-        down: part(PartRole::Down).ok_or_else(|| missing("down"))?,
-    })
-}
-
 /// 32-bit words of the lists and slot maps of one layer: the window pass (count, ids, slots)
 /// and each overflow chunk's.
 fn list_words(held: usize, overflow: usize, chunk: usize) -> usize {
@@ -160,7 +140,7 @@ impl<'a> GpuFlashDecoder<'a> {
     ) -> Result<GpuFlashDecoder<'a>, GpuError> {
         let c = &w.config;
         let core = Core::new(ctx, w, max_ctx, false)?;
-        let parts = bundle_parts(image, c.ffn_kind())?;
+        let parts = BundleParts::of_image(image, c.ffn_kind()).map_err(GpuError::Shape)?;
         let stride = image.bundle().stride;
         if !stride.is_multiple_of(4) {
             return Err(GpuError::Shape(format!(

@@ -218,7 +218,7 @@ pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) ->
         // and length (checked above).
         unsafe {
             match (dtype, one_row) {
-                (DType::Q4_1, true) => return q4_1::dot_row4_avx2(rows[0], acts.map(|a| &a.q8)),
+                (DType::Q4_1, true) => return q4_1::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
                 (DType::Q4_1, false) => return q4_1::dot4_avx2(rows, acts.map(|a| &a.q8)),
                 (DType::Q8_0, true) => return q8_0::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
                 (DType::Q4K, true) => return q4_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),

@@ -129,26 +129,26 @@ pub unsafe fn dot4_avx2(rows: [&[u8]; 4], acts: [&Q8Act; 4]) -> [f32; 4] {
     acc.map(|(v, m)| hsum_ps(v) + m)
 }
 
-/// One row dotted with four activations (a batch's tokens): the weight block is loaded and
-/// unpacked once for all four. Each result is exactly [`dot_avx2`]`(row, acts[k])`.
+/// One row dotted with `K` activations (a batch's tokens): the weight block is loaded and
+/// unpacked once for all of them. Each result is exactly [`dot_avx2`]`(row, acts[k])`.
 ///
 /// # Safety
 /// The CPU must support avx2, fma and f16c.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_row4_avx2(row: &[u8], acts: [&Q8Act; 4]) -> [f32; 4] {
+pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8Act; K]) -> [f32; K] {
     use super::x86::*;
     use std::arch::x86_64::*;
     let nb = row.len() / BYTES;
     for act in acts {
         assert!(act.qs.len() >= nb * QK && act.d.len() >= nb && act.s.len() >= nb);
     }
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut mins = [0.0f32; 4];
+    let mut acc = [_mm256_setzero_ps(); K];
+    let mut mins = [0.0f32; K];
     for (i, b) in row.chunks_exact(BYTES).enumerate() {
         let w = nibbles32(b, 4);
         let (dw, mw) = (f16_at(b, 0), f16_at(b, 2));
-        for k in 0..4 {
+        for k in 0..K {
             let a = load32_i8(&acts[k].qs, i * QK);
             let d = _mm256_set1_ps(dw * acts[k].d[i]);
             acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_u8_i8(w, a)), acc[k]);
