@@ -72,6 +72,16 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// A new head: the query rounded to f16, the accumulator zeroed.
+    fn start(&mut self, q: &[f32]) {
+        for (h, &v) in self.q16.iter_mut().zip(q) {
+            *h = f16::from_f32(v);
+        }
+        self.acc.fill(f16::ZERO);
+    }
+}
+
 impl Head<'_> {
     fn attend(&self, q: &[f32], scale: f32, s: &mut Scratch, out: &mut [f32], simd: bool) {
         #[cfg(target_arch = "x86_64")]
@@ -86,11 +96,8 @@ impl Head<'_> {
     /// The reference: every operation of ggml's kernel written out per lane.
     fn attend_lanes(&self, q: &[f32], scale: f32, s: &mut Scratch, out: &mut [f32]) {
         let d = q.len();
-        for (h, &v) in s.q16.iter_mut().zip(q) {
-            *h = f16::from_f32(v);
-        }
+        s.start(q);
         let acc = &mut s.acc;
-        acc.fill(f16::ZERO);
         let (mut sum, mut max) = (0.0f32, f32::NEG_INFINITY);
         for t in 0..self.n_pos {
             let at = t * self.stride + self.offset;
@@ -115,12 +122,9 @@ impl Head<'_> {
     unsafe fn attend_avx2(&self, q: &[f32], scale: f32, s: &mut Scratch, out: &mut [f32]) {
         use std::arch::x86_64::*;
         let d = q.len();
-        for (h, &v) in s.q16.iter_mut().zip(q) {
-            *h = f16::from_f32(v);
-        }
+        s.start(q);
         // The f16 accumulator lives in the scratch buffer, eight lanes at a time.
         let acc = &mut s.acc;
-        acc.fill(f16::ZERO);
         let (mut sum, mut max) = (0.0f32, f32::NEG_INFINITY);
         for t in 0..self.n_pos {
             let at = t * self.stride + self.offset;
