@@ -7,7 +7,7 @@ mod common;
 use llmflash::engine::flash::{FlashOptions, Selection, Sparsity, Strategy};
 use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::model::Model;
-use llmflash::image::BundleDtype;
+use llmflash::image::{reorder_neurons, BundleDtype};
 use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
 use llmflash::sparsity::predictor::FitOptions;
 use llmflash::sparsity::record::record;
@@ -173,6 +173,38 @@ fn tiny_llama_calibration_round_trips_and_never_depends_on_the_window() {
     // The sparse paths really are sparse: the oracle keeps about half of the neurons.
     assert!(oracle < total * 7 / 10, "oracle used {oracle} of {total}");
     assert!(predicted < total, "predictor used every neuron");
+
+    // Stored hottest first, the image decodes the same, and the pinned neurons are each
+    // section's first slots.
+    let before = decode(
+        &model,
+        Some(&loaded),
+        options(Strategy::Mmap, Selection::Predictor, None, layers),
+        &prompt,
+        8,
+    );
+    drop(model);
+    let orders: Vec<Vec<u32>> = (0..layers).map(|l| loaded.hot_order(l)).collect();
+    reorder_neurons(&path, &orders, |_| {}).expect("reorder");
+    let model = Model::open(&path).expect("reopen reordered");
+    let image = model.image.as_ref().unwrap();
+    for (l, pins) in loaded.hot_neurons(&vec![n; layers]).iter().enumerate() {
+        let perm = image.ffn_section(l).permutation.clone().unwrap_or_default();
+        assert!(
+            perm.is_empty() || perm[..pins.len()] == pins[..],
+            "layer {l}"
+        );
+    }
+    let reloaded = Calibration::load(image).expect("load").expect("calibrated");
+    let after = decode(
+        &model,
+        Some(&reloaded),
+        options(Strategy::Flash, Selection::Predictor, Some(5), layers),
+        &prompt,
+        8,
+    );
+    assert_eq!(after.0, before.0, "reordering changed the tokens");
+    assert!(after.1 == before.1, "reordering changed the logits");
     std::fs::remove_file(path).ok();
 }
 

@@ -10,7 +10,7 @@ use common::to_image;
 use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
 use llmflash::engine::model::Model;
 use llmflash::engine::Session;
-use llmflash::image::BundleDtype;
+use llmflash::image::{reorder_neurons, BundleDtype};
 
 fn options(strategy: Strategy, slots: Option<usize>, n_layers: usize) -> FlashOptions {
     FlashOptions {
@@ -87,6 +87,34 @@ fn tiny_llama_image_matches_transformers_under_every_strategy() {
         );
     }
     std::fs::remove_file(image).ok();
+}
+
+#[test]
+fn reordered_neurons_change_no_result() {
+    let dir = common::fixture("hf/llama");
+    let reference = common::read_json(&dir.join("reference.json"));
+    let tokens = common::u32s(&reference["tokens"]);
+    let plain = to_image(&dir, "tiny-llama-plain", BundleDtype::Source);
+    let permuted = to_image(&dir, "tiny-llama-permuted", BundleDtype::Source);
+    let meta = llmflash::image::FlashImage::open(&permuted)
+        .expect("open")
+        .meta;
+    // A different scramble per layer (multiplication by an odd number modulo a power of two).
+    let orders: Vec<Vec<u32>> = meta
+        .ffn
+        .iter()
+        .map(|s| {
+            let n = s.n_neurons as u32;
+            assert!(n.is_power_of_two());
+            (0..n)
+                .map(|j| (j * (2 * s.layer as u32 + 5) + 3) % n)
+                .collect()
+        })
+        .collect();
+    reorder_neurons(&permuted, &orders, |_| {}).expect("reorder");
+    assert!(strategies_agree(&permuted, &tokens) == strategies_agree(&plain, &tokens));
+    std::fs::remove_file(plain).ok();
+    std::fs::remove_file(permuted).ok();
 }
 
 #[test]

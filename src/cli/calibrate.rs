@@ -63,6 +63,10 @@ pub struct Args {
     /// Largest perplexity increase over dense the default sparsity may cost.
     #[arg(long, default_value_t = 0.05)]
     max_increase: f64,
+    /// Keep the neurons in model order on disk instead of storing them hottest first (see
+    /// `llmflash reorder`).
+    #[arg(long)]
+    no_reorder: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -206,6 +210,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     cal.save(&a.image)
         .with_context(|| format!("writing the calibration into {}", a.image.display()))?;
     print_report(&cal);
+    if !a.no_reorder {
+        super::reorder::reorder(&a.image)?;
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@ mod flash_args;
 mod generate;
 mod inspect;
 mod perplexity;
+mod reorder;
 mod runner;
 
 use std::path::Path;
@@ -43,6 +44,8 @@ enum Command {
     Convert(convert::Args),
     /// Fit sparsity thresholds and neuron predictors into a flash image.
     Calibrate(calibrate::Args),
+    /// Store a calibrated image's neurons hottest first (calibrate does this by default).
+    Reorder(reorder::Args),
     /// Measure decode speed.
     Bench(bench::Args),
 }
@@ -74,6 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Calibrate(a) => calibrate::run(a),
+        Command::Reorder(a) => reorder::run(a),
         Command::Bench(a) => bench::run(a),
     })
 }

@@ -13,11 +13,13 @@
 //! - the metadata JSON ([`ImageMeta`]) at the end, pointed to by the header.
 //!
 //! [`convert`] writes an image from a loaded model, [`FlashImage::open`] validates and maps
-//! one, [`write_synthetic`] writes a random model of a given shape for I/O benchmarks.
+//! one, [`write_synthetic`] writes a random model of a given shape for I/O benchmarks, and
+//! [`reorder_neurons`] changes the order of the bundles on disk (hot neurons first).
 
 mod crc;
 mod layout;
 mod reader;
+mod reorder;
 mod writer;
 
 #[cfg(test)]
@@ -31,6 +33,7 @@ pub use layout::{
     TensorEntry,
 };
 pub use reader::FlashImage;
+pub use reorder::reorder_neurons;
 pub use writer::{append_extra, convert, write_synthetic, ConvertOptions, SyntheticShape};
 
 /// File magic at offset 0.

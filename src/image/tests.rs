@@ -581,3 +581,82 @@ fn q8_0_needs_whole_blocks() {
     let e = BundleLayout::new(&[(PartRole::Up, DType::Q8_0)], 48).unwrap_err();
     assert!(e.contains("f16"), "{e}");
 }
+
+/// Model neuron -> its bundle bytes, for every layer of `image`.
+fn bundles_by_neuron(image: &FlashImage) -> Vec<Vec<Vec<u8>>> {
+    (0..image.meta.ffn.len())
+        .map(|l| {
+            let s = image.ffn_section(l);
+            let mut out = vec![Vec::new(); s.n_neurons];
+            for slot in 0..s.n_neurons {
+                let n = s.permutation.as_ref().map_or(slot, |p| p[slot] as usize);
+                out[n] = image.bundle_bytes(l, slot).to_vec();
+            }
+            out
+        })
+        .collect()
+}
+
+#[test]
+fn reorder_moves_bundles_and_keeps_everything_else() {
+    let (f, meta) = llama_image("reorder");
+    append_extra(&f.0, "calibration", json!({"x": 1}), &[("a", b"blob")]).unwrap();
+    let before = bundles_by_neuron(&FlashImage::open(&f.0).unwrap());
+    let n = meta.ffn[0].n_neurons as u32;
+    // Layer 0 reversed, layer 1 rotated, the rest unchanged.
+    let mut orders: Vec<Vec<u32>> = vec![(0..n).collect(); meta.ffn.len()];
+    orders[0].reverse();
+    orders[1].rotate_left(5);
+    reorder_neurons(&f.0, &orders, |_| {}).unwrap();
+
+    let image = FlashImage::open(&f.0).unwrap();
+    image.verify_ffn().unwrap();
+    assert_eq!(bundles_by_neuron(&image), before);
+    assert_eq!(
+        image.ffn_section(0).permutation.as_deref(),
+        Some(&orders[0][..])
+    );
+    assert_eq!(
+        image.ffn_section(1).permutation.as_deref(),
+        Some(&orders[1][..])
+    );
+    assert!(image.meta.ffn[2..].iter().all(|s| s.permutation.is_none()));
+    assert_eq!(image.bundle_bytes(0, 0), &before[0][n as usize - 1][..]);
+    assert_eq!(image.blob("calibration", "a").unwrap(), b"blob");
+    assert_eq!(image.meta.tensors, meta.tensors);
+    compare_weights(&load("llama").weights, &image.weights().unwrap());
+    drop(image);
+
+    // Reordering a permuted image composes: the identity order restores the converted file's
+    // sections exactly.
+    let identity: Vec<Vec<u32>> = vec![(0..n).collect(); meta.ffn.len()];
+    reorder_neurons(&f.0, &identity, |_| {}).unwrap();
+    let image = FlashImage::open(&f.0).unwrap();
+    assert_eq!(image.meta.ffn, meta.ffn);
+    assert!(!tmp_exists(&f.0));
+}
+
+#[test]
+fn reorder_refuses_an_order_that_is_not_a_permutation() {
+    let (f, meta) = llama_image("reorder-bad");
+    let n = meta.ffn[0].n_neurons as u32;
+    let mut orders: Vec<Vec<u32>> = vec![(0..n).collect(); meta.ffn.len()];
+    orders[1][3] = 4;
+    let e = reorder_neurons(&f.0, &orders, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer 1 is not a permutation"), "{e}");
+    let e = reorder_neurons(&f.0, &orders[..1], |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("neuron orders for"), "{e}");
+    // The image is untouched.
+    assert_eq!(FlashImage::open(&f.0).unwrap().meta.ffn, meta.ffn);
+    assert!(!tmp_exists(&f.0));
+}
+
+fn tmp_exists(path: &Path) -> bool {
+    let mut tmp = path.to_path_buf().into_os_string();
+    tmp.push(".tmp");
+    Path::new(&tmp).exists()
+}

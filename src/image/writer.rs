@@ -211,7 +211,7 @@ impl Out {
 }
 
 /// `out` with `.tmp` appended to its file name.
-fn tmp_path(out: &Path) -> PathBuf {
+pub(super) fn tmp_path(out: &Path) -> PathBuf {
     let mut name = out.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     out.with_file_name(name)

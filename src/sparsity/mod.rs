@@ -194,20 +194,27 @@ impl Calibration {
     /// Per layer, up to `slots[l]` neurons the predictor picks on at least half of the
     /// tokens, most frequent first: worth a slot that is never evicted. When a token's set is
     /// larger than the window, least-recently-used eviction would evict each neuron just
-    /// before it is needed again; pinned ones stay.
+    /// before it is needed again; pinned ones stay. They are a prefix of [`Self::hot_order`],
+    /// so on an image reordered by it they are a prefix of each section.
     pub fn hot_neurons(&self, slots: &[usize]) -> Vec<Vec<u32>> {
-        self.predicted_frequencies
-            .iter()
+        (0..self.predicted_frequencies.len())
             .zip(slots)
-            .map(|(f, &s)| {
-                let mut ids: Vec<u32> = (0..f.len() as u32)
-                    .filter(|&i| f[i as usize] >= 0.5)
-                    .collect();
-                ids.sort_by(|&a, &b| f[b as usize].total_cmp(&f[a as usize]));
-                ids.truncate(s);
+            .map(|(layer, &s)| {
+                let f = &self.predicted_frequencies[layer];
+                let mut ids = self.hot_order(layer);
+                ids.truncate(s.min(ids.partition_point(|&i| f[i as usize] >= 0.5)));
                 ids
             })
             .collect()
+    }
+
+    /// Every neuron of `layer`, the predictor's most frequent picks first (ties: lower id
+    /// first): the disk order `llmflash reorder` writes.
+    pub fn hot_order(&self, layer: usize) -> Vec<u32> {
+        let f = &self.predicted_frequencies[layer];
+        let mut ids: Vec<u32> = (0..f.len() as u32).collect();
+        ids.sort_by(|&a, &b| f[b as usize].total_cmp(&f[a as usize]));
+        ids
     }
 
     /// Expected predicted-active neurons per token, per layer (for the budget planner).

@@ -1,0 +1,129 @@
+//! Putting a layer's neurons on disk in a chosen order (the image's permutation table).
+//!
+//! Under a memory budget the window pins the most frequently active neurons and reads the
+//! others from flash every time they are needed. When the image stores neurons in model order
+//! those others are scattered over the whole section, so their reads either stay small (the
+//! SSD is IOPS-bound below ~32 KiB) or are coalesced across pinned bundles that are read again
+//! for nothing. Stored hottest first, the pinned set is a prefix of each section and the
+//! neurons read from flash form one contiguous tail, read in few large requests.
+//!
+//! Only the bundle order and the permutation table change: every bundle keeps its bytes, and
+//! everything indexed by model neuron (thresholds, predictors, frequencies) stays valid.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+
+use super::writer::{commit_meta, tmp_path};
+use super::{crc32, FlashImage, ImageError};
+
+/// Rewrites the image at `path` so that disk slot `j` of layer `l` holds model neuron
+/// `orders[l][j]`. The new image is written next to it and renamed over it once complete, so
+/// an interrupted reorder leaves the original intact (it needs the image's size in free disk
+/// space meanwhile). `on_layer` is called after each layer (for progress).
+pub fn reorder_neurons(
+    path: &Path,
+    orders: &[Vec<u32>],
+    mut on_layer: impl FnMut(usize),
+) -> Result<(), ImageError> {
+    let image = FlashImage::open(path)?;
+    check_orders(&image, orders)?;
+    let tmp = tmp_path(path);
+    let result = (|| {
+        let io = |action: &'static str| {
+            let tmp = tmp.clone();
+            move |source| ImageError::Io {
+                path: tmp,
+                action,
+                source,
+            }
+        };
+        std::fs::copy(path, &tmp).map_err(io("cannot copy the image to"))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(io("cannot open for writing"))?;
+        let mut meta = image.meta.clone();
+        for (layer, order) in orders.iter().enumerate() {
+            let section = permuted_section(&image, layer, order);
+            write_at(&mut file, image.ffn_section(layer).offset, &section)
+                .map_err(io("cannot write"))?;
+            let s = &mut meta.ffn[layer];
+            s.crc32 = crc32(&section);
+            s.permutation = (!is_identity(order)).then(|| order.clone());
+            on_layer(layer);
+        }
+        let end = file.seek(SeekFrom::End(0)).map_err(io("cannot seek"))?;
+        drop(image);
+        commit_meta(&mut file, &tmp, end, &meta)?;
+        std::fs::rename(&tmp, path).map_err(|source| ImageError::Io {
+            path: path.to_path_buf(),
+            action: "cannot rename the reordered image to",
+            source,
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Each order must list every neuron of its layer exactly once.
+fn check_orders(image: &FlashImage, orders: &[Vec<u32>]) -> Result<(), ImageError> {
+    let bad = |detail: String| ImageError::Meta {
+        path: image.file().to_path_buf(),
+        detail: format!("cannot reorder: {detail}"),
+    };
+    if orders.len() != image.meta.ffn.len() {
+        return Err(bad(format!(
+            "{} neuron orders for {} layers",
+            orders.len(),
+            image.meta.ffn.len()
+        )));
+    }
+    for (layer, order) in orders.iter().enumerate() {
+        let n = image.ffn_section(layer).n_neurons;
+        let mut seen = vec![false; n];
+        let ok = order.len() == n
+            && order
+                .iter()
+                .all(|&i| (i as usize) < n && !std::mem::replace(&mut seen[i as usize], true));
+        if !ok {
+            return Err(bad(format!(
+                "the order of layer {layer} is not a permutation of its {n} neurons"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Layer `layer`'s section with model neuron `order[j]` in slot `j`, plus the section's padding.
+fn permuted_section(image: &FlashImage, layer: usize, order: &[u32]) -> Vec<u8> {
+    let old = image.section_bytes(layer);
+    let stride = image.bundle().stride;
+    let mut slot_of = vec![0usize; order.len()];
+    match &image.ffn_section(layer).permutation {
+        Some(perm) => perm
+            .iter()
+            .enumerate()
+            .for_each(|(slot, &n)| slot_of[n as usize] = slot),
+        None => slot_of.iter_mut().enumerate().for_each(|(i, s)| *s = i),
+    }
+    let mut out = Vec::with_capacity(old.len());
+    for &neuron in order {
+        let at = slot_of[neuron as usize] * stride;
+        out.extend_from_slice(&old[at..at + stride]);
+    }
+    out.extend_from_slice(&old[out.len()..]);
+    out
+}
+
+fn is_identity(order: &[u32]) -> bool {
+    order.iter().enumerate().all(|(j, &n)| j == n as usize)
+}
+
+fn write_at(file: &mut File, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(offset))?;
+    file.write_all(bytes)
+}
