@@ -53,6 +53,35 @@ fn strategies_agree(image: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
             "{strategy:?} with {slots:?} slots differs from resident"
         );
     }
+    // Windows pinned to a prefix of each section on disk: the rest of each layer is read in
+    // the background while the previous layer computes (lookahead), or, as an ablation,
+    // when the layer runs.
+    let image = model.image.as_ref().expect("an image");
+    for slots in [0, 7] {
+        for lookahead in [true, false] {
+            let pinned = (0..layers)
+                .map(|l| match &image.ffn_section(l).permutation {
+                    Some(p) => p[..slots].to_vec(),
+                    None => (0..slots as u32).collect(),
+                })
+                .collect();
+            let opts = FlashOptions {
+                pinned: Some(pinned),
+                lookahead,
+                ..options(Strategy::Flash, Some(slots), layers)
+            };
+            let mut session = model.session(64, Some(opts), None).expect("session");
+            let got = logits(&mut session, tokens);
+            let stats = session.ffn().flash_stats().expect("flash stats");
+            let n = model.weights.config.intermediate_size;
+            let misses = (layers * tokens.len() * (n - slots)) as u64;
+            assert_eq!(stats.neurons_loaded, misses, "{slots} pinned slots");
+            assert!(
+                got == reference,
+                "{slots} pinned slots, lookahead {lookahead}: differs from resident"
+            );
+        }
+    }
     reference
 }
 

@@ -58,6 +58,22 @@ pub struct Plan {
     pub streamed: Vec<String>,
 }
 
+impl Plan {
+    /// Expected bytes read from flash per token: per layer, `misses(layer, slots)` bundles
+    /// (the active neurons a window of `slots` is expected not to hold), plus each table
+    /// streamed whole.
+    pub fn expected_reads(&self, needs: &Needs, misses: impl Fn(usize, usize) -> f64) -> f64 {
+        let bundles: f64 = (self.window_slots.iter().enumerate())
+            .map(|(l, &slots)| misses(l, slots))
+            .sum();
+        let tables: u64 = (needs.tables.iter())
+            .filter(|t| !t.cheap && self.streamed.contains(&t.name))
+            .map(|t| t.bytes)
+            .sum();
+        bundles * needs.stride as f64 + tables as f64
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BudgetError {
     #[error(
@@ -275,5 +291,19 @@ mod tests {
         assert!(p.to_string().contains("at least"));
         let p = plan((36 << 20) + 600 * 1000, &n).unwrap();
         assert_eq!(p.streamed.len(), 2, "{p:?}");
+    }
+
+    #[test]
+    fn expected_reads_count_missed_bundles_and_whole_streamed_heads() {
+        let n = needs();
+        let held = plan(60 << 20, &n).unwrap();
+        assert!(held.streamed.is_empty());
+        let misses = |_: usize, slots: usize| 1000usize.saturating_sub(slots) as f64;
+        let by_layer: f64 = held.window_slots.iter().map(|&s| misses(0, s)).sum();
+        assert_eq!(held.expected_reads(&n, misses), by_layer * 1000.0);
+        // Below what holding the head needs, it is streamed, and read whole every token.
+        let tight = plan(40 << 20, &n).unwrap();
+        assert_eq!(tight.streamed, vec!["token_embd.weight".to_string()]);
+        assert_eq!(tight.expected_reads(&n, |_, _| 0.0), (10 << 20) as f64);
     }
 }

@@ -17,6 +17,10 @@ pub struct FlashArgs {
     /// Use the true active set instead of the predictor (quality experiments; slow).
     #[arg(long)]
     pub oracle: bool,
+    /// Under --memory-budget, use the predictor even where the planner expects computing every
+    /// neuron to read less (it then gives the predictors' memory to window slots).
+    #[arg(long, conflicts_with_all = ["dense", "oracle"])]
+    pub predictor: bool,
     /// Memory budget for the whole process, e.g. 48MiB or 1.5GiB (flash images only).
     #[arg(long, value_parser = parse_bytes)]
     pub memory_budget: Option<u64>,
@@ -51,6 +55,10 @@ pub struct FlashArgs {
     /// Read a neuron's gate, up and down separately (ablation: no row-column bundling).
     #[arg(long)]
     pub unbundled: bool,
+    /// Do not read the next layer's bundles while this one computes (ablation; lookahead
+    /// applies when every neuron is computed under a memory budget).
+    #[arg(long)]
+    pub no_lookahead: bool,
     /// Instead of a predictor, draw random active sets of this density (I/O benchmarks on
     /// synthetic images; meaningless for text).
     #[arg(long)]
@@ -86,6 +94,7 @@ impl FlashArgs {
             direct: !self.no_direct,
             unbundled: self.unbundled,
             pinned: None,
+            lookahead: !self.no_lookahead,
         }
     }
 }

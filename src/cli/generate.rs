@@ -216,7 +216,7 @@ pub(super) fn open_gpu_model<'r>(
             }
             None
         }
-        Selection::Predictor => runner.calibration.as_ref().map(|c| c.predictors.as_slice()),
+        Selection::Predictor => runner.predicting()?.map(|c| c.predictors.as_slice()),
         Selection::Oracle => bail!("--oracle is not supported with --backend gpu"),
     };
     let base = flash.options(selection);

@@ -1,6 +1,7 @@
 //! Opening a model for the run commands and building sessions under a memory budget.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context};
 
@@ -14,12 +15,16 @@ use crate::engine::Session;
 use crate::image::{is_flash_image, FlashImage};
 use crate::sparsity::synthetic::SyntheticActivity;
 use crate::sparsity::Calibration;
-use crate::storage::DiskCurve;
+use crate::storage::{DiskCurve, ALIGN, PREFETCH_CHUNK};
 
 pub struct Runner {
     pub model: Model,
-    /// The image's calibration (thresholds, predictors), when it has one.
+    /// The image's calibration without its predictors (thresholds, frequencies), when it has
+    /// one: what planning and the oracle need.
     pub calibration: Option<Calibration>,
+    /// The calibration with its predictors, loaded by the first session that uses them (a
+    /// budget may be better spent on window slots than on predictors).
+    predicting: OnceLock<Calibration>,
     /// Random active sets instead of a predictor (`--synthetic-activity`).
     synthetic: Option<SyntheticActivity>,
     /// The embedding and output head were left out of the load: each session reads them
@@ -38,7 +43,7 @@ impl Runner {
         let model = Model::open_with(path, load, defer)
             .with_context(|| format!("loading {}", path.display()))?;
         let calibration = match &model.image {
-            Some(image) => Calibration::load(image)
+            Some(image) => Calibration::load_stats(image)
                 .with_context(|| format!("reading the calibration of {}", path.display()))?,
             None => None,
         };
@@ -55,17 +60,40 @@ impl Runner {
         Ok(Runner {
             model,
             calibration,
+            predicting: OnceLock::new(),
             synthetic,
             tables_deferred,
         })
     }
 
-    fn sparsity(&self) -> Option<&dyn Sparsity> {
-        match (&self.synthetic, &self.calibration) {
-            (Some(s), _) => Some(s),
-            (None, Some(c)) => Some(c),
-            (None, None) => None,
+    /// What decides `selection`'s neurons: the synthetic activity, or the calibration (with
+    /// its predictors loaded when the predictor selects).
+    fn sparsity(&self, selection: Selection) -> anyhow::Result<Option<&dyn Sparsity>> {
+        if let Some(s) = &self.synthetic {
+            return Ok(Some(s));
         }
+        Ok(match selection {
+            Selection::All => None,
+            Selection::Oracle => self.calibration.as_ref().map(|c| c as &dyn Sparsity),
+            Selection::Predictor => self.predicting()?.map(|c| c as &dyn Sparsity),
+        })
+    }
+
+    /// The calibration with its predictors (loaded on first use), if the image has one.
+    pub fn predicting(&self) -> anyhow::Result<Option<&Calibration>> {
+        let Some(image) = &self.model.image else {
+            return Ok(None);
+        };
+        if self.calibration.is_none() {
+            return Ok(None);
+        }
+        if self.predicting.get().is_none() {
+            let full = Calibration::load(image)
+                .with_context(|| format!("reading the predictors of {}", image.file().display()))?
+                .context("the calibration disappeared from the image while it was open")?;
+            let _ = self.predicting.set(full);
+        }
+        Ok(self.predicting.get())
     }
 
     /// A session over `ctx` positions; for a flash image, with `args`' strategy and budget.
@@ -86,8 +114,8 @@ impl Runner {
             }
             return Ok(self.model.session(ctx, None, None)?);
         };
-        let sparsity = self.sparsity();
-        let selection = args.selection(sparsity.is_some());
+        let calibrated = self.synthetic.is_some() || self.calibration.is_some();
+        let selection = args.selection(calibrated);
         if selection == Selection::All && !args.dense {
             log::warn!(
                 "{} is not calibrated: computing every FFN neuron (run `llmflash calibrate`)",
@@ -102,12 +130,14 @@ impl Runner {
             log::info!("disk curve: {} concurrent reads", opts.io_threads);
         }
         let Some(budget) = args.memory_budget else {
-            return Ok(self.model.session(ctx, Some(opts), sparsity)?);
+            return Ok(self
+                .model
+                .session(ctx, Some(opts), self.sparsity(selection)?)?);
         };
-        let plan = budget::plan(
-            budget,
-            &self.needs(image, ctx, selection, args.kv_type.unwrap_or_default()),
-        )?;
+        let kv = args.kv_type.unwrap_or_default();
+        let (selection, plan) = self.plan(image, ctx, budget, selection, kv, args.predictor)?;
+        opts.selection = selection;
+        let sparsity = self.sparsity(selection)?;
         log::info!("memory plan: {plan:?}");
         if !plan.streamed.is_empty() {
             eprintln!(
@@ -122,6 +152,61 @@ impl Runner {
             return Ok(session);
         }
         Ok(session.with_rows(output_rows(image, &plan, args)?))
+    }
+
+    /// The memory plan for `budget` and the selection it runs. The predictor, when it would
+    /// select, gives way to computing every neuron where that is expected to read fewer bytes
+    /// per token: its memory then holds window slots instead, which for a predictor that keeps
+    /// most neurons (SwiGLU models) saves more reads than it skips. `forced` keeps it.
+    fn plan(
+        &self,
+        image: &FlashImage,
+        ctx: usize,
+        budget: u64,
+        selection: Selection,
+        kv: KvType,
+        forced: bool,
+    ) -> anyhow::Result<(Selection, budget::Plan)> {
+        let needs = |s| self.needs(image, ctx, s, kv);
+        let (Selection::Predictor, false, None, Some(cal)) =
+            (selection, forced, &self.synthetic, &self.calibration)
+        else {
+            return Ok((selection, budget::plan(budget, &needs(selection))?));
+        };
+        let n = self.model.weights.config.intermediate_size;
+        let (pn, dn) = (needs(Selection::Predictor), needs(Selection::All));
+        let mb = |b: f64| b / 1e6;
+        match (budget::plan(budget, &pn), budget::plan(budget, &dn)) {
+            (Ok(p), Ok(d)) => {
+                let predicted = p.expected_reads(&pn, |l, slots| cal.expected_misses(l, slots));
+                let dense = d.expected_reads(&dn, |_, slots| n.saturating_sub(slots) as f64);
+                log::info!(
+                    "expected reads per token: {:.1} MB predicting, {:.1} MB dense",
+                    mb(predicted),
+                    mb(dense)
+                );
+                if dense >= predicted {
+                    return Ok((Selection::Predictor, p));
+                }
+                eprintln!(
+                    "memory plan: computing every FFN neuron: at this budget that is expected to \
+                     read {:.1} MB per token against {:.1} MB with the predictors, whose {:.1} MiB \
+                     hold more bundles than they skip (--predictor keeps them)",
+                    mb(dense),
+                    mb(predicted),
+                    cal.predictor_bytes() as f64 / (1 << 20) as f64
+                );
+                Ok((Selection::All, d))
+            }
+            (Ok(p), Err(_)) => Ok((Selection::Predictor, p)),
+            (Err(_), Ok(d)) => {
+                eprintln!(
+                    "memory plan: computing every FFN neuron: the budget cannot hold the predictors"
+                );
+                Ok((Selection::All, d))
+            }
+            (Err(e), Err(_)) => Err(e.into()),
+        }
     }
 
     /// Expected active neurons per token, per layer, under `selection`.
@@ -148,6 +233,12 @@ impl Runner {
         let c = &self.model.weights.config;
         let n = c.intermediate_size;
         let tied = image.meta.tensor(TABLES[1]).is_none();
+        // With every neuron computed, the next layer's tail is read while this one computes:
+        // the read pool stages one chunk of it (the two tails are the one-layer reserve).
+        let lookahead_staging = match selection {
+            Selection::All => (PREFETCH_CHUNK.min(n * image.bundle().stride) + 2 * ALIGN) as u64,
+            _ => 0,
+        };
         let tables: Vec<Table> = TABLES
             .iter()
             .filter_map(|&name| image.meta.tensor(name))
@@ -161,23 +252,35 @@ impl Runner {
             resident: image.meta.resident_bytes() - tables.iter().map(|t| t.bytes).sum::<u64>(),
             tables,
             stream_staging: STREAM_STAGING as u64,
-            // Loaded with the calibration, used or not.
-            predictors: self.calibration.as_ref().map_or(0, |c| c.predictor_bytes()),
+            predictors: match (selection, &self.synthetic, &self.calibration) {
+                (Selection::Predictor, None, Some(cal)) => cal.predictor_bytes(),
+                _ => 0,
+            },
             kv_cache: KvCache::bytes_for(c, ctx.min(c.max_positions), kv_type),
-            scratch: (c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4) as u64,
+            scratch: (c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4) as u64
+                + lookahead_staging,
             stride: image.bundle().stride as u64,
             neurons: vec![n; c.n_layers],
             active: self.expected_active(selection),
         }
     }
 
-    /// Neurons to pin in windows of `slots`: for dense runs any full set (every neuron is
-    /// needed every token, and pins beat LRU's cyclic misses), else the calibration's hot ones.
+    /// Neurons to pin in windows of `slots`: for dense runs each section's first bundles (every
+    /// neuron is needed every token, pins beat LRU's cyclic misses, and the rest is one
+    /// contiguous tail on disk), else the calibration's hot ones.
     fn pins(&self, selection: Selection, slots: &[usize]) -> Option<Vec<Vec<u32>>> {
+        let image = self.model.image.as_ref()?;
         match (selection, &self.calibration, &self.synthetic) {
-            (Selection::All, _, _) => {
-                Some(slots.iter().map(|&s| (0..s as u32).collect()).collect())
-            }
+            (Selection::All, _, _) => Some(
+                slots
+                    .iter()
+                    .enumerate()
+                    .map(|(l, &s)| match &image.ffn_section(l).permutation {
+                        Some(perm) => perm[..s.min(perm.len())].to_vec(),
+                        None => (0..s as u32).collect(),
+                    })
+                    .collect(),
+            ),
             (_, Some(cal), None) => Some(cal.hot_neurons(slots)),
             _ => None,
         }

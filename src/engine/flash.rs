@@ -5,6 +5,12 @@
 //! with direct, coalesced, concurrent reads straight into free window slots; the sparse FFN
 //! runs over the active bundles. The baselines the paper compares against share this code
 //! and differ only in where bundles come from (see [`Strategy`]).
+//!
+//! When every neuron is computed and each window is a pinned prefix of its layer on disk (the
+//! planner's choice for dense runs under a budget, on an image stored hottest first), every
+//! token reads the same tail of every layer. Those reads are known in advance, so the next
+//! layer's tail is read in the background while this layer computes (*lookahead*), and the
+//! time per token approaches the larger of I/O and compute instead of their sum.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +23,7 @@ use crate::backend::cpu::sparse_ffn::{activations, BundleParts, Neuron, SparseFf
 use crate::engine::stats::FlashStats;
 use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
-use crate::storage::{AlignedBuf, CoalesceOptions, FlashFile, ReadPool};
+use crate::storage::{AlignedBuf, CoalesceOptions, FlashFile, Prefetcher, ReadPool};
 use crate::window::{Window, WindowConfig};
 
 /// Where FFN bundles come from.
@@ -90,6 +96,9 @@ pub struct FlashOptions {
     /// Per layer, neurons given a window slot that is never evicted (hot neurons, read once at
     /// setup).
     pub pinned: Option<Vec<Vec<u32>>>,
+    /// Read the next layer's bundles while this one computes, where they are known in advance
+    /// (every neuron computed, each window a pinned prefix of its layer on disk).
+    pub lookahead: bool,
 }
 
 impl Default for FlashOptions {
@@ -104,6 +113,7 @@ impl Default for FlashOptions {
             direct: true,
             unbundled: false,
             pinned: None,
+            lookahead: true,
         }
     }
 }
@@ -125,7 +135,8 @@ pub struct FlashFfn<'a> {
     parts: BundleParts,
     stride: usize,
     layers: Vec<LayerState>,
-    pool: Option<ReadPool>,
+    pool: Option<Arc<ReadPool>>,
+    lookahead: Option<Lookahead>,
     sparse: SparseFfn,
     active: Vec<u32>,
     ranges: Vec<(u64, usize)>,
@@ -168,7 +179,10 @@ impl<'a> FlashFfn<'a> {
             let file = FlashFile::open(image.file(), opts.direct).map_err(|e| {
                 FlashError::Setup(format!("opening {}: {e}", image.file().display()))
             })?;
-            Some(ReadPool::new(Arc::new(file), opts.io_threads.max(1)))
+            Some(Arc::new(ReadPool::new(
+                Arc::new(file),
+                opts.io_threads.max(1),
+            )))
         } else {
             None
         };
@@ -185,6 +199,7 @@ impl<'a> FlashFfn<'a> {
             stride,
             layers,
             pool,
+            lookahead: None,
             sparse: SparseFfn::new(),
             active: Vec::new(),
             ranges: Vec::new(),
@@ -197,7 +212,42 @@ impl<'a> FlashFfn<'a> {
         for (layer, ids) in pinned.iter().flatten().enumerate() {
             ffn.pin(layer, ids)?;
         }
+        if let (Some(first), Some(pool)) = (ffn.static_tails(), ffn.pool.clone()) {
+            let tails = first
+                .iter()
+                .enumerate()
+                .map(|(layer, &s)| {
+                    let section = image.ffn_section(layer);
+                    let start = section.offset + (s * stride) as u64;
+                    (start, (section.n_neurons - s) * stride)
+                })
+                .collect();
+            ffn.lookahead = Some(Lookahead::new(pool, tails, first)?);
+        }
         Ok(ffn)
+    }
+
+    /// Per layer, the disk slot where the neurons outside the window start, when every token
+    /// reads exactly those: every neuron computed, and each window a pinned prefix of its
+    /// layer on disk (what the planner pins for dense runs).
+    fn static_tails(&self) -> Option<Vec<usize>> {
+        let pins = self.opts.pinned.as_ref()?;
+        if !self.opts.lookahead
+            || self.opts.strategy != Strategy::Flash
+            || self.opts.selection != Selection::All
+        {
+            return None;
+        }
+        let prefix = |(layer, state): (usize, &LayerState)| {
+            let s = state.window.capacity();
+            let ids = pins.get(layer)?;
+            let pinned_prefix = ids.len() == s
+                && ids
+                    .iter()
+                    .all(|&i| (state.disk_slot[i as usize] as usize) < s);
+            pinned_prefix.then_some(s)
+        };
+        self.layers.iter().enumerate().map(prefix).collect()
     }
 
     /// Pins `ids` in `layer`'s window and reads their bundles into the slots they got.
@@ -233,7 +283,8 @@ impl<'a> FlashFfn<'a> {
             .iter()
             .map(|l| l.window.bytes() + l.resident.as_ref().map_or(0, Vec::len))
             .sum();
-        layers + self.overflow.capacity() + self.naive.as_ref().map_or(0, |b| b.len())
+        let lookahead = self.lookahead.as_ref().map_or(0, Lookahead::bytes);
+        layers + self.overflow.capacity() + self.naive.as_ref().map_or(0, |b| b.len()) + lookahead
     }
 
     /// With oracle selection: every neuron's hidden activation from the last `ffn` call, in
@@ -295,6 +346,7 @@ impl FfnCompute for FlashFfn<'_> {
         self.stats.compute += t0.elapsed();
         match self.opts.strategy {
             Strategy::Naive => self.read_whole_layer(layer),
+            Strategy::Flash if self.lookahead.is_some() => self.load_tail(layer),
             Strategy::Flash => self.load_through_window(layer),
             Strategy::Resident | Strategy::Mmap => {}
         }
@@ -346,6 +398,11 @@ impl FlashFfn<'_> {
                 .iter()
                 .map(|&i| match state.window.slot(i) {
                     Some(s) => (i, state.window.bundle(s)),
+                    None if self.lookahead.is_some() => {
+                        let la = self.lookahead.as_ref().expect("checked");
+                        let at = state.disk_slot[i as usize] as usize - la.first_slot[layer];
+                        (i, &la.current[at * stride..(at + 1) * stride])
+                    }
                     None => {
                         let k = self
                             .overflow_ids
@@ -381,6 +438,35 @@ impl FlashFfn<'_> {
         self.stats.bytes_read += stats.bytes_read;
         self.stats.read_ops += stats.ops as u64;
         self.stats.neurons_loaded += self.active.len() as u64;
+        self.stats.io += t.elapsed();
+    }
+
+    /// The flash path when every token reads the same tails: collect this layer's tail (read
+    /// in the background since the previous layer), then start reading the next layer's.
+    fn load_tail(&mut self, layer: usize) {
+        let t = Instant::now();
+        let n_layers = self.layers.len();
+        let la = self.lookahead.as_mut().expect("called in lookahead mode");
+        if la.pending != Some(layer) {
+            // The first token, or layers run out of order: read this layer's tail now.
+            la.drain();
+            la.start(layer);
+        }
+        let fetched = la.prefetch.wait();
+        la.pending = None;
+        let stats = fetched.result.unwrap_or_else(|e| {
+            panic!(
+                "reading layer {layer} from {}: {e}",
+                self.image.file().display()
+            )
+        });
+        la.spare = std::mem::replace(&mut la.current, fetched.buf);
+        la.start((layer + 1) % n_layers);
+        let pinned = la.first_slot[layer];
+        self.stats.window_hits += pinned as u64;
+        self.stats.neurons_loaded += (self.active.len() - pinned) as u64;
+        self.stats.bytes_read += stats.bytes_read;
+        self.stats.read_ops += stats.ops as u64;
         self.stats.io += t.elapsed();
     }
 
@@ -467,6 +553,62 @@ impl FlashFfn<'_> {
                 .collect();
         p.sort_unstable();
         p
+    }
+}
+
+/// Double-buffered tails for [`FlashFfn::load_tail`]: the one being computed and the one being
+/// read.
+struct Lookahead {
+    prefetch: Prefetcher,
+    /// Per layer: file offset and length of the bundles outside the window.
+    tails: Vec<(u64, usize)>,
+    /// Per layer: the disk slot of the tail's first bundle.
+    first_slot: Vec<usize>,
+    /// The tail of the layer being computed.
+    current: Vec<u8>,
+    /// The buffer the next read goes into.
+    spare: Vec<u8>,
+    /// The layer whose tail is being read.
+    pending: Option<usize>,
+}
+
+impl Lookahead {
+    fn new(
+        pool: Arc<ReadPool>,
+        tails: Vec<(u64, usize)>,
+        first_slot: Vec<usize>,
+    ) -> Result<Lookahead, FlashError> {
+        let prefetch = Prefetcher::new(pool, CoalesceOptions::default()).map_err(|e| {
+            FlashError::Setup(format!("cannot start the lookahead reader thread: {e}"))
+        })?;
+        Ok(Lookahead {
+            prefetch,
+            tails,
+            first_slot,
+            current: Vec::new(),
+            spare: Vec::new(),
+            pending: None,
+        })
+    }
+
+    fn start(&mut self, layer: usize) {
+        let (offset, len) = self.tails[layer];
+        let buf = std::mem::take(&mut self.spare);
+        self.prefetch.start(layer, offset, len, buf);
+        self.pending = Some(layer);
+    }
+
+    /// Collects (and discards) every read in flight.
+    fn drain(&mut self) {
+        while self.prefetch.in_flight() > 0 {
+            self.spare = self.prefetch.wait().buf;
+        }
+        self.pending = None;
+    }
+
+    /// The two buffers at their largest (one of them may be on the reader thread now).
+    fn bytes(&self) -> usize {
+        2 * self.tails.iter().map(|t| t.1).max().unwrap_or(0)
     }
 }
 

@@ -127,6 +127,7 @@ pub fn fit_level(
         },
         frequencies: freqs,
         predicted_frequencies: predicted,
+        predictor_bytes: predictors.iter().map(|p| p.bytes() as u64).sum(),
         predictors,
     })
 }

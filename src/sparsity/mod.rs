@@ -80,7 +80,10 @@ pub struct Calibration {
     pub frequencies: Vec<Vec<f32>>,
     /// The same for the predictor's sets: what the window sees, so what pinning ranks by.
     pub predicted_frequencies: Vec<Vec<f32>>,
+    /// One per layer; empty when loaded with [`Calibration::load_stats`].
     pub predictors: Vec<Predictor>,
+    /// Resident bytes of the predictors, loaded or not.
+    pub(crate) predictor_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +97,35 @@ pub enum CalibrationError {
 }
 
 impl Calibration {
-    /// The calibration stored in `image`, if it has one.
+    /// The calibration stored in `image`, if it has one, with its predictors.
     pub fn load(image: &FlashImage) -> Result<Option<Calibration>, CalibrationError> {
+        let Some(mut cal) = Self::load_stats(image)? else {
+            return Ok(None);
+        };
+        let c = &image.meta.config;
+        cal.predictors = cal
+            .meta
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, lm)| {
+                let blob = image.blob(EXTRA_KEY, &format!("predictor.{l}"))?;
+                Ok(Predictor::from_bytes(
+                    blob,
+                    cal.meta.form,
+                    cal.meta.rank,
+                    c.hidden_size,
+                    c.intermediate_size,
+                    lm.tau,
+                )?)
+            })
+            .collect::<Result<_, CalibrationError>>()?;
+        Ok(Some(cal))
+    }
+
+    /// The calibration stored in `image` without its predictors (thresholds, frequencies and
+    /// held-out statistics): what planning needs, at a fraction of the memory.
+    pub fn load_stats(image: &FlashImage) -> Result<Option<Calibration>, CalibrationError> {
         let Some(extra) = image.extra(EXTRA_KEY) else {
             return Ok(None);
         };
@@ -134,29 +164,13 @@ impl Calibration {
                 })
                 .collect())
         };
-        let frequencies = per_neuron("frequencies")?;
-        let predicted_frequencies = per_neuron("predicted_frequencies")?;
-        let predictors = meta
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(l, lm)| {
-                let blob = image.blob(EXTRA_KEY, &format!("predictor.{l}"))?;
-                Ok(Predictor::from_bytes(
-                    blob,
-                    meta.form,
-                    meta.rank,
-                    c.hidden_size,
-                    n,
-                    lm.tau,
-                )?)
-            })
-            .collect::<Result<_, CalibrationError>>()?;
+        let one = Predictor::blob_len(meta.form, meta.rank, c.hidden_size, n) as u64;
         Ok(Some(Calibration {
+            frequencies: per_neuron("frequencies")?,
+            predicted_frequencies: per_neuron("predicted_frequencies")?,
+            predictors: Vec::new(),
+            predictor_bytes: one * c.n_layers as u64,
             meta,
-            frequencies,
-            predicted_frequencies,
-            predictors,
         }))
     }
 
@@ -186,9 +200,9 @@ impl Calibration {
         Ok(())
     }
 
-    /// Resident bytes of the predictors.
+    /// Resident bytes of the predictors (loaded or not).
     pub fn predictor_bytes(&self) -> u64 {
-        self.predictors.iter().map(|p| p.bytes() as u64).sum()
+        self.predictor_bytes
     }
 
     /// Per layer, up to `slots[l]` neurons the predictor picks on at least half of the
@@ -217,13 +231,25 @@ impl Calibration {
         ids
     }
 
+    /// Expected predicted-active neurons per token of `layer` outside a window of `slots`
+    /// holding the most frequent ones.
+    pub fn expected_misses(&self, layer: usize, slots: usize) -> f64 {
+        let f = &self.predicted_frequencies[layer];
+        let order = self.hot_order(layer);
+        order
+            .iter()
+            .skip(slots)
+            .map(|&i| f[i as usize] as f64)
+            .sum()
+    }
+
     /// Expected predicted-active neurons per token, per layer (for the budget planner).
     pub fn expected_active(&self) -> Vec<f64> {
         self.meta
             .layers
             .iter()
-            .zip(&self.predictors)
-            .map(|(l, p)| l.accuracy.predicted_density * p.n as f64)
+            .zip(&self.predicted_frequencies)
+            .map(|(l, f)| l.accuracy.predicted_density * f.len() as f64)
             .collect()
     }
 }
@@ -235,5 +261,47 @@ impl Sparsity for Calibration {
 
     fn threshold(&self, layer: usize) -> f32 {
         self.meta.layers[layer].threshold
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_frequencies(f: Vec<Vec<f32>>) -> Calibration {
+        Calibration {
+            meta: CalibrationMeta {
+                format: FORMAT,
+                sparsity: 0.5,
+                form: Form::Linear,
+                rank: 1,
+                recall_target: 0.99,
+                tokens: 0,
+                held_out_tokens: 0,
+                sources: Vec::new(),
+                layers: Vec::new(),
+                quality: Vec::new(),
+                evaluation: None,
+            },
+            frequencies: f.clone(),
+            predicted_frequencies: f,
+            predictors: Vec::new(),
+            predictor_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn hot_order_pins_and_misses_agree() {
+        let cal = with_frequencies(vec![vec![0.2, 0.9, 0.6, 0.9, 0.1]]);
+        // Most frequent first, ties by id.
+        assert_eq!(cal.hot_order(0), vec![1, 3, 2, 0, 4]);
+        // Pins: a prefix of that order, only neurons picked on at least half of the tokens.
+        assert_eq!(cal.hot_neurons(&[2]), vec![vec![1, 3]]);
+        assert_eq!(cal.hot_neurons(&[5]), vec![vec![1, 3, 2]]);
+        // Expected misses: the frequencies of the neurons left outside.
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        assert!(close(cal.expected_misses(0, 0), 2.7));
+        assert!(close(cal.expected_misses(0, 2), 0.9));
+        assert!(close(cal.expected_misses(0, 5), 0.0));
     }
 }

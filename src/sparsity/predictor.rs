@@ -72,7 +72,8 @@ pub enum PredictorError {
 }
 
 impl Predictor {
-    fn blob_len(form: Form, rank: usize, d: usize, n: usize) -> usize {
+    /// Bytes of a stored (and resident) predictor of this shape.
+    pub fn blob_len(form: Form, rank: usize, d: usize, n: usize) -> usize {
         let rows = form.heads() * n;
         2 * rank * d + 2 * rows * rank + 4 * rows
     }
