@@ -4,8 +4,8 @@
 //! 49152 x 576 table is 29 MiB of its 45 MiB of non-FFN weights). Under a budget that cannot
 //! hold them, the planner streams them: a token's embedding is one row read, and the output
 //! head is read through in chunks of whole rows with direct, concurrent reads, each chunk
-//! multiplied as soon as it arrives. That costs one pass over the table per token, which the
-//! statistics count as I/O like the FFN's reads.
+//! multiplied while the next one is read. That costs one pass over the table per token, which
+//! the statistics count as I/O like the FFN's reads.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,13 +16,15 @@ use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::engine::flash::FlashError;
 use crate::image::{FlashImage, TensorEntry};
 use crate::model::tensor::DType;
-use crate::storage::{CoalesceOptions, FlashFile, ReadPool};
+use crate::storage::{CoalesceOptions, FlashFile, Prefetcher, ReadPool};
 
-/// Bytes of rows read per batch when streaming (the read pool's staging holds one batch).
-const STREAM_CHUNK: usize = 2 << 20;
+/// Bytes of rows read per batch when streaming: 1 MiB reads are on this disk's throughput
+/// plateau, split into four concurrent pieces.
+const STREAM_CHUNK: usize = 1 << 20;
 
-/// Memory one streamed table needs: a batch of rows plus alignment slack.
-pub const STREAM_STAGING: usize = STREAM_CHUNK + 2 * crate::storage::ALIGN;
+/// Memory one streamed table needs: the batch being multiplied, the batch being read, and the
+/// read pool's staging for it (plus alignment slack).
+pub const STREAM_STAGING: usize = 3 * STREAM_CHUNK + 2 * crate::storage::ALIGN;
 
 /// The image tensors that may be streamed: the token embedding and the (untied) output head.
 pub const TABLES: [&str; 2] = ["token_embd.weight", "output.weight"];
@@ -43,8 +45,12 @@ pub struct RowSource {
 enum Where {
     Resident(Vec<u8>),
     Streamed {
-        pool: ReadPool,
+        pool: Arc<ReadPool>,
         opts: CoalesceOptions,
+        /// Reads the next batch of rows while the current one is multiplied.
+        prefetch: Prefetcher,
+        /// Batch buffers not in flight (two in all).
+        spare: Vec<Vec<u8>>,
     },
 }
 
@@ -82,9 +88,18 @@ impl RowSource {
         io_threads: usize,
     ) -> Result<RowSource, FlashError> {
         let e = entry(image, name)?;
-        let pool = open_pool(image, direct, io_threads.max(1))?;
+        let pool = Arc::new(open_pool(image, direct, io_threads.max(1))?);
         let opts = CoalesceOptions::default();
-        Ok(RowSource::new(e, Where::Streamed { pool, opts }))
+        let prefetch = Prefetcher::new(pool.clone(), opts).map_err(|err| {
+            FlashError::Setup(format!("cannot start the reader thread for {name}: {err}"))
+        })?;
+        let where_ = Where::Streamed {
+            pool,
+            opts,
+            prefetch,
+            spare: vec![Vec::new(), Vec::new()],
+        };
+        Ok(RowSource::new(e, where_))
     }
 
     fn new(e: &TensorEntry, where_: Where) -> RowSource {
@@ -120,7 +135,7 @@ impl RowSource {
         };
         match &self.where_ {
             Where::Resident(b) => done(&b[i * rb..(i + 1) * rb], out),
-            Where::Streamed { pool, opts } => {
+            Where::Streamed { pool, opts, .. } => {
                 let t = Instant::now();
                 let stats = pool
                     .read_ranges(&[(self.offset + (i * rb) as u64, rb)], opts, &mut |_, b| {
@@ -137,23 +152,40 @@ impl RowSource {
     pub fn matvec(&mut self, act: &ActivationBuffer, out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.rows);
         let (rb, dtype) = (self.row_bytes, self.dtype);
-        match &self.where_ {
+        match &mut self.where_ {
             Where::Resident(b) => par_matvec(dtype, b, rb, act, out),
-            Where::Streamed { pool, opts } => {
+            Where::Streamed {
+                prefetch, spare, ..
+            } => {
                 let per_chunk = (STREAM_CHUNK / rb).max(1);
-                let mut compute = Duration::ZERO;
+                let n_chunks = out.len().div_ceil(per_chunk);
+                let span = |k: usize| {
+                    let first = k * per_chunk;
+                    let rows = per_chunk.min(self.rows - first);
+                    (self.offset + (first * rb) as u64, rows * rb)
+                };
+                if n_chunks == 0 {
+                    return;
+                }
                 let t = Instant::now();
+                let mut compute = Duration::ZERO;
+                let (at, len) = span(0);
+                prefetch.start(0, at, len, spare.pop().unwrap_or_default());
                 for (k, out) in out.chunks_mut(per_chunk).enumerate() {
-                    let start = (k * per_chunk * rb) as u64;
-                    let len = out.len() * rb;
-                    let stats = pool
-                        .read_ranges(&[(self.offset + start, len)], opts, &mut |_, b| {
-                            let tc = Instant::now();
-                            par_matvec(dtype, b, rb, act, out);
-                            compute += tc.elapsed();
-                        })
+                    let fetched = prefetch.wait();
+                    debug_assert_eq!(fetched.tag, k, "batches arrive in order");
+                    let stats = fetched
+                        .result
                         .unwrap_or_else(|e| panic!("streaming {}: {e}", self.name));
                     self.bytes_read += stats.bytes_read;
+                    if k + 1 < n_chunks {
+                        let (at, len) = span(k + 1);
+                        prefetch.start(k + 1, at, len, spare.pop().unwrap_or_default());
+                    }
+                    let tc = Instant::now();
+                    par_matvec(dtype, &fetched.buf, rb, act, out);
+                    compute += tc.elapsed();
+                    spare.push(fetched.buf);
                 }
                 self.io += t.elapsed().saturating_sub(compute);
             }
