@@ -322,3 +322,83 @@ fn smollm2_predictor_tokens_do_not_depend_on_the_budget() {
     );
     std::fs::remove_file(path).ok();
 }
+
+/// Runs `llmflash ARGS` and returns stdout and stderr; panics if it fails.
+fn cli(args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmflash"))
+        .args(args)
+        .output()
+        .expect("running llmflash");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "llmflash {args:?} failed: {stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+/// Greedy tokens of `llmflash generate --json` with `extra`, its stats and its stderr.
+fn cli_tokens(image: &str, prompt: &str, extra: &[&str]) -> (Vec<u32>, serde_json::Value, String) {
+    let mut args = vec!["generate", "-m", image, "--token-ids", prompt, "-n", "8"];
+    args.extend(["--json", "--greedy", "--ignore-eos"]);
+    args.extend(extra);
+    let (out, err) = cli(&args);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    (common::u32s(&v["tokens"]), v["stats"].clone(), err)
+}
+
+#[test]
+fn smollm2_reordered_and_budgeted_from_the_command_line_keeps_its_tokens() {
+    let Some(gguf) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let path = common::to_image(&gguf, "cli-smollm2", BundleDtype::Source);
+    let model = Model::open(&path).expect("open");
+    let tok = model.tokenizer.as_ref().expect("tokenizer");
+    let text = std::fs::read_to_string(common::fixture("text/python-doc-eval.txt")).unwrap();
+    let cal = calibrate(&model, &tok.encode(&text, false, false)[..384], 0.5, 16);
+    let prompt: Vec<String> = tok
+        .encode("The capital of France is", false, false)
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let prompt = prompt.join(",");
+    drop(model);
+    cal.save(&path).expect("save");
+    let image = path.to_str().expect("utf-8 path");
+
+    let (dense, _, _) = cli_tokens(image, &prompt, &["--dense"]);
+    let (predicted, _, _) = cli_tokens(image, &prompt, &[]);
+    let (_, err) = cli(&["reorder", image]);
+    assert!(err.contains("hottest first"), "{err}");
+    let (_, err) = cli(&["reorder", image]);
+    assert!(err.contains("already stored hottest first"), "{err}");
+
+    // Stored hottest first, the predictor picks the same tokens.
+    assert_eq!(cli_tokens(image, &prompt, &[]).0, predicted);
+    // Every neuron under half the image's size: the tails are read ahead of each layer, or
+    // (ablation) when it runs; the tokens are the dense ones either way.
+    for extra in [&[][..], &["--no-lookahead"][..]] {
+        let mut args = vec!["--dense", "--memory-budget", "52MiB"];
+        args.extend(extra);
+        let (tokens, stats, _) = cli_tokens(image, &prompt, &args);
+        assert_eq!(tokens, dense, "{args:?}");
+        assert!(
+            stats["bytes_read_per_token"].as_f64().unwrap() > 1e6,
+            "{stats}"
+        );
+    }
+    // Left to choose, the planner either keeps the predictor or says it computes every neuron,
+    // and the tokens follow its choice.
+    let (tokens, stats, err) = cli_tokens(image, &prompt, &["--memory-budget", "52MiB"]);
+    let flash = &stats["flash"];
+    let all =
+        flash["neurons_needed"].as_u64().unwrap() == 30 * 1536 * flash["tokens"].as_u64().unwrap();
+    if err.contains("computing every FFN neuron") {
+        assert!(all, "{flash}");
+        assert_eq!(tokens, dense);
+    } else {
+        assert!(!all, "{flash}");
+        assert_eq!(tokens, predicted);
+    }
+    let (tokens, _, _) = cli_tokens(image, &prompt, &["--memory-budget", "52MiB", "--predictor"]);
+    assert_eq!(tokens, predicted);
+    std::fs::remove_file(path).ok();
+}
