@@ -145,7 +145,13 @@ fn gpu_flash_logits_match_the_cpu_flash_path() {
         .expect("session")
         .with_kv_type(KvType::F32);
     let layers = model.weights.config.n_layers;
-    for slots in [None, Some(vec![3; layers])] {
+    let pins = cal.hot_neurons(&vec![3; layers]);
+    assert!(pins.iter().any(|p| !p.is_empty()), "nothing to pin");
+    for (slots, pinned) in [
+        (None, None),
+        (Some(vec![3; layers]), None),
+        (Some(vec![3; layers]), Some(pins)),
+    ] {
         let mut gpu = GpuFlashDecoder::new(
             ctx,
             model.image.as_ref().unwrap(),
@@ -156,6 +162,7 @@ fn gpu_flash_logits_match_the_cpu_flash_path() {
                 window_slots: slots.clone(),
                 overflow_slots: 5,
                 io_threads: 2,
+                pinned,
                 ..GpuFlashOptions::default()
             },
         )

@@ -230,6 +230,7 @@ pub(super) fn open_gpu_model<'r>(
     if let Some(budget) = flash.vram_budget {
         let plan = plan_vram(runner, ctx, budget, predictors.is_some())?;
         log::info!("VRAM plan: {plan:?}");
+        opts.pinned = runner.pins(selection, &plan.0.window_slots);
         opts.window_slots = Some(plan.0.window_slots);
         opts.overflow_slots = plan.1;
     }

@@ -280,7 +280,7 @@ impl Runner {
     /// Neurons to pin in windows of `slots`: for dense runs each section's first bundles (every
     /// neuron is needed every token, pins beat LRU's cyclic misses, and the rest is one
     /// contiguous tail on disk), else the calibration's hot ones.
-    fn pins(&self, selection: Selection, slots: &[usize]) -> Option<Vec<Vec<u32>>> {
+    pub fn pins(&self, selection: Selection, slots: &[usize]) -> Option<Vec<Vec<u32>>> {
         let image = self.model.image.as_ref()?;
         match (selection, &self.calibration, &self.synthetic) {
             (Selection::All, _, _) => Some(

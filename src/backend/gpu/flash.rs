@@ -56,6 +56,10 @@ pub struct GpuFlashOptions {
     pub direct: bool,
     /// Staging buffers in the ring (at least 2).
     pub staging_buffers: usize,
+    /// Per layer, neurons given a window slot that is never evicted, uploaded at setup (the
+    /// planner's choice, as on the CPU: hot neurons, or for dense runs each section's first
+    /// bundles on disk, so that what is read per token is one contiguous tail).
+    pub pinned: Option<Vec<Vec<u32>>>,
 }
 
 impl Default for GpuFlashOptions {
@@ -68,6 +72,7 @@ impl Default for GpuFlashOptions {
             coalesce: CoalesceOptions::default(),
             direct: true,
             staging_buffers: 2,
+            pinned: None,
         }
     }
 }
@@ -117,6 +122,41 @@ pub struct GpuFlashDecoder<'a> {
     stats: FlashStats,
     uploaded: u64,
     gpu_bytes: u64,
+}
+
+/// Pins `ids` in `layer`'s window and uploads their bundles into the slots they got; returns
+/// the bytes read.
+fn pin(
+    ctx: &GpuContext,
+    image: &FlashImage,
+    pool: &ReadPool,
+    coalesce: &CoalesceOptions,
+    layer: &mut FlashLayer,
+    l: usize,
+    ids: &[u32],
+) -> Result<u64, GpuError> {
+    let stride = image.bundle().stride;
+    let mut loads = layer
+        .window
+        .pin(ids)
+        .map_err(|e| GpuError::Shape(format!("pinning layer {l}: {e}")))?;
+    let section = image.ffn_section(l).offset;
+    let offset = |n: u32| section + layer.disk_slot[n as usize] as u64 * stride as u64;
+    loads.sort_unstable_by_key(|&(n, _)| offset(n));
+    let ranges: Vec<(u64, usize)> = loads.iter().map(|&(n, _)| (offset(n), stride)).collect();
+    let slots = &layer.slots;
+    let read = pool
+        .read_ranges(&ranges, coalesce, &mut |r, bytes| {
+            let at = loads[r].1 as u64 * stride as u64;
+            ctx.queue.write_buffer(slots, at, bytes);
+        })
+        .map_err(|e| {
+            GpuError::Shape(format!(
+                "reading layer {l}'s pinned neurons from {}: {e}",
+                image.file().display()
+            ))
+        })?;
+    Ok(read.bytes_read)
 }
 
 /// 32-bit words of the lists and slot maps of one layer: the window pass (count, ids, slots)
@@ -246,6 +286,13 @@ impl<'a> GpuFlashDecoder<'a> {
         let file = FlashFile::open(image.file(), opts.direct)
             .map_err(|e| GpuError::Shape(format!("opening {}: {e}", image.file().display())))?;
         let pool = ReadPool::new(Arc::new(file), opts.io_threads.max(1));
+        let mut stats = FlashStats::default();
+        for (l, ids) in opts.pinned.iter().flatten().enumerate() {
+            let layer = layers
+                .get_mut(l)
+                .ok_or_else(|| GpuError::Shape(format!("pins for layer {l} of {}", c.n_layers)))?;
+            stats.bytes_read += pin(ctx, image, &pool, &opts.coalesce, layer, l, ids)?;
+        }
         // Room for a whole layer: every neuron is either loaded or overflows at most once.
         let staging_size =
             (n * stride + 4 * list_words(n, n, overflow_slots).max(list_words(0, n, 1))) as u64;
@@ -280,7 +327,7 @@ impl<'a> GpuFlashDecoder<'a> {
             next_staging: 0,
             active: Vec::new(),
             plan: Plan::default(),
-            stats: FlashStats::default(),
+            stats,
             uploaded: 0,
             gpu_bytes,
         })
