@@ -75,6 +75,10 @@ pub struct Args {
 struct Row {
     backend: String,
     strategy: Strategy,
+    /// For the flash strategy: which neurons ran (the planner may choose dense) and whether
+    /// reads ran a layer ahead.
+    selection: Option<String>,
+    lookahead: bool,
     budget: Option<u64>,
     runs: usize,
     bytes_read_per_token: f64,
@@ -244,6 +248,7 @@ fn measure(
         )
     };
     let first_gpu = samples.first().map(|s| &s["gpu"]);
+    let first = samples.first().cloned().unwrap_or_default();
     Ok(Row {
         backend: backend.to_string(),
         uploaded_bytes_per_token: gpu("bytes_uploaded_per_token"),
@@ -256,6 +261,10 @@ fn measure(
         adapter: first_gpu.and_then(|g| g["adapter"].as_str().map(String::from)),
         emulated: first_gpu.is_some_and(|g| g["emulated"].as_bool() == Some(true)),
         strategy,
+        selection: (first["flash"]["selection"].as_str())
+            .filter(|s| !s.is_empty())
+            .map(String::from),
+        lookahead: first["flash"]["lookahead"].as_bool() == Some(true),
         budget,
         runs: samples.len(),
         bytes_read_per_token: bytes,
@@ -278,6 +287,19 @@ fn measure(
     })
 }
 
+impl Row {
+    /// `Flash (dense, lookahead)`: the strategy, and for flash which neurons ran.
+    fn strategy_label(&self) -> String {
+        match (&self.selection, self.strategy) {
+            (Some(sel), Strategy::Flash) => {
+                let ahead = if self.lookahead { ", lookahead" } else { "" };
+                format!("{:?} ({sel}{ahead})", self.strategy)
+            }
+            _ => format!("{:?}", self.strategy),
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -298,9 +320,9 @@ fn print_table(rows: &[Row]) {
     for r in rows {
         let gpu = r.backend == "gpu";
         println!(
-            "| {} | {:?} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
             r.backend,
-            r.strategy,
+            r.strategy_label(),
             r.budget.map_or("-".to_string(), |b| Bytes(b).to_string()),
             r.bytes_read_per_token / 1e6,
             r.read_mb_per_s,

@@ -40,6 +40,17 @@ pub enum Strategy {
     Flash,
 }
 
+impl Selection {
+    /// The name statistics report: `dense`, `predictor` or `oracle`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Selection::All => "dense",
+            Selection::Predictor => "predictor",
+            Selection::Oracle => "oracle",
+        }
+    }
+}
+
 impl std::str::FromStr for Strategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -335,6 +346,8 @@ impl FfnCompute for FlashFfn<'_> {
     fn flash_stats(&self) -> Option<FlashStats> {
         let mut s = self.stats.clone();
         s.memory_bytes = self.memory_bytes() as u64;
+        s.selection = self.opts.selection.name().into();
+        s.lookahead = self.lookahead.is_some();
         Some(s)
     }
 

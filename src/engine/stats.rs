@@ -56,4 +56,8 @@ pub struct FlashStats {
     pub compute: Duration,
     /// Bytes the FFN holds in memory: window slabs, resident copies, read scratch.
     pub memory_bytes: u64,
+    /// Which neurons ran: `dense`, `predictor` or `oracle`.
+    pub selection: String,
+    /// Whether the next layer's bundles were read while this one computed.
+    pub lookahead: bool,
 }

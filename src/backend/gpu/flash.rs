@@ -377,6 +377,8 @@ impl<'a> GpuFlashDecoder<'a> {
     pub fn flash_stats(&self) -> FlashStats {
         let mut s = self.stats.clone();
         s.memory_bytes = self.staging_bytes() + self.pool.staging_bytes() as u64;
+        let predicted = self.layers.iter().any(|l| l.predictor.is_some());
+        s.selection = if predicted { "predictor" } else { "dense" }.into();
         s
     }
 
