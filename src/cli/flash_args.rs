@@ -44,7 +44,7 @@ pub struct FlashArgs {
     #[arg(long)]
     pub disk_curve: Option<std::path::PathBuf>,
     /// Largest coalesced read, in bytes.
-    #[arg(long, default_value = "256KiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
     pub max_read: u64,
     /// Merge two reads when the gap between them is at most this many bytes.
     #[arg(long, default_value = "16KiB", value_parser = parse_bytes)]

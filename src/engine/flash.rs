@@ -233,7 +233,7 @@ impl<'a> FlashFfn<'a> {
                     (start, (section.n_neurons - s) * stride)
                 })
                 .collect();
-            ffn.lookahead = Some(Lookahead::new(pool, tails, first)?);
+            ffn.lookahead = Some(Lookahead::new(pool, ffn.opts.coalesce, tails, first)?);
         }
         Ok(ffn)
     }
@@ -588,10 +588,11 @@ struct Lookahead {
 impl Lookahead {
     fn new(
         pool: Arc<ReadPool>,
+        coalesce: CoalesceOptions,
         tails: Vec<(u64, usize)>,
         first_slot: Vec<usize>,
     ) -> Result<Lookahead, FlashError> {
-        let prefetch = Prefetcher::new(pool, CoalesceOptions::default()).map_err(|e| {
+        let prefetch = Prefetcher::new(pool, coalesce).map_err(|e| {
             FlashError::Setup(format!("cannot start the lookahead reader thread: {e}"))
         })?;
         Ok(Lookahead {

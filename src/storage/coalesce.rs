@@ -18,14 +18,15 @@ pub struct CoalesceOptions {
 }
 
 impl Default for CoalesceOptions {
-    /// 4 KiB alignment, gaps up to 16 KiB merged, reads capped at 256 KiB: on the measured SSD a
-    /// 16 KiB gap costs about what one more small read costs, and 128-256 KiB reads reach the
-    /// throughput plateau while keeping enough ops in flight for the reader threads.
+    /// 4 KiB alignment, gaps up to 16 KiB merged, reads capped at 1 MiB: on the measured SSD a
+    /// 16 KiB gap costs about what one more small read costs, and the probe's curve peaks at
+    /// 1 MiB reads (2.0-2.2 GB/s at 1-4 in flight, against 1.2-1.6 for 256 KiB; whole-layer
+    /// reads of SmolLM2 measured a median 1.65 GB/s in 1 MiB pieces, 1.33 in 256 KiB ones).
     fn default() -> Self {
         Self {
             align: super::ALIGN,
             max_gap: 16 << 10,
-            max_read: 256 << 10,
+            max_read: 1 << 20,
         }
     }
 }
@@ -282,7 +283,11 @@ mod tests {
 
     #[test]
     fn simple_cases() {
-        let o = CoalesceOptions::default();
+        // The cases below are written for 256 KiB ops.
+        let o = CoalesceOptions {
+            max_read: 256 << 10,
+            ..CoalesceOptions::default()
+        };
         assert!(plan_reads(&[], &o).is_empty());
         assert!(plan_reads(&[(5, 0), (9, 0)], &o).is_empty());
         // Adjacent bundles merge; far ones do not.

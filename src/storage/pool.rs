@@ -482,9 +482,13 @@ mod tests {
         // 2000 back-to-back 1332-byte bundles: pages are shared at every boundary except at
         // bundle 1024 (1024 * 1332 is a page multiple), so two long ops, read in pieces.
         let ranges: Vec<(u64, usize)> = (0..2000).map(|i| (i * 1332, 1332)).collect();
+        let quarter_mib = CoalesceOptions {
+            max_read: 256 << 10,
+            ..CoalesceOptions::default()
+        };
         let mut count = 0;
         let stats = pool
-            .read_ranges(&ranges, &CoalesceOptions::default(), &mut |i, b| {
+            .read_ranges(&ranges, &quarter_mib, &mut |i, b| {
                 assert_eq!(b, &data[i * 1332..(i + 1) * 1332]);
                 count += 1;
             })
