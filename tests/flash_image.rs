@@ -35,6 +35,23 @@ fn run(model: &Model, opts: FlashOptions, tokens: &[u32]) -> Vec<Vec<f32>> {
     logits(&mut session, tokens)
 }
 
+/// Dense flash options whose windows pin the first `slots` bundles of each section on disk.
+fn prefix_pinned(model: &Model, slots: usize, lookahead: bool) -> FlashOptions {
+    let image = model.image.as_ref().expect("an image");
+    let layers = model.weights.config.n_layers;
+    let pinned = (0..layers)
+        .map(|l| match &image.ffn_section(l).permutation {
+            Some(p) => p[..slots].to_vec(),
+            None => (0..slots as u32).collect(),
+        })
+        .collect();
+    FlashOptions {
+        pinned: Some(pinned),
+        lookahead,
+        ..options(Strategy::Flash, Some(slots), layers)
+    }
+}
+
 /// Every strategy and window size gives bit-identical logits.
 fn strategies_agree(image: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let model = Model::open(image).expect("open image");
@@ -56,20 +73,9 @@ fn strategies_agree(image: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     // Windows pinned to a prefix of each section on disk: the rest of each layer is read in
     // the background while the previous layer computes (lookahead), or, as an ablation,
     // when the layer runs.
-    let image = model.image.as_ref().expect("an image");
     for slots in [0, 7] {
         for lookahead in [true, false] {
-            let pinned = (0..layers)
-                .map(|l| match &image.ffn_section(l).permutation {
-                    Some(p) => p[..slots].to_vec(),
-                    None => (0..slots as u32).collect(),
-                })
-                .collect();
-            let opts = FlashOptions {
-                pinned: Some(pinned),
-                lookahead,
-                ..options(Strategy::Flash, Some(slots), layers)
-            };
+            let opts = prefix_pinned(&model, slots, lookahead);
             let mut session = model.session(64, Some(opts), None).expect("session");
             let got = logits(&mut session, tokens);
             let stats = session.ffn().flash_stats().expect("flash stats");
@@ -80,6 +86,21 @@ fn strategies_agree(image: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
                 got == reference,
                 "{slots} pinned slots, lookahead {lookahead}: differs from resident"
             );
+            // A prompt in batches (with lookahead every token needs the same bundles, read
+            // once per batch) or token by token: the same logits.
+            let opts = prefix_pinned(&model, slots, lookahead);
+            let mut session = model.session(64, Some(opts), None).expect("session");
+            let mut scored = Vec::new();
+            session
+                .score(tokens, |_, l| scored.push(l.to_vec()))
+                .expect("score");
+            assert!(scored == reference, "{slots} slots: score differs");
+            let stats = session.ffn().flash_stats().expect("flash stats");
+            assert_eq!(stats.neurons_needed, (layers * tokens.len() * n) as u64);
+            if lookahead {
+                // One tail read per layer per batch.
+                assert_eq!(stats.neurons_loaded, (layers * (n - slots)) as u64);
+            }
         }
     }
     reference

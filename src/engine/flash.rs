@@ -363,16 +363,48 @@ impl FfnCompute for FlashFfn<'_> {
             Strategy::Flash => self.load_through_window(layer),
             Strategy::Resident | Strategy::Mmap => {}
         }
+        self.compute_rows(layer, h.len(), h, out);
+    }
+
+    /// Dense runs with lookahead need the same bundles for every token, so a prompt can go
+    /// through a batch at a time: each layer's tail is read once per batch, not once per token.
+    fn batched(&self) -> bool {
+        self.lookahead.is_some()
+    }
+
+    fn ffn_batch(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
+        let rows = (hs.len() / hidden) as u64;
+        let Some(first) = hs.get(..hidden) else {
+            return;
+        };
+        let t0 = Instant::now();
+        self.select(layer, first);
+        self.stats.tokens += (layer == 0) as u64 * rows;
+        self.stats.neurons_needed += self.active.len() as u64 * rows;
+        self.stats.compute += t0.elapsed();
+        self.load_tail(layer);
+        // Tokens after the first find the tail in memory.
+        self.stats.window_hits += self.active.len() as u64 * (rows - 1);
+        self.compute_rows(layer, hidden, hs, out);
+    }
+}
+
+impl FlashFfn<'_> {
+    /// `out` rows = the FFN of `hs` rows over the active neurons, once their bundles are at
+    /// hand; each row exactly as a single token would compute it.
+    fn compute_rows(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
         let t1 = Instant::now();
         let mut sparse = std::mem::take(&mut self.sparse);
         let neurons = self.gather(layer);
         let bias = self.weights.layers[layer].ffn_bias.up.as_deref();
-        sparse.compute(&self.parts, h, &neurons, bias, out);
+        for (h, o) in hs.chunks_exact(hidden).zip(out.chunks_exact_mut(hidden)) {
+            sparse.compute(&self.parts, h, &neurons, bias, o);
+            if let Some(b) = &self.weights.layers[layer].ffn_bias.down {
+                add_into(o, b);
+            }
+        }
         drop(neurons);
         self.sparse = sparse;
-        if let Some(b) = &self.weights.layers[layer].ffn_bias.down {
-            add_into(out, b);
-        }
         self.stats.compute += t1.elapsed();
     }
 }

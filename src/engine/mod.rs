@@ -130,9 +130,10 @@ impl<'w> Session<'w> {
         Ok(&self.state.logits)
     }
 
-    /// Feeds `tokens` in order and returns the logits after the last one. With dense FFN
-    /// weights the tokens go through in batches (each weight read once per batch, the same
-    /// logits to the bit); the flash path takes them one at a time.
+    /// Feeds `tokens` in order and returns the logits after the last one. When the FFN allows
+    /// ([`FfnCompute::batched`]: dense weights, or the flash path computing every neuron with
+    /// lookahead) the tokens go through in batches (each weight read once per batch, the same
+    /// logits to the bit); otherwise one at a time.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
         let (last, rest) = tokens.split_last().ok_or(EngineError::EmptyPrompt)?;
         if !self.ffn.batched() {

@@ -57,8 +57,9 @@ pub trait FfnCompute {
     fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]);
 
     /// Whether a prompt may go through this FFN a batch at a time, layer by layer
-    /// ([`FfnCompute::ffn_batch`]). Dense weights can; the flash path cannot (its window follows
-    /// tokens one at a time), and prefill then feeds the prompt token by token.
+    /// ([`FfnCompute::ffn_batch`]). Dense weights can, and so can the flash path when every
+    /// token needs the same bundles (dense with lookahead); with a predictor its window follows
+    /// tokens one at a time, and prefill then feeds the prompt token by token.
     fn batched(&self) -> bool {
         false
     }
