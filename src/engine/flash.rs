@@ -391,17 +391,20 @@ impl FfnCompute for FlashFfn<'_> {
 
 impl FlashFfn<'_> {
     /// `out` rows = the FFN of `hs` rows over the active neurons, once their bundles are at
-    /// hand; each row exactly as a single token would compute it.
+    /// hand; each row exactly as a single token would compute it (a batch shares each
+    /// bundle's gate and up rows across tokens).
     fn compute_rows(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
         let t1 = Instant::now();
         let mut sparse = std::mem::take(&mut self.sparse);
         let neurons = self.gather(layer);
         let bias = self.weights.layers[layer].ffn_bias.up.as_deref();
-        for (h, o) in hs.chunks_exact(hidden).zip(out.chunks_exact_mut(hidden)) {
-            sparse.compute(&self.parts, h, &neurons, bias, o);
-            if let Some(b) = &self.weights.layers[layer].ffn_bias.down {
-                add_into(o, b);
-            }
+        if hs.len() == hidden {
+            sparse.compute(&self.parts, hs, &neurons, bias, out);
+        } else {
+            sparse.compute_batch(&self.parts, hidden, hs, &neurons, bias, out);
+        }
+        if let Some(b) = &self.weights.layers[layer].ffn_bias.down {
+            out.chunks_exact_mut(hidden).for_each(|o| add_into(o, b));
         }
         drop(neurons);
         self.sparse = sparse;

@@ -67,11 +67,16 @@ const NEURONS_PER_CHUNK: usize = 32;
 /// One active neuron: its id (for the per-neuron bias) and its bundle's bytes.
 pub type Neuron<'b> = (u32, &'b [u8]);
 
-/// Reusable state of the sparse FFN: the quantised input and the chunk partial sums.
+/// Reusable state of the sparse FFN: the quantised input and the chunk partial sums (and,
+/// for batches, every token's quantised input and activations).
 pub struct SparseFfn {
     act_gate: ActivationBuffer,
     act_up: ActivationBuffer,
     partials: Vec<Vec<f32>>,
+    batch_gate: Vec<ActivationBuffer>,
+    batch_up: Vec<ActivationBuffer>,
+    /// `acts[i * tokens + t]`: neuron `i`'s activation for token `t`.
+    batch_acts: Vec<f32>,
 }
 
 impl Default for SparseFfn {
@@ -86,6 +91,9 @@ impl SparseFfn {
             act_gate: ActivationBuffer::new(),
             act_up: ActivationBuffer::new(),
             partials: Vec::new(),
+            batch_gate: Vec::new(),
+            batch_up: Vec::new(),
+            batch_acts: Vec::new(),
         }
     }
 
@@ -132,6 +140,96 @@ impl SparseFfn {
             }
         }
     }
+}
+
+impl SparseFfn {
+    /// [`SparseFfn::compute`] for each row of `hs` (`hidden` values each) into the same row
+    /// of `outs`, bit for bit, with each bundle's gate and up rows dotted with four tokens'
+    /// inputs at a time while they are in cache ([`quant::vec_dot4`]). The down columns are
+    /// then summed token by token, in the same chunks and order as `compute`.
+    pub fn compute_batch(
+        &mut self,
+        parts: &BundleParts,
+        hidden: usize,
+        hs: &[f32],
+        neurons: &[Neuron],
+        up_bias: Option<&[f32]>,
+        outs: &mut [f32],
+    ) {
+        let tokens = hs.len() / hidden;
+        let quantize = |dtype, acts: &mut Vec<ActivationBuffer>| {
+            acts.resize_with(tokens, ActivationBuffer::new);
+            acts.par_iter_mut()
+                .zip(hs.par_chunks_exact(hidden))
+                .for_each(|(a, h)| {
+                    a.quantize_for(dtype, h)
+                        .expect("part length matches the hidden size (checked at open)")
+                });
+        };
+        if let Some(g) = &parts.gate {
+            quantize(g.dtype, &mut self.batch_gate);
+        }
+        quantize(parts.up.dtype, &mut self.batch_up);
+        self.batch_acts.clear();
+        self.batch_acts.resize(neurons.len() * tokens, 0.0);
+        let (gate_acts, up_acts) = (&self.batch_gate, &self.batch_up);
+        self.batch_acts
+            .par_chunks_mut(tokens)
+            .zip(neurons.par_iter())
+            .for_each(|(a, &(id, bundle))| {
+                let up = dots(parts.up.dtype, parts.up.of(bundle), up_acts);
+                let gate = parts.gate.map(|g| dots(g.dtype, g.of(bundle), gate_acts));
+                for (t, a) in a.iter_mut().enumerate() {
+                    *a = combine(parts.kind, gate.as_ref().map(|g| g[t]), up[t], id, up_bias);
+                }
+            });
+        let acts = &self.batch_acts;
+        // Four tokens per task: each down column is dequantised once for the four.
+        outs.par_chunks_mut(4 * hidden)
+            .enumerate()
+            .for_each(|(g, out)| {
+                let m = out.len() / hidden;
+                let mut partial = vec![0.0f32; 4 * hidden];
+                out.fill(0.0);
+                for (c, chunk) in neurons.chunks(NEURONS_PER_CHUNK).enumerate() {
+                    partial.fill(0.0);
+                    for (k, &(_, bundle)) in chunk.iter().enumerate() {
+                        let at = (c * NEURONS_PER_CHUNK + k) * tokens + 4 * g;
+                        let mut a = [0.0f32; 4];
+                        a[..m].copy_from_slice(&acts[at..at + m]);
+                        if a.iter().any(|&v| v != 0.0) {
+                            let mut rows = partial.chunks_exact_mut(hidden);
+                            let four = std::array::from_fn(|_| rows.next().expect("4 rows"));
+                            quant::axpy4(parts.down.dtype, a, parts.down.of(bundle), four);
+                        }
+                    }
+                    for (o, &v) in out.iter_mut().zip(&partial) {
+                        *o += v;
+                    }
+                }
+            });
+    }
+}
+
+/// `row . acts[t]` for every token, four at a time where a kernel takes one row with four
+/// activations; each equal to [`quant::vec_dot`] bit for bit.
+fn dots(dtype: DType, row: &[u8], acts: &[ActivationBuffer]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(acts.len());
+    let mut groups = acts.chunks_exact(4);
+    for a in &mut groups {
+        out.extend(quant::vec_dot4(
+            dtype,
+            [row; 4],
+            [&a[0], &a[1], &a[2], &a[3]],
+        ));
+    }
+    out.extend(
+        groups
+            .remainder()
+            .iter()
+            .map(|a| quant::vec_dot(dtype, row, a)),
+    );
+    out
 }
 
 /// The neuron's hidden activation `a_i`.
@@ -246,6 +344,105 @@ mod tests {
         assert_eq!(out, [0.0; 4], "relu(2 - 5) = 0");
         SparseFfn::new().compute(&p, &h, &[(1, &b0)], Some(&bias), &mut out);
         assert_eq!(out, [2.0, 2.0, 0.0, 0.0]);
+    }
+
+    /// Quantised bundles `[gate | up | down]` of `d` values each, from a seeded sine.
+    fn quantised(
+        n: usize,
+        d: usize,
+        rows: DType,
+        down: DType,
+        seed: f32,
+    ) -> (Vec<Vec<u8>>, BundleParts) {
+        let vec = |i: usize, k: usize| -> Vec<f32> {
+            (0..d)
+                .map(|j| ((i * 3 + k) as f32 * seed + j as f32 * 0.7).sin())
+                .collect()
+        };
+        let q = |dtype, x: &[f32]| {
+            let mut b = Vec::new();
+            if quant::quantize(dtype, x, &mut b).is_err() {
+                b = k_quant_blocks(dtype, x);
+            }
+            b
+        };
+        let bundles: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                [
+                    q(rows, &vec(i, 0)),
+                    q(rows, &vec(i, 1)),
+                    q(down, &vec(i, 2)),
+                ]
+                .concat()
+            })
+            .collect();
+        let (rb, db) = (rows.bytes_for(d).unwrap(), down.bytes_for(d).unwrap());
+        let part = |dtype, offset, len| Part { dtype, offset, len };
+        let parts = BundleParts {
+            kind: FfnKind::SwiGlu,
+            gate: Some(part(rows, 0, rb)),
+            up: part(rows, rb, rb),
+            down: part(down, 2 * rb, db),
+        };
+        (bundles, parts)
+    }
+
+    /// K-quant blocks (which this crate only reads) with bytes drawn from `x` and finite,
+    /// small f16 scales: Q4_K is `[d | dmin | 12 scale bytes | 128 quant bytes]`, Q6_K
+    /// `[128 low | 64 high | 16 scales | d]`.
+    fn k_quant_blocks(dtype: DType, x: &[f32]) -> Vec<u8> {
+        let n = dtype.bytes_for(x.len()).expect("whole blocks");
+        let mut b: Vec<u8> = (0..n)
+            .map(|i| (x[i % x.len()].to_bits() >> 7) as u8 ^ i as u8)
+            .collect();
+        let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+        for block in b.chunks_exact_mut(dtype.block_bytes()) {
+            match dtype {
+                DType::Q4K => {
+                    block[0..2].copy_from_slice(&f16(0.01));
+                    block[2..4].copy_from_slice(&f16(0.002));
+                }
+                DType::Q6K => {
+                    let end = block.len();
+                    block[end - 2..].copy_from_slice(&f16(0.003));
+                }
+                other => panic!("{other} is quantised by the crate"),
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn a_batch_computes_each_token_exactly_as_alone() {
+        let d = 256;
+        for (rows, down) in [
+            (DType::Q4_1, DType::Q8_0),
+            (DType::Q4K, DType::Q8_0),
+            (DType::Q6K, DType::F16),
+            (DType::F32, DType::F32),
+        ] {
+            let (bundles, parts) = quantised(100, d, rows, down, 0.37);
+            // Every other neuron, so chunks hold ids that are not consecutive.
+            let neurons: Vec<Neuron> = (0..100)
+                .step_by(2)
+                .map(|i| (i as u32, bundles[i].as_slice()))
+                .collect();
+            for tokens in [1, 4, 7] {
+                let hs: Vec<f32> = (0..tokens * d).map(|j| (j as f32 * 0.013).cos()).collect();
+                let mut ffn = SparseFfn::new();
+                let mut batch = vec![0.0; tokens * d];
+                ffn.compute_batch(&parts, d, &hs, &neurons, None, &mut batch);
+                assert!(batch.iter().all(|v| v.is_finite()) && batch.iter().any(|&v| v != 0.0));
+                for t in 0..tokens {
+                    let mut alone = vec![0.0; d];
+                    ffn.compute(&parts, &hs[t * d..(t + 1) * d], &neurons, None, &mut alone);
+                    assert!(
+                        alone == batch[t * d..(t + 1) * d],
+                        "{rows}/{down}, {tokens} tokens: token {t} differs"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

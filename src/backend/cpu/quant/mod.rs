@@ -358,6 +358,27 @@ pub fn axpy(dtype: DType, a: f32, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// [`axpy`] of one column into four outputs, `outs[k] += a[k] * dequantize(bytes)`, each
+/// bit for bit as `axpy` would do it; outputs whose `a[k]` is zero are not touched.
+pub fn axpy4(dtype: DType, a: [f32; 4], bytes: &[u8], outs: [&mut [f32]; 4]) {
+    let (bb, bl) = (dtype.block_bytes(), dtype.block_len());
+    assert!(
+        bytes.len().is_multiple_of(bb) && outs.iter().all(|o| bytes.len() / bb * bl == o.len()),
+        "axpy4: {dtype} column of {} bytes does not match the outputs",
+        bytes.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if dtype == DType::Q8_0 && use_simd() {
+        // SAFETY: use_simd() found avx2, fma and f16c; the lengths match (checked above).
+        return unsafe { q8_0::axpy4_avx2(a, bytes, outs) };
+    }
+    for (a, out) in a.into_iter().zip(outs) {
+        if a != 0.0 {
+            axpy(dtype, a, bytes, out);
+        }
+    }
+}
+
 /// Quantises `x` into `dtype` blocks appended to `out` (cleared first), matching ggml's
 /// `quantize_row_*_ref`. Q4_K and Q6_K are not implemented (their quantisers search scales).
 pub fn quantize(dtype: DType, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {

@@ -166,6 +166,36 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8Act; K]) -> [f
     acc.map(|a| hsum_ps(a))
 }
 
+/// [`axpy_avx2`] into four outputs at once, `outs[k] += a[k] * w`, with each block of `w`
+/// dequantised once; an output whose `a[k]` is zero is left untouched (as the caller skips a
+/// zero activation). Each output gets exactly the roundings of `axpy_avx2`.
+///
+/// # Safety
+/// AVX2 must be available; `bytes` whole blocks and every output as long as they hold.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy4_avx2(a: [f32; 4], bytes: &[u8], outs: [&mut [f32]; 4]) {
+    use std::arch::x86_64::*;
+    let av = a.map(|a| _mm256_set1_ps(a));
+    for (bi, b) in bytes.chunks_exact(BYTES).enumerate() {
+        let d = _mm256_set1_ps(f16_at(b, 0));
+        for (j, q) in b[2..].chunks_exact(8).enumerate() {
+            // SAFETY: `q` is 8 readable bytes; each output holds the block's 32 floats.
+            let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.as_ptr().cast()));
+            let w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
+            let at = bi * QK + j * 8;
+            for k in 0..4 {
+                if a[k] == 0.0 {
+                    continue;
+                }
+                let o = &mut outs[k][at..at + 8];
+                let sum = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr()), _mm256_mul_ps(av[k], w));
+                _mm256_storeu_ps(o.as_mut_ptr(), sum);
+            }
+        }
+    }
+}
+
 /// `out += a * dequantize(bytes)`, eight values at a time, with the same two roundings per
 /// value as [`dequantize`] followed by a scalar multiply-add (no fusing).
 ///

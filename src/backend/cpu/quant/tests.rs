@@ -259,6 +259,34 @@ fn axpy_is_dequantize_then_multiply_add() {
     }
 }
 
+#[test]
+fn axpy4_is_four_axpys_and_skips_zero_weights() {
+    let mut rng = Rng(14);
+    for dtype in ALL {
+        let n = 512;
+        let col = random_row(&mut rng, dtype, n);
+        // -0.0 in an output stays -0.0 where its weight is zero (an add of 0 * w would not).
+        let mut start: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(n)).collect();
+        start[2][0] = -0.0;
+        let a = [0.81, -0.37, 0.0, 2.5];
+        let mut want = start.clone();
+        for (a, w) in a.iter().zip(want.iter_mut()) {
+            if *a != 0.0 {
+                axpy(dtype, *a, &col, w);
+            }
+        }
+        let mut got = start.clone();
+        let [g0, g1, g2, g3] = &mut got[..] else {
+            unreachable!()
+        };
+        axpy4(dtype, a, &col, [g0, g1, g2, g3]);
+        for k in 0..4 {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got[k]), bits(&want[k]), "{dtype} output {k}");
+        }
+    }
+}
+
 fn deq(dtype: DType, b: &[u8]) -> Vec<f32> {
     let mut out = vec![0.0; b.len() / dtype.block_bytes() * dtype.block_len()];
     dequantize(dtype, b, &mut out).unwrap();
