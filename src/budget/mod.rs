@@ -93,6 +93,15 @@ pub enum BudgetError {
     },
 }
 
+impl BudgetError {
+    /// The smallest budget that would have run.
+    pub fn minimum(&self) -> u64 {
+        match self {
+            BudgetError::TooSmall { minimum, .. } => minimum.0,
+        }
+    }
+}
+
 /// Bytes, printed with a binary unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Bytes(pub u64);

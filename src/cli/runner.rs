@@ -217,7 +217,8 @@ impl Runner {
                 );
                 Ok((Selection::All, d))
             }
-            (Err(e), Err(_)) => Err(e.into()),
+            // Neither fits: report the smaller of the two minimums.
+            (Err(p), Err(d)) => Err(if d.minimum() < p.minimum() { d } else { p }.into()),
         }
     }
 
