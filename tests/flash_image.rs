@@ -279,6 +279,24 @@ fn streamed_embedding_and_head_change_nothing() {
             if streamed {
                 assert!(stats.bytes_read > 0);
             }
+            // Scored in one batch (every neuron computed with lookahead), the head is read
+            // once for all tokens; the logits are the same.
+            let rows = OutputRows {
+                embed: source(TABLES[0], streamed),
+                head: untied.then(|| source(TABLES[1], streamed)),
+            };
+            let mut session = model
+                .session(64, Some(prefix_pinned(&model, 3, true)), None)
+                .expect("session")
+                .with_rows(rows);
+            let mut scored = Vec::new();
+            session
+                .score(&tokens, |_, l| scored.push(l.to_vec()))
+                .expect("score");
+            assert!(
+                scored == reference,
+                "{fixture}, streamed {streamed}: batched scores"
+            );
         }
         std::fs::remove_file(image).ok();
     }

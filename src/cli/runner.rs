@@ -11,7 +11,7 @@ use crate::engine::flash::{Selection, Sparsity, Strategy};
 use crate::engine::kv_cache::{KvCache, KvType};
 use crate::engine::model::Model;
 use crate::engine::streamed::{OutputRows, RowSource, STREAM_STAGING, TABLES};
-use crate::engine::Session;
+use crate::engine::{Session, BUDGET_SCORE_BATCH};
 use crate::image::{is_flash_image, FlashImage};
 use crate::sparsity::synthetic::SyntheticActivity;
 use crate::sparsity::Calibration;
@@ -270,7 +270,9 @@ impl Runner {
                 _ => 0,
             },
             kv_cache: KvCache::bytes_for(c, ctx.min(c.max_positions), kv_type),
-            scratch: (c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4) as u64
+            // Logits (a scored batch's rows), activations, the FFN's per-token vectors.
+            scratch: (BUDGET_SCORE_BATCH * c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4)
+                as u64
                 + lookahead_staging,
             stride: image.bundle().stride as u64,
             neurons: vec![n; c.n_layers],

@@ -45,6 +45,11 @@ pub struct Session<'w> {
 /// enough that a batch's activations stay small (64 x the FFN width in f32).
 const PREFILL_BATCH: usize = 64;
 
+/// Tokens per batch when [`Session::score`] runs under a memory budget (output rows from the
+/// image): every token of a scored batch keeps its vocabulary-sized logits until the batch
+/// ends, so the batch is kept small; the planner counts this many rows of logits.
+pub const BUDGET_SCORE_BATCH: usize = 8;
+
 impl<'w> Session<'w> {
     /// A session whose context holds at most `ctx` positions (clamped to what the model was
     /// trained for).
@@ -165,10 +170,14 @@ impl<'w> Session<'w> {
         }
         self.check(tokens)?;
         let vocab = self.weights.config.vocab_size;
-        for (k, batch) in tokens.chunks(PREFILL_BATCH).enumerate() {
+        let size = match self.rows {
+            Some(_) => BUDGET_SCORE_BATCH,
+            None => PREFILL_BATCH,
+        };
+        for (k, batch) in tokens.chunks(size).enumerate() {
             self.run_batch(batch, Logits::All);
             for (j, logits) in self.batch.logits().chunks_exact(vocab).enumerate() {
-                each(k * PREFILL_BATCH + j, logits);
+                each(k * size + j, logits);
             }
         }
         Ok(())

@@ -193,6 +193,61 @@ impl RowSource {
     }
 }
 
+impl RowSource {
+    /// `outs[k] = M acts[k]` for every activation (`outs` holds `acts.len()` rows of `rows`
+    /// values), each exactly as [`RowSource::matvec`] computes it; a streamed table is read
+    /// once for all of them.
+    pub fn matvecs(&mut self, acts: &[ActivationBuffer], outs: &mut [f32]) {
+        debug_assert_eq!(outs.len(), acts.len() * self.rows);
+        let (rb, dtype, rows) = (self.row_bytes, self.dtype, self.rows);
+        let Where::Streamed {
+            prefetch, spare, ..
+        } = &mut self.where_
+        else {
+            for (act, out) in acts.iter().zip(outs.chunks_exact_mut(rows)) {
+                self.matvec(act, out);
+            }
+            return;
+        };
+        let per_chunk = (STREAM_CHUNK / rb).max(1);
+        let n_chunks = rows.div_ceil(per_chunk);
+        if n_chunks == 0 || acts.is_empty() {
+            return;
+        }
+        let span = |k: usize| {
+            let first = k * per_chunk;
+            (first, per_chunk.min(rows - first))
+        };
+        let t = Instant::now();
+        let mut compute = Duration::ZERO;
+        let start = |prefetch: &mut Prefetcher, spare: &mut Vec<Vec<u8>>, k: usize| {
+            let (first, n) = span(k);
+            let at = self.offset + (first * rb) as u64;
+            prefetch.start(k, at, n * rb, spare.pop().unwrap_or_default());
+        };
+        start(prefetch, spare, 0);
+        for k in 0..n_chunks {
+            let fetched = prefetch.wait();
+            debug_assert_eq!(fetched.tag, k, "batches arrive in order");
+            let stats = fetched
+                .result
+                .unwrap_or_else(|e| panic!("streaming {}: {e}", self.name));
+            self.bytes_read += stats.bytes_read;
+            if k + 1 < n_chunks {
+                start(prefetch, spare, k + 1);
+            }
+            let tc = Instant::now();
+            let (first, n) = span(k);
+            for (act, out) in acts.iter().zip(outs.chunks_exact_mut(rows)) {
+                par_matvec(dtype, &fetched.buf, rb, act, &mut out[first..first + n]);
+            }
+            compute += tc.elapsed();
+            spare.push(fetched.buf);
+        }
+        self.io += t.elapsed().saturating_sub(compute);
+    }
+}
+
 /// Rows of `weights` (each `row_bytes`) times `act`, split across the worker threads.
 fn par_matvec(
     dtype: DType,

@@ -122,7 +122,8 @@ pub fn forward_batch(
 }
 
 /// Every token's logits into `b.logits`: the vocabulary projection batched when the head is
-/// one resident matrix, row by row otherwise (a streamed head, or OPT's output projection).
+/// one resident matrix, read once for the batch when it is streamed, row by row for OPT's
+/// output projection.
 fn output_all(
     w: &ModelWeights,
     s: &mut CpuState,
@@ -132,6 +133,19 @@ fn output_all(
     let (c, n) = (&w.config, b.acts.len());
     let (d, vocab) = (c.hidden_size, c.vocab_size);
     b.logits.resize(n * vocab, 0.0);
+    if let (Some(rows), None) = (rows.as_deref_mut(), &w.project_out) {
+        match &w.final_norm {
+            Some(norm) => norm_rows(norm, c, &b.x, &mut b.h),
+            None => b.h.copy_from_slice(&b.x),
+        }
+        let head = rows.head();
+        for (act, h) in b.acts.iter_mut().zip(b.h.chunks_exact(d)) {
+            act.quantize_for(head.dtype(), h)
+                .expect("lm_head columns match the hidden size (checked at load time)");
+        }
+        head.matvecs(&b.acts, &mut b.logits);
+        return;
+    }
     if rows.is_some() || w.project_out.is_some() {
         for (x, out) in b.x.chunks_exact(d).zip(b.logits.chunks_exact_mut(vocab)) {
             s.x.copy_from_slice(x);
