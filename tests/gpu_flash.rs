@@ -66,7 +66,11 @@ fn generate(model: &Path, args: &[&str]) -> Result<(Vec<u32>, serde_json::Value)
 
 /// The smallest budget, from the refusal's message ("needs at least 321 KiB"), plus `extra`.
 fn minimum_plus(image: &Path, extra: u64) -> String {
-    let err = generate(image, &["--backend", "gpu", "--vram-budget", "1"]).unwrap_err();
+    let err = generate(
+        image,
+        &["--backend", "gpu", "--predictor", "--vram-budget", "1"],
+    )
+    .unwrap_err();
     assert!(err.contains("--vram-budget"), "{err}");
     let at = err.find("at least ").expect("states the minimum") + "at least ".len();
     let mut words = err[at..].split_whitespace();
@@ -90,10 +94,9 @@ fn gpu_flash_tokens_do_not_depend_on_the_vram_budget_and_match_the_cpu() {
     let (cpu, cpu_stats) = generate(&image, &["--backend", "cpu", "--kv-type", "f32"]).unwrap();
     assert_eq!(cpu_stats["strategy"], "flash");
     let tiny = minimum_plus(&image, 0);
-    let (small, small_stats) =
-        generate(&image, &["--backend", "gpu", "--vram-budget", &tiny]).unwrap();
-    let (large, large_stats) =
-        generate(&image, &["--backend", "gpu", "--vram-budget", "1GiB"]).unwrap();
+    let gpu = ["--backend", "gpu", "--predictor", "--vram-budget"];
+    let (small, small_stats) = generate(&image, &[&gpu[..], &[&tiny]].concat()).unwrap();
+    let (large, large_stats) = generate(&image, &[&gpu[..], &["1GiB"]].concat()).unwrap();
     let (unplanned, _) = generate(&image, &["--backend", "gpu"]).unwrap();
     assert_eq!(small, large, "tiny ({tiny} B) vs large VRAM budget");
     assert_eq!(large, unplanned);
@@ -120,6 +123,18 @@ fn gpu_flash_tokens_do_not_depend_on_the_vram_budget_and_match_the_cpu() {
     );
     assert!(g(&small_stats, "gpu_wait_ms") > 0.0);
     assert_eq!(small_stats["strategy"], "gpu-flash");
+
+    // Left to choose at the tiny budget, the planner keeps the predictor or computes every
+    // neuron, and the tokens follow its choice.
+    let (chosen, stats) = generate(&image, &["--backend", "gpu", "--vram-budget", &tiny]).unwrap();
+    match stats["flash"]["selection"].as_str() {
+        Some("predictor") => assert_eq!(chosen, large),
+        Some("dense") => {
+            let (dense, _) = generate(&image, &["--backend", "gpu", "--dense"]).unwrap();
+            assert_eq!(chosen, dense);
+        }
+        other => panic!("selection {other:?}"),
+    }
     std::fs::remove_file(image).ok();
 }
 

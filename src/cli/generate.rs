@@ -205,7 +205,15 @@ pub(super) fn open_gpu_model<'r>(
     if flash.synthetic_activity.is_some() {
         bail!("--synthetic-activity is not supported with --backend gpu; use --backend cpu");
     }
-    let selection = flash.selection(runner.calibration.is_some());
+    let mut selection = flash.selection(runner.calibration.is_some());
+    let plan = match flash.vram_budget {
+        Some(budget) => {
+            let (sel, plan) = choose_vram_plan(runner, ctx, budget, selection, flash.predictor)?;
+            selection = sel;
+            Some(plan)
+        }
+        None => None,
+    };
     let predictors = match selection {
         Selection::All => {
             if !flash.dense {
@@ -227,8 +235,7 @@ pub(super) fn open_gpu_model<'r>(
         direct: base.direct,
         ..GpuFlashOptions::default()
     };
-    if let Some(budget) = flash.vram_budget {
-        let plan = plan_vram(runner, ctx, budget, predictors.is_some())?;
+    if let Some(plan) = plan {
         log::info!("VRAM plan: {plan:?}");
         opts.pinned = runner.pins(selection, &plan.0.window_slots);
         opts.window_slots = Some(plan.0.window_slots);
@@ -242,6 +249,56 @@ pub(super) fn open_gpu_model<'r>(
         ctx,
         opts,
     )?))
+}
+
+/// The VRAM plan for `budget` and the selection it runs: as under --memory-budget, the
+/// predictor gives way to computing every neuron unless it is expected to read under 3/4 of
+/// the dense bytes (`keep` keeps it). On the GPU, dense selection also needs no readback of
+/// the active set, so the next layer's reads start while this one computes.
+fn choose_vram_plan(
+    runner: &super::runner::Runner,
+    ctx: usize,
+    budget: u64,
+    selection: Selection,
+    keep: bool,
+) -> anyhow::Result<(Selection, (budget::Plan, usize))> {
+    let cal = match (selection, &runner.calibration) {
+        (Selection::Predictor, Some(cal)) if !keep => cal,
+        _ => {
+            let plan = plan_vram(runner, ctx, budget, selection == Selection::Predictor)?;
+            return Ok((selection, plan));
+        }
+    };
+    let n = runner.model.weights.config.intermediate_size;
+    let reads = |plan: &budget::Plan, misses: &dyn Fn(usize, usize) -> f64| -> f64 {
+        let slots = plan.window_slots.iter().enumerate();
+        slots.map(|(l, &s)| misses(l, s)).sum()
+    };
+    match (
+        plan_vram(runner, ctx, budget, true),
+        plan_vram(runner, ctx, budget, false),
+    ) {
+        (Ok(p), Ok(d)) => {
+            let predicted = reads(&p.0, &|l, s| cal.expected_misses(l, s));
+            let dense = reads(&d.0, &|_, s| n.saturating_sub(s) as f64);
+            if predicted < super::runner::PREDICTOR_READ_SHARE * dense {
+                return Ok((Selection::Predictor, p));
+            }
+            eprintln!(
+                "VRAM plan: computing every FFN neuron: expected to read {dense:.0} bundles per \
+                 token against {predicted:.0} with the predictors (--predictor keeps them)"
+            );
+            Ok((Selection::All, d))
+        }
+        (Ok(p), Err(_)) => Ok((Selection::Predictor, p)),
+        (Err(_), Ok(d)) => {
+            eprintln!(
+                "VRAM plan: computing every FFN neuron: the budget cannot hold the predictors"
+            );
+            Ok((Selection::All, d))
+        }
+        (Err(e), Err(_)) => Err(e),
+    }
 }
 
 /// The VRAM plan of a flash image on the GPU, and the overflow reserve it counts (one layer's

@@ -22,7 +22,7 @@ use crate::storage::{DiskCurve, ALIGN, PREFETCH_CHUNK};
 /// reads them in the background, in large requests, while the previous layer computes: on
 /// Qwen2.5-1.5B under a 512 MiB cap, dense reads of 772 MB per token ran at 2.36 tokens/s and
 /// predicted reads of 781 MB at 1.04 (docs/benchmarks.md).
-const PREDICTOR_READ_SHARE: f64 = 0.75;
+pub(super) const PREDICTOR_READ_SHARE: f64 = 0.75;
 
 pub struct Runner {
     pub model: Model,
