@@ -216,7 +216,7 @@ pub(super) fn open_gpu_model<'r>(
     };
     let predictors = match selection {
         Selection::All => {
-            if !flash.dense {
+            if !flash.dense && runner.calibration.is_none() {
                 log::warn!(
                     "{} is not calibrated: computing every FFN neuron (run `llmflash calibrate`)",
                     model.path.display()
