@@ -150,64 +150,25 @@ impl RowSource {
 
     /// `out = M act` over all rows.
     pub fn matvec(&mut self, act: &ActivationBuffer, out: &mut [f32]) {
-        debug_assert_eq!(out.len(), self.rows);
-        let (rb, dtype) = (self.row_bytes, self.dtype);
-        match &mut self.where_ {
-            Where::Resident(b) => par_matvec(dtype, b, rb, act, out),
-            Where::Streamed {
-                prefetch, spare, ..
-            } => {
-                let per_chunk = (STREAM_CHUNK / rb).max(1);
-                let n_chunks = out.len().div_ceil(per_chunk);
-                let span = |k: usize| {
-                    let first = k * per_chunk;
-                    let rows = per_chunk.min(self.rows - first);
-                    (self.offset + (first * rb) as u64, rows * rb)
-                };
-                if n_chunks == 0 {
-                    return;
-                }
-                let t = Instant::now();
-                let mut compute = Duration::ZERO;
-                let (at, len) = span(0);
-                prefetch.start(0, at, len, spare.pop().unwrap_or_default());
-                for (k, out) in out.chunks_mut(per_chunk).enumerate() {
-                    let fetched = prefetch.wait();
-                    debug_assert_eq!(fetched.tag, k, "batches arrive in order");
-                    let stats = fetched
-                        .result
-                        .unwrap_or_else(|e| panic!("streaming {}: {e}", self.name));
-                    self.bytes_read += stats.bytes_read;
-                    if k + 1 < n_chunks {
-                        let (at, len) = span(k + 1);
-                        prefetch.start(k + 1, at, len, spare.pop().unwrap_or_default());
-                    }
-                    let tc = Instant::now();
-                    par_matvec(dtype, &fetched.buf, rb, act, out);
-                    compute += tc.elapsed();
-                    spare.push(fetched.buf);
-                }
-                self.io += t.elapsed().saturating_sub(compute);
-            }
-        }
+        self.matvecs(std::slice::from_ref(act), out);
     }
-}
 
-impl RowSource {
     /// `outs[k] = M acts[k]` for every activation (`outs` holds `acts.len()` rows of `rows`
-    /// values), each exactly as [`RowSource::matvec`] computes it; a streamed table is read
-    /// once for all of them.
+    /// values); a streamed table is read once for all of them, each batch of rows multiplied
+    /// while the next is read, and every product is the same as for one activation alone.
     pub fn matvecs(&mut self, acts: &[ActivationBuffer], outs: &mut [f32]) {
         debug_assert_eq!(outs.len(), acts.len() * self.rows);
         let (rb, dtype, rows) = (self.row_bytes, self.dtype, self.rows);
-        let Where::Streamed {
-            prefetch, spare, ..
-        } = &mut self.where_
-        else {
-            for (act, out) in acts.iter().zip(outs.chunks_exact_mut(rows)) {
-                self.matvec(act, out);
+        let (prefetch, spare) = match &mut self.where_ {
+            Where::Resident(b) => {
+                for (act, out) in acts.iter().zip(outs.chunks_exact_mut(rows)) {
+                    par_matvec(dtype, b, rb, act, out);
+                }
+                return;
             }
-            return;
+            Where::Streamed {
+                prefetch, spare, ..
+            } => (prefetch, spare),
         };
         let per_chunk = (STREAM_CHUNK / rb).max(1);
         let n_chunks = rows.div_ceil(per_chunk);
