@@ -25,7 +25,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let runner = super::runner::Runner::open(&a.model, &a.flash)?;
+    let runner = super::runner::Runner::open(&a.model, &a.flash)?.scoring();
     let Some(tok) = runner.model.tokenizer.as_ref() else {
         bail!(
             "{} has no tokenizer; perplexity needs one",

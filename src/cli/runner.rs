@@ -37,6 +37,8 @@ pub struct Runner {
     /// The embedding and output head were left out of the load: each session reads them
     /// (or streams them) as its memory plan says.
     tables_deferred: bool,
+    /// Rows of logits a session holds at once: 1 to generate, a scored batch's for perplexity.
+    logits_rows: usize,
 }
 
 impl Runner {
@@ -70,7 +72,17 @@ impl Runner {
             predicting: OnceLock::new(),
             synthetic,
             tables_deferred,
+            logits_rows: 1,
         })
+    }
+
+    /// For sessions that score every position ([`Session::score`]): under a budget they hold a
+    /// batch of logits rows at once, which the plan then counts.
+    pub fn scoring(self) -> Runner {
+        Runner {
+            logits_rows: BUDGET_SCORE_BATCH,
+            ..self
+        }
     }
 
     /// What decides `selection`'s neurons: the synthetic activity, or the calibration (with
@@ -270,8 +282,8 @@ impl Runner {
                 _ => 0,
             },
             kv_cache: KvCache::bytes_for(c, ctx.min(c.max_positions), kv_type),
-            // Logits (a scored batch's rows), activations, the FFN's per-token vectors.
-            scratch: (BUDGET_SCORE_BATCH * c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4)
+            // Logits, activations, the FFN's per-token vectors.
+            scratch: (self.logits_rows * c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4)
                 as u64
                 + lookahead_staging,
             stride: image.bundle().stride as u64,
