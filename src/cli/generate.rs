@@ -270,35 +270,28 @@ fn choose_vram_plan(
         }
     };
     let n = runner.model.weights.config.intermediate_size;
-    let reads = |plan: &budget::Plan, misses: &dyn Fn(usize, usize) -> f64| -> f64 {
-        let slots = plan.window_slots.iter().enumerate();
-        slots.map(|(l, &s)| misses(l, s)).sum()
-    };
-    match (
+    let stride = runner.model.image.as_ref().map_or(0, |i| i.bundle().stride) as f64;
+    let plans = (
         plan_vram(runner, ctx, budget, true),
         plan_vram(runner, ctx, budget, false),
-    ) {
-        (Ok(p), Ok(d)) => {
-            let predicted = reads(&p.0, &|l, s| cal.expected_misses(l, s));
-            let dense = reads(&d.0, &|_, s| n.saturating_sub(s) as f64);
-            if predicted < super::runner::PREDICTOR_READ_SHARE * dense {
-                return Ok((Selection::Predictor, p));
-            }
-            eprintln!(
-                "VRAM plan: computing every FFN neuron: expected to read {dense:.0} bundles per \
-                 token against {predicted:.0} with the predictors (--predictor keeps them)"
-            );
-            Ok((Selection::All, d))
-        }
-        (Ok(p), Err(_)) => Ok((Selection::Predictor, p)),
-        (Err(_), Ok(d)) => {
-            eprintln!(
-                "VRAM plan: computing every FFN neuron: the budget cannot hold the predictors"
-            );
-            Ok((Selection::All, d))
-        }
-        (Err(e), Err(_)) => Err(e),
-    }
+    );
+    let reads = |(plan, _): &(budget::Plan, usize), selection| -> f64 {
+        let slots = &plan.window_slots;
+        let misses: f64 = match selection {
+            Selection::Predictor => (slots.iter().enumerate())
+                .map(|(l, &s)| cal.expected_misses(l, s))
+                .sum(),
+            _ => slots.iter().map(|&s| n.saturating_sub(s) as f64).sum(),
+        };
+        misses * stride
+    };
+    super::runner::choose_selection(
+        "VRAM plan",
+        plans,
+        super::runner::PREDICTOR_READ_SHARE,
+        reads,
+    )
+    .map_err(|(predicted, _)| predicted)
 }
 
 /// The VRAM plan of a flash image on the GPU, and the overflow reserve it counts (one layer's

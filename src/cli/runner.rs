@@ -24,6 +24,47 @@ use crate::storage::{DiskCurve, ALIGN, PREFETCH_CHUNK};
 /// predicted reads of 781 MB at 1.04 (docs/benchmarks.md).
 pub(super) const PREDICTOR_READ_SHARE: f64 = 0.75;
 
+/// The choice between a plan with the predictors and one computing every neuron: the
+/// predictor's if it is expected to read under `share` of the dense bytes per token
+/// (`reads(plan, selection)`) or the dense plan does not fit, the dense one otherwise (said on
+/// stderr, prefixed with `label`). Both errors when neither fits.
+pub(super) fn choose_selection<P, E>(
+    label: &str,
+    plans: (Result<P, E>, Result<P, E>),
+    share: f64,
+    reads: impl Fn(&P, Selection) -> f64,
+) -> Result<(Selection, P), (E, E)> {
+    let mb = |b: f64| b / 1e6;
+    match plans {
+        (Ok(p), Ok(d)) => {
+            let predicted = reads(&p, Selection::Predictor);
+            let dense = reads(&d, Selection::All);
+            log::info!(
+                "{label}: expected reads per token: {:.1} MB predicting, {:.1} MB dense",
+                mb(predicted),
+                mb(dense)
+            );
+            if predicted < share * dense {
+                return Ok((Selection::Predictor, p));
+            }
+            eprintln!(
+                "{label}: computing every FFN neuron: at this budget that is expected to read \
+                 {:.1} MB per token, known in advance, against {:.1} MB with the predictors \
+                 (--predictor keeps them)",
+                mb(dense),
+                mb(predicted)
+            );
+            Ok((Selection::All, d))
+        }
+        (Ok(p), Err(_)) => Ok((Selection::Predictor, p)),
+        (Err(_), Ok(d)) => {
+            eprintln!("{label}: computing every FFN neuron: the budget cannot hold the predictors");
+            Ok((Selection::All, d))
+        }
+        (Err(p), Err(d)) => Err((p, d)),
+    }
+}
+
 pub struct Runner {
     pub model: Model,
     /// The image's calibration without its predictors (thresholds, frequencies), when it has
@@ -103,13 +144,13 @@ impl Runner {
         let Some(image) = &self.model.image else {
             return Ok(None);
         };
-        if self.calibration.is_none() {
+        let Some(stats) = &self.calibration else {
             return Ok(None);
-        }
+        };
         if self.predicting.get().is_none() {
-            let full = Calibration::load(image)
-                .with_context(|| format!("reading the predictors of {}", image.file().display()))?
-                .context("the calibration disappeared from the image while it was open")?;
+            let full = stats
+                .with_predictors(image)
+                .with_context(|| format!("reading the predictors of {}", image.file().display()))?;
             let _ = self.predicting.set(full);
         }
         Ok(self.predicting.get())
@@ -198,40 +239,15 @@ impl Runner {
         };
         let n = self.model.weights.config.intermediate_size;
         let (pn, dn) = (needs(Selection::Predictor), needs(Selection::All));
-        let mb = |b: f64| b / 1e6;
-        match (budget::plan(budget, &pn), budget::plan(budget, &dn)) {
-            (Ok(p), Ok(d)) => {
-                let predicted = p.expected_reads(&pn, |l, slots| cal.expected_misses(l, slots));
-                let dense = d.expected_reads(&dn, |_, slots| n.saturating_sub(slots) as f64);
-                log::info!(
-                    "expected reads per token: {:.1} MB predicting, {:.1} MB dense",
-                    mb(predicted),
-                    mb(dense)
-                );
-                let share = if lookahead { PREDICTOR_READ_SHARE } else { 1.0 };
-                if predicted < share * dense {
-                    return Ok((Selection::Predictor, p));
-                }
-                eprintln!(
-                    "memory plan: computing every FFN neuron: at this budget that is expected to \
-                     read {:.1} MB per token, known in advance, against {:.1} MB with the \
-                     predictors ({:.1} MiB) (--predictor keeps them)",
-                    mb(dense),
-                    mb(predicted),
-                    cal.predictor_bytes() as f64 / (1 << 20) as f64
-                );
-                Ok((Selection::All, d))
-            }
-            (Ok(p), Err(_)) => Ok((Selection::Predictor, p)),
-            (Err(_), Ok(d)) => {
-                eprintln!(
-                    "memory plan: computing every FFN neuron: the budget cannot hold the predictors"
-                );
-                Ok((Selection::All, d))
-            }
-            // Neither fits: report the smaller of the two minimums.
-            (Err(p), Err(d)) => Err(if d.minimum() < p.minimum() { d } else { p }.into()),
-        }
+        let plans = (budget::plan(budget, &pn), budget::plan(budget, &dn));
+        let share = if lookahead { PREDICTOR_READ_SHARE } else { 1.0 };
+        let reads = |plan: &budget::Plan, selection| match selection {
+            Selection::Predictor => plan.expected_reads(&pn, |l, s| cal.expected_misses(l, s)),
+            _ => plan.expected_reads(&dn, |_, s| n.saturating_sub(s) as f64),
+        };
+        // Neither fits: report the smaller of the two minimums.
+        choose_selection("memory plan", plans, share, reads)
+            .map_err(|(p, d)| if d.minimum() < p.minimum() { d } else { p }.into())
     }
 
     /// Expected active neurons per token, per layer, under `selection`.

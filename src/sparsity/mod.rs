@@ -102,25 +102,34 @@ impl Calibration {
         let Some(mut cal) = Self::load_stats(image)? else {
             return Ok(None);
         };
+        cal.predictors = cal.read_predictors(image)?;
+        Ok(Some(cal))
+    }
+
+    /// This calibration (loaded with [`Calibration::load_stats`] from `image`) with its
+    /// predictors read from the image.
+    pub fn with_predictors(&self, image: &FlashImage) -> Result<Calibration, CalibrationError> {
+        Ok(Calibration {
+            meta: self.meta.clone(),
+            frequencies: self.frequencies.clone(),
+            predicted_frequencies: self.predicted_frequencies.clone(),
+            predictors: self.read_predictors(image)?,
+            predictor_bytes: self.predictor_bytes,
+        })
+    }
+
+    fn read_predictors(&self, image: &FlashImage) -> Result<Vec<Predictor>, CalibrationError> {
         let c = &image.meta.config;
-        cal.predictors = cal
-            .meta
-            .layers
-            .iter()
-            .enumerate()
+        let meta = &self.meta;
+        (meta.layers.iter().enumerate())
             .map(|(l, lm)| {
                 let blob = image.blob(EXTRA_KEY, &format!("predictor.{l}"))?;
+                let (d, n) = (c.hidden_size, c.intermediate_size);
                 Ok(Predictor::from_bytes(
-                    blob,
-                    cal.meta.form,
-                    cal.meta.rank,
-                    c.hidden_size,
-                    c.intermediate_size,
-                    lm.tau,
+                    blob, meta.form, meta.rank, d, n, lm.tau,
                 )?)
             })
-            .collect::<Result<_, CalibrationError>>()?;
-        Ok(Some(cal))
+            .collect()
     }
 
     /// The calibration stored in `image` without its predictors (thresholds, frequencies and

@@ -9,7 +9,7 @@
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::{CoalesceOptions, ReadPool, ReadStats, StorageError};
 
@@ -23,9 +23,8 @@ pub struct Fetched {
     pub tag: usize,
     /// The lent buffer, holding exactly the range's bytes (on success).
     pub buf: Vec<u8>,
+    /// What was read; its `wall` is the time the background thread spent (reads and copies).
     pub result: Result<ReadStats, StorageError>,
-    /// Time the read took on the background thread (reads and copies).
-    pub busy: Duration,
 }
 
 struct Request {
@@ -137,7 +136,6 @@ fn fetch(pool: &ReadPool, opts: &CoalesceOptions, r: Request) -> Fetched {
         tag,
         buf,
         result: result.map(|()| total),
-        busy: t.elapsed(),
     }
 }
 

@@ -176,11 +176,16 @@ impl SparseFfn {
         self.batch_acts
             .par_chunks_mut(tokens)
             .zip(neurons.par_iter())
-            .for_each(|(a, &(id, bundle))| {
-                let up = dots(parts.up.dtype, parts.up.of(bundle), up_acts);
-                let gate = parts.gate.map(|g| dots(g.dtype, g.of(bundle), gate_acts));
+            .for_each_init(Vec::new, |gate, (a, &(id, bundle))| {
+                // `a` first holds the up dots, then the activations.
+                dots(parts.up.dtype, parts.up.of(bundle), up_acts, a);
+                if let Some(g) = &parts.gate {
+                    gate.resize(tokens, 0.0);
+                    dots(g.dtype, g.of(bundle), gate_acts, gate);
+                }
                 for (t, a) in a.iter_mut().enumerate() {
-                    *a = combine(parts.kind, gate.as_ref().map(|g| g[t]), up[t], id, up_bias);
+                    let g = parts.gate.map(|_| gate[t]);
+                    *a = combine(parts.kind, g, *a, id, up_bias);
                 }
             });
         let acts = &self.batch_acts;
@@ -211,25 +216,21 @@ impl SparseFfn {
     }
 }
 
-/// `row . acts[t]` for every token, four at a time where a kernel takes one row with four
-/// activations; each equal to [`quant::vec_dot`] bit for bit.
-fn dots(dtype: DType, row: &[u8], acts: &[ActivationBuffer]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(acts.len());
+/// `out[t] = row . acts[t]` for every token, four at a time where a kernel takes one row with
+/// four activations; each equal to [`quant::vec_dot`] bit for bit.
+fn dots(dtype: DType, row: &[u8], acts: &[ActivationBuffer], out: &mut [f32]) {
     let mut groups = acts.chunks_exact(4);
-    for a in &mut groups {
-        out.extend(quant::vec_dot4(
+    let mut outs = out.chunks_exact_mut(4);
+    for (a, o) in (&mut groups).zip(&mut outs) {
+        o.copy_from_slice(&quant::vec_dot4(
             dtype,
             [row; 4],
             [&a[0], &a[1], &a[2], &a[3]],
         ));
     }
-    out.extend(
-        groups
-            .remainder()
-            .iter()
-            .map(|a| quant::vec_dot(dtype, row, a)),
-    );
-    out
+    for (a, o) in groups.remainder().iter().zip(outs.into_remainder()) {
+        *o = quant::vec_dot(dtype, row, a);
+    }
 }
 
 /// The neuron's hidden activation `a_i`.
