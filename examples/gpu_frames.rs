@@ -206,8 +206,11 @@ impl Renderer {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = parse()?;
     // The host's own device, as a game engine would create it.
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    // Vulkan, Metal or DX12 unless WGPU_BACKEND says otherwise: a GL backend enabled next to
+    // them opens an EGL context whose threads can outlive `main` (see GpuContext::new).
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+    let instance = wgpu::Instance::new(desc);
     let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
         power_preference: wgpu::PowerPreference::HighPerformance,
         force_fallback_adapter: false,
