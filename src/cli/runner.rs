@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 
 use crate::budget::{self, Needs, Table};
 use crate::cli::flash_args::FlashArgs;
-use crate::engine::flash::{Selection, Sparsity, Strategy};
+use crate::engine::flash::{lookahead_extra_bytes, Selection, Sparsity, Strategy};
 use crate::engine::kv_cache::{KvCache, KvType};
 use crate::engine::model::Model;
 use crate::engine::streamed::{OutputRows, RowSource, STREAM_STAGING, TABLES};
@@ -15,7 +15,7 @@ use crate::engine::{Session, BUDGET_SCORE_BATCH};
 use crate::image::{is_flash_image, FlashImage};
 use crate::sparsity::synthetic::SyntheticActivity;
 use crate::sparsity::Calibration;
-use crate::storage::{DiskCurve, ALIGN, PREFETCH_CHUNK};
+use crate::storage::DiskCurve;
 
 /// The predictor is kept under a budget only if it is expected to read less than this share
 /// of what computing every neuron reads. Dense reads are the same every token, so lookahead
@@ -274,10 +274,10 @@ impl Runner {
         let c = &self.model.weights.config;
         let n = c.intermediate_size;
         let tied = image.meta.tensor(TABLES[1]).is_none();
-        // With every neuron computed, the next layer's tail is read while this one computes:
-        // the read pool stages one chunk of it (the two tails are the one-layer reserve).
+        // With every neuron computed, the next layers' tails are read while this one computes,
+        // straight into buffers of their own: what those need beyond the planner's reserve.
         let lookahead_staging = match selection {
-            Selection::All => (PREFETCH_CHUNK.min(n * image.bundle().stride) + 2 * ALIGN) as u64,
+            Selection::All => lookahead_extra_bytes(n * image.bundle().stride) as u64,
             _ => 0,
         };
         let tables: Vec<Table> = TABLES

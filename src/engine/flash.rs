@@ -12,6 +12,7 @@
 //! layer's tail is read in the background while this layer computes (*lookahead*), and the
 //! time per token approaches the larger of I/O and compute instead of their sum.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,9 @@ use crate::backend::cpu::sparse_ffn::{activations, BundleParts, Neuron, SparseFf
 use crate::engine::stats::FlashStats;
 use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
-use crate::storage::{AlignedBuf, CoalesceOptions, FlashFile, Prefetcher, ReadPool};
+use crate::storage::{
+    buffer_bytes, AlignedBuf, CoalesceOptions, Fetched, FlashFile, Prefetcher, ReadPool, ReadStats,
+};
 use crate::window::{Window, WindowConfig};
 
 /// Where FFN bundles come from.
@@ -154,7 +157,9 @@ pub struct FlashFfn<'a> {
     /// Active neurons the window could not hold this token (sorted), and their bundles.
     overflow_ids: Vec<u32>,
     overflow: Vec<u8>,
-    naive: Option<AlignedBuf>,
+    /// The naive baseline's layer buffer, and where the layer starts in it.
+    naive: AlignedBuf,
+    naive_skip: usize,
     oracle_acts: Vec<f32>,
     stats: FlashStats,
 }
@@ -216,7 +221,8 @@ impl<'a> FlashFfn<'a> {
             ranges: Vec::new(),
             overflow_ids: Vec::new(),
             overflow: Vec::new(),
-            naive: None,
+            naive: AlignedBuf::new(0),
+            naive_skip: 0,
             oracle_acts: Vec::new(),
             stats: FlashStats::default(),
         };
@@ -233,7 +239,17 @@ impl<'a> FlashFfn<'a> {
                     (start, (section.n_neurons - s) * stride)
                 })
                 .collect();
-            ffn.lookahead = Some(Lookahead::new(pool, ffn.opts.coalesce, tails, first)?);
+            let layer_bytes = (0..ffn.layers.len())
+                .map(|l| image.ffn_section(l).n_neurons * stride)
+                .max()
+                .unwrap_or(0);
+            ffn.lookahead = Some(Lookahead::new(
+                pool,
+                ffn.opts.coalesce,
+                tails,
+                first,
+                lookahead_depth(layer_bytes),
+            )?);
         }
         Ok(ffn)
     }
@@ -295,7 +311,7 @@ impl<'a> FlashFfn<'a> {
             .map(|l| l.window.bytes() + l.resident.as_ref().map_or(0, Vec::len))
             .sum();
         let lookahead = self.lookahead.as_ref().map_or(0, Lookahead::bytes);
-        layers + self.overflow.capacity() + self.naive.as_ref().map_or(0, |b| b.len()) + lookahead
+        layers + self.overflow.capacity() + self.naive.len() + lookahead
     }
 
     /// With oracle selection: every neuron's hidden activation from the last `ffn` call, in
@@ -438,7 +454,7 @@ impl FlashFfn<'_> {
                 .map(|&i| (i, self.mmap_bundle(layer, i)))
                 .collect(),
             Strategy::Naive => {
-                let buf = self.naive.as_ref().expect("read_whole_layer fills it");
+                let buf = &self.naive[self.naive_skip..];
                 self.active.iter().map(|&i| (i, slice(buf, i))).collect()
             }
             Strategy::Flash => self
@@ -449,7 +465,7 @@ impl FlashFfn<'_> {
                     None if self.lookahead.is_some() => {
                         let la = self.lookahead.as_ref().expect("checked");
                         let at = state.disk_slot[i as usize] as usize - la.first_slot[layer];
-                        (i, &la.current[at * stride..(at + 1) * stride])
+                        (i, &la.tail()[at * stride..(at + 1) * stride])
                     }
                     None => {
                         let k = self
@@ -468,21 +484,18 @@ impl FlashFfn<'_> {
         let t = Instant::now();
         let section = self.image.ffn_section(layer);
         let (offset, len) = (section.offset, section.len as usize);
-        if self.naive.as_ref().is_none_or(|b| b.len() < len) {
-            self.naive = Some(AlignedBuf::new(len));
-        }
-        let buf = self.naive.as_mut().expect("allocated above");
         let pool = self.pool.as_ref().expect("naive strategy opens the file");
-        let stats = pool
-            .read_ranges(&[(offset, len)], &self.opts.coalesce, &mut |_, bytes| {
-                buf[..len].copy_from_slice(bytes)
-            })
+        // Straight into the layer buffer, as the flash path's tails are read: the baseline
+        // pays for no copy that flash does not.
+        let (stats, skip) = pool
+            .read_span(offset, len, &self.opts.coalesce, &mut self.naive)
             .unwrap_or_else(|e| {
                 panic!(
                     "reading layer {layer} from {}: {e}",
                     self.image.file().display()
                 )
             });
+        self.naive_skip = skip;
         self.stats.bytes_read += stats.bytes_read;
         self.stats.read_ops += stats.ops as u64;
         self.stats.neurons_loaded += self.active.len() as u64;
@@ -490,26 +503,17 @@ impl FlashFfn<'_> {
     }
 
     /// The flash path when every token reads the same tails: collect this layer's tail (read
-    /// in the background since the previous layer), then start reading the next layer's.
+    /// in the background since an earlier layer), then queue the next ones.
     fn load_tail(&mut self, layer: usize) {
         let t = Instant::now();
         let n_layers = self.layers.len();
         let la = self.lookahead.as_mut().expect("called in lookahead mode");
-        if la.pending != Some(layer) {
-            // The first token, or layers run out of order: read this layer's tail now.
-            la.drain();
-            la.start(layer);
-        }
-        let fetched = la.prefetch.wait();
-        la.pending = None;
-        let stats = fetched.result.unwrap_or_else(|e| {
+        let stats = la.collect(layer, n_layers).unwrap_or_else(|e| {
             panic!(
                 "reading layer {layer} from {}: {e}",
                 self.image.file().display()
             )
         });
-        la.spare = std::mem::replace(&mut la.current, fetched.buf);
-        la.start((layer + 1) % n_layers);
         let pinned = la.first_slot[layer];
         self.stats.window_hits += pinned as u64;
         self.stats.neurons_loaded += (self.active.len() - pinned) as u64;
@@ -604,8 +608,31 @@ impl FlashFfn<'_> {
     }
 }
 
-/// Double-buffered tails for [`FlashFfn::load_tail`]: the one being computed and the one being
-/// read.
+/// Layers of at most this many bytes have their tails read two layers ahead instead of one:
+/// a tail this small reads in about a millisecond, and the hand-off between the compute
+/// thread and the reader would otherwise idle the disk for a noticeable part of that.
+/// Larger tails keep one read in flight, since a third buffer would cost the window a layer.
+pub const DEEP_LOOKAHEAD_LAYER: usize = 4 << 20;
+
+/// Tails read ahead of the layer being computed, for layers of `layer_bytes`.
+pub fn lookahead_depth(layer_bytes: usize) -> usize {
+    if layer_bytes <= DEEP_LOOKAHEAD_LAYER {
+        2
+    } else {
+        1
+    }
+}
+
+/// Bytes the lookahead holds beyond the planner's reserve of two layers (the read staging
+/// and overflow area that a window without lookahead uses): one buffer per tail in flight
+/// plus the one being computed, each rounded out to whole aligned blocks.
+pub fn lookahead_extra_bytes(layer_bytes: usize) -> usize {
+    let buffers = (lookahead_depth(layer_bytes) + 1) * buffer_bytes(layer_bytes);
+    buffers.saturating_sub(2 * layer_bytes)
+}
+
+/// Tails for [`FlashFfn::load_tail`]: the one being computed and `depth` being read, each in
+/// its own aligned buffer that the reads land in directly.
 struct Lookahead {
     prefetch: Prefetcher,
     /// Per layer: file offset and length of the bundles outside the window.
@@ -613,11 +640,12 @@ struct Lookahead {
     /// Per layer: the disk slot of the tail's first bundle.
     first_slot: Vec<usize>,
     /// The tail of the layer being computed.
-    current: Vec<u8>,
-    /// The buffer the next read goes into.
-    spare: Vec<u8>,
-    /// The layer whose tail is being read.
-    pending: Option<usize>,
+    current: Option<Fetched>,
+    /// Buffers not in use.
+    spare: Vec<AlignedBuf>,
+    /// Layers whose tails are being read, oldest first.
+    pending: VecDeque<usize>,
+    depth: usize,
 }
 
 impl Lookahead {
@@ -626,6 +654,7 @@ impl Lookahead {
         coalesce: CoalesceOptions,
         tails: Vec<(u64, usize)>,
         first_slot: Vec<usize>,
+        depth: usize,
     ) -> Result<Lookahead, FlashError> {
         let prefetch = Prefetcher::new(pool, coalesce).map_err(|e| {
             FlashError::Setup(format!("cannot start the lookahead reader thread: {e}"))
@@ -634,30 +663,64 @@ impl Lookahead {
             prefetch,
             tails,
             first_slot,
-            current: Vec::new(),
+            current: None,
             spare: Vec::new(),
-            pending: None,
+            pending: VecDeque::new(),
+            depth: depth.max(1),
         })
+    }
+
+    /// The tail of the layer being computed.
+    fn tail(&self) -> &[u8] {
+        self.current.as_ref().map_or(&[], Fetched::bytes)
+    }
+
+    /// Makes `layer`'s tail the current one, once read, and queues the following layers'
+    /// reads into the buffers free by then (the previous layer's among them).
+    fn collect(&mut self, layer: usize, n_layers: usize) -> Result<ReadStats, String> {
+        if self.pending.front() != Some(&layer) {
+            // The first token, or layers run out of order: read this layer's tail now.
+            self.drain();
+            self.start(layer);
+        }
+        let fetched = self.prefetch.wait();
+        self.pending.pop_front();
+        if let Some(done) = self.current.take() {
+            self.spare.push(done.buf);
+        }
+        let result = fetched
+            .result
+            .as_ref()
+            .map(|s| *s)
+            .map_err(|e| e.to_string());
+        self.current = Some(fetched);
+        let mut next = self.pending.back().copied().unwrap_or(layer);
+        while self.pending.len() < self.depth.min(n_layers) {
+            next = (next + 1) % n_layers;
+            self.start(next);
+        }
+        result
     }
 
     fn start(&mut self, layer: usize) {
         let (offset, len) = self.tails[layer];
-        let buf = std::mem::take(&mut self.spare);
+        let buf = self.spare.pop().unwrap_or_else(|| AlignedBuf::new(0));
         self.prefetch.start(layer, offset, len, buf);
-        self.pending = Some(layer);
+        self.pending.push_back(layer);
     }
 
     /// Collects (and discards) every read in flight.
     fn drain(&mut self) {
         while self.prefetch.in_flight() > 0 {
-            self.spare = self.prefetch.wait().buf;
+            self.spare.push(self.prefetch.wait().buf);
         }
-        self.pending = None;
+        self.pending.clear();
     }
 
-    /// The two buffers at their largest (one of them may be on the reader thread now).
+    /// The buffers at their largest (some of them may be on the reader thread now).
     fn bytes(&self) -> usize {
-        2 * self.tails.iter().map(|t| t.1).max().unwrap_or(0)
+        let largest = self.tails.iter().map(|t| t.1).max().unwrap_or(0);
+        (self.depth + 1) * buffer_bytes(largest)
     }
 }
 

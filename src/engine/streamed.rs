@@ -4,7 +4,7 @@
 //! 49152 x 576 table is 29 MiB of its 45 MiB of non-FFN weights). Under a budget that cannot
 //! hold them, the planner streams them: a token's embedding is one row read, and the output
 //! head is read through in chunks of whole rows with direct, concurrent reads, each chunk
-//! multiplied while the next one is read. That costs one pass over the table per token, which
+//! multiplied while the next two are read. That costs one pass over the table per token, which
 //! the statistics count as I/O like the FFN's reads.
 
 use std::sync::Arc;
@@ -16,15 +16,22 @@ use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::engine::flash::FlashError;
 use crate::image::{FlashImage, TensorEntry};
 use crate::model::tensor::DType;
-use crate::storage::{CoalesceOptions, FlashFile, Prefetcher, ReadPool};
+use crate::storage::{
+    buffer_bytes, AlignedBuf, CoalesceOptions, FlashFile, Prefetcher, ReadPool, ALIGN,
+};
 
 /// Bytes of rows read per batch when streaming: 1 MiB reads are on this disk's throughput
 /// plateau, split into four concurrent pieces.
 const STREAM_CHUNK: usize = 1 << 20;
 
-/// Memory one streamed table needs: the batch being multiplied, the batch being read, and the
-/// read pool's staging for it (plus alignment slack).
-pub const STREAM_STAGING: usize = 3 * STREAM_CHUNK + 2 * crate::storage::ALIGN;
+/// Batches read ahead of the one being multiplied: with two queued, the reader goes from one
+/// read to the next without waiting for the compute thread.
+const STREAM_AHEAD: usize = 2;
+
+/// Memory one streamed table needs: the batch being multiplied and the batches being read
+/// (each in its own aligned buffer, which the reads land in directly), plus the read pool's
+/// staging for a single row (an embedding lookup).
+pub const STREAM_STAGING: usize = (STREAM_AHEAD + 1) * buffer_bytes(STREAM_CHUNK) + 2 * ALIGN;
 
 /// The image tensors that may be streamed: the token embedding and the (untied) output head.
 pub const TABLES: [&str; 2] = ["token_embd.weight", "output.weight"];
@@ -47,10 +54,10 @@ enum Where {
     Streamed {
         pool: Arc<ReadPool>,
         opts: CoalesceOptions,
-        /// Reads the next batch of rows while the current one is multiplied.
+        /// Reads the next batches of rows while the current one is multiplied.
         prefetch: Prefetcher,
-        /// Batch buffers not in flight (two in all).
-        spare: Vec<Vec<u8>>,
+        /// Batch buffers not in flight (`STREAM_AHEAD + 1` in all).
+        spare: Vec<AlignedBuf>,
     },
 }
 
@@ -97,7 +104,7 @@ impl RowSource {
             pool,
             opts,
             prefetch,
-            spare: vec![Vec::new(), Vec::new()],
+            spare: (0..=STREAM_AHEAD).map(|_| AlignedBuf::new(0)).collect(),
         };
         Ok(RowSource::new(e, where_))
     }
@@ -181,26 +188,30 @@ impl RowSource {
         };
         let t = Instant::now();
         let mut compute = Duration::ZERO;
-        let start = |prefetch: &mut Prefetcher, spare: &mut Vec<Vec<u8>>, k: usize| {
+        let start = |prefetch: &mut Prefetcher, spare: &mut Vec<AlignedBuf>, k: usize| {
             let (first, n) = span(k);
             let at = self.offset + (first * rb) as u64;
-            prefetch.start(k, at, n * rb, spare.pop().unwrap_or_default());
+            let buf = spare.pop().unwrap_or_else(|| AlignedBuf::new(0));
+            prefetch.start(k, at, n * rb, buf);
         };
-        start(prefetch, spare, 0);
+        for k in 0..STREAM_AHEAD.min(n_chunks) {
+            start(prefetch, spare, k);
+        }
         for k in 0..n_chunks {
             let fetched = prefetch.wait();
             debug_assert_eq!(fetched.tag, k, "batches arrive in order");
             let stats = fetched
                 .result
+                .as_ref()
                 .unwrap_or_else(|e| panic!("streaming {}: {e}", self.name));
             self.bytes_read += stats.bytes_read;
-            if k + 1 < n_chunks {
-                start(prefetch, spare, k + 1);
+            if k + STREAM_AHEAD < n_chunks {
+                start(prefetch, spare, k + STREAM_AHEAD);
             }
             let tc = Instant::now();
             let (first, n) = span(k);
             for (act, out) in acts.iter().zip(outs.chunks_exact_mut(rows)) {
-                par_matvec(dtype, &fetched.buf, rb, act, &mut out[first..first + n]);
+                par_matvec(dtype, fetched.bytes(), rb, act, &mut out[first..first + n]);
             }
             compute += tc.elapsed();
             spare.push(fetched.buf);

@@ -6,8 +6,8 @@
 //! * [`plan_reads`]: read coalescing, a pure function: byte ranges -> aligned read operations.
 //! * [`ReadPool`]: a small pool of reader threads that executes one batch of coalesced reads
 //!   concurrently into a reusable staging area and hands each range's bytes to the caller.
-//! * [`Prefetcher`]: reads started now and collected later, on a background thread, so that
-//!   reads known in advance overlap compute.
+//! * [`Prefetcher`]: reads started now and collected later, on a background thread, straight
+//!   into the caller's aligned buffers, so that reads known in advance overlap compute.
 //! * [`probe`] / [`DiskCurve`]: the measured read-throughput curve (chunk size x concurrency)
 //!   that the memory planner uses to price reads.
 //!
@@ -26,7 +26,7 @@ pub use aligned::AlignedBuf;
 pub use coalesce::{plan_reads, CoalesceOptions, ReadOp};
 pub use file::FlashFile;
 pub use pool::{ReadPool, ReadStats};
-pub use prefetch::{Fetched, Prefetcher, PREFETCH_CHUNK};
+pub use prefetch::{buffer_bytes, Fetched, Prefetcher};
 pub use probe::{
     probe, CurvePoint, DiskCurve, DEFAULT_CHUNKS, DEFAULT_CONCURRENCIES, DEFAULT_PROBE_FILE_SIZE,
 };

@@ -284,41 +284,7 @@ impl ReadPool {
             wall: Duration::ZERO,
         };
 
-        let n_items = items.len();
-        let job = Arc::new(Job {
-            file: self.file.clone(),
-            items,
-            staging: StagingPtr(state.staging.as_mut_ptr()),
-            staging_len: state.staging.len(),
-            next: AtomicUsize::new(0),
-            failed: AtomicBool::new(false),
-            done: Mutex::new((0, None)),
-            done_cv: Condvar::new(),
-        });
-        let helpers = self.workers.len().min(n_items.saturating_sub(1));
-        if helpers > 0 {
-            let mut slot = lock(&self.shared.slot);
-            slot.generation += 1;
-            slot.job = Some(job.clone());
-            drop(slot);
-            for _ in 0..helpers {
-                self.shared.wake.notify_one();
-            }
-        }
-        job.run();
-        let error = {
-            let mut done = lock(&job.done);
-            while done.0 < n_items {
-                done = job.done_cv.wait(done).unwrap_or_else(|p| p.into_inner());
-            }
-            done.1.take()
-        };
-        if helpers > 0 {
-            lock(&self.shared.slot).job = None;
-        }
-        if let Some(e) = error {
-            return Err(e);
-        }
+        self.execute(items, state.staging.as_mut_ptr(), state.staging.len())?;
         let stats = ReadStats {
             wall: start.elapsed(),
             ..stats_base
@@ -352,6 +318,103 @@ impl ReadPool {
             deliver(i, &[]);
         }
         Ok(stats)
+    }
+
+    /// Reads the `len` bytes at `offset` straight into `dst`, with no staging copy: the read
+    /// covers the aligned blocks around the range, `dst` is replaced by a larger buffer only
+    /// if it cannot hold them, and the range's bytes are `dst[skip..skip + len]` for the
+    /// returned `skip`. The span is read in pieces of `opts.max_read` by every reader at once.
+    /// This is what a caller that owns the destination wants (a prefetched tail, a streamed
+    /// table): the copy out of the staging area cost a fifth of the read time of 1 MiB reads.
+    pub fn read_span(
+        &self,
+        offset: u64,
+        len: usize,
+        opts: &CoalesceOptions,
+        dst: &mut AlignedBuf,
+    ) -> Result<(ReadStats, usize), StorageError> {
+        let start = Instant::now();
+        self.validate(&[(offset, len)], opts)?;
+        if len == 0 {
+            return Ok((ReadStats::default(), 0));
+        }
+        let align = opts.align.max(1) as u64;
+        let first = offset - offset % align;
+        let end = (offset + len as u64).next_multiple_of(align);
+        let span = usize::try_from(end - first).map_err(|_| {
+            StorageError::InvalidRequest("the span is larger than the address space".into())
+        })?;
+        if dst.len() < span {
+            *dst = AlignedBuf::new(0); // free the old one first
+            *dst = AlignedBuf::try_new(span)?;
+        }
+        let piece = opts
+            .max_read
+            .max(MIN_PIECE)
+            .next_multiple_of(align as usize);
+        let items: Vec<Item> = (0..span)
+            .step_by(piece)
+            .map(|at| Item {
+                offset: first + at as u64,
+                len: piece.min(span - at),
+                stage: at,
+            })
+            .collect();
+        let reads = items.len();
+        // One job at a time on the shared workers, as in `read_ranges`.
+        let _batch = lock(&self.batch);
+        self.execute(items, dst.as_mut_ptr(), dst.len())?;
+        let stats = ReadStats {
+            ops: 1,
+            reads,
+            bytes_read: (span as u64).min(self.file.len() - first),
+            bytes_useful: len as u64,
+            wall: start.elapsed(),
+        };
+        Ok((stats, (offset - first) as usize))
+    }
+
+    /// Runs `items` on the calling thread and the workers, each read landing at its `stage`
+    /// offset of the `staging_len` bytes at `staging`; returns when all have finished.
+    fn execute(
+        &self,
+        items: Vec<Item>,
+        staging: *mut u8,
+        staging_len: usize,
+    ) -> Result<(), StorageError> {
+        let n_items = items.len();
+        let job = Arc::new(Job {
+            file: self.file.clone(),
+            items,
+            staging: StagingPtr(staging),
+            staging_len,
+            next: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            done: Mutex::new((0, None)),
+            done_cv: Condvar::new(),
+        });
+        let helpers = self.workers.len().min(n_items.saturating_sub(1));
+        if helpers > 0 {
+            let mut slot = lock(&self.shared.slot);
+            slot.generation += 1;
+            slot.job = Some(job.clone());
+            drop(slot);
+            for _ in 0..helpers {
+                self.shared.wake.notify_one();
+            }
+        }
+        job.run();
+        let error = {
+            let mut done = lock(&job.done);
+            while done.0 < n_items {
+                done = job.done_cv.wait(done).unwrap_or_else(|p| p.into_inner());
+            }
+            done.1.take()
+        };
+        if helpers > 0 {
+            lock(&self.shared.slot).job = None;
+        }
+        error.map_or(Ok(()), Err)
     }
 
     fn validate(
@@ -472,6 +535,57 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn read_span_lands_the_range_in_the_callers_buffer() {
+        let len = 3 * 1024 * 1024 + 777; // the last page is partial
+        let tf = TempFile::random("pool-span", len, 4);
+        let data = std::fs::read(&tf.path).unwrap();
+        let mut rng = Rng(17);
+        for direct in [true, false] {
+            let file = Arc::new(FlashFile::open(&tf.path, direct).unwrap());
+            for threads in [1, 3, 8] {
+                let pool = ReadPool::new(file.clone(), threads);
+                let mut buf = AlignedBuf::new(0);
+                for case in 0..40 {
+                    let n = match case % 4 {
+                        0 => 0,
+                        1 => rng.below(5000) as usize,
+                        _ => rng.below(2 << 20) as usize,
+                    };
+                    let off = match case % 5 {
+                        0 => len - n as u64, // ends with the file
+                        _ => rng.below(len - n as u64 + 1),
+                    };
+                    let opts = CoalesceOptions {
+                        max_read: [128 << 10, 1 << 20][case % 2],
+                        ..CoalesceOptions::default()
+                    };
+                    let (stats, skip) = pool.read_span(off, n, &opts, &mut buf).unwrap();
+                    let want = &data[off as usize..off as usize + n];
+                    assert!(
+                        &buf[skip..skip + n] == want,
+                        "{direct} {threads} case {case}"
+                    );
+                    assert_eq!(stats.bytes_useful, n as u64);
+                    assert!(stats.bytes_read >= n as u64);
+                    assert!(skip < ALIGN);
+                }
+                // No staging: the pool's own area was never used.
+                assert_eq!(pool.staging_bytes(), 0);
+            }
+        }
+        let pool = ReadPool::new(Arc::new(FlashFile::open(&tf.path, true).unwrap()), 2);
+        let e = pool
+            .read_span(
+                len - 5,
+                10,
+                &CoalesceOptions::default(),
+                &mut AlignedBuf::new(0),
+            )
+            .unwrap_err();
+        assert!(matches!(e, StorageError::PastEnd { .. }), "{e}");
     }
 
     #[test]

@@ -1,37 +1,50 @@
 //! Reads started now and collected later, so the SSD works while the CPU computes.
 //!
 //! A [`Prefetcher`] owns one background thread that takes byte ranges in order, reads each
-//! through a [`ReadPool`] (coalesced, concurrent, direct) into a buffer the caller lent it, and
-//! hands the buffer back. The flash path uses it where the next reads are known before the
-//! current layer finishes: with every neuron computed and each window a fixed prefix of its
-//! layer, every token reads the same tails.
+//! through a [`ReadPool`] (concurrent, direct) straight into an aligned buffer the caller lent
+//! it, and hands the buffer back. The flash path uses it where the next reads are known before
+//! the current layer finishes: with every neuron computed and each window a fixed prefix of its
+//! layer, every token reads the same tails. Requests queue: while the caller works on one
+//! buffer, the thread can go from one read to the next with no hand-off in between.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
-use super::{CoalesceOptions, ReadPool, ReadStats, StorageError};
-
-/// Largest single `read_ranges` call of a prefetch: a longer range is read in pieces of this
-/// size, so the pool's staging area (counted by the planner) stays this small.
-pub const PREFETCH_CHUNK: usize = 4 << 20;
+use super::{AlignedBuf, CoalesceOptions, ReadPool, ReadStats, StorageError, ALIGN};
 
 /// A finished prefetch.
 pub struct Fetched {
     /// The caller's tag for what was read.
     pub tag: usize,
-    /// The lent buffer, holding exactly the range's bytes (on success).
-    pub buf: Vec<u8>,
-    /// What was read; its `wall` is the time the background thread spent (reads and copies).
+    /// The lent buffer (or a larger one that replaced it), holding the range's bytes at
+    /// [`Fetched::bytes`] on success.
+    pub buf: AlignedBuf,
+    /// Where the range starts in `buf` (reads cover whole aligned blocks).
+    skip: usize,
+    len: usize,
+    /// What was read; its `wall` is the time the background thread spent reading.
     pub result: Result<ReadStats, StorageError>,
+}
+
+impl Fetched {
+    /// The range's bytes (empty if the read failed).
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.skip..self.skip + self.len]
+    }
+}
+
+/// Bytes of a buffer that holds a `len`-byte range at any offset: the range rounded out to
+/// whole aligned blocks at both ends. What the planner counts per prefetch buffer.
+pub const fn buffer_bytes(len: usize) -> usize {
+    len.next_multiple_of(ALIGN) + ALIGN
 }
 
 struct Request {
     tag: usize,
     offset: u64,
     len: usize,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
 }
 
 /// One background reader (see the module docs).
@@ -64,8 +77,9 @@ impl Prefetcher {
         })
     }
 
-    /// Starts reading `len` bytes at `offset` into `buf` (resized to `len`).
-    pub fn start(&mut self, tag: usize, offset: u64, len: usize, buf: Vec<u8>) {
+    /// Starts reading `len` bytes at `offset` into `buf` (replaced by a larger buffer if it
+    /// cannot hold them); reads started earlier finish first.
+    pub fn start(&mut self, tag: usize, offset: u64, len: usize, buf: AlignedBuf) {
         let sender = self.requests.as_ref().expect("open until drop");
         sender
             .send(Request {
@@ -103,39 +117,22 @@ impl Drop for Prefetcher {
 }
 
 fn fetch(pool: &ReadPool, opts: &CoalesceOptions, r: Request) -> Fetched {
-    let t = Instant::now();
     let Request {
         tag,
         offset,
         len,
         mut buf,
     } = r;
-    buf.resize(len, 0);
-    let mut total = ReadStats::default();
-    let mut result = Ok(());
-    for at in (0..len).step_by(PREFETCH_CHUNK) {
-        let n = PREFETCH_CHUNK.min(len - at);
-        let piece = &mut buf[at..at + n];
-        match pool.read_ranges(&[(offset + at as u64, n)], opts, &mut |_, b| {
-            piece.copy_from_slice(b)
-        }) {
-            Ok(s) => {
-                total.ops += s.ops;
-                total.reads += s.reads;
-                total.bytes_read += s.bytes_read;
-                total.bytes_useful += s.bytes_useful;
-            }
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        }
-    }
-    total.wall = t.elapsed();
+    let (result, skip, len) = match pool.read_span(offset, len, opts, &mut buf) {
+        Ok((stats, skip)) => (Ok(stats), skip, len),
+        Err(e) => (Err(e), 0, 0),
+    };
     Fetched {
         tag,
         buf,
-        result: result.map(|()| total),
+        skip,
+        len,
+        result,
     }
 }
 
@@ -147,27 +144,28 @@ mod tests {
 
     #[test]
     fn prefetches_come_back_in_order_with_the_file_bytes() {
-        let len = (2 * PREFETCH_CHUNK + 12345) as u64;
+        let len = (9 << 20) + 12345;
         let f = TempFile::random("prefetch", len, 7);
         let bytes = std::fs::read(&f.path).unwrap();
         let file = Arc::new(FlashFile::open(&f.path, true).unwrap());
         let pool = Arc::new(ReadPool::new(file, 3));
         let mut p = Prefetcher::new(pool, CoalesceOptions::default()).unwrap();
         // Unaligned ranges, one longer than a chunk, one empty; buffers of any prior size.
-        let ranges = [(100u64, 2 * PREFETCH_CHUNK + 5), (4097, 3000), (0, 0)];
+        let ranges = [(100u64, (8 << 20) + 5), (4097, 3000), (0, 0), (len - 7, 7)];
         for (tag, &(off, n)) in ranges.iter().enumerate() {
-            p.start(tag, off, n, vec![9u8; 17]);
+            p.start(tag, off, n, AlignedBuf::new(17));
         }
-        assert_eq!(p.in_flight(), 3);
+        assert_eq!(p.in_flight(), 4);
         for (tag, &(off, n)) in ranges.iter().enumerate() {
             let got = p.wait();
             assert_eq!(got.tag, tag);
-            let stats = got.result.unwrap();
+            let stats = *got.result.as_ref().unwrap();
             assert_eq!(stats.bytes_useful, n as u64);
             assert!(
-                got.buf == bytes[off as usize..off as usize + n],
+                got.bytes() == &bytes[off as usize..off as usize + n],
                 "range {tag}"
             );
+            assert!(got.buf.len() <= buffer_bytes(n).max(4096), "range {tag}");
         }
         assert_eq!(p.in_flight(), 0);
     }
@@ -178,10 +176,12 @@ mod tests {
         let file = Arc::new(FlashFile::open(&f.path, true).unwrap());
         let mut p =
             Prefetcher::new(Arc::new(ReadPool::new(file, 2)), CoalesceOptions::default()).unwrap();
-        p.start(0, 8000, 5000, Vec::new());
-        assert!(p.wait().result.is_err());
+        p.start(0, 8000, 5000, AlignedBuf::new(0));
+        let failed = p.wait();
+        assert!(failed.result.is_err());
+        assert!(failed.bytes().is_empty());
         // The thread is still serving.
-        p.start(1, 0, 100, Vec::new());
+        p.start(1, 0, 100, AlignedBuf::new(0));
         assert!(p.wait().result.is_ok());
     }
 }
