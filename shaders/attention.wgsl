@@ -3,7 +3,8 @@
 // n_kv_heads). One workgroup per query head. The scores live in a global scratch row per head
 // (the context can outgrow workgroup memory); each phase's writes are made visible to the
 // whole workgroup by a storage barrier. Probabilities are normalised before the weighted sum,
-// as the CPU reference does.
+// as the CPU reference does. The cache holds f32 values, or with KV_F16 f16 values two to a
+// u32 (see kv_store.wgsl); either way the arithmetic is f32.
 
 struct Params {
     n_heads: u32,
@@ -26,11 +27,28 @@ struct Step {
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> Q: array<f32>;
-@group(0) @binding(2) var<storage, read> KC: array<f32>;
-@group(0) @binding(3) var<storage, read> VC: array<f32>;
+@group(0) @binding(2) var<storage, read> KC: array<u32>;
+@group(0) @binding(3) var<storage, read> VC: array<u32>;
 @group(0) @binding(4) var<storage, read_write> SCORES: array<f32>;
 @group(0) @binding(5) var<storage, read_write> OUT: array<f32>;
 @group(0) @binding(6) var<uniform> S: Step;
+
+override KV_F16: bool = false;
+
+// Value i of the key cache, and of the value cache.
+fn key(i: u32) -> f32 {
+    if (KV_F16) {
+        return unpack2x16float(KC[i >> 1u])[i & 1u];
+    }
+    return bitcast<f32>(KC[i]);
+}
+
+fn value(i: u32) -> f32 {
+    if (KV_F16) {
+        return unpack2x16float(VC[i >> 1u])[i & 1u];
+    }
+    return bitcast<f32>(VC[i]);
+}
 
 const WG: u32 = 64u;
 var<workgroup> red: array<f32, 64>;
@@ -68,7 +86,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var t = li; t < n; t += WG) {
         var s = 0.0;
         for (var d = 0u; d < hd; d++) {
-            s += Q[q0 + d] * KC[t * kv_dim + k0 + d];
+            s += Q[q0 + d] * key(t * kv_dim + k0 + d);
         }
         s *= P.scale;
         SCORES[row + t] = s;
@@ -92,7 +110,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var d = li; d < hd; d += WG) {
         var acc = 0.0;
         for (var t = 0u; t < n; t++) {
-            acc += SCORES[row + t] * VC[t * kv_dim + k0 + d];
+            acc += SCORES[row + t] * value(t * kv_dim + k0 + d);
         }
         OUT[q0 + d] = acc;
     }

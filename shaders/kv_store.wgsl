@@ -1,5 +1,6 @@
 // Appends this position's key and value (kv_dim each) to a layer's GPU-resident cache at row
-// Step.pos.
+// Step.pos. The cache holds f32 values, or with KV_F16 f16 values two to a u32 (half the
+// memory; packed with pack2x16float, so no adapter feature is needed). kv_dim is even.
 
 struct Params {
     kv_dim: u32,
@@ -18,16 +19,29 @@ struct Step {
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> K: array<f32>;
 @group(0) @binding(2) var<storage, read> VAL: array<f32>;
-@group(0) @binding(3) var<storage, read_write> KC: array<f32>;
-@group(0) @binding(4) var<storage, read_write> VC: array<f32>;
+@group(0) @binding(3) var<storage, read_write> KC: array<u32>;
+@group(0) @binding(4) var<storage, read_write> VC: array<u32>;
 @group(0) @binding(5) var<uniform> S: Step;
+
+override KV_F16: bool = false;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x;
+    if (KV_F16) {
+        // Invocation i packs values 2i and 2i + 1.
+        let half_dim = P.kv_dim / 2u;
+        if (i >= half_dim) {
+            return;
+        }
+        let at = S.pos * half_dim + i;
+        KC[at] = pack2x16float(vec2<f32>(K[2u * i], K[2u * i + 1u]));
+        VC[at] = pack2x16float(vec2<f32>(VAL[2u * i], VAL[2u * i + 1u]));
+        return;
+    }
     if (i >= P.kv_dim) {
         return;
     }
-    KC[S.pos * P.kv_dim + i] = K[i];
-    VC[S.pos * P.kv_dim + i] = VAL[i];
+    KC[S.pos * P.kv_dim + i] = bitcast<u32>(K[i]);
+    VC[S.pos * P.kv_dim + i] = bitcast<u32>(VAL[i]);
 }

@@ -39,6 +39,15 @@ fn same_tokens(fixture: &str) {
     let (gpu, stats) = generate(&dir, &[&args[..], &["--backend", "gpu"]].concat());
     assert_eq!(gpu, cpu, "{fixture}: GPU and CPU greedy tokens");
     assert_eq!(cpu.len(), 24);
+    // An f16 cache on the GPU (two values to a word) rounds keys and values by about 1e-3, less
+    // than these fixtures' margins between the top two logits, and takes half the memory.
+    let (gpu16, stats16) = generate(
+        &dir,
+        &[&args[..], &["--backend", "gpu", "--kv-type", "f16"]].concat(),
+    );
+    assert_eq!(gpu16, cpu, "{fixture}: GPU with an f16 KV cache");
+    let held = |s: &serde_json::Value| s["gpu"]["resident_bytes"].as_u64().unwrap();
+    assert!(held(&stats16) < held(&stats), "{stats16} vs {stats}");
     let g = &stats["gpu"];
     assert!(stats["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(g["gpu_wait_ms"].as_f64().unwrap() > 0.0, "{stats}");

@@ -98,8 +98,20 @@ fn gpu_flash_tokens_do_not_depend_on_the_vram_budget_and_match_the_cpu() {
     let (small, small_stats) = generate(&image, &[&gpu[..], &[&tiny]].concat()).unwrap();
     let (large, large_stats) = generate(&image, &[&gpu[..], &["1GiB"]].concat()).unwrap();
     let (unplanned, _) = generate(&image, &["--backend", "gpu"]).unwrap();
+    // The same tiny window with an f16 KV cache: the plan counts half the cache, so the
+    // f32 minimum leaves room, and the rounded keys and values keep these tokens.
+    let f16 = [
+        "--backend",
+        "gpu",
+        "--predictor",
+        "--kv-type",
+        "f16",
+        "--vram-budget",
+    ];
+    let (small16, _) = generate(&image, &[&f16[..], &[&tiny]].concat()).unwrap();
     assert_eq!(small, large, "tiny ({tiny} B) vs large VRAM budget");
     assert_eq!(large, unplanned);
+    assert_eq!(small16, large, "f16 KV cache");
     assert_eq!(large, cpu, "GPU flash vs CPU flash");
     // The tiny window reloads what the large one keeps; both read only predicted neurons.
     let f = |s: &serde_json::Value, k: &str| s["flash"][k].as_u64().unwrap();

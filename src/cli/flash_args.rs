@@ -29,8 +29,9 @@ pub struct FlashArgs {
     /// neurons; the rest becomes window slots). Without it every neuron gets a slot.
     #[arg(long, value_parser = parse_bytes)]
     pub vram_budget: Option<u64>,
-    /// Element type of the CPU backend's KV cache: f16 (the default, as in llama.cpp, with its
-    /// exact attention arithmetic) or f32. The GPU backend keeps its cache in f32.
+    /// Element type of the KV cache. CPU: f16 by default, as in llama.cpp, with its exact
+    /// attention arithmetic; f32 is closer to a float reference. GPU: f32 by default; f16 halves
+    /// the cache's VRAM (attention still computes in f32).
     #[arg(long, value_enum)]
     pub kv_type: Option<KvType>,
     /// Tokens a neuron stays in the window after its last use (the paper's k).

@@ -187,9 +187,9 @@ pub(super) fn open_gpu_model<'r>(
     if flash.memory_budget.is_some() {
         bail!("--memory-budget plans host memory for --backend cpu; with --backend gpu use --vram-budget");
     }
-    if flash.kv_type == Some(KvType::F16) {
-        bail!("the GPU backend keeps its KV cache in f32; drop --kv-type or use --backend cpu");
-    }
+    // f32 unless asked: the GPU's attention is f32 arithmetic either way (not ggml's f16
+    // flash attention, which the CPU's f16 cache reproduces), so f16 only saves memory there.
+    let kv = flash.kv_type.unwrap_or(KvType::F32);
     let Some(image) = &model.image else {
         if flash.vram_budget.is_some() {
             bail!(
@@ -197,7 +197,12 @@ pub(super) fn open_gpu_model<'r>(
                 model.path.display()
             );
         }
-        return Ok(Box::new(GpuDecoder::new(gpu, &model.weights, ctx)?));
+        return Ok(Box::new(GpuDecoder::with_kv_type(
+            gpu,
+            &model.weights,
+            ctx,
+            kv,
+        )?));
     };
     if flash.strategy != Strategy::Flash {
         bail!("--backend gpu runs the flash strategy only (bundles streamed into GPU windows); drop --strategy or use --backend cpu");
@@ -208,7 +213,8 @@ pub(super) fn open_gpu_model<'r>(
     let mut selection = flash.selection(runner.calibration.is_some());
     let plan = match flash.vram_budget {
         Some(budget) => {
-            let (sel, plan) = choose_vram_plan(runner, ctx, budget, selection, flash.predictor)?;
+            let (sel, plan) =
+                choose_vram_plan(runner, ctx, kv, budget, selection, flash.predictor)?;
             selection = sel;
             Some(plan)
         }
@@ -233,6 +239,7 @@ pub(super) fn open_gpu_model<'r>(
         io_threads: base.io_threads,
         coalesce: base.coalesce,
         direct: base.direct,
+        kv_type: kv,
         ..GpuFlashOptions::default()
     };
     if let Some(plan) = plan {
@@ -258,6 +265,7 @@ pub(super) fn open_gpu_model<'r>(
 fn choose_vram_plan(
     runner: &super::runner::Runner,
     ctx: usize,
+    kv: KvType,
     budget: u64,
     selection: Selection,
     keep: bool,
@@ -265,15 +273,15 @@ fn choose_vram_plan(
     let cal = match (selection, &runner.calibration) {
         (Selection::Predictor, Some(cal)) if !keep => cal,
         _ => {
-            let plan = plan_vram(runner, ctx, budget, selection == Selection::Predictor)?;
+            let plan = plan_vram(runner, ctx, kv, budget, selection == Selection::Predictor)?;
             return Ok((selection, plan));
         }
     };
     let n = runner.model.weights.config.intermediate_size;
     let stride = runner.model.image.as_ref().map_or(0, |i| i.bundle().stride) as f64;
     let plans = (
-        plan_vram(runner, ctx, budget, true),
-        plan_vram(runner, ctx, budget, false),
+        plan_vram(runner, ctx, kv, budget, true),
+        plan_vram(runner, ctx, kv, budget, false),
     );
     let reads = |(plan, _): &(budget::Plan, usize), selection| -> f64 {
         let slots = &plan.window_slots;
@@ -299,6 +307,7 @@ fn choose_vram_plan(
 pub(super) fn plan_vram(
     runner: &super::runner::Runner,
     ctx: usize,
+    kv: KvType,
     budget: u64,
     predicted: bool,
 ) -> anyhow::Result<(budget::Plan, usize)> {
@@ -320,7 +329,7 @@ pub(super) fn plan_vram(
         tables: Vec::new(),
         stream_staging: 0,
         predictors: cal.map_or(0, |c| c.predictor_bytes()),
-        kv_cache: KvCache::bytes_for(c, ctx, KvType::F32), // the GPU cache is f32
+        kv_cache: KvCache::bytes_for(c, ctx, kv),
         // Activations, attention scores, logits, the active lists and slot map.
         scratch: ((10 * c.hidden_size + 2 * n + c.n_heads * ctx + c.vocab_size + 4 * (n + 1)) * 4)
             as u64,
@@ -329,10 +338,15 @@ pub(super) fn plan_vram(
         active: active.clone(),
     };
     let plan = budget::plan(budget, &needs).map_err(|e| {
+        // The GPU holds the embedding and output head (they are in `resident`).
         anyhow::anyhow!(e
             .to_string()
             .replace("--memory-budget", "--vram-budget")
-            .replace("a memory budget", "a VRAM budget"))
+            .replace("a memory budget", "a VRAM budget")
+            .replace(
+                "resident weights with the embedding and output head streamed",
+                "resident weights"
+            ))
     })?;
     let reserve = active.iter().copied().fold(1.0, f64::max).ceil() as usize;
     Ok((plan, reserve))

@@ -33,6 +33,7 @@ use crate::backend::gpu::kernels::predictor::GpuPredictor;
 use crate::backend::gpu::kernels::sparse_ffn::{sparse_ffn, SparseFfnArgs};
 use crate::backend::gpu::kernels::Dispatch;
 use crate::backend::gpu::{GpuContext, GpuError};
+use crate::engine::kv_cache::KvType;
 use crate::engine::stats::FlashStats;
 use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
@@ -60,6 +61,8 @@ pub struct GpuFlashOptions {
     /// planner's choice, as on the CPU: hot neurons, or for dense runs each section's first
     /// bundles on disk, so that what is read per token is one contiguous tail).
     pub pinned: Option<Vec<Vec<u32>>>,
+    /// The KV cache's value type (f32 by default; f16 halves it).
+    pub kv_type: KvType,
 }
 
 impl Default for GpuFlashOptions {
@@ -73,6 +76,7 @@ impl Default for GpuFlashOptions {
             direct: true,
             staging_buffers: 2,
             pinned: None,
+            kv_type: KvType::F32,
         }
     }
 }
@@ -179,7 +183,7 @@ impl<'a> GpuFlashDecoder<'a> {
         opts: GpuFlashOptions,
     ) -> Result<GpuFlashDecoder<'a>, GpuError> {
         let c = &w.config;
-        let core = Core::new(ctx, w, max_ctx, false)?;
+        let core = Core::new(ctx, w, max_ctx, opts.kv_type, false)?;
         let parts = BundleParts::of_image(image, c.ffn_kind()).map_err(GpuError::Shape)?;
         let stride = image.bundle().stride;
         if !stride.is_multiple_of(4) {

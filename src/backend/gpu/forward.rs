@@ -24,6 +24,7 @@ use crate::backend::gpu::kernels::rope::{rope, rope_table};
 use crate::backend::gpu::kernels::{Dispatch, Step};
 use crate::backend::gpu::timer::GpuTimer;
 use crate::backend::gpu::{GpuContext, GpuError};
+use crate::engine::kv_cache::KvType;
 use crate::model::config::{Config, FfnKind};
 use crate::model::weights::{Linear, ModelWeights};
 use std::time::{Duration, Instant};
@@ -145,10 +146,21 @@ impl GpuDecoder {
     /// positions (clamped to what the model was trained for). Fails with a message when the
     /// model has tensors the kernels do not read, has no resident FFN (a flash image: the sparse
     /// path is `backend::gpu::flash`), or when a layer's KV cache would not fit one storage
-    /// binding.
+    /// binding. The KV cache is f32; see [`GpuDecoder::with_kv_type`].
     pub fn new(ctx: &GpuContext, w: &ModelWeights, max_ctx: usize) -> Result<GpuDecoder, GpuError> {
+        GpuDecoder::with_kv_type(ctx, w, max_ctx, KvType::F32)
+    }
+
+    /// [`GpuDecoder::new`] with the KV cache's values in `kv`: f16 halves the cache (two values
+    /// to a 32-bit word, no adapter feature needed), and attention still computes in f32.
+    pub fn with_kv_type(
+        ctx: &GpuContext,
+        w: &ModelWeights,
+        max_ctx: usize,
+        kv: KvType,
+    ) -> Result<GpuDecoder, GpuError> {
         Ok(GpuDecoder {
-            core: Core::new(ctx, w, max_ctx, true)?,
+            core: Core::new(ctx, w, max_ctx, kv, true)?,
         })
     }
 
@@ -235,6 +247,7 @@ impl Core {
         ctx: &GpuContext,
         w: &ModelWeights,
         max_ctx: usize,
+        kv: KvType,
         dense_ffn: bool,
     ) -> Result<Core, GpuError> {
         let c = w.config.clone();
@@ -277,7 +290,7 @@ impl Core {
             head_dim: c.head_dim,
         };
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let cache_bytes = (max_ctx * c.kv_dim() * 4) as u64;
+        let cache_bytes = (max_ctx * c.kv_dim() * kv.bytes_per_value()) as u64;
 
         let mut layers = Vec::new();
         for (l, layer) in w.layers.iter().enumerate() {
@@ -338,6 +351,7 @@ impl Core {
             }
             attn.push(kv_store(
                 ctx,
+                kv,
                 c.kv_dim(),
                 max_ctx,
                 &s.k,
@@ -347,7 +361,7 @@ impl Core {
                 &step,
             )?);
             attn.push(attention(
-                ctx, shape, max_ctx, scale, &s.q, &kc, &vc, &s.scores, &s.att, &step,
+                ctx, kv, shape, max_ctx, scale, &s.q, &kc, &vc, &s.scores, &s.att, &step,
             )?);
             attn.extend(matvec(ctx, &o, &s.att, ob.as_ref(), &s.out)?);
             attn.push(add(ctx, c.hidden_size, &s.out, resid)?);

@@ -1,10 +1,12 @@
 //! One token's attention over the GPU-resident KV cache (shaders/attention.wgsl).
 
+use super::kv_store::cache_words;
 use super::{kernel, need, Dispatch};
 use crate::backend::cpu::attention::AttnShape;
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
+use crate::engine::kv_cache::KvType;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -18,10 +20,12 @@ struct Params {
 }
 
 /// `out = attend(q, K[..n_pos], V[..n_pos])` with `n_pos = Step::n_pos`. The caches hold
-/// `max_ctx` rows of `n_kv_heads * head_dim`; `scores` is scratch of `n_heads * max_ctx`.
+/// `max_ctx` rows of `n_kv_heads * head_dim` values of type `kv`; `scores` is scratch of
+/// `n_heads * max_ctx`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     ctx: &GpuContext,
+    kv: KvType,
     shape: AttnShape,
     max_ctx: usize,
     scale: f32,
@@ -44,8 +48,9 @@ pub fn attention(
     }
     need(q, n_heads * head_dim, "query")?;
     need(out, n_heads * head_dim, "attention output")?;
-    need(kc, max_ctx * n_kv_heads * head_dim, "key cache")?;
-    need(vc, max_ctx * n_kv_heads * head_dim, "value cache")?;
+    let words = cache_words(kv, max_ctx * n_kv_heads * head_dim);
+    need(kc, words, "key cache")?;
+    need(vc, words, "value cache")?;
     need(scores, n_heads * max_ctx, "attention scores")?;
     let k = kernel(
         ctx,
@@ -59,7 +64,7 @@ pub fn attention(
             Binding::ReadWrite,
             Binding::Uniform,
         ],
-        &[],
+        &[("KV_F16", (kv == KvType::F16) as u8 as f64)],
     )?;
     let p = uniform(
         ctx,
@@ -91,9 +96,16 @@ mod tests {
     use crate::engine::kv_cache::KvLayer;
 
     /// Fills a GPU cache position by position with `kv_store`, then attends at several lengths
-    /// and compares with the CPU's `attend` over the same keys and values.
+    /// and compares with the CPU's `attend` over the same keys and values (rounded to f16 first
+    /// for an f16 cache: the GPU then computes in f32 over exactly those values).
     #[test]
     fn gqa_attention_over_the_gpu_cache_matches_cpu() {
+        for kv in [KvType::F32, KvType::F16] {
+            check_attention(kv);
+        }
+    }
+
+    fn check_attention(kv: KvType) {
         let Some(ctx) = ctx() else { return };
         let mut rng = Rng::new(6);
         let shape = AttnShape {
@@ -106,18 +118,26 @@ mod tests {
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
         let keys = rng.vec(max_ctx * kv_dim, 2.0);
         let values = rng.vec(max_ctx * kv_dim, 1.0);
-        let kc = storage_zeroed(ctx, "kc", (max_ctx * kv_dim * 4) as u64).unwrap();
-        let vc = storage_zeroed(ctx, "vc", (max_ctx * kv_dim * 4) as u64).unwrap();
+        let stored = |x: &[f32]| -> Vec<f32> {
+            match kv {
+                KvType::F32 => x.to_vec(),
+                KvType::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+            }
+        };
+        let (keys_held, values_held) = (stored(&keys), stored(&values));
+        let cache_bytes = (max_ctx * kv_dim * kv.bytes_per_value()) as u64;
+        let kc = storage_zeroed(ctx, "kc", cache_bytes).unwrap();
+        let vc = storage_zeroed(ctx, "vc", cache_bytes).unwrap();
         let scores = storage_zeroed(ctx, "scores", (shape.n_heads * max_ctx * 4) as u64).unwrap();
         let out = storage_zeroed(ctx, "out", (q_dim * 4) as u64).unwrap();
         let bk = storage_zeroed(ctx, "k", (kv_dim * 4) as u64).unwrap();
         let bv = storage_zeroed(ctx, "v", (kv_dim * 4) as u64).unwrap();
         let step = uniform(ctx, "step", &Step::default());
-        let store = kv_store(ctx, kv_dim, max_ctx, &bk, &bv, &kc, &vc, &step).unwrap();
+        let store = kv_store(ctx, kv, kv_dim, max_ctx, &bk, &bv, &kc, &vc, &step).unwrap();
         let q = rng.vec(q_dim, 1.0);
         let bq = storage_f32(ctx, "q", &q).unwrap();
         let att = attention(
-            ctx, shape, max_ctx, scale, &bq, &kc, &vc, &scores, &out, &step,
+            ctx, kv, shape, max_ctx, scale, &bq, &kc, &vc, &scores, &out, &step,
         )
         .unwrap();
         for pos in 0..max_ctx {
@@ -140,14 +160,17 @@ mod tests {
             let n = pos + 1;
             let mut want = vec![0.0; q_dim];
             let cache = KvLayer::F32 {
-                keys: &keys[..n * kv_dim],
-                values: &values[..n * kv_dim],
+                keys: &keys_held[..n * kv_dim],
+                values: &values_held[..n * kv_dim],
             };
             attend(&q, cache, n, shape, scale, &mut want);
             // Dots of 64 terms, a softmax (exp may differ by ulps), a weighted sum of up to 150
             // values: 1e-5 of the largest output covers the different summation orders.
             let err = max_rel_err(&got, &want, 1e-3);
-            assert!(err < 1e-5, "n_pos {n}: relative error {err:e}");
+            assert!(
+                err < 1e-5,
+                "{kv:?} cache, n_pos {n}: relative error {err:e}"
+            );
         }
     }
 }

@@ -4,6 +4,7 @@ use super::{groups_for, kernel, need, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
+use crate::engine::kv_cache::KvType;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -12,10 +13,12 @@ struct Params {
     _pad: [u32; 3],
 }
 
-/// `kc[pos] = k`, `vc[pos] = v` at `Step::pos`; the caches hold `capacity` rows of `kv_dim`.
+/// `kc[pos] = k`, `vc[pos] = v` at `Step::pos`; the caches hold `capacity` rows of `kv_dim`
+/// values of type `kv` (f16: two to a u32, rounded by `pack2x16float`).
 #[allow(clippy::too_many_arguments)]
 pub fn kv_store(
     ctx: &GpuContext,
+    kv: KvType,
     kv_dim: usize,
     capacity: usize,
     k: &wgpu::Buffer,
@@ -26,8 +29,14 @@ pub fn kv_store(
 ) -> Result<Dispatch, GpuError> {
     need(k, kv_dim, "key")?;
     need(v, kv_dim, "value")?;
-    need(kc, kv_dim * capacity, "key cache")?;
-    need(vc, kv_dim * capacity, "value cache")?;
+    if kv == KvType::F16 && !kv_dim.is_multiple_of(2) {
+        return Err(GpuError::Shape(format!(
+            "an f16 KV cache packs values in pairs, but a position holds {kv_dim}; use --kv-type f32"
+        )));
+    }
+    let words = cache_words(kv, kv_dim * capacity);
+    need(kc, words, "key cache")?;
+    need(vc, words, "value cache")?;
     let kern = kernel(
         ctx,
         "kv_store",
@@ -39,7 +48,7 @@ pub fn kv_store(
             Binding::ReadWrite,
             Binding::Uniform,
         ],
-        &[],
+        &[("KV_F16", (kv == KvType::F16) as u8 as f64)],
     )?;
     let p = uniform(
         ctx,
@@ -50,4 +59,9 @@ pub fn kv_store(
         },
     );
     kern.dispatch(ctx, &[&p, k, v, kc, vc, step], groups_for(kv_dim, 64))
+}
+
+/// 32-bit words a cache of `values` values of type `kv` takes.
+pub fn cache_words(kv: KvType, values: usize) -> usize {
+    (values * kv.bytes_per_value()).div_ceil(4)
 }
