@@ -35,8 +35,9 @@ pub struct Args {
     /// Recall the predictors' decision thresholds aim for on held-out tokens.
     #[arg(long, default_value_t = 0.99)]
     recall: f64,
-    /// Predictor form: `linear` (the paper's, fitted by class-balanced BCE) or `product`
-    /// (low-rank gate and up estimates, scored by |silu(g) u|; SwiGLU only).
+    /// Predictor form: `linear` (the paper's, fitted by class-balanced BCE), `mlp` (the same
+    /// size, a ReLU between its two factors: it misses fewer large SwiGLU contributions) or
+    /// `product` (low-rank gate and up estimates, scored by |silu(g) u|; SwiGLU only).
     #[arg(long, default_value = "linear")]
     predictor: String,
     /// Fit the BCE with plain class balance instead of weighting positives by magnitude.
@@ -127,7 +128,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         form: Some(match a.predictor.as_str() {
             "linear" => Form::Linear,
             "product" => Form::Product,
-            other => bail!("unknown --predictor `{other}`: choose linear or product"),
+            "mlp" => Form::Mlp,
+            other => bail!("unknown --predictor `{other}`: choose linear, product or mlp"),
         }),
         ..LevelOptions::default()
     };

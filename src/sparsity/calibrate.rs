@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::predictor::{
-    fit, fit_product, predicted_frequencies, set_tau, Accuracy, Examples, FitOptions, Form,
+    fit, fit_mlp, fit_product, predicted_frequencies, set_tau, Accuracy, Examples, FitOptions, Form,
 };
 use super::record::Records;
 use super::thresholds::{frequencies, labels, threshold};
@@ -66,8 +66,8 @@ pub fn fit_level(
             let freq = frequencies(&y, n);
             let roles: &[PartRole] = match form {
                 Form::Product => &[PartRole::Gate, PartRole::Up],
-                Form::Linear if kind == FfnKind::SwiGlu => &[PartRole::Gate],
-                Form::Linear => &[PartRole::Up],
+                Form::Linear | Form::Mlp if kind == FfnKind::SwiGlu => &[PartRole::Gate],
+                Form::Linear | Form::Mlp => &[PartRole::Up],
             };
             let w = projection_rows(image, l, roles)?;
             let train_ex = Examples {
@@ -88,6 +88,7 @@ pub fn fit_level(
             };
             let mut p = match form {
                 Form::Linear => fit(&w, &train_ex, &opts.fit)?,
+                Form::Mlp => fit_mlp(&w, &train_ex, &opts.fit)?,
                 Form::Product => fit_product(&w, &train_ex, &opts.fit)?,
             };
             let accuracy = set_tau(&mut p, &held_ex, opts.recall);

@@ -46,12 +46,17 @@ pub enum Form {
     /// `u ~ B_u A h`, and the score is the estimated contribution `|silu(g) u|`. For SwiGLU
     /// a linear score cannot work: `|silu(g) u|` is large for `u` of either sign.
     Product,
+    /// `z = B relu(A h) + c`: the linear form with a ReLU between its factors (a Deja Vu-style
+    /// two-layer MLP of hidden width `rank`, at the linear form's size), fitted the same way.
+    /// The rectified features can express magnitudes such as `|w . h|`, which no linear score
+    /// can.
+    Mlp,
 }
 
 impl Form {
     fn heads(self) -> usize {
         match self {
-            Form::Linear => 1,
+            Form::Linear | Form::Mlp => 1,
             Form::Product => 2,
         }
     }
@@ -155,6 +160,9 @@ impl Predictor {
         for (j, uj) in u[..self.rank].iter_mut().enumerate() {
             *uj = dot_f16(&self.a[2 * j * self.d..2 * (j + 1) * self.d], h, simd);
         }
+        if self.form == Form::Mlp {
+            u[..self.rank].iter_mut().for_each(|v| *v = v.max(0.0));
+        }
         u
     }
 
@@ -163,7 +171,7 @@ impl Predictor {
         let row = 2 * self.rank;
         let head = |r: usize| dot_f16(&self.b[r * row..(r + 1) * row], u, simd) + self.bias[r];
         match self.form {
-            Form::Linear => head(i),
+            Form::Linear | Form::Mlp => head(i),
             Form::Product => (silu(head(i)) * head(self.n + i)).abs(),
         }
     }
@@ -224,6 +232,7 @@ impl Examples<'_> {
 /// The predictor in training: f32, with `B` stored transposed (rank x n) so every product
 /// below runs over long contiguous rows.
 struct Params {
+    form: Form,
     rank: usize,
     d: usize,
     n: usize,
@@ -255,6 +264,7 @@ fn init_from(w: &[f32], d: usize, n: usize, rank: usize, rng: &mut Rng) -> Param
         }
     }
     Params {
+        form: Form::Linear,
         rank,
         d,
         n,
@@ -265,9 +275,13 @@ fn init_from(w: &[f32], d: usize, n: usize, rank: usize, rng: &mut Rng) -> Param
 }
 
 impl Params {
-    /// `z = Bt^T (A h) + c` for a batch: `u` (bs x rank), `z` (bs x n).
+    /// `z = Bt^T (A h) + c` for a batch (`relu(A h)` for the MLP form): `u` (bs x rank),
+    /// `z` (bs x n).
     fn forward(&self, h: &[f32], u: &mut [f32], z: &mut [f32]) {
         matmul_nt(h, &self.a, self.d, u);
+        if self.form == Form::Mlp {
+            u.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
         matmul_nn(u, &self.bt, self.rank, z);
         for row in z.chunks_exact_mut(self.n) {
             axpy(1.0, &self.c, row);
@@ -282,7 +296,7 @@ impl Params {
             }
         }
         Predictor {
-            form: Form::Linear,
+            form: self.form,
             rank: self.rank,
             d: self.d,
             n: self.n,
@@ -331,6 +345,25 @@ impl Adam {
 /// weighted by negatives/positives so that both classes count equally (the paper's balanced
 /// loss); `tau` is left at 0 for [`set_tau`].
 pub fn fit(w: &[f32], train: &Examples, opts: &FitOptions) -> Result<Predictor, PredictorError> {
+    fit_form(Form::Linear, w, train, opts)
+}
+
+/// [`fit`] for the [`Form::Mlp`] predictor: the same start and loss, a ReLU between `A` and
+/// `B`. The start keeps the gate range's rectified half; training recovers the rest.
+pub fn fit_mlp(
+    w: &[f32],
+    train: &Examples,
+    opts: &FitOptions,
+) -> Result<Predictor, PredictorError> {
+    fit_form(Form::Mlp, w, train, opts)
+}
+
+fn fit_form(
+    form: Form,
+    w: &[f32],
+    train: &Examples,
+    opts: &FitOptions,
+) -> Result<Predictor, PredictorError> {
     let (d, n) = (train.d, train.n);
     let rank = opts.rank.min(d).min(n);
     if rank == 0 || rank > MAX_RANK {
@@ -338,6 +371,7 @@ pub fn fit(w: &[f32], train: &Examples, opts: &FitOptions) -> Result<Predictor, 
     }
     let mut rng = Rng::new(opts.seed);
     let mut p = init_from(w, d, n, rank, &mut rng);
+    p.form = form;
     let tokens = train.tokens();
     if tokens == 0 {
         return Ok(p.into_predictor());
@@ -402,6 +436,14 @@ pub fn fit(w: &[f32], train: &Examples, opts: &FitOptions) -> Result<Predictor, 
             gbt.fill(0.0);
             matmul_tn_acc(&u[..m * rank], dz, rank, &mut gbt);
             matmul_nt(dz, &p.bt, n, &mut du[..m * rank]);
+            if form == Form::Mlp {
+                // Through the ReLU: no gradient where the feature was cut to 0.
+                for (g, &v) in du[..m * rank].iter_mut().zip(&u[..m * rank]) {
+                    if v <= 0.0 {
+                        *g = 0.0;
+                    }
+                }
+            }
             ga.fill(0.0);
             matmul_tn_acc(&du[..m * rank], &h[..m * d], rank, &mut ga);
             step += 1;
@@ -581,6 +623,69 @@ mod tests {
             inputs.extend(h);
         }
         (inputs, labels, mags)
+    }
+
+    /// Neuron i is active when `|v_i (w . h)|` is large, whatever its sign: the shape of a
+    /// SwiGLU contribution, which a linear score cannot express (it can only say "large and
+    /// positive"). The MLP form's rectified features can: at the same rank and recall it must
+    /// predict far fewer inactive neurons.
+    #[test]
+    fn the_mlp_form_learns_a_magnitude_rule_that_the_linear_form_cannot() {
+        let (d, n, tokens, split) = (24, 40, 1500, 1200);
+        let mut rng = Rng::new(7);
+        let w: Vec<f32> = (0..d).map(|_| rng.symmetric()).collect();
+        let v: Vec<f32> = (0..n).map(|_| rng.symmetric()).collect();
+        let (mut inputs, mut labels, mut mags) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..tokens {
+            let h: Vec<f32> = (0..d).map(|_| rng.symmetric()).collect();
+            let s: f32 = h.iter().zip(&w).map(|(a, b)| a * b).sum();
+            for &vi in &v {
+                let a = (vi * s).abs();
+                labels.push((a > 0.3) as u8);
+                mags.push(f16::from_f32(a));
+            }
+            inputs.extend(h);
+        }
+        let ex = |a: usize, b: usize| Examples {
+            inputs: &inputs[a * d..b * d],
+            labels: &labels[a * n..b * n],
+            magnitudes: &mags[a * n..b * n],
+            threshold: 0.3,
+            d,
+            n,
+        };
+        let start: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5)
+            .collect();
+        let opts = FitOptions {
+            rank: 4,
+            epochs: 40,
+            batch: 64,
+            learning_rate: 1e-2,
+            ..FitOptions::default()
+        };
+        let mut linear = fit(&start, &ex(0, split), &opts).unwrap();
+        let mut mlp = fit_mlp(&start, &ex(0, split), &opts).unwrap();
+        assert_eq!(mlp.form, Form::Mlp);
+        assert_eq!(
+            mlp.bytes(),
+            linear.bytes(),
+            "the same size as the linear form"
+        );
+        let lin = set_tau(&mut linear, &ex(split, tokens), 0.95);
+        let rect = set_tau(&mut mlp, &ex(split, tokens), 0.95);
+        assert!(rect.recall >= 0.95, "{rect:?}");
+        assert!(
+            rect.precision > lin.precision + 0.15,
+            "mlp {rect:?} vs linear {lin:?}"
+        );
+        // Stored and read back, it predicts the same sets.
+        let q = Predictor::from_bytes(&mlp.to_bytes(), Form::Mlp, mlp.rank, d, n, mlp.tau).unwrap();
+        let h = &inputs[1300 * d..1301 * d];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        mlp.predict(h, &mut a);
+        q.predict(h, &mut b);
+        assert_eq!(a, b);
     }
 
     #[test]

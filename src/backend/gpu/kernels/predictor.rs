@@ -4,10 +4,11 @@
 //! (`z_i` for the linear form, `|silu(z_i) * z_{n+i}|` for the product form), compacted in
 //! increasing order into `[count, id_0, id_1, ...]`.
 
-use super::{kernel, matvec::matvec, need, Dispatch};
+use super::{ffn_act::ffn_act, kernel, matvec::matvec, need, Dispatch};
 use crate::backend::gpu::buffers::{storage_bytes, storage_zeroed, uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
+use crate::model::config::FfnKind;
 use crate::model::tensor::DType;
 use crate::sparsity::predictor::{Form, Predictor};
 
@@ -22,14 +23,15 @@ struct Params {
 
 fn form_code(form: Form) -> u32 {
     match form {
-        Form::Linear => 0,
+        // The MLP's ReLU runs before B: its scores are one linear head, as the linear form's.
+        Form::Linear | Form::Mlp => 0,
         Form::Product => 1,
     }
 }
 
 fn heads(form: Form) -> usize {
     match form {
-        Form::Linear => 1,
+        Form::Linear | Form::Mlp => 1,
         Form::Product => 2,
     }
 }
@@ -161,6 +163,11 @@ impl GpuPredictor {
         list: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>, GpuError> {
         let mut d = matvec(ctx, &self.a, h, None, &self.low)?;
+        if self.form == Form::Mlp {
+            // relu(A h) in place: the ReLU FFN activation's kernel (it binds but ignores its
+            // gate; `h` stands in, since one buffer cannot be bound read-only and read-write).
+            d.push(ffn_act(ctx, FfnKind::Relu, self.a.rows, h, &self.low)?);
+        }
         d.extend(matvec(
             ctx,
             &self.b,
@@ -257,7 +264,7 @@ mod tests {
         let Some(ctx) = ctx() else { return };
         let mut rng = Rng::new(11);
         let (d, rank, n) = (96, 16, 300);
-        for form in [Form::Linear, Form::Product] {
+        for form in [Form::Linear, Form::Product, Form::Mlp] {
             let rows = heads(form) * n;
             let f16s = |v: Vec<f32>| -> Vec<u8> {
                 v.iter()
