@@ -606,8 +606,13 @@ mod tests {
 
     /// Inputs whose labels follow a rank-1 linear rule: neuron i is active when
     /// `v_i * (w . h) > 0.3`. A rank-2 predictor must learn it almost perfectly.
-    fn linear_rule(tokens: usize, d: usize, n: usize) -> (Vec<f32>, Vec<u8>, Vec<f16>) {
-        let mut rng = Rng::new(42);
+    /// Recorded tokens: inputs (tokens x d), labels and magnitudes (tokens x n).
+    type Recorded = (Vec<f32>, Vec<u8>, Vec<f16>);
+
+    /// Neuron i's contribution is `v_i (w . h)` (`magnitude`: its absolute value), active
+    /// above 0.3.
+    fn rule(tokens: usize, d: usize, n: usize, magnitude: bool, seed: u64) -> Recorded {
+        let mut rng = Rng::new(seed);
         let w: Vec<f32> = (0..d).map(|_| rng.symmetric()).collect();
         let v: Vec<f32> = (0..n).map(|_| rng.symmetric()).collect();
         let mut inputs = Vec::new();
@@ -616,13 +621,32 @@ mod tests {
             let h: Vec<f32> = (0..d).map(|_| rng.symmetric()).collect();
             let s: f32 = h.iter().zip(&w).map(|(a, b)| a * b).sum();
             for &vi in &v {
-                let a = vi * s;
+                let a = if magnitude { (vi * s).abs() } else { vi * s };
                 labels.push((a > 0.3) as u8);
                 mags.push(f16::from_f32(a.max(0.0)));
             }
             inputs.extend(h);
         }
         (inputs, labels, mags)
+    }
+
+    /// Tokens `a..b` of `r` as examples.
+    fn tokens(r: &Recorded, d: usize, n: usize, a: usize, b: usize) -> Examples<'_> {
+        Examples {
+            inputs: &r.0[a * d..b * d],
+            labels: &r.1[a * n..b * n],
+            magnitudes: &r.2[a * n..b * n],
+            threshold: 0.3,
+            d,
+            n,
+        }
+    }
+
+    /// A start unrelated to the rules: the fit must do the work.
+    fn arbitrary_start(n: usize, d: usize) -> Vec<f32> {
+        (0..n * d)
+            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5)
+            .collect()
     }
 
     /// Neuron i is active when `|v_i (w . h)|` is large, whatever its sign: the shape of a
@@ -632,31 +656,9 @@ mod tests {
     #[test]
     fn the_mlp_form_learns_a_magnitude_rule_that_the_linear_form_cannot() {
         let (d, n, tokens, split) = (24, 40, 1500, 1200);
-        let mut rng = Rng::new(7);
-        let w: Vec<f32> = (0..d).map(|_| rng.symmetric()).collect();
-        let v: Vec<f32> = (0..n).map(|_| rng.symmetric()).collect();
-        let (mut inputs, mut labels, mut mags) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..tokens {
-            let h: Vec<f32> = (0..d).map(|_| rng.symmetric()).collect();
-            let s: f32 = h.iter().zip(&w).map(|(a, b)| a * b).sum();
-            for &vi in &v {
-                let a = (vi * s).abs();
-                labels.push((a > 0.3) as u8);
-                mags.push(f16::from_f32(a));
-            }
-            inputs.extend(h);
-        }
-        let ex = |a: usize, b: usize| Examples {
-            inputs: &inputs[a * d..b * d],
-            labels: &labels[a * n..b * n],
-            magnitudes: &mags[a * n..b * n],
-            threshold: 0.3,
-            d,
-            n,
-        };
-        let start: Vec<f32> = (0..n * d)
-            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5)
-            .collect();
+        let r = rule(tokens, d, n, true, 7);
+        let ex = |a: usize, b: usize| self::tokens(&r, d, n, a, b);
+        let start = arbitrary_start(n, d);
         let opts = FitOptions {
             rank: 4,
             epochs: 40,
@@ -681,7 +683,7 @@ mod tests {
         );
         // Stored and read back, it predicts the same sets.
         let q = Predictor::from_bytes(&mlp.to_bytes(), Form::Mlp, mlp.rank, d, n, mlp.tau).unwrap();
-        let h = &inputs[1300 * d..1301 * d];
+        let h = &r.0[1300 * d..1301 * d];
         let (mut a, mut b) = (Vec::new(), Vec::new());
         mlp.predict(h, &mut a);
         q.predict(h, &mut b);
@@ -691,20 +693,10 @@ mod tests {
     #[test]
     fn learns_a_low_rank_rule_and_sets_tau_for_recall() {
         let (d, n) = (24, 40);
-        let (inputs, labels, mags) = linear_rule(1200, d, n);
+        let r = rule(1200, d, n, false, 42);
         let split = 1000;
-        let ex = |a: usize, b: usize| Examples {
-            inputs: &inputs[a * d..b * d],
-            labels: &labels[a * n..b * n],
-            magnitudes: &mags[a * n..b * n],
-            threshold: 0.3,
-            d,
-            n,
-        };
-        // An arbitrary start (the rule is unrelated to it): the fit must do the work.
-        let w: Vec<f32> = (0..n * d)
-            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5)
-            .collect();
+        let ex = |a: usize, b: usize| self::tokens(&r, d, n, a, b);
+        let w = arbitrary_start(n, d);
         let opts = FitOptions {
             rank: 2,
             epochs: 30,
@@ -733,7 +725,7 @@ mod tests {
 
         // Serialised and read back, it predicts the same sets.
         let q = Predictor::from_bytes(&p.to_bytes(), Form::Linear, p.rank, d, n, p.tau).unwrap();
-        let h = &inputs[1100 * d..1101 * d];
+        let h = &r.0[1100 * d..1101 * d];
         let (mut a, mut b) = (Vec::new(), Vec::new());
         p.predict(h, &mut a);
         q.predict(h, &mut b);
