@@ -35,11 +35,12 @@ pub struct Args {
     /// Recall the predictors' decision thresholds aim for on held-out tokens.
     #[arg(long, default_value_t = 0.99)]
     recall: f64,
-    /// Predictor form: `linear` (the paper's, fitted by class-balanced BCE), `mlp` (the same
-    /// size, a ReLU between its two factors: it misses fewer large SwiGLU contributions) or
-    /// `product` (low-rank gate and up estimates, scored by |silu(g) u|; SwiGLU only).
-    #[arg(long, default_value = "linear")]
-    predictor: String,
+    /// Predictor form: `mlp` (a ReLU between the two low-rank factors: it misses fewer large
+    /// SwiGLU contributions; the default for SwiGLU models), `linear` (the paper's, fitted by
+    /// class-balanced BCE; the default for ReLU models) or `product` (low-rank gate and up
+    /// estimates, scored by |silu(g) u|; SwiGLU only).
+    #[arg(long)]
+    predictor: Option<String>,
     /// Fit the BCE with plain class balance instead of weighting positives by magnitude.
     #[arg(long)]
     unweighted: bool,
@@ -125,12 +126,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ..FitOptions::default()
         },
         recall: a.recall,
-        form: Some(match a.predictor.as_str() {
-            "linear" => Form::Linear,
-            "product" => Form::Product,
-            "mlp" => Form::Mlp,
-            other => bail!("unknown --predictor `{other}`: choose linear, product or mlp"),
-        }),
+        form: match a.predictor.as_deref() {
+            None => None,
+            Some("linear") => Some(Form::Linear),
+            Some("product") => Some(Form::Product),
+            Some("mlp") => Some(Form::Mlp),
+            Some(other) => bail!("unknown --predictor `{other}`: choose mlp, linear or product"),
+        },
         ..LevelOptions::default()
     };
     let sources: Vec<String> = a.text.iter().map(|p| p.display().to_string()).collect();

@@ -24,7 +24,8 @@ pub struct LevelOptions {
     pub recall: f64,
     /// Fraction of the recorded tokens (the last ones) held out from fitting.
     pub held_out: f64,
-    /// The predictor's form; `None` picks by FFN kind (product for SwiGLU, linear for ReLU).
+    /// The predictor's form; `None` picks by FFN kind: mlp for SwiGLU (measured best on
+    /// SmolLM2, docs/calibration.md), linear for ReLU (exact in kind there).
     pub form: Option<Form>,
 }
 
@@ -54,7 +55,7 @@ pub fn fit_level(
     let held = ((tokens as f64 * opts.held_out) as usize).clamp(1.min(tokens), tokens);
     let train = tokens - held;
     let form = opts.form.unwrap_or(match kind {
-        FfnKind::SwiGlu => Form::Product,
+        FfnKind::SwiGlu => Form::Mlp,
         FfnKind::Relu => Form::Linear,
     });
     let fitted: Vec<_> = (0..c.n_layers)
