@@ -50,7 +50,12 @@ pub struct RowSource {
 }
 
 enum Where {
-    Resident(Vec<u8>),
+    /// The table, at `skip..skip + len` of the buffer it was read into.
+    Resident {
+        buf: AlignedBuf,
+        skip: usize,
+        len: usize,
+    },
     Streamed {
         pool: Arc<ReadPool>,
         opts: CoalesceOptions,
@@ -66,25 +71,19 @@ impl RowSource {
     pub fn resident(image: &FlashImage, name: &str, direct: bool) -> Result<RowSource, FlashError> {
         let e = entry(image, name)?;
         let pool = open_pool(image, direct, 4)?;
-        let mut bytes = vec![0u8; e.len as usize];
-        let mut at = 0usize;
-        while at < bytes.len() {
-            let len = STREAM_CHUNK.min(bytes.len() - at);
-            pool.read_ranges(
-                &[(e.offset + at as u64, len)],
-                &CoalesceOptions::default(),
-                &mut |_, b| bytes[at..at + len].copy_from_slice(b),
-            )
+        // Straight into the table's own buffer: no staging, no copy.
+        let mut buf = AlignedBuf::new(0);
+        let len = e.len as usize;
+        let (_, skip) = pool
+            .read_span(e.offset, len, &CoalesceOptions::default(), &mut buf)
             .map_err(|err| read_error(image, name, err))?;
-            at += len;
-        }
-        if crate::image::crc32(&bytes) != e.crc32 {
+        if crate::image::crc32(&buf[skip..skip + len]) != e.crc32 {
             return Err(FlashError::Setup(format!(
                 "tensor {name} of {} fails its checksum: the image is damaged; convert it again",
                 image.file().display()
             )));
         }
-        Ok(RowSource::new(e, Where::Resident(bytes)))
+        Ok(RowSource::new(e, Where::Resident { buf, skip, len }))
     }
 
     /// Streams tensor `name` of `image` with `io_threads` concurrent reads.
@@ -129,7 +128,7 @@ impl RowSource {
     /// Bytes held in memory: the table, or the read staging of one chunk.
     pub fn memory_bytes(&self) -> usize {
         match &self.where_ {
-            Where::Resident(b) => b.len(),
+            Where::Resident { buf, .. } => buf.len(),
             Where::Streamed { .. } => STREAM_STAGING,
         }
     }
@@ -141,7 +140,7 @@ impl RowSource {
             quant::dequantize(dtype, bytes, out).expect("rows are whole blocks (checked at load)")
         };
         match &self.where_ {
-            Where::Resident(b) => done(&b[i * rb..(i + 1) * rb], out),
+            Where::Resident { buf, skip, .. } => done(&buf[skip + i * rb..][..rb], out),
             Where::Streamed { pool, opts, .. } => {
                 let t = Instant::now();
                 let stats = pool
@@ -167,9 +166,10 @@ impl RowSource {
         debug_assert_eq!(outs.len(), acts.len() * self.rows);
         let (rb, dtype, rows) = (self.row_bytes, self.dtype, self.rows);
         let (prefetch, spare) = match &mut self.where_ {
-            Where::Resident(b) => {
+            Where::Resident { buf, skip, len } => {
+                let table = &buf[*skip..*skip + *len];
                 for (act, out) in acts.iter().zip(outs.chunks_exact_mut(rows)) {
-                    par_matvec(dtype, b, rb, act, out);
+                    par_matvec(dtype, table, rb, act, out);
                 }
                 return;
             }

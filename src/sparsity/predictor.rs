@@ -54,7 +54,8 @@ pub enum Form {
 }
 
 impl Form {
-    fn heads(self) -> usize {
+    /// Score rows per neuron in `B` (and biases): one, or two for the product form.
+    pub fn heads(self) -> usize {
         match self {
             Form::Linear | Form::Mlp => 1,
             Form::Product => 2,

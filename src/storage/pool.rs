@@ -66,6 +66,25 @@ struct Item {
     stage: usize,
 }
 
+impl Item {
+    /// The reads of `len` bytes at `offset`, `piece` bytes at most each, landing from `stage`
+    /// on in the staging region.
+    fn pieces(offset: u64, len: usize, stage: usize, piece: usize) -> impl Iterator<Item = Item> {
+        (0..len).step_by(piece.max(1)).map(move |at| Item {
+            offset: offset + at as u64,
+            len: piece.min(len - at),
+            stage: stage + at,
+        })
+    }
+}
+
+/// The largest single read: `max_read`, but at least [`MIN_PIECE`], in whole aligned blocks.
+fn piece_len(opts: &CoalesceOptions) -> usize {
+    opts.max_read
+        .max(MIN_PIECE)
+        .next_multiple_of(opts.align.max(1))
+}
+
 struct StagingPtr(*mut u8);
 // SAFETY: the pointer is only dereferenced for disjoint regions (one per item), while the
 // owning `read_ranges` call keeps the staging buffer alive and borrowed exclusively.
@@ -261,21 +280,10 @@ impl ReadPool {
             state.staging = AlignedBuf::try_new(grown)?;
         }
 
-        let align = opts.align.max(1);
-        let piece = opts.max_read.max(MIN_PIECE).next_multiple_of(align);
-        let mut items = Vec::with_capacity(state.ops.len());
-        for (op, &stage) in state.ops.iter().zip(&state.op_stage) {
-            let mut at = 0usize;
-            while at < op.len {
-                let len = piece.min(op.len - at);
-                items.push(Item {
-                    offset: op.offset + at as u64,
-                    len,
-                    stage: stage + at,
-                });
-                at += len;
-            }
-        }
+        let piece = piece_len(opts);
+        let items: Vec<Item> = (state.ops.iter().zip(&state.op_stage))
+            .flat_map(|(op, &stage)| Item::pieces(op.offset, op.len, stage, piece))
+            .collect();
         let stats_base = ReadStats {
             ops: state.ops.len(),
             reads: items.len(),
@@ -348,18 +356,7 @@ impl ReadPool {
             *dst = AlignedBuf::new(0); // free the old one first
             *dst = AlignedBuf::try_new(span)?;
         }
-        let piece = opts
-            .max_read
-            .max(MIN_PIECE)
-            .next_multiple_of(align as usize);
-        let items: Vec<Item> = (0..span)
-            .step_by(piece)
-            .map(|at| Item {
-                offset: first + at as u64,
-                len: piece.min(span - at),
-                stage: at,
-            })
-            .collect();
+        let items: Vec<Item> = Item::pieces(first, span, 0, piece_len(opts)).collect();
         let reads = items.len();
         // One job at a time on the shared workers, as in `read_ranges`.
         let _batch = lock(&self.batch);

@@ -29,13 +29,6 @@ fn form_code(form: Form) -> u32 {
     }
 }
 
-fn heads(form: Form) -> usize {
-    match form {
-        Form::Linear | Form::Mlp => 1,
-        Form::Product => 2,
-    }
-}
-
 /// `list = [count, ids i < n whose score reaches threshold, in increasing order...]`; `list`
 /// holds `1 + n`, `z` holds `n` (linear) or `2n` (product) heads.
 pub fn select(
@@ -46,7 +39,7 @@ pub fn select(
     z: &wgpu::Buffer,
     list: &wgpu::Buffer,
 ) -> Result<Dispatch, GpuError> {
-    need(z, heads(form) * n, "predictor heads")?;
+    need(z, form.heads() * n, "predictor heads")?;
     need(list, n + 1, "active list")?;
     let k = kernel(
         ctx,
@@ -91,10 +84,10 @@ impl GpuPredictor {
         form: Form,
         threshold: f32,
     ) -> Result<GpuPredictor, GpuError> {
-        if b.cols != a.rows || !b.rows.is_multiple_of(heads(form)) {
+        if b.cols != a.rows || !b.rows.is_multiple_of(form.heads()) {
             return Err(GpuError::Shape(format!(
                 "predictor: A is {} x {} but B is {} x {}; B's columns must be A's rows (the rank) and its rows {} per neuron",
-                a.rows, a.cols, b.rows, b.cols, heads(form)
+                a.rows, a.cols, b.rows, b.cols, form.heads()
             )));
         }
         if bias.is_some_and(|v| v.len() != b.rows) {
@@ -110,7 +103,7 @@ impl GpuPredictor {
         let low = storage_zeroed(ctx, "predictor rank", (a.rows * 4) as u64)?;
         let z = storage_zeroed(ctx, "predictor heads", (b.rows * 4) as u64)?;
         Ok(GpuPredictor {
-            n: b.rows / heads(form),
+            n: b.rows / form.heads(),
             a,
             b,
             form,
@@ -124,7 +117,7 @@ impl GpuPredictor {
     /// Uploads a calibrated predictor (its f16 A and B as stored, its f32 bias and tau).
     pub fn upload(ctx: &GpuContext, p: &Predictor, what: &str) -> Result<GpuPredictor, GpuError> {
         let bytes = p.to_bytes();
-        let rows = heads(p.form) * p.n;
+        let rows = p.form.heads() * p.n;
         let (a, rest) = bytes.split_at(2 * p.rank * p.d);
         let (b, bias) = rest.split_at(2 * rows * p.rank);
         let bias: Vec<f32> = bias
@@ -265,7 +258,7 @@ mod tests {
         let mut rng = Rng::new(11);
         let (d, rank, n) = (96, 16, 300);
         for form in [Form::Linear, Form::Product, Form::Mlp] {
-            let rows = heads(form) * n;
+            let rows = form.heads() * n;
             let f16s = |v: Vec<f32>| -> Vec<u8> {
                 v.iter()
                     .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
