@@ -220,6 +220,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let info = adapter.get_info();
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("host"),
+        // The engine reads f16 natively where the host's device has SHADER_F16 enabled.
+        required_features: adapter.features() & wgpu::Features::SHADER_F16,
         required_limits: adapter.limits(),
         ..Default::default()
     }))?;

@@ -4,7 +4,8 @@
 // (the context can outgrow workgroup memory); each phase's writes are made visible to the
 // whole workgroup by a storage barrier. Probabilities are normalised before the weighted sum,
 // as the CPU reference does. The cache holds f32 values, or with KV_F16 f16 values two to a
-// u32 (see kv_store.wgsl); either way the arithmetic is f32.
+// u32, read through the f16 views KC_H and VC_H in the native form (see kv_store.wgsl); either
+// way the arithmetic is f32.
 
 struct Params {
     n_heads: u32,
@@ -32,20 +33,24 @@ struct Step {
 @group(0) @binding(4) var<storage, read_write> SCORES: array<f32>;
 @group(0) @binding(5) var<storage, read_write> OUT: array<f32>;
 @group(0) @binding(6) var<uniform> S: Step;
+//@native @group(1) @binding(0) var<storage, read> KC_H: array<f16>;
+//@native @group(1) @binding(1) var<storage, read> VC_H: array<f16>;
 
 override KV_F16: bool = false;
 
 // Value i of the key cache, and of the value cache.
 fn key(i: u32) -> f32 {
     if (KV_F16) {
-        return unpack2x16float(KC[i >> 1u])[i & 1u];
+        //@packed return unpack2x16float(KC[i >> 1u])[i & 1u];
+        //@native return f32(KC_H[i]);
     }
     return bitcast<f32>(KC[i]);
 }
 
 fn value(i: u32) -> f32 {
     if (KV_F16) {
-        return unpack2x16float(VC[i >> 1u])[i & 1u];
+        //@packed return unpack2x16float(VC[i >> 1u])[i & 1u];
+        //@native return f32(VC_H[i]);
     }
     return bitcast<f32>(VC[i]);
 }

@@ -1,6 +1,7 @@
 // Appends this position's key and value (kv_dim each) to a layer's GPU-resident cache at row
-// Step.pos. The cache holds f32 values, or with KV_F16 f16 values two to a u32 (half the
-// memory; packed with pack2x16float, so no adapter feature is needed). kv_dim is even.
+// Step.pos. The cache holds f32 values, or with KV_F16 f16 values (half the memory): packed two
+// to a u32 with pack2x16float in the packed form, stored through the f16 views KC_H and VC_H in
+// the native form (the same bytes either way). kv_dim is even.
 
 struct Params {
     kv_dim: u32,
@@ -21,6 +22,8 @@ struct Step {
 @group(0) @binding(2) var<storage, read> VAL: array<f32>;
 @group(0) @binding(3) var<storage, read_write> KC: array<u32>;
 @group(0) @binding(4) var<storage, read_write> VC: array<u32>;
+//@native @group(1) @binding(0) var<storage, read_write> KC_H: array<f16>;
+//@native @group(1) @binding(1) var<storage, read_write> VC_H: array<f16>;
 @group(0) @binding(5) var<uniform> S: Step;
 
 override KV_F16: bool = false;
@@ -35,8 +38,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             return;
         }
         let at = S.pos * half_dim + i;
-        KC[at] = pack2x16float(vec2<f32>(K[2u * i], K[2u * i + 1u]));
-        VC[at] = pack2x16float(vec2<f32>(VAL[2u * i], VAL[2u * i + 1u]));
+        //@packed KC[at] = pack2x16float(vec2<f32>(K[2u * i], K[2u * i + 1u]));
+        //@packed VC[at] = pack2x16float(vec2<f32>(VAL[2u * i], VAL[2u * i + 1u]));
+        //@native KC_H[2u * at] = f16(K[2u * i]);
+        //@native KC_H[2u * at + 1u] = f16(K[2u * i + 1u]);
+        //@native VC_H[2u * at] = f16(VAL[2u * i]);
+        //@native VC_H[2u * at + 1u] = f16(VAL[2u * i + 1u]);
         return;
     }
     if (i >= P.kv_dim) {

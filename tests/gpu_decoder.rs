@@ -191,3 +191,57 @@ fn smollm2_teacher_forced_matches_f32_cpu_and_llamacpp() {
         "the GPU made llama.cpp's choice at only {agree} of {steps} steps"
     );
 }
+
+/// Logits of `tokens` fed one by one on `ctx` with a `kv` cache.
+fn trajectory(
+    ctx: &llmflash::backend::gpu::GpuContext,
+    weights: &ModelWeights,
+    kv: KvType,
+    tokens: &[u32],
+) -> Vec<Vec<f32>> {
+    let mut dec = GpuDecoder::with_kv_type(ctx, weights, tokens.len() + 1, kv).expect("decoder");
+    tokens
+        .iter()
+        .map(|&t| dec.step(t).expect("GPU step").to_vec())
+        .collect()
+}
+
+/// The native f16 form (SHADER_F16: `array<f16>` views) against the packed one (two f16 per
+/// word): reading an f16 is exact either way and the arithmetic is the same, so with an f32 KV
+/// cache the logits must be equal to the bit, on f16 weights (the HF qwen2 fixture) and on f16
+/// block scales (SmolLM2's Q4_1 and Q8_0). An f16 cache is written by `f16(x)` in one form and
+/// `pack2x16float` in the other, which WGSL lets round either way at a tie: close, not equal.
+#[test]
+fn the_native_f16_form_matches_the_packed_form() {
+    use llmflash::backend::gpu::shaders::Half;
+    let Some(base) = common::gpu() else { return };
+    let (mut packed, mut native) = (base.clone(), base.clone());
+    packed.set_half(Half::Packed).expect("packed form");
+    if let Err(e) = native.set_half(Half::Native) {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let mut models = vec![(
+        "qwen2 f16",
+        load(&common::fixture("hf/qwen2")).expect("qwen2 fixture"),
+    )];
+    if let Some(path) = common::model(SMOLLM2, "tools/fetch-model") {
+        models.push(("SmolLM2 Q4_1", load(&path).expect("SmolLM2")));
+    }
+    for (name, model) in &models {
+        let tokens = common::tokens(12, model.weights.config.vocab_size);
+        for kv in [KvType::F32, KvType::F16] {
+            let p = trajectory(&packed, &model.weights, kv, &tokens);
+            let n = trajectory(&native, &model.weights, kv, &tokens);
+            for (pos, (p, n)) in p.iter().zip(&n).enumerate() {
+                match kv {
+                    KvType::F32 => assert!(p == n, "{name} position {pos}: logits differ"),
+                    KvType::F16 => {
+                        let err = relative_error(n, p);
+                        assert!(err < 1e-3, "{name} f16 cache position {pos}: {err:.2e}");
+                    }
+                }
+            }
+        }
+    }
+}

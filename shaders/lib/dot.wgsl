@@ -44,12 +44,11 @@ fn dot_unit(dt: u32, row: u32, u: u32, x0: u32) -> f32 {
             return dot(a, x4(xs)) + dot(c, x4(xs + 4u));
         }
         case 1u: {
-            // Two f16 per u32, unpacked in registers: the portable path (no SHADER_F16).
             let b = row + u * 16u;
-            let p0 = unpack2x16float(w_u32(b));
-            let p1 = unpack2x16float(w_u32(b + 4u));
-            let p2 = unpack2x16float(w_u32(b + 8u));
-            let p3 = unpack2x16float(w_u32(b + 12u));
+            let p0 = w_f16x2(b);
+            let p1 = w_f16x2(b + 4u);
+            let p2 = w_f16x2(b + 8u);
+            let p3 = w_f16x2(b + 12u);
             return dot(vec4<f32>(p0, p1), x4(xs)) + dot(vec4<f32>(p2, p3), x4(xs + 4u));
         }
         case 2u: {
@@ -75,7 +74,7 @@ fn dot_unit(dt: u32, row: u32, u: u32, x0: u32) -> f32 {
         case 4u: {
             // sum((q d + m) x) = d sum(q x) + m sum(x).
             let blk = row + u * 20u;
-            let dm = unpack2x16float(w_u32(blk));
+            let dm = w_f16x2(blk);
             var qx = 0.0;
             var sx = 0.0;
             for (var k = 0u; k < 4u; k++) {

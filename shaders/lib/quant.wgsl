@@ -5,6 +5,12 @@
 // multiple of 4 (a Q8_0 block is 34 bytes): loads go through `w_u32`, which splices two words
 // when the offset is 2 mod 4. Storage buffers are padded by 4 bytes so the spliced load of the
 // last word stays in bounds.
+//
+// f16 fields are read through `w_f16`/`w_f16x2`: unpacked from the u32 words in the packed form,
+// or loaded from `W_H`, an `array<f16>` view of the same buffer, in the native form (see
+// src/backend/gpu/shaders.rs).
+
+//@native @group(1) @binding(0) var<storage, read> W_H: array<f16>;
 
 // Dtype codes (the Rust side maps `DType` to these in `kernels::dtype_code`).
 const DT_F32: u32 = 0u;
@@ -37,8 +43,16 @@ fn w_byte(b: u32) -> u32 {
     return (W[b >> 2u] >> ((b & 3u) * 8u)) & 0xffu;
 }
 
+// The f16 at even byte offset `b`.
 fn w_f16(b: u32) -> f32 {
-    return unpack2x16float(w_u16(b)).x;
+    //@packed return unpack2x16float(w_u16(b)).x;
+    //@native return f32(W_H[b >> 1u]);
+}
+
+// The two f16 at even byte offset `b` (bytes b..b+4).
+fn w_f16x2(b: u32) -> vec2<f32> {
+    //@packed return unpack2x16float(w_u32(b));
+    //@native return vec2<f32>(f32(W_H[b >> 1u]), f32(W_H[(b >> 1u) + 1u]));
 }
 
 // Sign-extends byte `k` (0..3) of `w` to an i32.
@@ -94,7 +108,7 @@ fn w_value(dt: u32, row: u32, j: u32) -> f32 {
             let k = j % 32u;
             let byte = w_byte(blk + 4u + (k % 16u));
             let q = select(byte & 15u, byte >> 4u, k >= 16u);
-            let dm = unpack2x16float(w_u32(blk));
+            let dm = w_f16x2(blk);
             return f32(q) * dm.x + dm.y;
         }
         default: {

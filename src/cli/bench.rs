@@ -46,6 +46,10 @@ pub struct Args {
     /// With the gpu backend: the adapter whose name contains this.
     #[arg(long)]
     gpu_adapter: Option<String>,
+    /// With the gpu backend: how shaders read f16 values (auto, native or packed; see
+    /// `generate --help`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "native", "packed"])]
+    gpu_f16: String,
     /// VRAM budgets for the gpu backend on a flash image (comma-separated); none: every
     /// neuron gets a GPU window slot.
     #[arg(long, value_delimiter = ',', value_parser = parse_bytes)]
@@ -99,6 +103,8 @@ struct Row {
     /// The GPU adapter, and whether it is a CPU emulating a GPU (lavapipe).
     adapter: Option<String>,
     emulated: bool,
+    /// How the GPU shaders read f16 values (native or packed).
+    f16: Option<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -165,7 +171,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 r.adapter.as_deref().unwrap_or("?")
             );
         }
-        if rows.iter().any(|r| r.backend == "gpu") {
+        if let Some(r) = rows.iter().find(|r| r.backend == "gpu") {
+            println!(
+                "GPU adapter: {}, f16 {}.",
+                r.adapter.as_deref().unwrap_or("?"),
+                r.f16.as_deref().unwrap_or("?")
+            );
             println!("GPU ms: the passes' execution time from timestamp queries (n/a where the adapter has none); GPU wait: the time the CPU blocked on the GPU.");
         }
     }
@@ -207,6 +218,7 @@ fn measure(
             if let Some(name) = &a.gpu_adapter {
                 cmd.args(["--gpu-adapter", name]);
             }
+            cmd.args(["--gpu-f16", &a.gpu_f16]);
             "--vram-budget"
         } else {
             "--memory-budget"
@@ -260,6 +272,7 @@ fn measure(
             .filter(|_| backend == "gpu"),
         adapter: first_gpu.and_then(|g| g["adapter"].as_str().map(String::from)),
         emulated: first_gpu.is_some_and(|g| g["emulated"].as_bool() == Some(true)),
+        f16: first_gpu.and_then(|g| g["f16"].as_str().map(String::from)),
         strategy,
         selection: (first["flash"]["selection"].as_str())
             .filter(|s| !s.is_empty())

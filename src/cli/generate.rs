@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
+use crate::backend::gpu::device::F16Mode;
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder, GpuFlashOptions, GpuOptions};
 use crate::budget::{self, Needs};
 use crate::engine::flash::{Selection, Strategy};
@@ -55,6 +56,11 @@ pub struct Args {
     /// With --backend gpu: the first adapter whose name contains this (case-insensitive).
     #[arg(long)]
     gpu_adapter: Option<String>,
+    /// With --backend gpu: how shaders read f16 values (weights, block scales, an f16 KV
+    /// cache). native: as f16 arrays (the SHADER_F16 feature); packed: two per 32-bit word,
+    /// which every adapter runs; auto: native where the adapter offers it.
+    #[arg(long, value_enum, default_value_t = F16Mode::Auto)]
+    gpu_f16: F16Mode,
     /// Context length (positions) to allocate.
     #[arg(long, default_value_t = 2048)]
     ctx: usize,
@@ -113,6 +119,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let gpu = GpuContext::new(&GpuOptions {
             adapter: a.gpu_adapter.clone(),
             backends: None,
+            f16: a.gpu_f16,
         })?;
         if gpu.info.device_type == wgpu::DeviceType::Cpu {
             eprintln!(
@@ -132,8 +139,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             on_token,
         )?
     } else {
-        if a.gpu_adapter.is_some() {
-            bail!("--gpu-adapter needs --backend gpu");
+        if a.gpu_adapter.is_some() || a.gpu_f16 != F16Mode::Auto {
+            bail!("--gpu-adapter and --gpu-f16 need --backend gpu");
         }
         let mut session = runner.session(ctx, &a.flash)?;
         generate(&mut session, &prompt, a.n, &mut sampler, is_end, on_token)?

@@ -114,6 +114,8 @@ pub struct GpuRunStats {
     pub adapter: String,
     pub device_type: String,
     pub backend: String,
+    /// How the shaders read f16 values: "native" (SHADER_F16) or "packed".
+    pub f16: String,
     /// The adapter is a CPU (lavapipe/llvmpipe, SwiftShader, WARP): every time here is a CPU
     /// emulating a GPU, not a GPU's.
     pub emulated: bool,
@@ -137,6 +139,7 @@ impl GpuRunStats {
             adapter: ctx.info.name.clone(),
             device_type: format!("{:?}", ctx.info.device_type),
             backend: format!("{:?}", ctx.info.backend),
+            f16: ctx.half.name().to_string(),
             emulated: ctx.info.device_type == wgpu::DeviceType::Cpu,
             ..GpuRunStats::default()
         }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::gpu::pipeline::{Binding, Kernel};
+use crate::backend::gpu::shaders::Half;
 use crate::backend::gpu::GpuError;
 
 /// How the engine picks its GPU.
@@ -15,6 +16,33 @@ pub struct GpuOptions {
     /// Backends to consider. `None` (or `WGPU_BACKEND` unset): the primary ones (Vulkan, Metal,
     /// DX12) first, and OpenGL only if none of them has an adapter (or the one asked for).
     pub backends: Option<wgpu::Backends>,
+    /// How the shaders read f16 values (weights' scales, f16 weights, an f16 KV cache).
+    pub f16: F16Mode,
+}
+
+/// The user's choice of f16 form ([`Half`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum F16Mode {
+    /// Native where the adapter offers SHADER_F16, packed where it does not. (On lavapipe the
+    /// two measured the same, within noise: docs/benchmarks.md.)
+    #[default]
+    Auto,
+    /// `array<f16>` views (needs SHADER_F16; refused with a message where it is absent).
+    Native,
+    /// Two f16 per `u32`, unpacked in the shader: runs on every adapter.
+    Packed,
+}
+
+impl F16Mode {
+    /// The form this choice gives on a device that has SHADER_F16 or not.
+    pub fn resolve(self, has_f16: bool) -> Half {
+        match self {
+            F16Mode::Native => Half::Native,
+            F16Mode::Packed => Half::Packed,
+            F16Mode::Auto if has_f16 => Half::Native,
+            F16Mode::Auto => Half::Packed,
+        }
+    }
 }
 
 /// A device and queue with the limits the kernels must honour, and the compiled kernels.
@@ -26,9 +54,11 @@ pub struct GpuContext {
     pub info: wgpu::AdapterInfo,
     /// The device's limits (not the adapter's: a host application may have asked for less).
     pub limits: wgpu::Limits,
-    /// Whether the adapter offers SHADER_F16. The kernels do not need it (f16 is unpacked from
-    /// `u32`); recorded for reporting and for kernels that may use it later.
+    /// Whether the device has SHADER_F16 enabled (the native f16 form may be used).
     pub has_f16: bool,
+    /// How the shaders read f16 values. Set it only to a form the device supports
+    /// ([`GpuContext::set_half`] checks).
+    pub half: Half,
     /// Work decomposition chosen for this adapter.
     pub tuning: Tuning,
     kernels: Arc<Mutex<HashMap<String, Arc<Kernel>>>>,
@@ -125,10 +155,22 @@ impl GpuContext {
             })?,
         };
         let info = adapter.get_info();
+        let offers_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+        let half = opts.f16.resolve(offers_f16);
+        if half == Half::Native && !offers_f16 {
+            return Err(GpuError::RequestDevice {
+                adapter: info.name.clone(),
+                reason: "--gpu-f16 native needs the SHADER_F16 feature, which this adapter does not offer; use --gpu-f16 packed (or auto)".to_string(),
+            });
+        }
+        // SHADER_F16 is enabled wherever offered, so that the form can still be changed
+        // (GpuContext::set_half) whatever was chosen at first.
+        let features =
+            adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("llmflash"),
             // Timestamps, where offered, give the GPU's own execution time (backend::gpu::timer).
-            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
+            required_features: features,
             required_limits: adapter.limits(),
             ..Default::default()
         }))
@@ -137,13 +179,15 @@ impl GpuContext {
             reason: e.to_string(),
         })?;
         let mut ctx = GpuContext::from_device(device, queue, info);
-        ctx.has_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+        ctx.set_half(half)?;
         log::info!("GPU: {}", ctx.describe());
         Ok(ctx)
     }
 
     /// Wraps a host application's device and queue (e.g. a game engine's), so the model shares
-    /// its GPU. `info` is the adapter's, for messages.
+    /// its GPU. `info` is the adapter's, for messages. The f16 form is [`F16Mode::Auto`]'s choice
+    /// for the features the host enabled (native needs SHADER_F16 on the device); change it with
+    /// [`GpuContext::set_half`].
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -152,6 +196,7 @@ impl GpuContext {
         let limits = device.limits();
         let has_f16 = device.features().contains(wgpu::Features::SHADER_F16);
         let tuning = Tuning::for_adapter(&info);
+        let half = F16Mode::Auto.resolve(has_f16);
         GpuContext {
             tuning,
             device,
@@ -159,19 +204,33 @@ impl GpuContext {
             info,
             limits,
             has_f16,
+            half,
             kernels: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Chooses how the shaders read f16 values; the native form needs SHADER_F16 on the device.
+    /// Kernels compiled before are kept (the cache is keyed by form).
+    pub fn set_half(&mut self, half: Half) -> Result<(), GpuError> {
+        if half == Half::Native && !self.has_f16 {
+            return Err(GpuError::RequestDevice {
+                adapter: self.info.name.clone(),
+                reason: "the native f16 form needs the SHADER_F16 feature enabled on the device; request it when creating the device, or use the packed form".to_string(),
+            });
+        }
+        self.half = half;
+        Ok(())
     }
 
     /// The adapter in words, e.g. "llvmpipe (LLVM 15.0.6, 256 bits), Cpu, Vulkan, ...".
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}), max storage binding {} MiB, SHADER_F16 {}",
+            "{} ({:?}, {:?}), max storage binding {} MiB, f16 {}",
             self.info.name,
             self.info.device_type,
             self.info.backend,
             self.max_binding() >> 20,
-            if self.has_f16 { "yes" } else { "no" }
+            self.half.name()
         )
     }
 
@@ -191,7 +250,7 @@ impl GpuContext {
         bindings: &[Binding],
         constants: &[(&str, f64)],
     ) -> Result<Arc<Kernel>, GpuError> {
-        let key = format!("{name}:{entry}:{constants:?}");
+        let key = format!("{name}:{entry}:{:?}:{constants:?}", self.half);
         // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
         let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = cache.get(&key) {
@@ -236,7 +295,7 @@ mod tests {
         }
         let opts = GpuOptions {
             adapter: Some("no-such-adapter-xyz".to_string()),
-            backends: None,
+            ..Default::default()
         };
         match GpuContext::new(&opts) {
             Err(GpuError::AdapterNotFound { wanted, available }) => {
@@ -245,6 +304,22 @@ mod tests {
             }
             other => panic!("expected AdapterNotFound, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_f16_form_follows_the_feature() {
+        assert_eq!(F16Mode::Auto.resolve(true), Half::Native);
+        assert_eq!(F16Mode::Auto.resolve(false), Half::Packed);
+        assert_eq!(F16Mode::Packed.resolve(true), Half::Packed);
+        assert_eq!(F16Mode::Native.resolve(false), Half::Native);
+        let Some(c) = ctx() else { return };
+        let mut without = c.clone();
+        without.has_f16 = false;
+        let e = without
+            .set_half(Half::Native)
+            .expect_err("native without SHADER_F16");
+        assert!(e.to_string().contains("SHADER_F16"), "{e}");
+        assert!(without.set_half(Half::Packed).is_ok());
     }
 
     #[test]

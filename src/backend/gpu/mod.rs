@@ -13,9 +13,11 @@
 //! - [`flash`]: [`GpuFlashDecoder`], a flash image's FFN streamed from the SSD into per-layer
 //!   GPU window buffers through a staging ring, selected by the predictor on the GPU.
 //!
-//! Weights stay in their file's dtype on the GPU and are dequantised in the shaders; f16 values
-//! are read as two per `u32` with `unpack2x16float`, which every wgpu backend supports (native
-//! `f16` needs SHADER_F16, absent on the GL fallback, and was slower on lavapipe).
+//! Weights stay in their file's dtype on the GPU and are dequantised in the shaders. f16 values
+//! (f16 weights, every quantised block's scale, an f16 KV cache) are read natively, through
+//! `array<f16>` views, where the device has SHADER_F16, and two per `u32` with
+//! `unpack2x16float` where it does not (the GL fallback, some older GPUs): [`shaders::Half`].
+//! Both forms compute in f32 and give the same numbers.
 
 pub mod buffers;
 pub mod device;

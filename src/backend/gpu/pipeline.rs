@@ -3,11 +3,16 @@
 //! Explicit layouts (rather than wgpu's layout derived from the shader) keep a binding that an
 //! override constant compiles away (e.g. the gate input of the ReLU activation) part of the
 //! layout, so every variant of a kernel binds the same buffers.
+//!
+//! Group 0 holds the kernel's buffers. In the native f16 form ([`Half::Native`]) group 1 holds
+//! `array<f16>` views of some of them ([`shaders::f16_views`]): the same buffers bound again,
+//! with the same access, which the caller never names.
 
 use std::borrow::Cow;
 
 use crate::backend::gpu::device::GpuContext;
-use crate::backend::gpu::{shaders, GpuError};
+use crate::backend::gpu::shaders::{self, Half};
+use crate::backend::gpu::GpuError;
 
 /// What one binding of a kernel is, in binding order (binding i is the i-th).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +31,8 @@ pub struct Kernel {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
     bindings: Vec<Binding>,
+    /// Group 1 (native f16 form only): its layout, and which group-0 buffer each view shows.
+    views: Option<(wgpu::BindGroupLayout, Vec<usize>)>,
 }
 
 impl Kernel {
@@ -38,39 +45,39 @@ impl Kernel {
         bindings: &[Binding],
         constants: &[(&str, f64)],
     ) -> Result<Kernel, GpuError> {
-        let src = shaders::source(name)
+        let src = shaders::source(name, ctx.half)
             .ok_or_else(|| GpuError::Shape(format!("no shader named `{name}`")))?;
         let device = &ctx.device;
+        let view_of: Vec<usize> = match ctx.half {
+            Half::Packed => Vec::new(),
+            Half::Native => shaders::f16_views(name)
+                .iter()
+                .map(|&b| b as usize)
+                .collect(),
+        };
+        if let Some(&b) = view_of.iter().find(|&&b| b >= bindings.len()) {
+            return Err(GpuError::Shape(format!(
+                "kernel `{name}` has an f16 view of binding {b}, but only {} bindings",
+                bindings.len()
+            )));
+        }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(name),
             source: wgpu::ShaderSource::Wgsl(Cow::Owned(src)),
         });
-        let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
-                binding: i as u32,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: match b {
-                        Binding::Uniform => wgpu::BufferBindingType::Uniform,
-                        Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
-                        Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
-                    },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            })
-            .collect();
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(name),
-            entries: &entries,
+        let layout = group_layout(device, name, bindings.iter().copied());
+        let views = (!view_of.is_empty()).then(|| {
+            let layout = group_layout(device, name, view_of.iter().map(|&b| bindings[b]));
+            (layout, view_of)
         });
+        let mut groups = vec![Some(&layout)];
+        if let Some((v, _)) = &views {
+            groups.push(Some(v));
+        }
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(name),
-            bind_group_layouts: &[Some(&layout)],
+            bind_group_layouts: &groups,
             immediate_size: 0,
         });
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -96,6 +103,7 @@ impl Kernel {
             pipeline,
             layout,
             bindings: bindings.to_vec(),
+            views,
         })
     }
 
@@ -114,25 +122,68 @@ impl Kernel {
                 buffers.len()
             )));
         }
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: b.as_entire_binding(),
-            })
-            .collect();
-        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&self.name),
-            layout: &self.layout,
-            entries: &entries,
-        });
+        let bind_group = bind(ctx, &self.name, &self.layout, buffers.iter().copied());
+        let views = self
+            .views
+            .as_ref()
+            .map(|(layout, of)| bind(ctx, &self.name, layout, of.iter().map(|&b| buffers[b])));
         Ok(Dispatch {
             pipeline: self.pipeline.clone(),
             bind_group,
+            views,
             groups,
         })
     }
+}
+
+/// A bind group layout of buffer `bindings`, numbered in order from 0.
+fn group_layout(
+    device: &wgpu::Device,
+    label: &str,
+    bindings: impl Iterator<Item = Binding>,
+) -> wgpu::BindGroupLayout {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match b {
+                    Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                    Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                    Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(label),
+        entries: &entries,
+    })
+}
+
+/// A bind group of `buffers`, whole, numbered in order from 0.
+fn bind<'a>(
+    ctx: &GpuContext,
+    label: &str,
+    layout: &wgpu::BindGroupLayout,
+    buffers: impl Iterator<Item = &'a wgpu::Buffer>,
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = buffers
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: b.as_entire_binding(),
+        })
+        .collect();
+    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout,
+        entries: &entries,
+    })
 }
 
 /// A pipeline bound to its buffers: encoding it is two calls and a dispatch. Prepared once
@@ -141,6 +192,8 @@ impl Kernel {
 pub struct Dispatch {
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
+    /// Group 1: the native f16 form's views.
+    views: Option<wgpu::BindGroup>,
     pub groups: [u32; 3],
 }
 
@@ -148,6 +201,9 @@ impl Dispatch {
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
+        if let Some(v) = &self.views {
+            pass.set_bind_group(1, v, &[]);
+        }
         let [x, y, z] = self.groups;
         pass.dispatch_workgroups(x, y, z);
     }

@@ -3,6 +3,7 @@
 
 use std::sync::OnceLock;
 
+use crate::backend::gpu::shaders::Half;
 use crate::backend::gpu::{GpuContext, GpuError, GpuOptions};
 
 /// The shared context, or `None` (after printing why) when this machine has no adapter.
@@ -20,6 +21,21 @@ pub fn ctx() -> Option<&'static GpuContext> {
             None
         }
     }
+}
+
+/// The shared context in each f16 form the device supports: packed always, native where the
+/// device has SHADER_F16 (lavapipe does). Kernels that read f16 are tested in every form.
+pub fn forms() -> Vec<GpuContext> {
+    let Some(c) = ctx() else { return Vec::new() };
+    let mut out = Vec::new();
+    for half in [Half::Packed, Half::Native] {
+        let mut f = c.clone();
+        match f.set_half(half) {
+            Ok(()) => out.push(f),
+            Err(e) => eprintln!("skipping the {} f16 form: {e}", half.name()),
+        }
+    }
+    out
 }
 
 fn describe(e: GpuError) -> String {

@@ -92,7 +92,8 @@ mod tests {
     use crate::backend::gpu::buffers::{read, storage_f32, storage_zeroed, write};
     use crate::backend::gpu::kernels::{kv_store::kv_store, Step};
     use crate::backend::gpu::pipeline::submit;
-    use crate::backend::gpu::testing::{ctx, max_rel_err, Rng};
+    use crate::backend::gpu::testing::{forms, max_rel_err, Rng};
+    use crate::backend::gpu::GpuContext;
     use crate::engine::kv_cache::KvLayer;
 
     /// Fills a GPU cache position by position with `kv_store`, then attends at several lengths
@@ -100,13 +101,14 @@ mod tests {
     /// for an f16 cache: the GPU then computes in f32 over exactly those values).
     #[test]
     fn gqa_attention_over_the_gpu_cache_matches_cpu() {
-        for kv in [KvType::F32, KvType::F16] {
-            check_attention(kv);
+        for form in forms() {
+            for kv in [KvType::F32, KvType::F16] {
+                check_attention(&form, kv);
+            }
         }
     }
 
-    fn check_attention(kv: KvType) {
-        let Some(ctx) = ctx() else { return };
+    fn check_attention(ctx: &GpuContext, kv: KvType) {
         let mut rng = Rng::new(6);
         let shape = AttnShape {
             n_heads: 9,
@@ -169,7 +171,8 @@ mod tests {
             let err = max_rel_err(&got, &want, 1e-3);
             assert!(
                 err < 1e-5,
-                "{kv:?} cache, n_pos {n}: relative error {err:e}"
+                "{kv:?} cache, f16 {}, n_pos {n}: relative error {err:e}",
+                ctx.half.name()
             );
         }
     }

@@ -101,12 +101,18 @@ mod tests {
     use crate::backend::gpu::buffers::{read, storage_f32, write};
     use crate::backend::gpu::kernels::Step;
     use crate::backend::gpu::pipeline::submit;
-    use crate::backend::gpu::testing::{ctx, Rng};
+    use crate::backend::gpu::testing::{forms, Rng};
+    use crate::backend::gpu::GpuContext;
     use crate::model::tensor::DType;
 
     #[test]
     fn rows_match_cpu_dequantisation() {
-        let Some(ctx) = ctx() else { return };
+        for form in forms() {
+            check(&form);
+        }
+    }
+
+    fn check(ctx: &GpuContext) {
         let mut rng = Rng::new(4);
         let (rows, cols) = (40, 96);
         for dtype in [
@@ -150,7 +156,8 @@ mod tests {
                 for (j, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
-                        "{dtype} row {r} col {j}: got {g} want {w}"
+                        "{dtype} f16 {} row {r} col {j}: got {g} want {w}",
+                        ctx.half.name()
                     );
                 }
             }

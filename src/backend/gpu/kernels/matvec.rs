@@ -81,7 +81,8 @@ mod tests {
     use crate::backend::cpu::quant;
     use crate::backend::gpu::buffers::{read, storage_f32};
     use crate::backend::gpu::pipeline::submit;
-    use crate::backend::gpu::testing::{ctx, Rng};
+    use crate::backend::gpu::testing::{forms, Rng};
+    use crate::backend::gpu::GpuContext;
     use crate::model::tensor::DType;
 
     /// Quantises a random `rows x cols` matrix to `dtype`, runs the GPU matvec (with a bias, and
@@ -91,15 +92,23 @@ mod tests {
     /// sum: at most ~cols * 2^-24 * sum|w_j x_j| per row; the bound allows 1e-5 of sum|w_j x_j|.
     fn check(dtype: DType, rows: usize, cols: usize, max_binding: Option<u64>) {
         // Both work splits, whatever this adapter would pick: 16 lanes per row (GPUs) and one
-        // (CPU adapters).
-        for lanes in [16, 1] {
-            check_with(dtype, rows, cols, max_binding, lanes);
+        // (CPU adapters); both f16 forms.
+        for form in forms() {
+            for lanes in [16, 1] {
+                check_with(&form, dtype, rows, cols, max_binding, lanes);
+            }
         }
     }
 
-    fn check_with(dtype: DType, rows: usize, cols: usize, max_binding: Option<u64>, lanes: u32) {
-        let Some(ctx) = ctx() else { return };
-        let mut ctx = ctx.clone();
+    fn check_with(
+        form: &GpuContext,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        max_binding: Option<u64>,
+        lanes: u32,
+    ) {
+        let mut ctx = form.clone();
         ctx.tuning.lanes = lanes;
         if let Some(m) = max_binding {
             ctx.limits.max_storage_buffer_binding_size = m;
@@ -137,7 +146,8 @@ mod tests {
             let err = (got[r] as f64 - want).abs();
             assert!(
                 err <= 1e-5 * mag + 1e-6,
-                "{dtype} lanes {lanes} row {r}: got {} want {want} (error {err:e}, scale {mag})",
+                "{dtype} lanes {lanes} f16 {} row {r}: got {} want {want} (error {err:e}, scale {mag})",
+                ctx.half.name(),
                 got[r]
             );
         }

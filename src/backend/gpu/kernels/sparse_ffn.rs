@@ -154,7 +154,8 @@ mod tests {
     use crate::backend::cpu::quant;
     use crate::backend::gpu::buffers::{read, storage_bytes, storage_f32, storage_zeroed};
     use crate::backend::gpu::pipeline::submit;
-    use crate::backend::gpu::testing::{ctx, max_rel_err, Rng};
+    use crate::backend::gpu::testing::{forms, max_rel_err, Rng};
+    use crate::backend::gpu::GpuContext;
     use crate::image::{BundleLayout, PartRole};
     use crate::model::tensor::DType;
 
@@ -170,13 +171,16 @@ mod tests {
     /// as `convert` does), scatters them over slots, activates a subset, and compares the GPU
     /// result with the sum over the dequantised parts in f64.
     fn check(kind: FfnKind, dtypes: &[DType], d: usize, identity: bool, with_bias: bool) {
-        // Both work splits (see matvec's tests).
-        for lanes in [16, 1] {
-            check_with(kind, dtypes, d, identity, with_bias, lanes);
+        // Both work splits (see matvec's tests), both f16 forms.
+        for form in forms() {
+            for lanes in [16, 1] {
+                check_with(&form, kind, dtypes, d, identity, with_bias, lanes);
+            }
         }
     }
 
     fn check_with(
+        form: &GpuContext,
         kind: FfnKind,
         dtypes: &[DType],
         d: usize,
@@ -184,8 +188,7 @@ mod tests {
         with_bias: bool,
         lanes: u32,
     ) {
-        let Some(ctx) = ctx() else { return };
-        let mut ctx = ctx.clone();
+        let mut ctx = form.clone();
         ctx.tuning.lanes = lanes;
         let ctx = &ctx;
         let mut rng = Rng::new(d as u64 + dtypes.len() as u64);
