@@ -11,7 +11,7 @@ use llmflash::image::{reorder_neurons, BundleDtype};
 use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
 use llmflash::sparsity::predictor::FitOptions;
 use llmflash::sparsity::record::record;
-use llmflash::sparsity::Calibration;
+use llmflash::sparsity::{Calibration, Sets};
 
 use common::tokens;
 
@@ -112,7 +112,7 @@ fn sparse_paths_agree(
     }
     // Hot neurons pinned in a small window: still the same.
     let slots = vec![6; layers];
-    let pinned = cal.hot_neurons(&slots);
+    let pinned = cal.hot_neurons(Sets::Predicted, &slots);
     assert!(
         pinned.iter().any(|p| !p.is_empty()),
         "no hot neurons to pin"
@@ -184,11 +184,17 @@ fn tiny_llama_calibration_round_trips_and_never_depends_on_the_window() {
         8,
     );
     drop(model);
-    let orders: Vec<Vec<u32>> = (0..layers).map(|l| loaded.hot_order(l)).collect();
+    let orders: Vec<Vec<u32>> = (0..layers)
+        .map(|l| loaded.hot_order(Sets::Predicted, l))
+        .collect();
     reorder_neurons(&path, &orders, |_| {}).expect("reorder");
     let model = Model::open(&path).expect("reopen reordered");
     let image = model.image.as_ref().unwrap();
-    for (l, pins) in loaded.hot_neurons(&vec![n; layers]).iter().enumerate() {
+    for (l, pins) in loaded
+        .hot_neurons(Sets::Predicted, &vec![n; layers])
+        .iter()
+        .enumerate()
+    {
         let perm = image.ffn_section(l).permutation.clone().unwrap_or_default();
         assert!(
             perm.is_empty() || perm[..pins.len()] == pins[..],

@@ -16,7 +16,7 @@ use llmflash::image::BundleDtype;
 use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
 use llmflash::sparsity::predictor::FitOptions;
 use llmflash::sparsity::record::record;
-use llmflash::sparsity::Calibration;
+use llmflash::sparsity::{Calibration, Sets};
 
 use common::tokens;
 
@@ -175,7 +175,7 @@ fn gpu_flash_logits_match_the_cpu_flash_path() {
         .expect("session")
         .with_kv_type(KvType::F32);
     let layers = model.weights.config.n_layers;
-    let pins = cal.hot_neurons(&vec![3; layers]);
+    let pins = cal.hot_neurons(Sets::Predicted, &vec![3; layers]);
     assert!(pins.iter().any(|p| !p.is_empty()), "nothing to pin");
     for (slots, pinned) in [
         (None, None),

@@ -15,6 +15,7 @@ use crate::engine::kv_cache::{KvCache, KvType};
 use crate::engine::sampler::{Sampler, Sampling};
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::StreamDecoder;
+use crate::sparsity::Sets;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -294,7 +295,7 @@ fn choose_vram_plan(
         let slots = &plan.window_slots;
         let misses: f64 = match selection {
             Selection::Predictor => (slots.iter().enumerate())
-                .map(|(l, &s)| cal.expected_misses(l, s))
+                .map(|(l, &s)| cal.expected_misses(Sets::Predicted, l, s))
                 .sum(),
             _ => slots.iter().map(|&s| n.saturating_sub(s) as f64).sum(),
         };

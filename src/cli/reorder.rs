@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::image::{reorder_neurons, FlashImage};
-use crate::sparsity::Calibration;
+use crate::sparsity::{Calibration, Sets};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,7 +33,7 @@ pub fn reorder(path: &Path) -> anyhow::Result<()> {
         );
     };
     let orders: Vec<Vec<u32>> = (0..image.meta.ffn.len())
-        .map(|l| cal.hot_order(l))
+        .map(|l| cal.hot_order(Sets::Predicted, l))
         .collect();
     let unchanged = orders.iter().enumerate().all(|(l, order)| {
         let perm = image.ffn_section(l).permutation.as_deref();

@@ -14,7 +14,7 @@ use crate::engine::streamed::{OutputRows, RowSource, STREAM_STAGING, TABLES};
 use crate::engine::{Session, BUDGET_SCORE_BATCH};
 use crate::image::{is_flash_image, FlashImage};
 use crate::sparsity::synthetic::SyntheticActivity;
-use crate::sparsity::Calibration;
+use crate::sparsity::{Calibration, Sets};
 use crate::storage::DiskCurve;
 
 /// The predictor is kept under a budget only if it is expected to read less than this share
@@ -242,7 +242,9 @@ impl Runner {
         let plans = (budget::plan(budget, &pn), budget::plan(budget, &dn));
         let share = if lookahead { PREDICTOR_READ_SHARE } else { 1.0 };
         let reads = |plan: &budget::Plan, selection| match selection {
-            Selection::Predictor => plan.expected_reads(&pn, |l, s| cal.expected_misses(l, s)),
+            Selection::Predictor => {
+                plan.expected_reads(&pn, |l, s| cal.expected_misses(Sets::Predicted, l, s))
+            }
             _ => plan.expected_reads(&dn, |_, s| n.saturating_sub(s) as f64),
         };
         // Neither fits: report the smaller of the two minimums.
@@ -257,7 +259,7 @@ impl Runner {
         match (selection, &self.synthetic, &self.calibration) {
             (Selection::All, _, _) => dense(),
             (_, Some(s), _) => s.expected_active(),
-            (_, None, Some(cal)) => cal.expected_active(),
+            (_, None, Some(cal)) => cal.expected_active(sets(selection)),
             (_, None, None) => dense(),
         }
     }
@@ -324,9 +326,18 @@ impl Runner {
                     })
                     .collect(),
             ),
-            (_, Some(cal), None) => Some(cal.hot_neurons(slots)),
+            (_, Some(cal), None) => Some(cal.hot_neurons(sets(selection), slots)),
             _ => None,
         }
+    }
+}
+
+/// Whose sets a window under `selection` sees: the true ones for oracle runs, so that their
+/// window is planned and pinned as a perfect predictor's would be.
+fn sets(selection: Selection) -> Sets {
+    match selection {
+        Selection::Oracle => Sets::True,
+        _ => Sets::Predicted,
     }
 }
 

@@ -214,37 +214,45 @@ impl Calibration {
         self.predictor_bytes
     }
 
-    /// Per layer, up to `slots[l]` neurons the predictor picks on at least half of the
-    /// tokens, most frequent first: worth a slot that is never evicted. When a token's set is
-    /// larger than the window, least-recently-used eviction would evict each neuron just
-    /// before it is needed again; pinned ones stay. They are a prefix of [`Self::hot_order`],
-    /// so on an image reordered by it they are a prefix of each section.
-    pub fn hot_neurons(&self, slots: &[usize]) -> Vec<Vec<u32>> {
-        (0..self.predicted_frequencies.len())
+    /// Per-neuron frequencies of `sets`, per layer.
+    fn frequencies_of(&self, sets: Sets) -> &[Vec<f32>] {
+        match sets {
+            Sets::Predicted => &self.predicted_frequencies,
+            Sets::True => &self.frequencies,
+        }
+    }
+
+    /// Per layer, up to `slots[l]` neurons in at least half of the tokens' `sets`, most
+    /// frequent first: worth a slot that is never evicted. When a token's set is larger than
+    /// the window, least-recently-used eviction would evict each neuron just before it is
+    /// needed again; pinned ones stay. They are a prefix of [`Self::hot_order`], so on an
+    /// image reordered by the predicted order they are a prefix of each section.
+    pub fn hot_neurons(&self, sets: Sets, slots: &[usize]) -> Vec<Vec<u32>> {
+        (0..self.frequencies_of(sets).len())
             .zip(slots)
             .map(|(layer, &s)| {
-                let f = &self.predicted_frequencies[layer];
-                let mut ids = self.hot_order(layer);
+                let f = &self.frequencies_of(sets)[layer];
+                let mut ids = self.hot_order(sets, layer);
                 ids.truncate(s.min(ids.partition_point(|&i| f[i as usize] >= 0.5)));
                 ids
             })
             .collect()
     }
 
-    /// Every neuron of `layer`, the predictor's most frequent picks first (ties: lower id
-    /// first): the disk order `llmflash reorder` writes.
-    pub fn hot_order(&self, layer: usize) -> Vec<u32> {
-        let f = &self.predicted_frequencies[layer];
+    /// Every neuron of `layer`, the most frequent in `sets` first (ties: lower id first). The
+    /// predicted order is the disk order `llmflash reorder` writes.
+    pub fn hot_order(&self, sets: Sets, layer: usize) -> Vec<u32> {
+        let f = &self.frequencies_of(sets)[layer];
         let mut ids: Vec<u32> = (0..f.len() as u32).collect();
         ids.sort_by(|&a, &b| f[b as usize].total_cmp(&f[a as usize]));
         ids
     }
 
-    /// Expected predicted-active neurons per token of `layer` outside a window of `slots`
-    /// holding the most frequent ones.
-    pub fn expected_misses(&self, layer: usize, slots: usize) -> f64 {
-        let f = &self.predicted_frequencies[layer];
-        let order = self.hot_order(layer);
+    /// Expected neurons per token of `layer` in `sets` outside a window of `slots` holding
+    /// the most frequent ones.
+    pub fn expected_misses(&self, sets: Sets, layer: usize, slots: usize) -> f64 {
+        let f = &self.frequencies_of(sets)[layer];
+        let order = self.hot_order(sets, layer);
         order
             .iter()
             .skip(slots)
@@ -252,15 +260,28 @@ impl Calibration {
             .sum()
     }
 
-    /// Expected predicted-active neurons per token, per layer (for the budget planner).
-    pub fn expected_active(&self) -> Vec<f64> {
-        self.meta
-            .layers
-            .iter()
-            .zip(&self.predicted_frequencies)
-            .map(|(l, f)| l.accuracy.predicted_density * f.len() as f64)
-            .collect()
+    /// Expected neurons per token in `sets`, per layer (for the budget planner): the
+    /// predictor's held-out density, or the true sets' mean size on the calibration text.
+    pub fn expected_active(&self, sets: Sets) -> Vec<f64> {
+        let f = self.frequencies_of(sets);
+        match sets {
+            Sets::Predicted => (self.meta.layers.iter().zip(f))
+                .map(|(l, f)| l.accuracy.predicted_density * f.len() as f64)
+                .collect(),
+            Sets::True => f
+                .iter()
+                .map(|f| f.iter().map(|&x| x as f64).sum())
+                .collect(),
+        }
     }
+}
+
+/// Whose active sets a window sees: the predictor's (flash runs), or the true ones (oracle
+/// runs, which plan and pin by the true frequencies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sets {
+    Predicted,
+    True,
 }
 
 impl Sparsity for Calibration {
@@ -277,7 +298,7 @@ impl Sparsity for Calibration {
 mod tests {
     use super::*;
 
-    fn with_frequencies(f: Vec<Vec<f32>>) -> Calibration {
+    fn with_frequencies(predicted: Vec<Vec<f32>>, truth: Vec<Vec<f32>>) -> Calibration {
         Calibration {
             meta: CalibrationMeta {
                 format: FORMAT,
@@ -292,8 +313,8 @@ mod tests {
                 quality: Vec::new(),
                 evaluation: None,
             },
-            frequencies: f.clone(),
-            predicted_frequencies: f,
+            frequencies: truth,
+            predicted_frequencies: predicted,
             predictors: Vec::new(),
             predictor_bytes: 0,
         }
@@ -301,16 +322,35 @@ mod tests {
 
     #[test]
     fn hot_order_pins_and_misses_agree() {
-        let cal = with_frequencies(vec![vec![0.2, 0.9, 0.6, 0.9, 0.1]]);
+        let p = Sets::Predicted;
+        let cal = with_frequencies(vec![vec![0.2, 0.9, 0.6, 0.9, 0.1]], vec![vec![0.0; 5]]);
         // Most frequent first, ties by id.
-        assert_eq!(cal.hot_order(0), vec![1, 3, 2, 0, 4]);
+        assert_eq!(cal.hot_order(p, 0), vec![1, 3, 2, 0, 4]);
         // Pins: a prefix of that order, only neurons picked on at least half of the tokens.
-        assert_eq!(cal.hot_neurons(&[2]), vec![vec![1, 3]]);
-        assert_eq!(cal.hot_neurons(&[5]), vec![vec![1, 3, 2]]);
+        assert_eq!(cal.hot_neurons(p, &[2]), vec![vec![1, 3]]);
+        assert_eq!(cal.hot_neurons(p, &[5]), vec![vec![1, 3, 2]]);
         // Expected misses: the frequencies of the neurons left outside.
         let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
-        assert!(close(cal.expected_misses(0, 0), 2.7));
-        assert!(close(cal.expected_misses(0, 2), 0.9));
-        assert!(close(cal.expected_misses(0, 5), 0.0));
+        assert!(close(cal.expected_misses(p, 0, 0), 2.7));
+        assert!(close(cal.expected_misses(p, 0, 2), 0.9));
+        assert!(close(cal.expected_misses(p, 0, 5), 0.0));
+    }
+
+    /// Oracle runs rank by the true frequencies, not the predictor's.
+    #[test]
+    fn the_true_sets_rank_by_their_own_frequencies() {
+        let cal = with_frequencies(
+            vec![vec![0.9, 0.9, 0.9, 0.9]],
+            vec![vec![0.1, 0.7, 0.2, 0.6]],
+        );
+        let t = Sets::True;
+        assert_eq!(cal.hot_order(t, 0), vec![1, 3, 2, 0]);
+        assert_eq!(cal.hot_neurons(t, &[4]), vec![vec![1, 3]]);
+        assert_eq!(
+            cal.hot_neurons(Sets::Predicted, &[4]),
+            vec![vec![0, 1, 2, 3]]
+        );
+        assert!((cal.expected_misses(t, 0, 2) - 0.3).abs() < 1e-6);
+        assert!((cal.expected_active(t)[0] - 1.6).abs() < 1e-6);
     }
 }
