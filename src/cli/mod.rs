@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::backend::cpu::quant::{set_activations, Activations};
 use crate::model::{load, LoadedModel};
 
 #[derive(Parser)]
@@ -28,6 +29,11 @@ struct Cli {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// CPU arithmetic of activations against quantised weights: q8 (quantised to Q8 blocks,
+    /// llama.cpp's arithmetic) or f32 (dotted with the dequantised weights, the GPU backend's
+    /// arithmetic, for comparing the two; slower).
+    #[arg(long, global = true, value_enum, default_value_t = Activations::Q8)]
+    activations: Activations,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +69,8 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    set_activations(cli.activations)
+        .map_err(|was| anyhow::anyhow!("the activation arithmetic was already {was:?}"))?;
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {
         pool = pool.num_threads(n);

@@ -5,6 +5,9 @@
 //! for float weights), then calls [`vec_dot`] once per weight row. This is exactly llama.cpp's
 //! scheme, so our logits track its logits closely.
 //!
+//! [`Activations::F32`] (`--activations f32`) instead keeps `x` in f32 for every weight dtype
+//! and dots it with the dequantised row: the GPU backend's arithmetic, for comparing the two.
+//!
 //! Weight rows are raw GGUF bytes at any alignment: every block field is read with
 //! `from_le_bytes` (scalar) or unaligned loads (SIMD); nothing casts `&[u8]` to a block type.
 //! Each format lives in its own file with a scalar reference and, on x86_64, an AVX2+FMA+F16C
@@ -24,7 +27,38 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use std::sync::OnceLock;
+
 use crate::model::tensor::DType;
+
+/// How activations meet quantised weights, process-wide.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Activations {
+    /// Quantised to Q8 blocks and dotted in integers, as llama.cpp does (its logits, to the
+    /// bit).
+    #[default]
+    Q8,
+    /// Kept in f32 and dotted with the dequantised weights, as the GPU backend does (slower:
+    /// each row is dequantised on every use).
+    F32,
+}
+
+static ACTIVATIONS: OnceLock<Activations> = OnceLock::new();
+
+/// Sets the process's activation arithmetic. Call it before any compute (the CLI does, from
+/// `--activations`); it can be set once, and errs with the value already in force after that.
+pub fn set_activations(a: Activations) -> Result<(), Activations> {
+    ACTIVATIONS.set(a)?;
+    if activations() != a {
+        return Err(activations());
+    }
+    Ok(())
+}
+
+/// The process's activation arithmetic ([`Activations::Q8`] unless set).
+pub fn activations() -> Activations {
+    *ACTIVATIONS.get_or_init(Activations::default)
+}
 
 /// Errors from (de)quantisation. Messages say what was expected, what was found, what to do.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +158,13 @@ impl ActivationBuffer {
     pub fn quantize_for(&mut self, weight: DType, x: &[f32]) -> Result<(), QuantError> {
         check_whole_blocks(weight, x.len())?;
         self.kind = ActKind::Empty;
+        let keep_f32 = activations() == Activations::F32;
         self.kind = match weight {
+            _ if keep_f32 => {
+                self.f32.clear();
+                self.f32.extend_from_slice(x);
+                ActKind::F32
+            }
             DType::F32 | DType::F16 | DType::BF16 => {
                 self.f32.clear();
                 self.f32.extend_from_slice(x);
@@ -191,6 +231,9 @@ fn act_kind_for(dtype: DType) -> ActKind {
 pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
     check_dot(dtype, row, act);
     let simd = use_simd();
+    if act.kind == ActKind::F32 && act_kind_for(dtype) != ActKind::F32 {
+        return dot_dequantized(dtype, row, &act.f32, simd);
+    }
     match dtype {
         DType::F32 => float::dot_f32(row, &act.f32, simd),
         DType::F16 => float::dot_f16(row, &act.f32, simd),
@@ -209,7 +252,7 @@ pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
 /// otherwise.
 pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
-    if use_simd() {
+    if use_simd() && acts.iter().all(|a| a.kind == act_kind_for(dtype)) {
         for (row, act) in rows.iter().zip(&acts) {
             check_dot(dtype, row, act);
         }
@@ -230,11 +273,27 @@ pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) ->
     std::array::from_fn(|k| vec_dot(dtype, rows[k], acts[k]))
 }
 
-/// `vec_dot`'s contract: `act` quantised for `dtype`, as many values as the row.
+/// A quantised row dotted with f32 activations: the row dequantised a block at a time
+/// ([`dequantize`], exact), each block's dot summed in f32.
+fn dot_dequantized(dtype: DType, row: &[u8], x: &[f32], simd: bool) -> f32 {
+    // The largest block holds 256 values (Q4_K, Q6_K).
+    let mut w = [0f32; 256];
+    let (bytes, len) = (dtype.block_bytes(), dtype.block_len());
+    let mut acc = 0.0;
+    for (block, xs) in row.chunks_exact(bytes).zip(x.chunks_exact(len)) {
+        let w = &mut w[..len];
+        dequantize(dtype, block, w).expect("whole blocks (checked by check_dot)");
+        acc += float::dot_f32(bytemuck::cast_slice(w), xs, simd);
+    }
+    acc
+}
+
+/// `vec_dot`'s contract: `act` quantised for `dtype` (or kept in f32 under
+/// [`Activations::F32`]), as many values as the row.
 fn check_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) {
-    assert_eq!(
-        act.kind,
-        act_kind_for(dtype),
+    assert!(
+        act.kind == act_kind_for(dtype)
+            || (act.kind == ActKind::F32 && activations() == Activations::F32),
         "vec_dot: activation was not quantised for {dtype}"
     );
     assert!(

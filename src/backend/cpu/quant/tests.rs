@@ -554,3 +554,37 @@ fn timing() {
         );
     }
 }
+
+/// `--activations f32`: a quantised row dotted with f32 activations is the dequantised row's
+/// dot, to f32 rounding (the process-wide switch itself is tested through the CLI, since
+/// setting it here would change every other test's arithmetic).
+#[test]
+fn f32_activations_dot_the_dequantised_row() {
+    let mut rng = Rng(0x5eed_f32a);
+    for dtype in [
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q8_0,
+        DType::Q4K,
+        DType::Q6K,
+    ] {
+        for n in lens(dtype) {
+            let row = random_row(&mut rng, dtype, n);
+            let x = rng.vec(n);
+            let w = deq(dtype, &row);
+            let want: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let mag: f64 = w
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            for simd in [false, use_simd()] {
+                let got = dot_dequantized(dtype, &row, &x, simd) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * mag + 1e-30,
+                    "{dtype} n={n} simd {simd}: {got} vs {want} (mag {mag})"
+                );
+            }
+        }
+    }
+}
