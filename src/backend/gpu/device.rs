@@ -4,8 +4,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::gpu::pipeline::{Binding, Kernel};
-use crate::backend::gpu::shaders::Half;
+use crate::backend::gpu::shaders::{Half, NATIVE_STORAGE_BUFFERS};
 use crate::backend::gpu::GpuError;
+
+/// Whether `limits` allow the native f16 form's extra storage bindings.
+fn native_fits(limits: &wgpu::Limits) -> bool {
+    limits.max_storage_buffers_per_shader_stage >= NATIVE_STORAGE_BUFFERS
+}
 
 /// How the engine picks its GPU.
 #[derive(Clone, Debug, Default)]
@@ -156,7 +161,11 @@ impl GpuContext {
         };
         let info = adapter.get_info();
         let offers_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
-        let half = opts.f16.resolve(offers_f16);
+        // An explicit native choice resolves to native whatever the adapter offers, and is
+        // refused below (no SHADER_F16) or by set_half (too few storage buffers).
+        let half = opts
+            .f16
+            .resolve(offers_f16 && native_fits(&adapter.limits()));
         if half == Half::Native && !offers_f16 {
             return Err(GpuError::RequestDevice {
                 adapter: info.name.clone(),
@@ -196,7 +205,7 @@ impl GpuContext {
         let limits = device.limits();
         let has_f16 = device.features().contains(wgpu::Features::SHADER_F16);
         let tuning = Tuning::for_adapter(&info);
-        let half = F16Mode::Auto.resolve(has_f16);
+        let half = F16Mode::Auto.resolve(has_f16 && native_fits(&limits));
         GpuContext {
             tuning,
             device,
@@ -216,6 +225,15 @@ impl GpuContext {
             return Err(GpuError::RequestDevice {
                 adapter: self.info.name.clone(),
                 reason: "the native f16 form needs the SHADER_F16 feature enabled on the device; request it when creating the device, or use the packed form".to_string(),
+            });
+        }
+        if half == Half::Native && !native_fits(&self.limits) {
+            return Err(GpuError::RequestDevice {
+                adapter: self.info.name.clone(),
+                reason: format!(
+                    "the native f16 form binds up to {NATIVE_STORAGE_BUFFERS} storage buffers per kernel, but the device allows {}; raise max_storage_buffers_per_shader_stage or use the packed form",
+                    self.limits.max_storage_buffers_per_shader_stage
+                ),
             });
         }
         self.half = half;
@@ -320,6 +338,14 @@ mod tests {
             .expect_err("native without SHADER_F16");
         assert!(e.to_string().contains("SHADER_F16"), "{e}");
         assert!(without.set_half(Half::Packed).is_ok());
+        let mut small = c.clone();
+        small.limits.max_storage_buffers_per_shader_stage = NATIVE_STORAGE_BUFFERS - 1;
+        if small.has_f16 {
+            let e = small
+                .set_half(Half::Native)
+                .expect_err("too few storage buffers");
+            assert!(e.to_string().contains("packed form"), "{e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,11 @@
 const QUANT: &str = include_str!("../../../shaders/lib/quant.wgsl");
 const DOT: &str = include_str!("../../../shaders/lib/dot.wgsl");
 
+/// Storage buffers the native form's busiest kernel binds in one stage (the sparse FFN's seven
+/// and its weights' f16 view), checked against every kernel by a test. WebGPU's default limit
+/// is 8, so a device must allow this many for the native form.
+pub const NATIVE_STORAGE_BUFFERS: u32 = 8;
+
 /// How shaders read and write f16 values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Half {
@@ -295,6 +300,26 @@ mod tests {
             let expected: Vec<u32> = (0..f16_views(name).len() as u32).collect();
             assert_eq!(views, expected, "{name}.wgsl: group-1 bindings");
         }
+    }
+
+    /// The native form fits in [`NATIVE_STORAGE_BUFFERS`] storage buffers per kernel.
+    #[test]
+    fn native_kernels_fit_the_storage_buffer_count() {
+        let mut most = 0;
+        for name in names() {
+            let module = validate(name, &source(name, Half::Native).expect("listed kernel"));
+            let storage = module
+                .global_variables
+                .iter()
+                .filter(|(_, g)| matches!(g.space, naga::AddressSpace::Storage { .. }))
+                .count() as u32;
+            assert!(storage <= NATIVE_STORAGE_BUFFERS, "{name}: {storage}");
+            most = most.max(storage);
+        }
+        assert_eq!(
+            most, NATIVE_STORAGE_BUFFERS,
+            "the constant is larger than needed"
+        );
     }
 
     /// A misspelt marker would silently keep a line in both forms (as a comment): refuse it.
