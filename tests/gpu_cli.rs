@@ -4,26 +4,34 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use llmflash::image::BundleDtype;
 
-/// Runs `llmflash generate --json` with `args` and returns the generated tokens and the stats.
-pub fn generate(model: &std::path::Path, args: &[&str]) -> (Vec<u32>, serde_json::Value) {
+/// Runs `llmflash HEAD.. PATH ARGS..`; panics with its stderr if it fails, and returns its
+/// stdout.
+fn llmflash(head: &[&str], path: &Path, args: &[&str]) -> Vec<u8> {
     let out = Command::new(env!("CARGO_BIN_EXE_llmflash"))
-        .arg("generate")
-        .arg("-m")
-        .arg(model)
-        .args(["--json", "--greedy", "--ignore-eos"])
+        .args(head)
+        .arg(path)
         .args(args)
         .output()
         .expect("running llmflash");
     assert!(
         out.status.success(),
-        "llmflash generate {args:?} failed: {}",
+        "llmflash {head:?} {} {args:?} failed: {}",
+        path.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    out.stdout
+}
+
+/// Runs `llmflash generate --json` with `args` and returns the generated tokens and the stats.
+pub fn generate(model: &Path, args: &[&str]) -> (Vec<u32>, serde_json::Value) {
+    let fixed = ["--json", "--greedy", "--ignore-eos"];
+    let out = llmflash(&["generate", "-m"], model, &[&fixed[..], args].concat());
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("one JSON object");
     (common::u32s(&v["tokens"]), v["stats"].clone())
 }
 
@@ -83,27 +91,14 @@ fn smollm2_gpu_matches_cpu_in_the_same_arithmetic() {
         return;
     };
     let image = common::to_image(&gguf, "gpu-cli-smollm2", BundleDtype::Source);
-    let calibrated = Command::new(env!("CARGO_BIN_EXE_llmflash"))
-        .arg("calibrate")
-        .arg(&image)
-        .args([
-            "--text",
-            common::fixture("text/python-doc-eval.txt")
-                .to_str()
-                .unwrap(),
-        ])
-        .args([
-            "--tokens", "384", "--levels", "0.5", "--rank", "16", "--epochs", "2",
-        ])
-        // Recall 0.9: the predictor selects about 88% of the neurons (true sets: 51%).
-        .args(["--recall", "0.9"])
-        .output()
-        .expect("running llmflash calibrate");
-    assert!(
-        calibrated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&calibrated.stderr)
-    );
+    let text = common::fixture("text/python-doc-eval.txt");
+    let mut calibrate = vec!["--text", text.to_str().expect("utf-8 path")];
+    calibrate.extend([
+        "--tokens", "384", "--levels", "0.5", "--rank", "16", "--epochs", "2",
+    ]);
+    // Recall 0.9: the predictor selects about 88% of the neurons (true sets: 51%).
+    calibrate.extend(["--recall", "0.9"]);
+    llmflash(&["calibrate"], &image, &calibrate);
     let fx = common::read_json(&common::fixture("llamacpp/smollm2-greedy.json"));
     let cpu_f32 = [
         "--backend",

@@ -39,12 +39,12 @@ pub enum F16Mode {
 }
 
 impl F16Mode {
-    /// The form this choice gives on a device that has SHADER_F16 or not.
-    pub fn resolve(self, has_f16: bool) -> Half {
+    /// The form this choice gives on a device where the native form runs or not.
+    pub fn resolve(self, native_runs: bool) -> Half {
         match self {
             F16Mode::Native => Half::Native,
             F16Mode::Packed => Half::Packed,
-            F16Mode::Auto if has_f16 => Half::Native,
+            F16Mode::Auto if native_runs => Half::Native,
             F16Mode::Auto => Half::Packed,
         }
     }
@@ -160,18 +160,6 @@ impl GpuContext {
             })?,
         };
         let info = adapter.get_info();
-        let offers_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
-        // An explicit native choice resolves to native whatever the adapter offers, and is
-        // refused below (no SHADER_F16) or by set_half (too few storage buffers).
-        let half = opts
-            .f16
-            .resolve(offers_f16 && native_fits(&adapter.limits()));
-        if half == Half::Native && !offers_f16 {
-            return Err(GpuError::RequestDevice {
-                adapter: info.name.clone(),
-                reason: "--gpu-f16 native needs the SHADER_F16 feature, which this adapter does not offer; use --gpu-f16 packed (or auto)".to_string(),
-            });
-        }
         // SHADER_F16 is enabled wherever offered, so that the form can still be changed
         // (GpuContext::set_half) whatever was chosen at first.
         let features =
@@ -188,7 +176,8 @@ impl GpuContext {
             reason: e.to_string(),
         })?;
         let mut ctx = GpuContext::from_device(device, queue, info);
-        ctx.set_half(half)?;
+        // An explicit native choice where the device cannot run it is refused by set_half.
+        ctx.set_half(opts.f16.resolve(ctx.native_runs()))?;
         log::info!("GPU: {}", ctx.describe());
         Ok(ctx)
     }
@@ -205,17 +194,24 @@ impl GpuContext {
         let limits = device.limits();
         let has_f16 = device.features().contains(wgpu::Features::SHADER_F16);
         let tuning = Tuning::for_adapter(&info);
-        let half = F16Mode::Auto.resolve(has_f16 && native_fits(&limits));
-        GpuContext {
+        let mut ctx = GpuContext {
             tuning,
             device,
             queue,
             info,
             limits,
             has_f16,
-            half,
+            half: Half::Packed,
             kernels: Arc::new(Mutex::new(HashMap::new())),
-        }
+        };
+        ctx.half = F16Mode::Auto.resolve(ctx.native_runs());
+        ctx
+    }
+
+    /// Whether the native f16 form can run here: SHADER_F16 enabled, and room for its extra
+    /// storage bindings.
+    pub fn native_runs(&self) -> bool {
+        self.has_f16 && native_fits(&self.limits)
     }
 
     /// Chooses how the shaders read f16 values; the native form needs SHADER_F16 on the device.
@@ -224,7 +220,7 @@ impl GpuContext {
         if half == Half::Native && !self.has_f16 {
             return Err(GpuError::RequestDevice {
                 adapter: self.info.name.clone(),
-                reason: "the native f16 form needs the SHADER_F16 feature enabled on the device; request it when creating the device, or use the packed form".to_string(),
+                reason: "the native f16 form needs the SHADER_F16 feature, which this device does not have (the adapter does not offer it, or a host application did not enable it); use the packed form (--gpu-f16 packed or auto)".to_string(),
             });
         }
         if half == Half::Native && !native_fits(&self.limits) {

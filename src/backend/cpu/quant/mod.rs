@@ -46,13 +46,10 @@ pub enum Activations {
 static ACTIVATIONS: OnceLock<Activations> = OnceLock::new();
 
 /// Sets the process's activation arithmetic. Call it before any compute (the CLI does, from
-/// `--activations`); it can be set once, and errs with the value already in force after that.
+/// `--activations`); it can be set once, and errs with the value already in force after that
+/// (the default, if anything computed first).
 pub fn set_activations(a: Activations) -> Result<(), Activations> {
-    ACTIVATIONS.set(a)?;
-    if activations() != a {
-        return Err(activations());
-    }
-    Ok(())
+    ACTIVATIONS.set(a).map_err(|_| activations())
 }
 
 /// The process's activation arithmetic ([`Activations::Q8`] unless set).
@@ -158,31 +155,21 @@ impl ActivationBuffer {
     pub fn quantize_for(&mut self, weight: DType, x: &[f32]) -> Result<(), QuantError> {
         check_whole_blocks(weight, x.len())?;
         self.kind = ActKind::Empty;
-        let keep_f32 = activations() == Activations::F32;
-        self.kind = match weight {
-            _ if keep_f32 => {
-                self.f32.clear();
-                self.f32.extend_from_slice(x);
-                ActKind::F32
-            }
-            DType::F32 | DType::F16 | DType::BF16 => {
-                self.f32.clear();
-                self.f32.extend_from_slice(x);
-                ActKind::F32
-            }
-            DType::Q4_0 | DType::Q8_0 => {
-                q8_0::quantize_act(x, &mut self.q8, false);
-                ActKind::Q8_0
-            }
-            DType::Q4_1 => {
-                q8_0::quantize_act(x, &mut self.q8, true);
-                ActKind::Q8_1
-            }
-            DType::Q4K | DType::Q6K => {
-                q8_k::quantize_act(x, &mut self.q8k);
-                ActKind::Q8K
-            }
+        let form = match activations() {
+            Activations::F32 => ActKind::F32,
+            Activations::Q8 => act_kind_for(weight),
         };
+        match form {
+            ActKind::F32 => {
+                self.f32.clear();
+                self.f32.extend_from_slice(x);
+            }
+            ActKind::Q8_0 => q8_0::quantize_act(x, &mut self.q8, false),
+            ActKind::Q8_1 => q8_0::quantize_act(x, &mut self.q8, true),
+            ActKind::Q8K => q8_k::quantize_act(x, &mut self.q8k),
+            ActKind::Empty => unreachable!("act_kind_for never gives Empty"),
+        }
+        self.kind = form;
         Ok(())
     }
 
