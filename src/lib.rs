@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod budget;
 pub mod cli;
+pub mod draft;
 pub mod engine;
 pub mod image;
 pub mod model;

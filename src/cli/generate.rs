@@ -9,13 +9,14 @@ use crate::backend::gpu::device::F16Mode;
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder, GpuFlashOptions, GpuOptions};
 use crate::budget::{self, Needs};
 use crate::engine::flash::{Selection, Strategy};
-use crate::engine::generate;
 use crate::engine::gpu::{generate_gpu, GpuModel};
 use crate::engine::kv_cache::{KvCache, KvType};
 use crate::engine::sampler::{Sampler, Sampling};
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::StreamDecoder;
 use crate::sparsity::Sets;
+
+use super::draft_args::BuiltDraft;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -73,10 +74,16 @@ pub struct Args {
     ignore_eos: bool,
     #[command(flatten)]
     flash: super::flash_args::FlashArgs,
+    #[command(flatten)]
+    draft: super::draft_args::DraftArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let runner = super::runner::Runner::open(&a.model, &a.flash)?;
+    let draft_model = a.draft.open_model(&runner.model)?;
+    let runner = a
+        .draft
+        .plan(runner, draft_model.as_ref(), a.ctx.min(a.n + 4096));
     let model = &runner.model;
     let tok = model.tokenizer.as_ref();
     let prompt = match (&a.token_ids, tok) {
@@ -117,6 +124,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     };
     let gen = if a.backend == "gpu" {
+        if a.draft.enabled() {
+            bail!(
+                "speculative decoding (--draft) runs on --backend cpu for now; the GPU \
+                 backend has no verify pass yet: drop --draft or use --backend cpu"
+            );
+        }
         let gpu = GpuContext::new(&GpuOptions {
             adapter: a.gpu_adapter.clone(),
             backends: None,
@@ -144,7 +157,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bail!("--gpu-adapter and --gpu-f16 need --backend gpu");
         }
         let mut session = runner.session(ctx, &a.flash)?;
-        generate(&mut session, &prompt, a.n, &mut sampler, is_end, on_token)?
+        let mut draft = BuiltDraft::new(&a.draft, &session, draft_model.as_ref(), ctx)?;
+        let name = a.draft.draft.name();
+        crate::draft::generate(
+            &mut session,
+            draft.as_dyn(&name),
+            &a.draft.options(),
+            &prompt,
+            a.n,
+            &mut sampler,
+            is_end,
+            on_token,
+        )?
     };
     let tail = stream.finish();
     if json {

@@ -3,6 +3,7 @@
 mod bench;
 mod calibrate;
 mod convert;
+mod draft_args;
 mod flash_args;
 mod generate;
 mod inspect;

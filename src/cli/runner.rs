@@ -78,8 +78,21 @@ pub struct Runner {
     /// The embedding and output head were left out of the load: each session reads them
     /// (or streams them) as its memory plan says.
     tables_deferred: bool,
-    /// Rows of logits a session holds at once: 1 to generate, a scored batch's for perplexity.
+    /// Rows of logits a session holds at once: 1 to generate, a scored batch's for perplexity,
+    /// a verify pass's when drafting.
     logits_rows: usize,
+    /// What drafting takes from the budget and what it needs from the session.
+    draft: DraftNeeds,
+}
+
+/// A speculative draft's claims on a session's memory plan.
+#[derive(Clone, Debug, Default)]
+pub struct DraftNeeds {
+    /// Bytes held outside the target (a separate draft model and its cache).
+    pub reserved: u64,
+    /// Token rows of the drafting head to keep resident when the plan streams the output
+    /// head (a self draft); 0 for none.
+    pub head_rows: usize,
 }
 
 impl Runner {
@@ -114,6 +127,7 @@ impl Runner {
             synthetic,
             tables_deferred,
             logits_rows: 1,
+            draft: DraftNeeds::default(),
         })
     }
 
@@ -122,6 +136,16 @@ impl Runner {
     pub fn scoring(self) -> Runner {
         Runner {
             logits_rows: BUDGET_SCORE_BATCH,
+            ..self
+        }
+    }
+
+    /// For sessions that verify drafts of up to `max_draft` tokens: the plan counts their
+    /// logits rows and `needs`.
+    pub fn drafting(self, max_draft: usize, needs: DraftNeeds) -> Runner {
+        Runner {
+            logits_rows: self.logits_rows.max(max_draft + 1),
+            draft: needs,
             ..self
         }
     }
@@ -196,7 +220,20 @@ impl Runner {
         };
         let kv = args.kv_type.unwrap_or_default();
         let choice = (args.predictor, !args.no_lookahead);
-        let (selection, plan) = self.plan(image, ctx, budget, selection, kv, choice)?;
+        let budget = self.target_budget(budget)?;
+        let wanted = selection;
+        let (mut selection, mut plan) = self.plan(image, ctx, budget, wanted, kv, choice)?;
+        let head_prefix = self.draft_head_bytes(image, &plan);
+        if head_prefix > 0 {
+            let rest = budget.saturating_sub(head_prefix);
+            (selection, plan) = self.plan(image, ctx, rest, wanted, kv, choice)?;
+            eprintln!(
+                "memory plan: {:.1} MiB of the budget hold the drafting head (the {} most \
+                 frequent tokens' rows of the streamed output head)",
+                head_prefix as f64 / (1 << 20) as f64,
+                self.draft.head_rows
+            );
+        }
         opts.selection = selection;
         let sparsity = self.sparsity(selection)?;
         log::info!("memory plan: {plan:?}");
@@ -212,7 +249,48 @@ impl Runner {
         if !self.tables_deferred {
             return Ok(session);
         }
-        Ok(session.with_rows(output_rows(image, &plan, args)?))
+        let session = session.with_rows(output_rows(image, &plan, args)?);
+        if self.draft_head_bytes(image, &plan) == 0 {
+            return Ok(session);
+        }
+        let name = output_table(image);
+        let head = RowSource::resident_prefix(image, name, !args.no_direct, self.draft.head_rows)?;
+        Ok(session.with_draft_head(head))
+    }
+
+    /// The budget left for the target once a draft model has its share.
+    fn target_budget(&self, budget: u64) -> anyhow::Result<u64> {
+        let reserved = self.draft.reserved;
+        if reserved == 0 {
+            return Ok(budget);
+        }
+        if reserved >= budget {
+            bail!(
+                "the draft model needs {:.1} MiB, all of the {:.1} MiB budget: give a larger \
+                 budget or a smaller draft",
+                reserved as f64 / (1 << 20) as f64,
+                budget as f64 / (1 << 20) as f64
+            );
+        }
+        eprintln!(
+            "memory plan: {:.1} MiB of the budget hold the draft model",
+            reserved as f64 / (1 << 20) as f64
+        );
+        Ok(budget - reserved)
+    }
+
+    /// Bytes of the drafting head `plan` needs: rows of the output head for a self draft,
+    /// when the plan streams that head (otherwise the draft uses the head itself).
+    fn draft_head_bytes(&self, image: &FlashImage, plan: &budget::Plan) -> u64 {
+        let name = output_table(image);
+        if self.draft.head_rows == 0 || !plan.streamed.iter().any(|s| s == name) {
+            return 0;
+        }
+        let Some(t) = image.meta.tensor(name) else {
+            return 0;
+        };
+        let row = t.len / t.rows.max(1) as u64;
+        row * self.draft.head_rows.min(t.rows) as u64
     }
 
     /// The memory plan for `budget` and the selection it runs. The predictor, when it would
@@ -338,6 +416,14 @@ fn sets(selection: Selection) -> Sets {
     match selection {
         Selection::Oracle => Sets::True,
         _ => Sets::Predicted,
+    }
+}
+
+/// The tensor that holds the output head: `output.weight`, or the embedding when tied.
+fn output_table(image: &FlashImage) -> &'static str {
+    match image.meta.tensor(TABLES[1]) {
+        Some(_) => TABLES[1],
+        None => TABLES[0],
     }
 }
 

@@ -161,6 +161,11 @@ pub struct FlashFfn<'a> {
     naive: AlignedBuf,
     naive_skip: usize,
     oracle_acts: Vec<f32>,
+    /// Per layer, the pinned neurons and their window slots, sorted by neuron: what a
+    /// speculative draft computes from memory ([`FfnCompute::ffn_draft`]).
+    draft: Vec<Vec<(u32, u32)>>,
+    /// A verify batch's active set per position, before their union is loaded.
+    row_sets: Vec<Vec<u32>>,
     stats: FlashStats,
 }
 
@@ -224,6 +229,8 @@ impl<'a> FlashFfn<'a> {
             naive: AlignedBuf::new(0),
             naive_skip: 0,
             oracle_acts: Vec::new(),
+            draft: Vec::new(),
+            row_sets: Vec::new(),
             stats: FlashStats::default(),
         };
         for (layer, ids) in pinned.iter().flatten().enumerate() {
@@ -300,6 +307,12 @@ impl<'a> FlashFfn<'a> {
             })
             .map_err(|e| setup(e.to_string()))?;
         self.stats.bytes_read += stats.bytes_read;
+        if self.draft.len() <= layer {
+            self.draft.resize_with(layer + 1, Vec::new);
+        }
+        let draft = &mut self.draft[layer];
+        draft.extend(loads);
+        draft.sort_unstable();
         Ok(())
     }
 
@@ -388,7 +401,35 @@ impl FfnCompute for FlashFfn<'_> {
         self.lookahead.is_some()
     }
 
+    /// Every strategy verifies a few positions at once: with lookahead as a prompt batch,
+    /// otherwise through the union of the positions' active sets (each missing bundle read
+    /// once), each position then computing over its own set.
+    fn verify_batched(&self) -> bool {
+        true
+    }
+
+    fn has_draft(&self) -> bool {
+        self.draft.iter().any(|d| !d.is_empty())
+    }
+
+    fn ffn_draft(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+        let window = &self.layers[layer].window;
+        let neurons: Vec<Neuron> = self
+            .draft
+            .get(layer)
+            .map(|d| d.iter().map(|&(id, s)| (id, window.bundle(s))).collect())
+            .unwrap_or_default();
+        let bias = self.weights.layers[layer].ffn_bias.up.as_deref();
+        self.sparse.compute(&self.parts, h, &neurons, bias, out);
+        if let Some(b) = &self.weights.layers[layer].ffn_bias.down {
+            add_into(out, b);
+        }
+    }
+
     fn ffn_batch(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
+        if self.lookahead.is_none() {
+            return self.ffn_union(layer, hidden, hs, out);
+        }
         let rows = (hs.len() / hidden) as u64;
         let Some(first) = hs.get(..hidden) else {
             return;
@@ -406,6 +447,40 @@ impl FfnCompute for FlashFfn<'_> {
 }
 
 impl FlashFfn<'_> {
+    /// A verify batch without lookahead: each position's active set, their union brought into
+    /// memory with one round of reads, then each position computed over its own set, exactly
+    /// as [`FfnCompute::ffn`] would compute it alone.
+    fn ffn_union(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
+        let rows = hs.len() / hidden;
+        let t0 = Instant::now();
+        let mut sets = std::mem::take(&mut self.row_sets);
+        sets.resize_with(rows, Vec::new);
+        for (set, h) in sets.iter_mut().zip(hs.chunks_exact(hidden)) {
+            self.select(layer, h);
+            std::mem::swap(set, &mut self.active);
+            self.stats.neurons_needed += set.len() as u64;
+        }
+        self.active.clear();
+        sets.iter()
+            .for_each(|set| self.active.extend_from_slice(set));
+        self.active.sort_unstable();
+        self.active.dedup();
+        self.stats.tokens += (layer == 0) as u64 * rows as u64;
+        self.stats.compute += t0.elapsed();
+        match self.opts.strategy {
+            Strategy::Naive => self.read_whole_layer(layer),
+            Strategy::Flash => self.load_through_window(layer),
+            Strategy::Resident | Strategy::Mmap => {}
+        }
+        for (r, set) in sets.iter().enumerate() {
+            self.active.clear();
+            self.active.extend_from_slice(set);
+            let span = r * hidden..(r + 1) * hidden;
+            self.compute_rows(layer, hidden, &hs[span.clone()], &mut out[span]);
+        }
+        self.row_sets = sets;
+    }
+
     /// `out` rows = the FFN of `hs` rows over the active neurons, once their bundles are at
     /// hand; each row exactly as a single token would compute it (a batch shares each
     /// bundle's gate and up rows across tokens).

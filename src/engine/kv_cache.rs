@@ -161,6 +161,14 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Forgets the positions from `len` on (a speculative draft the target rejected), in
+    /// O(1): the rows stay allocated and the next write at a forgotten position replaces them
+    /// ([`Rows::write`] drops everything after what it writes). Keeping more positions than
+    /// are stored is a no-op, so the cache never claims rows it does not have.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         self.keys.iter().chain(&self.values).map(Rows::bytes).sum()

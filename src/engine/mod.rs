@@ -11,13 +11,15 @@ pub mod streamed;
 
 use std::time::Instant;
 
-use crate::backend::cpu::forward::{forward, CpuState, DenseFfn, FfnCompute};
+use crate::backend::cpu::forward::{
+    forward, output_prefix, CpuState, DenseFfn, DraftFfn, FfnCompute,
+};
 use crate::backend::cpu::prefill::{forward_batch, BatchState, Logits};
 use crate::model::weights::ModelWeights;
 use kv_cache::{KvCache, KvType};
 use sampler::Sampler;
 use stats::{FlashStats, GenerationStats};
-use streamed::OutputRows;
+use streamed::{OutputRows, RowSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -39,6 +41,11 @@ pub struct Session<'w> {
     rows: Option<OutputRows>,
     /// Activations of a prefill batch.
     batch: BatchState,
+    /// A self-drafting step's output head over the most frequent tokens, when the full head
+    /// is streamed (see [`Session::with_draft_head`]).
+    draft_head: Option<RowSource>,
+    /// Logits of a verify pass run token by token.
+    verify_logits: Vec<f32>,
 }
 
 /// Prompt tokens per prefill batch: enough to read each weight once for many tokens, few
@@ -72,6 +79,8 @@ impl<'w> Session<'w> {
             ffn,
             rows: None,
             batch: BatchState::default(),
+            draft_head: None,
+            verify_logits: Vec::new(),
         }
     }
 
@@ -87,6 +96,30 @@ impl<'w> Session<'w> {
     pub fn with_rows(mut self, rows: OutputRows) -> Session<'w> {
         self.rows = Some(rows);
         self
+    }
+
+    /// Drafting steps ([`Session::draft_step`]) take their logits from `head`, a resident
+    /// prefix of the output head's rows, instead of the streamed head.
+    pub fn with_draft_head(mut self, head: RowSource) -> Session<'w> {
+        self.draft_head = Some(head);
+        self
+    }
+
+    /// Whether the output head is read from the image on every pass.
+    pub fn head_streamed(&self) -> bool {
+        self.rows
+            .as_ref()
+            .is_some_and(|r| r.head_ref().is_streamed())
+    }
+
+    /// Bytes held by the drafting head, if any.
+    pub fn draft_head_bytes(&self) -> usize {
+        self.draft_head.as_ref().map_or(0, RowSource::memory_bytes)
+    }
+
+    /// The model this session decodes.
+    pub fn weights(&self) -> &'w ModelWeights {
+        self.weights
     }
 
     /// Bytes read and time spent streaming the embedding and output head, if they are.
@@ -118,6 +151,73 @@ impl<'w> Session<'w> {
 
     pub fn reset(&mut self) {
         self.kv.clear();
+    }
+
+    /// Forgets every position from `len` on, in O(1): what a rejected draft leaves behind.
+    pub fn truncate(&mut self, len: usize) {
+        self.kv.truncate(len);
+    }
+
+    /// Positions the context can hold.
+    pub fn capacity(&self) -> usize {
+        self.kv.capacity()
+    }
+
+    /// Runs `tokens` at the next positions and returns the logits after each, row-major
+    /// (`tokens.len() x vocab`): a speculative verify pass. The FFN sees them as one batch
+    /// where it can ([`FfnCompute::verify_batched`]), so each bundle is read once for all of
+    /// them; every row equals what [`Session::step`] would have returned, to the bit.
+    pub fn verify(&mut self, tokens: &[u32]) -> Result<&[f32], EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        self.check(tokens)?;
+        if self.ffn.verify_batched() && tokens.len() <= PREFILL_BATCH {
+            self.run_batch(tokens, Logits::All);
+            return Ok(self.batch.logits());
+        }
+        self.verify_logits.clear();
+        for &t in tokens {
+            forward(
+                self.weights,
+                &mut self.kv,
+                &mut self.state,
+                t,
+                true,
+                self.ffn.as_mut(),
+                self.rows.as_mut(),
+            );
+            self.verify_logits.extend_from_slice(&self.state.logits);
+        }
+        Ok(&self.verify_logits)
+    }
+
+    /// Whether the FFN holds neurons in memory to draft from ([`Session::draft_step`]).
+    pub fn can_self_draft(&self) -> bool {
+        self.ffn.has_draft()
+    }
+
+    /// Runs `token` through the model with each FFN restricted to the neurons held in memory
+    /// (no flash reads), and the drafting head when there is one: a self-speculative draft.
+    /// Its keys and values go into the cache like any step's; the caller cuts them off
+    /// ([`Session::truncate`]) before verifying.
+    pub fn draft_step(&mut self, token: u32) -> Result<&[f32], EngineError> {
+        self.check(std::slice::from_ref(&token))?;
+        let mut ffn = DraftFfn(self.ffn.as_mut());
+        let head = self.draft_head.as_mut();
+        forward(
+            self.weights,
+            &mut self.kv,
+            &mut self.state,
+            token,
+            head.is_none(),
+            &mut ffn,
+            self.rows.as_mut(),
+        );
+        if let Some(head) = head {
+            output_prefix(self.weights, &mut self.state, head);
+        }
+        Ok(&self.state.logits)
     }
 
     /// Runs one token; returns the next-token logits when `want_logits`.
@@ -302,5 +402,6 @@ pub(crate) fn summarize(
         peak_rss_bytes: stats::peak_rss_bytes(),
         flash: None,
         gpu: None,
+        draft: None,
     }
 }

@@ -32,22 +32,79 @@ impl Sampler {
         }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    pub fn sampling(&self) -> &Sampling {
+        &self.sampling
+    }
+
+    /// Whether every choice is the most likely token (greedy, or a temperature of 0).
+    pub fn is_greedy(&self) -> bool {
         match self.sampling {
-            Sampling::Greedy => argmax(logits),
+            Sampling::Greedy => true,
+            Sampling::Random { temperature, .. } => temperature <= 0.0,
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.is_greedy() {
+            return argmax(logits);
+        }
+        let u = self.rng.next_f64();
+        self.distribution(logits).draw(u)
+    }
+
+    /// A uniform draw in [0, 1) from this sampler's generator (speculative acceptance).
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.next_f64()
+    }
+
+    /// The distribution [`Sampler::sample`] draws from: the most likely token alone when
+    /// greedy, else the softmax at the temperature cut to top-k and then top-p.
+    pub fn distribution(&self, logits: &[f32]) -> Dist {
+        match self.sampling {
             Sampling::Random {
                 temperature,
                 top_k,
                 top_p,
                 ..
-            } => {
-                if temperature <= 0.0 {
-                    return argmax(logits);
-                }
-                let u = self.rng.next_f64();
-                sample_top_p(logits, temperature, top_k, top_p, u)
-            }
+            } if temperature > 0.0 => top_p_distribution(logits, temperature, top_k, top_p),
+            _ => Dist {
+                ids: vec![argmax(logits)],
+                probs: vec![1.0],
+            },
         }
+    }
+}
+
+/// A distribution over a few tokens: `probs[i]` is the probability of `ids[i]`, most likely
+/// first, summing to 1.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Dist {
+    pub ids: Vec<u32>,
+    pub probs: Vec<f64>,
+}
+
+impl Dist {
+    /// The probability of `token` (0 outside the kept tokens).
+    pub fn prob(&self, token: u32) -> f64 {
+        self.ids
+            .iter()
+            .position(|&t| t == token)
+            .map_or(0.0, |i| self.probs[i])
+    }
+
+    /// The token at cumulative probability `u` in [0, 1), in the order held.
+    pub fn draw(&self, u: f64) -> u32 {
+        let mut target = u * self.probs.iter().sum::<f64>();
+        for (&id, &p) in self.ids.iter().zip(&self.probs) {
+            if target < p {
+                return id;
+            }
+            target -= p;
+        }
+        *self
+            .ids
+            .last()
+            .expect("a distribution holds at least one token")
     }
 }
 
@@ -61,8 +118,19 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Samples with the uniform draw `u` in [0, 1).
-fn sample_top_p(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) -> u32 {
+/// The probability of the most likely token under softmax (a draft's confidence).
+pub fn top_probability(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return 0.0;
+    }
+    let total: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    1.0 / total
+}
+
+/// Softmax at `temperature` over the `top_k` most likely tokens (0 = all), cut to the
+/// smallest prefix whose probability reaches `top_p`, renormalised.
+fn top_p_distribution(logits: &[f32], temperature: f32, top_k: usize, top_p: f32) -> Dist {
     let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
     ids.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
     if top_k > 0 {
@@ -84,15 +152,17 @@ fn sample_top_p(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f
             break;
         }
     }
-    let mass: f64 = probs[..keep].iter().sum();
-    let mut target = u * mass;
-    for (n, p) in probs[..keep].iter().enumerate() {
-        if target < *p {
-            return ids[n];
-        }
-        target -= p;
-    }
-    ids[keep - 1]
+    ids.truncate(keep);
+    probs.truncate(keep);
+    let mass: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= mass);
+    Dist { ids, probs }
+}
+
+/// Samples with the uniform draw `u` in [0, 1).
+#[cfg(test)]
+fn sample_top_p(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) -> u32 {
+    top_p_distribution(logits, temperature, top_k, top_p).draw(u)
 }
 
 /// A small, fast, seedable generator (Steele et al.'s SplitMix64): sampling needs

@@ -29,6 +29,30 @@ pub struct GenerationStats {
     /// The GPU backend's costs, when generation ran on a GPU (`--backend gpu`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<crate::engine::gpu::GpuRunStats>,
+    /// What speculative decoding did, when it ran (`--draft`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft: Option<DraftStats>,
+}
+
+/// What speculative decoding did over one generation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DraftStats {
+    /// The draft source (`self`, `ngram`, a model path).
+    pub source: String,
+    /// Tokens drafted, and how many of them the target accepted.
+    pub drafted: u64,
+    pub accepted: u64,
+    pub acceptance_rate: f64,
+    /// Passes of the full model after the prompt: verify passes and plain steps (no draft).
+    pub passes: u64,
+    pub verify_passes: u64,
+    /// Generated tokens per pass of the full model.
+    pub tokens_per_pass: f64,
+    /// Time spent drafting and verifying, per generated token.
+    pub draft_ms_per_token: f64,
+    pub verify_ms_per_token: f64,
+    /// Memory the draft holds beyond the target (a drafting head, a draft model).
+    pub memory_bytes: u64,
 }
 
 /// The process's peak resident set size, from `/proc/self/status` (Linux only).

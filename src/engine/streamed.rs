@@ -108,6 +108,30 @@ impl RowSource {
         Ok(RowSource::new(e, where_))
     }
 
+    /// Reads the first `rows` rows of tensor `name` into memory: a draft's output head over
+    /// the lowest token ids. A byte-level BPE vocabulary numbers its tokens in merge order,
+    /// and the earliest merges are the most frequent pairs, so a prefix of the ids is a
+    /// frequency-ranked head (FR-Spec's idea) that needs no corpus counts.
+    pub fn resident_prefix(
+        image: &FlashImage,
+        name: &str,
+        direct: bool,
+        rows: usize,
+    ) -> Result<RowSource, FlashError> {
+        let e = entry(image, name)?;
+        let rows = rows.min(e.rows);
+        let row_bytes = (e.len as usize) / e.rows.max(1);
+        let pool = open_pool(image, direct, 4)?;
+        let mut buf = AlignedBuf::new(0);
+        let len = rows * row_bytes;
+        let (_, skip) = pool
+            .read_span(e.offset, len, &CoalesceOptions::default(), &mut buf)
+            .map_err(|err| read_error(image, name, err))?;
+        let mut source = RowSource::new(e, Where::Resident { buf, skip, len });
+        source.rows = rows;
+        Ok(source)
+    }
+
     fn new(e: &TensorEntry, where_: Where) -> RowSource {
         RowSource {
             name: e.name.clone(),
@@ -123,6 +147,16 @@ impl RowSource {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Rows this source multiplies (all of the tensor's, or a resident prefix's).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether every row is read from the image on each pass.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.where_, Where::Streamed { .. })
     }
 
     /// Bytes held in memory: the table, or the read staging of one chunk.
@@ -267,6 +301,10 @@ impl OutputRows {
 
     pub fn head(&mut self) -> &mut RowSource {
         self.head.as_mut().unwrap_or(&mut self.embed)
+    }
+
+    pub fn head_ref(&self) -> &RowSource {
+        self.head.as_ref().unwrap_or(&self.embed)
     }
 
     pub fn bytes_read(&self) -> u64 {

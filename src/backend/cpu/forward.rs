@@ -9,7 +9,7 @@ use crate::backend::cpu::matvec::{linear, matmul_rows, matvec};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles, swiglu};
 use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::engine::kv_cache::KvCache;
-use crate::engine::streamed::OutputRows;
+use crate::engine::streamed::{OutputRows, RowSource};
 use crate::model::config::{Config, FfnKind};
 use crate::model::tensor::Tensor;
 use crate::model::weights::{Ffn, Layer, ModelWeights};
@@ -72,9 +72,39 @@ pub trait FfnCompute {
         }
     }
 
+    /// Whether a speculative verify pass (a few drafted positions at once) may go through
+    /// [`FfnCompute::ffn_batch`]: each bundle it needs then comes from flash once for every
+    /// position, while each row still computes exactly what a single token would. Wider than
+    /// [`FfnCompute::batched`]: a predictor's window can serve the union of a handful of
+    /// positions' active sets, though not a 64-token prompt batch's.
+    fn verify_batched(&self) -> bool {
+        self.batched()
+    }
+
+    /// Whether [`FfnCompute::ffn_draft`] has neurons to draft from.
+    fn has_draft(&self) -> bool {
+        false
+    }
+
+    /// `out` = the FFN of `layer` restricted to the neurons held in memory (a speculative
+    /// draft: no I/O). Providers without such a set leave it to [`FfnCompute::ffn`].
+    fn ffn_draft(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+        self.ffn(layer, h, out)
+    }
+
     /// I/O, memory and compute costs so far, for FFNs that read from flash.
     fn flash_stats(&self) -> Option<crate::engine::stats::FlashStats> {
         None
+    }
+}
+
+/// An FFN provider seen through its draft ([`FfnCompute::ffn_draft`]): what a self-drafting
+/// step runs in place of the full FFN.
+pub struct DraftFfn<'f, 'w>(pub &'f mut (dyn FfnCompute + 'w));
+
+impl FfnCompute for DraftFfn<'_, '_> {
+    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+        self.0.ffn_draft(layer, h, out)
     }
 }
 
@@ -286,6 +316,28 @@ fn attention(c: &Config, layer: &Layer, kv: &mut KvCache, l: usize, pos: usize, 
 
 /// Final norm, optional projection, and the vocabulary projection into `s.logits`.
 pub(super) fn output(w: &ModelWeights, s: &mut CpuState, rows: Option<&mut OutputRows>) {
+    let mut head = rows.map(|r| r.head());
+    let dtype = head.as_ref().map_or(w.lm_head.dtype, |h| h.dtype());
+    head_input(w, s, dtype);
+    match head.as_mut() {
+        Some(h) => h.matvec(&s.act, &mut s.logits),
+        None => matvec(&w.lm_head, &s.act, &mut s.logits),
+    }
+}
+
+/// Logits over the first `head.rows()` token ids only (a draft's resident head over the most
+/// frequent tokens, when the full head is streamed); every other token gets `-inf`.
+pub fn output_prefix(w: &ModelWeights, s: &mut CpuState, head: &mut RowSource) {
+    head_input(w, s, head.dtype());
+    let n = head.rows().min(s.logits.len());
+    let (known, rest) = s.logits.split_at_mut(n);
+    head.matvec(&s.act, known);
+    rest.fill(f32::NEG_INFINITY);
+}
+
+/// The vocabulary projection's input (final norm, OPT's projection) quantised for `dtype`
+/// into `s.act`.
+fn head_input(w: &ModelWeights, s: &mut CpuState, dtype: crate::model::tensor::DType) {
     let c = &w.config;
     match &w.final_norm {
         Some(n) => apply_norm(n, &s.x, c.norm_eps, &mut s.h),
@@ -298,13 +350,7 @@ pub(super) fn output(w: &ModelWeights, s: &mut CpuState, rows: Option<&mut Outpu
         }
         None => &s.h,
     };
-    let mut head = rows.map(|r| r.head());
-    let dtype = head.as_ref().map_or(w.lm_head.dtype, |h| h.dtype());
     s.act
         .quantize_for(dtype, hidden)
         .expect("lm_head columns match the hidden size (checked at load time)");
-    match head.as_mut() {
-        Some(h) => h.matvec(&s.act, &mut s.logits),
-        None => matvec(&w.lm_head, &s.act, &mut s.logits),
-    }
 }

@@ -1,0 +1,173 @@
+//! Speculative decoding options (`--draft` and friends), shared by `generate` and `bench`.
+
+use anyhow::{bail, Context};
+
+use crate::draft::{
+    same_vocabulary, Draft, DraftOptions, DraftSource, ModelDraft, NgramDraft, SelfDraft,
+    DEFAULT_DRAFT_MAX, DEFAULT_P_MIN,
+};
+use crate::engine::kv_cache::{KvCache, KvType};
+use crate::engine::model::Model;
+use crate::engine::Session;
+
+use super::runner::{DraftNeeds, Runner};
+
+/// Rows of the drafting head a self draft keeps when the output head is streamed.
+pub const DEFAULT_DRAFT_HEAD_ROWS: usize = 8192;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DraftArgs {
+    /// Speculative decoding: draft tokens cheaply, verify several per pass of the full model.
+    /// none; self (the model restricted to the neurons its memory budget pins: no flash
+    /// reads); ngram (prompt lookup); or the path of a smaller model with the same
+    /// vocabulary. Greedy output is unchanged; sampled output keeps its distribution.
+    #[arg(long, default_value = "none")]
+    pub draft: DraftSource,
+    /// Tokens drafted per verify pass at most.
+    #[arg(long, default_value_t = DEFAULT_DRAFT_MAX, value_parser = draft_length)]
+    pub draft_max: usize,
+    /// A model draft (self or a path) stops when its most likely token's probability is
+    /// below this.
+    #[arg(long, default_value_t = DEFAULT_P_MIN, value_parser = probability)]
+    pub draft_p_min: f64,
+    /// With --draft self, when the memory plan streams the output head: rows (token ids
+    /// 0..N, the most frequent in a BPE vocabulary) of the drafting head kept in memory,
+    /// taken from the budget.
+    #[arg(long, default_value_t = DEFAULT_DRAFT_HEAD_ROWS)]
+    pub draft_head_rows: usize,
+}
+
+fn draft_length(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v) if (1..=MAX_DRAFT).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a draft length; give 1 to {MAX_DRAFT}"
+        )),
+    }
+}
+
+/// Longest draft accepted: a verify pass holds this many rows of vocabulary-sized logits.
+const MAX_DRAFT: usize = 32;
+
+fn probability(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number; give a probability in [0, 1]"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{v} is not a probability; give a value in [0, 1]"));
+    }
+    Ok(v)
+}
+
+impl DraftArgs {
+    pub fn options(&self) -> DraftOptions {
+        DraftOptions {
+            max: self.draft_max,
+            p_min: self.draft_p_min,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.draft != DraftSource::None
+    }
+
+    /// Opens a draft model (`--draft PATH`), refused unless it shares `target`'s vocabulary.
+    pub fn open_model(&self, target: &Model) -> anyhow::Result<Option<Model>> {
+        let DraftSource::Model(path) = &self.draft else {
+            return Ok(None);
+        };
+        let draft = Model::open(path)
+            .with_context(|| format!("loading the draft model {}", path.display()))?;
+        match (&target.tokenizer, &draft.tokenizer) {
+            (Some(t), Some(d)) => same_vocabulary(t, d).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} cannot draft for {}: {e}",
+                    path.display(),
+                    target.path.display()
+                )
+            })?,
+            _ => {
+                if target.weights.config.vocab_size != draft.weights.config.vocab_size {
+                    bail!(
+                        "{} cannot draft for {}: their vocabularies differ in size ({} and {})",
+                        path.display(),
+                        target.path.display(),
+                        draft.weights.config.vocab_size,
+                        target.weights.config.vocab_size
+                    );
+                }
+            }
+        }
+        Ok(Some(draft))
+    }
+
+    /// What the draft takes from a memory plan over `ctx` positions.
+    pub fn needs(&self, draft_model: Option<&Model>, ctx: usize) -> DraftNeeds {
+        let reserved = draft_model.map_or(0, |m| {
+            let file = std::fs::metadata(&m.path).map_or(0, |md| md.len());
+            file + KvCache::bytes_for(&m.weights.config, ctx, KvType::default())
+        });
+        let head_rows = match self.draft {
+            DraftSource::SelfModel => self.draft_head_rows,
+            _ => 0,
+        };
+        DraftNeeds {
+            reserved,
+            head_rows,
+        }
+    }
+
+    /// `runner` planned for drafting (a no-op without a draft).
+    pub fn plan(&self, runner: Runner, draft_model: Option<&Model>, ctx: usize) -> Runner {
+        if !self.enabled() {
+            return runner;
+        }
+        let needs = self.needs(draft_model, ctx);
+        runner.drafting(self.draft_max, needs)
+    }
+}
+
+/// A built draft, owning what it needs.
+pub enum BuiltDraft<'m> {
+    None,
+    Ngram(NgramDraft),
+    SelfModel(SelfDraft),
+    Model(Box<ModelDraft<'m>>),
+}
+
+impl<'m> BuiltDraft<'m> {
+    /// The draft `args` ask for, for decoding with `target`.
+    pub fn new(
+        args: &DraftArgs,
+        target: &Session,
+        draft_model: Option<&'m Model>,
+        ctx: usize,
+    ) -> anyhow::Result<BuiltDraft<'m>> {
+        Ok(match (&args.draft, draft_model) {
+            (DraftSource::None, _) => BuiltDraft::None,
+            (DraftSource::Ngram, _) => BuiltDraft::Ngram(NgramDraft::new()),
+            (DraftSource::SelfModel, _) => {
+                BuiltDraft::SelfModel(SelfDraft::new(target, args.draft_p_min)?)
+            }
+            (DraftSource::Model(_), Some(m)) => {
+                let bytes = args.needs(Some(m), ctx).reserved as usize;
+                let session = m.session(ctx, None, None)?;
+                BuiltDraft::Model(Box::new(ModelDraft::new(session, args.draft_p_min, bytes)))
+            }
+            (DraftSource::Model(p), None) => {
+                bail!("the draft model {} was not opened", p.display())
+            }
+        })
+    }
+
+    /// The draft as the decode loop takes it, with its name for the statistics.
+    pub fn as_dyn<'s>(&'s mut self, name: &'s str) -> Option<(&'s mut dyn Draft, &'s str)> {
+        let d: &mut dyn Draft = match self {
+            BuiltDraft::None => return None,
+            BuiltDraft::Ngram(d) => d,
+            BuiltDraft::SelfModel(d) => d,
+            BuiltDraft::Model(d) => d.as_mut(),
+        };
+        Some((d, name))
+    }
+}

@@ -1,0 +1,137 @@
+//! The speculative decode loop: draft, verify in one pass, accept, roll back.
+//!
+//! ```text
+//! prefill(prompt) -> next
+//! loop:
+//!   emit next
+//!   draft:  d1..dk after history + next             (from memory: no flash reads)
+//!   verify: logits of [next, d1..dk] in one pass     (each bundle read once for all)
+//!   accept: d1..da kept, and the token after them     (greedy or speculative sampling)
+//!   cut the cache back to history + next + d1..da; emit d1..da; next = the token after
+//! ```
+//! With no draft (an n-gram that does not recur, a draft below its confidence) the pass is a
+//! plain step, so speculation costs nothing where it cannot help.
+
+use std::time::{Duration, Instant};
+
+use crate::engine::sampler::Sampler;
+use crate::engine::stats::DraftStats;
+use crate::engine::{self, add_flash_costs, summarize, Generation, Session};
+
+use super::length::DraftLength;
+use super::{accept, Draft, DraftError, DraftOptions, Proposal};
+
+/// Decodes up to `max_new` tokens after `prompt` as [`engine::generate`] does, with drafts from
+/// `draft` (`None`: plain decoding), calling `on_token` for each token as it is accepted and
+/// stopping before a token for which `is_end` holds. Greedy output is the same token for
+/// token as without a draft.
+#[allow(clippy::too_many_arguments)]
+pub fn generate(
+    session: &mut Session,
+    draft: Option<(&mut dyn Draft, &str)>,
+    opts: &DraftOptions,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    is_end: impl Fn(u32) -> bool,
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation, DraftError> {
+    let Some((draft, source)) = draft else {
+        return Ok(engine::generate(
+            session, prompt, max_new, sampler, is_end, on_token,
+        )?);
+    };
+    let t0 = Instant::now();
+    let mut next = sampler.sample(session.prefill(prompt)?);
+    let prompt_ms = ms(t0.elapsed());
+    let before = session.flash_stats();
+    let t1 = Instant::now();
+    let vocab = session.weights().config.vocab_size;
+    let mut history = prompt.to_vec();
+    let mut tokens = Vec::with_capacity(max_new);
+    let mut proposal = Proposal::default();
+    let mut ds = DraftStats {
+        source: source.to_string(),
+        memory_bytes: (draft.memory_bytes() + session.draft_head_bytes()) as u64,
+        ..DraftStats::default()
+    };
+    let (mut drafting, mut verifying) = (Duration::ZERO, Duration::ZERO);
+    let mut length = DraftLength::new(opts.max);
+    'decode: while tokens.len() < max_new && !is_end(next) {
+        tokens.push(next);
+        on_token(next);
+        history.push(next);
+        // Positions left in the context: a verify pass runs `next` and the drafts.
+        let room = session.capacity().saturating_sub(session.position());
+        if tokens.len() == max_new || room == 0 {
+            break;
+        }
+        // Drafts past the last token asked for, or past the context, would be wasted.
+        let k = length.next((max_new - tokens.len()).min(room - 1));
+        let td = Instant::now();
+        proposal.clear();
+        if k > 0 {
+            draft.propose(session, &history, k, sampler, &mut proposal)?;
+            proposal.tokens.truncate(k);
+            proposal.dists.truncate(k);
+        }
+        drafting += td.elapsed();
+        length.drafted(proposal.len(), ms(td.elapsed()));
+        let tv = Instant::now();
+        ds.passes += 1;
+        if proposal.is_empty() {
+            next = sampler.sample(session.step(next, true)?);
+            verifying += tv.elapsed();
+            length.stepped(ms(tv.elapsed()));
+            continue;
+        }
+        let verified = session.position();
+        let mut batch = Vec::with_capacity(proposal.len() + 1);
+        batch.push(next);
+        batch.extend_from_slice(&proposal.tokens);
+        let rows = session.verify(&batch)?;
+        let a = accept(rows, vocab, &proposal, sampler);
+        session.truncate(verified + 1 + a.kept);
+        verifying += tv.elapsed();
+        length.verified(proposal.len(), a.kept, ms(tv.elapsed()));
+        ds.verify_passes += 1;
+        ds.drafted += proposal.len() as u64;
+        ds.accepted += a.kept as u64;
+        for &t in &proposal.tokens[..a.kept] {
+            if is_end(t) {
+                break 'decode;
+            }
+            tokens.push(t);
+            on_token(t);
+            history.push(t);
+            if tokens.len() == max_new {
+                break 'decode;
+            }
+        }
+        next = a.next;
+    }
+    let decode_ms = ms(t1.elapsed());
+    let mut stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
+    if let (Some(a), Some(b)) = (before, session.flash_stats()) {
+        add_flash_costs(&mut stats, &a, &b);
+    }
+    let per_token = tokens.len().saturating_sub(1).max(1) as f64;
+    ds.acceptance_rate = ratio(ds.accepted as f64, ds.drafted as f64);
+    ds.tokens_per_pass = ratio(tokens.len().saturating_sub(1) as f64, ds.passes as f64);
+    ds.draft_ms_per_token = ms(drafting) / per_token;
+    ds.verify_ms_per_token = ms(verifying) / per_token;
+    stats.draft = Some(ds);
+    Ok(Generation { tokens, stats })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}

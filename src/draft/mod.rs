@@ -1,0 +1,176 @@
+//! Speculative decoding: draft a few tokens cheaply, verify them with one pass of the full
+//! model, keep the longest prefix it agrees with.
+//!
+//! Under a memory budget every decoded token pays a full pass of flash reads, so the disk sets
+//! the speed. A verify pass over `k + 1` positions reads each bundle once for all of them
+//! ([`Session::verify`]), so every accepted draft token is a token that cost no reads of its
+//! own. The drafts come from what is already in memory:
+//!
+//! - [`SelfDraft`] (`--draft self`): the target model with each FFN restricted to the neurons
+//!   its window pins (no I/O), and a resident head over the most frequent tokens when the
+//!   full head is streamed.
+//! - [`NgramDraft`] (`--draft ngram`): prompt lookup, the tokens that followed the latest
+//!   earlier occurrence of the context's last n-gram. No memory; strong on code and edits.
+//! - [`ModelDraft`] (`--draft PATH`): a separate small model with the same vocabulary.
+//!
+//! Acceptance ([`accept`]) keeps greedy output identical to plain decoding and sampled output
+//! distributed as the plain sampler's (Leviathan et al. 2023; Chen et al. 2023).
+
+mod accept;
+mod decode;
+mod length;
+mod model;
+mod ngram;
+mod selfdraft;
+
+pub use accept::{accept, Accepted};
+pub use decode::generate;
+pub use length::DraftLength;
+pub use model::{same_vocabulary, ModelDraft};
+pub use ngram::NgramDraft;
+pub use selfdraft::SelfDraft;
+
+pub use crate::engine::stats::DraftStats;
+
+use crate::engine::sampler::{top_probability, Dist, Sampler};
+use crate::engine::{EngineError, Session};
+
+/// Where drafts come from (`--draft`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DraftSource {
+    /// No speculation: one token per pass.
+    None,
+    /// The target restricted to what is in memory.
+    SelfModel,
+    /// Prompt lookup.
+    Ngram,
+    /// A separate model sharing the vocabulary.
+    Model(std::path::PathBuf),
+}
+
+impl std::str::FromStr for DraftSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "none" => DraftSource::None,
+            "self" => DraftSource::SelfModel,
+            "ngram" => DraftSource::Ngram,
+            "" => return Err("an empty --draft; choose none, self, ngram or a model path".into()),
+            path => DraftSource::Model(path.into()),
+        })
+    }
+}
+
+impl DraftSource {
+    pub fn name(&self) -> String {
+        match self {
+            DraftSource::None => "none".into(),
+            DraftSource::SelfModel => "self".into(),
+            DraftSource::Ngram => "ngram".into(),
+            DraftSource::Model(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// How long drafts may grow.
+#[derive(Clone, Copy, Debug)]
+pub struct DraftOptions {
+    /// Tokens drafted per verify pass at most.
+    pub max: usize,
+    /// A model draft stops early when its most likely token's probability falls below this.
+    pub p_min: f64,
+}
+
+impl Default for DraftOptions {
+    fn default() -> Self {
+        DraftOptions {
+            max: DEFAULT_DRAFT_MAX,
+            p_min: DEFAULT_P_MIN,
+        }
+    }
+}
+
+/// Tokens drafted per pass by default (see docs/benchmarks.md for the measurements).
+pub const DEFAULT_DRAFT_MAX: usize = 6;
+
+/// A model draft's confidence below which it stops drafting, by default.
+pub const DEFAULT_P_MIN: f64 = 0.3;
+
+/// Drafted tokens, and for sampled drafts the distribution each was drawn from.
+#[derive(Clone, Debug, Default)]
+pub struct Proposal {
+    pub tokens: Vec<u32>,
+    /// `dists[i]` is the draft's distribution for `tokens[i]`; empty when every token was
+    /// proposed with certainty (greedy drafts, n-gram lookups): point masses.
+    pub dists: Vec<Dist>,
+}
+
+impl Proposal {
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+        self.dists.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// A source of draft tokens.
+pub trait Draft {
+    /// Proposes up to `max` tokens to follow `history` into `out` (empty: no draft, decode
+    /// one token plainly). The target's cache holds every position of `history` but the last
+    /// token, which the verify pass runs first; it must hold exactly that again on return.
+    fn propose(
+        &mut self,
+        target: &mut Session,
+        history: &[u32],
+        max: usize,
+        sampler: &mut Sampler,
+        out: &mut Proposal,
+    ) -> Result<(), DraftError>;
+
+    /// Bytes this draft holds in memory beyond the target's.
+    fn memory_bytes(&self) -> usize {
+        0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DraftError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The next token of a model draft from its logits: the sampler's choice from the draft's
+/// own distribution (recorded for acceptance) or the most likely token, `None` when the
+/// draft's confidence is under `p_min`.
+pub(crate) fn draft_token(
+    logits: &[f32],
+    sampler: &mut Sampler,
+    p_min: f64,
+    out: &mut Proposal,
+) -> Option<u32> {
+    if sampler.is_greedy() {
+        if top_probability(logits) < p_min {
+            return None;
+        }
+        let t = crate::engine::sampler::argmax(logits);
+        out.tokens.push(t);
+        return Some(t);
+    }
+    let q = sampler.distribution(logits);
+    if q.probs.first().copied().unwrap_or(0.0) < p_min {
+        return None;
+    }
+    let t = q.draw(sampler.uniform());
+    out.tokens.push(t);
+    out.dists.push(q);
+    Some(t)
+}

@@ -1,0 +1,311 @@
+//! Speculative decoding: whatever the draft proposes, greedy output is plain greedy output,
+//! token for token, on every architecture and FFN path; rejected drafts leave nothing behind
+//! in the cache.
+
+mod common;
+
+use llmflash::draft::{self, Draft, DraftError, DraftOptions, ModelDraft, NgramDraft, Proposal};
+use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
+use llmflash::engine::kv_cache::KvType;
+use llmflash::engine::model::Model;
+use llmflash::engine::sampler::{Sampler, Sampling};
+use llmflash::engine::{self, Session};
+use llmflash::image::BundleDtype;
+use llmflash::model::load;
+
+/// A draft that proposes `max` pseudo-random tokens, mostly wrong: every pass rolls back.
+struct Noise(u32, usize);
+
+impl Draft for Noise {
+    fn propose(
+        &mut self,
+        _target: &mut Session,
+        history: &[u32],
+        max: usize,
+        _sampler: &mut Sampler,
+        out: &mut Proposal,
+    ) -> Result<(), DraftError> {
+        for _ in 0..max {
+            self.0 = self.0.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            out.tokens.push((self.0 >> 8) % self.1 as u32);
+        }
+        // Sometimes the truth: the last token again, as a repetitive model would say.
+        if let (Some(&t), Some(first)) = (history.last(), out.tokens.first_mut()) {
+            if self.0.is_multiple_of(3) {
+                *first = t;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn greedy() -> Sampler {
+    Sampler::new(Sampling::Greedy)
+}
+
+fn plain(session: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
+    engine::generate(session, prompt, n, &mut greedy(), |_| false, |_| {})
+        .expect("generate")
+        .tokens
+}
+
+fn drafted(session: &mut Session, d: &mut dyn Draft, prompt: &[u32], n: usize) -> Vec<u32> {
+    let opts = DraftOptions {
+        max: 5,
+        ..DraftOptions::default()
+    };
+    let g = draft::generate(
+        session,
+        Some((d, "test")),
+        &opts,
+        prompt,
+        n,
+        &mut greedy(),
+        |_| false,
+        |_| {},
+    )
+    .expect("speculative generate");
+    let stats = g.stats.draft.expect("draft stats");
+    assert!(stats.passes > 0, "{stats:?}");
+    g.tokens
+}
+
+/// The HF fixtures (llama, tied, sharded, qwen2, OPT with and without projections): n-gram,
+/// noise and the model itself as its own draft all give the plain greedy tokens.
+#[test]
+fn every_draft_keeps_greedy_tokens_on_the_hf_fixtures() {
+    for name in ["llama", "llama-tied", "qwen2", "opt", "opt-proj"] {
+        let m = load(&common::fixture(&format!("hf/{name}"))).expect("load fixture");
+        let w = &m.weights;
+        let vocab = w.config.vocab_size;
+        // A repetitive prompt, so the n-gram lookup has something to propose.
+        let mut prompt = common::tokens(12, vocab);
+        prompt.extend_from_within(..);
+        let n = 24;
+        let ctx = prompt.len() + n + 1;
+        let want = plain(&mut Session::new(w, ctx), &prompt, n);
+        let mut s = Session::new(w, ctx);
+        let got = drafted(&mut s, &mut NgramDraft::new(), &prompt, n);
+        assert_eq!(got, want, "{name}: ngram");
+        let mut s = Session::new(w, ctx);
+        let got = drafted(&mut s, &mut Noise(7, vocab), &prompt, n);
+        assert_eq!(got, want, "{name}: noise");
+        let mut s = Session::new(w, ctx);
+        let mut same = ModelDraft::new(Session::new(w, ctx), 0.0, 0);
+        let got = drafted(&mut s, &mut same, &prompt, n);
+        assert_eq!(got, want, "{name}: itself as the draft");
+    }
+}
+
+/// Verify then truncate leaves the cache as if the rejected positions had never run: the
+/// logits after any accepted prefix equal those of plain steps.
+#[test]
+fn truncated_verify_passes_leave_no_trace() {
+    let m = load(&common::fixture("hf/llama")).expect("load fixture");
+    let w = &m.weights;
+    let vocab = w.config.vocab_size;
+    let seq = common::tokens(40, vocab);
+    let mut plain = Session::new(w, 64).with_kv_type(KvType::F32);
+    let want: Vec<Vec<f32>> = seq
+        .iter()
+        .map(|&t| plain.step(t, true).expect("step").to_vec())
+        .collect();
+    let mut s = Session::new(w, 64).with_kv_type(KvType::F32);
+    let mut rng = 12345u64;
+    let mut pos = 0;
+    while pos < seq.len() {
+        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let n = 1 + (rng >> 33) as usize % 6;
+        let keep = 1 + (rng >> 40) as usize % n;
+        let end = (pos + n).min(seq.len());
+        // Verify real tokens up to `keep`, junk after: the junk is cut off.
+        let mut batch = seq[pos..end].to_vec();
+        let keep = keep.min(batch.len());
+        for t in &mut batch[keep..] {
+            *t = (*t + 1) % vocab as u32;
+        }
+        let rows = s.verify(&batch).expect("verify").to_vec();
+        for k in 0..keep {
+            assert_eq!(
+                &rows[k * vocab..(k + 1) * vocab],
+                &want[pos + k][..],
+                "position {}",
+                pos + k
+            );
+        }
+        s.truncate(pos + keep);
+        assert_eq!(s.position(), pos + keep);
+        pos += keep;
+    }
+}
+
+fn flash_options(
+    strategy: Strategy,
+    selection: Selection,
+    model: &Model,
+    slots: usize,
+) -> FlashOptions {
+    let image = model.image.as_ref().expect("an image");
+    let layers = model.weights.config.n_layers;
+    let pinned = (0..layers)
+        .map(|l| match &image.ffn_section(l).permutation {
+            Some(p) => p[..slots].to_vec(),
+            None => (0..slots as u32).collect(),
+        })
+        .collect();
+    FlashOptions {
+        strategy,
+        selection,
+        window_slots: Some(vec![slots; layers]),
+        pinned: (strategy == Strategy::Flash).then_some(pinned),
+        io_threads: 3,
+        ..FlashOptions::default()
+    }
+}
+
+/// On a flash image, every strategy with the self draft (its pinned neurons), n-gram and noise
+/// drafts: the plain tokens, with and without lookahead.
+#[test]
+fn flash_image_drafts_keep_greedy_tokens() {
+    let path = common::to_image(&common::fixture("hf/llama"), "spec-llama", BundleDtype::F16);
+    let model = Model::open(&path).expect("open image");
+    let vocab = model.weights.config.vocab_size;
+    let n_ffn = model.weights.config.intermediate_size;
+    let mut prompt = common::tokens(10, vocab);
+    prompt.extend_from_within(..);
+    let n = 20;
+    let ctx = prompt.len() + n + 1;
+    let session = |opts: FlashOptions| {
+        model
+            .session(ctx, Some(opts), None)
+            .expect("session")
+            .with_kv_type(KvType::F32)
+    };
+    let reference = FlashOptions {
+        strategy: Strategy::Resident,
+        selection: Selection::All,
+        ..FlashOptions::default()
+    };
+    let want = plain(&mut session(reference), &prompt, n);
+    for (strategy, lookahead) in [
+        (Strategy::Flash, true),
+        (Strategy::Flash, false),
+        (Strategy::Naive, false),
+        (Strategy::Mmap, false),
+    ] {
+        let opts = FlashOptions {
+            lookahead,
+            ..flash_options(strategy, Selection::All, &model, n_ffn / 4)
+        };
+        let label = format!("{strategy:?}, lookahead {lookahead}");
+        let mut s = session(opts.clone());
+        assert_eq!(plain(&mut s, &prompt, n), want, "{label}: plain");
+        let mut s = session(opts.clone());
+        let got = drafted(&mut s, &mut NgramDraft::new(), &prompt, n);
+        assert_eq!(got, want, "{label}: ngram");
+        let mut s = session(opts.clone());
+        let got = drafted(&mut s, &mut Noise(3, vocab), &prompt, n);
+        assert_eq!(got, want, "{label}: noise");
+        if strategy == Strategy::Flash {
+            let mut s = session(opts);
+            let mut d = draft::SelfDraft::new(&s, 0.0).expect("pinned neurons to draft from");
+            let got = drafted(&mut s, &mut d, &prompt, n);
+            assert_eq!(got, want, "{label}: self");
+        }
+    }
+    std::fs::remove_file(path).ok();
+}
+
+/// A session that pins nothing has nothing to self-draft from, and says so.
+#[test]
+fn self_draft_needs_pinned_neurons() {
+    let m = load(&common::fixture("hf/llama")).expect("load fixture");
+    let s = Session::new(&m.weights, 16);
+    let err = draft::SelfDraft::new(&s, 0.0).err().expect("refused");
+    assert!(err.to_string().contains("pins"), "{err}");
+}
+
+/// Runs `llmflash ARGS`; returns its status, stdout and stderr.
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmflash"))
+        .args(args)
+        .output()
+        .expect("running llmflash");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// Greedy tokens and stats of `llmflash generate --json` on `model` with `extra`.
+fn cli_tokens(model: &str, prompt: &str, extra: &[&str]) -> (Vec<u32>, serde_json::Value) {
+    let mut args = vec!["generate", "-m", model, "-p", prompt, "-n", "24"];
+    args.extend(["--json", "--greedy", "--ignore-eos"]);
+    args.extend(extra);
+    let (ok, out, err) = cli(&args);
+    assert!(ok, "llmflash {args:?} failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    (common::u32s(&v["tokens"]), v["stats"].clone())
+}
+
+const CODE_PROMPT: &str =
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n";
+
+/// SmolLM2 from its GGUF with n-gram drafts and itself as a draft model, and from its flash
+/// image under a tight budget with self and n-gram drafts, computing every neuron: the
+/// tokens of `--draft none`, with the drafts counted in the stats.
+#[test]
+fn smollm2_drafts_keep_greedy_tokens_from_the_command_line() {
+    let Some(gguf) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let g = gguf.to_str().expect("utf-8 path");
+    let (want, _) = cli_tokens(g, CODE_PROMPT, &[]);
+    for d in ["ngram", g] {
+        let (got, stats) = cli_tokens(g, CODE_PROMPT, &["--draft", d]);
+        assert_eq!(got, want, "--draft {d}");
+        let ds = &stats["draft"];
+        assert!(ds["passes"].as_u64().unwrap() > 0, "{stats}");
+    }
+    // Itself as its draft agrees everywhere: several tokens per pass.
+    let (_, stats) = cli_tokens(g, CODE_PROMPT, &["--draft", g, "--draft-p-min", "0"]);
+    assert!(stats["draft"]["accepted"].as_u64().unwrap() > 0, "{stats}");
+
+    let path = common::to_image(&gguf, "spec-smollm2", BundleDtype::Source);
+    let image = path.to_str().expect("utf-8 path");
+    let budget = ["--memory-budget", "40MiB", "--dense"];
+    let (want, _) = cli_tokens(image, CODE_PROMPT, &budget);
+    for d in ["self", "ngram"] {
+        let mut args = budget.to_vec();
+        args.extend(["--draft", d, "--draft-p-min", "0"]);
+        let (got, stats) = cli_tokens(image, CODE_PROMPT, &args);
+        assert_eq!(got, want, "{args:?}");
+        assert!(
+            stats["draft"]["verify_passes"].as_u64().unwrap() > 0,
+            "{stats}"
+        );
+    }
+    std::fs::remove_file(path).ok();
+}
+
+/// A draft model must share the target's vocabulary.
+#[test]
+fn a_draft_with_another_vocabulary_is_refused() {
+    let Some(gguf) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let other = common::fixture("hf/llama");
+    let args = [
+        "generate",
+        "-m",
+        gguf.to_str().unwrap(),
+        "-p",
+        "Hi",
+        "--draft",
+        other.to_str().unwrap(),
+    ];
+    let (ok, _, err) = cli(&args);
+    assert!(
+        !ok,
+        "a 256-token draft was accepted for a 49152-token model"
+    );
+    assert!(err.contains("vocabular"), "{err}");
+}
