@@ -66,6 +66,10 @@ pub struct Args {
     /// Empty the page cache before each run (needs root).
     #[arg(long)]
     drop_caches: bool,
+    /// Draft sources to measure for speculative decoding (comma-separated: none, self, ngram,
+    /// a model path); each configuration runs with each, and rows get their ratio to `none`.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    draft: Vec<String>,
     /// Extra flags passed to every `generate` run (e.g. "--dense" or "--unbundled").
     #[arg(long, allow_hyphen_values = true)]
     extra: Option<String>,
@@ -105,6 +109,12 @@ struct Row {
     emulated: bool,
     /// How the GPU shaders read f16 values (native or packed).
     f16: Option<String>,
+    /// Speculative decoding: the draft source, the share of drafted tokens accepted, tokens
+    /// per pass of the full model, and tokens/s against the same configuration's `none` row.
+    draft: String,
+    acceptance: Option<f64>,
+    tokens_per_pass: Option<f64>,
+    vs_no_draft: Option<f64>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -146,11 +156,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 vec![None]
             };
             for budget in budgets {
-                eprintln!(
-                    "bench: {backend} {strategy:?}, budget {:?}",
-                    budget.map(Bytes)
-                );
-                rows.push(measure(&a, is_image, backend, strategy, budget)?);
+                let first = rows.len();
+                for draft in &a.draft {
+                    eprintln!(
+                        "bench: {backend} {strategy:?}, budget {:?}, draft {draft}",
+                        budget.map(Bytes)
+                    );
+                    rows.push(measure(&a, is_image, backend, strategy, budget, draft)?);
+                }
+                let plain = rows[first..].iter().find(|r| r.draft == "none");
+                let plain = plain.map(|r| r.tokens_per_s);
+                for r in &mut rows[first..] {
+                    r.vs_no_draft = plain.filter(|&p| p > 0.0).map(|p| r.tokens_per_s / p);
+                }
             }
         }
     }
@@ -189,6 +207,7 @@ fn measure(
     backend: &str,
     strategy: Strategy,
     budget: Option<u64>,
+    draft: &str,
 ) -> anyhow::Result<Row> {
     let exe = std::env::current_exe().context("locating the llmflash binary")?;
     let mut samples = Vec::new();
@@ -226,6 +245,9 @@ fn measure(
         if let Some(b) = budget {
             cmd.args([budget_flag, &b.to_string()]);
         }
+        if draft != "none" {
+            cmd.args(["--draft", draft]);
+        }
         if let Some(extra) = &a.extra {
             cmd.args(extra.split_whitespace());
         }
@@ -245,6 +267,14 @@ fn measure(
             samples
                 .iter()
                 .map(|s| s[key].as_f64().unwrap_or(0.0))
+                .collect(),
+        )
+    };
+    let draft_med = |key: &str| {
+        median(
+            samples
+                .iter()
+                .map(|s| s["draft"][key].as_f64().unwrap_or(0.0))
                 .collect(),
         )
     };
@@ -297,6 +327,10 @@ fn measure(
         tokens_per_s,
         peak_rss_bytes: med("peak_rss_bytes") as u64,
         speedup_vs_naive: None,
+        draft: draft.to_string(),
+        acceptance: (draft != "none").then(|| draft_med("acceptance_rate")),
+        tokens_per_pass: (draft != "none").then(|| draft_med("tokens_per_pass")),
+        vs_no_draft: None,
     })
 }
 
@@ -327,16 +361,19 @@ fn drop_page_cache() -> anyhow::Result<()> {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| backend | strategy | budget | MB read/token | read MB/s | I/O ms | mem ms | compute ms | total ms | tokens/s | vs naive | peak RSS | MB uploaded/token | GPU wait ms | GPU ms |"
+        "| backend | strategy | budget | draft | accepted | tokens/pass | MB read/token | read MB/s | I/O ms | mem ms | compute ms | total ms | tokens/s | vs naive | vs no draft | peak RSS | MB uploaded/token | GPU wait ms | GPU ms |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in rows {
         let gpu = r.backend == "gpu";
         println!(
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} |",
             r.backend,
             r.strategy_label(),
             r.budget.map_or("-".to_string(), |b| Bytes(b).to_string()),
+            r.draft,
+            r.acceptance.map_or("-".into(), |v| format!("{:.0}%", v * 100.0)),
+            r.tokens_per_pass.map_or("-".into(), |v| format!("{v:.2}")),
             r.bytes_read_per_token / 1e6,
             r.read_mb_per_s,
             r.io_ms,
@@ -346,6 +383,7 @@ fn print_table(rows: &[Row]) {
             r.tokens_per_s,
             r.speedup_vs_naive
                 .map_or("-".into(), |s| format!("{s:.2}x")),
+            r.vs_no_draft.map_or("-".into(), |s| format!("{s:.2}x")),
             Bytes(r.peak_rss_bytes),
             if gpu { format!("{:.3}", r.uploaded_bytes_per_token / 1e6) } else { "-".into() },
             if gpu { format!("{:.2}", r.gpu_wait_ms) } else { "-".into() },
