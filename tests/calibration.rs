@@ -8,28 +8,9 @@ use llmflash::engine::flash::{FlashOptions, Selection, Sparsity, Strategy};
 use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::model::Model;
 use llmflash::image::{reorder_neurons, BundleDtype};
-use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
-use llmflash::sparsity::predictor::FitOptions;
-use llmflash::sparsity::record::record;
 use llmflash::sparsity::{Calibration, Sets};
 
-use common::tokens;
-
-fn calibrate(model: &Model, tokens: &[u32], sparsity: f64, rank: usize) -> Calibration {
-    let records = record(model, tokens, 64, None, tokens.len(), |_, _| {}).expect("record");
-    assert_eq!(records.tokens(), tokens.len());
-    let opts = LevelOptions {
-        fit: FitOptions {
-            rank,
-            epochs: 4,
-            ..FitOptions::default()
-        },
-        recall: 0.9,
-        ..LevelOptions::default()
-    };
-    let image = model.image.as_ref().expect("an image");
-    fit_level(image, &records, sparsity, &opts, vec!["test".into()]).expect("fit")
-}
+use common::{calibrate, tokens};
 
 fn options(
     strategy: Strategy,

@@ -216,6 +216,56 @@ fn flash_image_drafts_keep_greedy_tokens() {
     std::fs::remove_file(path).ok();
 }
 
+/// With the predictor and the oracle (no lookahead: the verify pass reads the union of its
+/// positions' active sets through a small window), every draft keeps the plain tokens.
+#[test]
+fn sparse_selections_verify_through_the_union_of_active_sets() {
+    let path = common::to_image(
+        &common::fixture("hf/llama"),
+        "spec-llama-sparse",
+        BundleDtype::F16,
+    );
+    let model = Model::open(&path).expect("open image");
+    let vocab = model.weights.config.vocab_size;
+    let n_ffn = model.weights.config.intermediate_size;
+    let cal = common::calibrate(&model, &common::tokens(256, vocab), 0.5, 8);
+    let mut prompt = common::tokens(10, vocab);
+    prompt.extend_from_within(..);
+    let n = 20;
+    let ctx = prompt.len() + n + 1;
+    for selection in [Selection::Predictor, Selection::Oracle] {
+        let session = |slots: usize| {
+            let opts = FlashOptions {
+                lookahead: false,
+                ..flash_options(Strategy::Flash, selection, &model, slots)
+            };
+            model
+                .session(ctx, Some(opts), Some(&cal))
+                .expect("session")
+                .with_kv_type(KvType::F32)
+        };
+        let want = plain(&mut session(n_ffn), &prompt, n);
+        for slots in [n_ffn / 8, n_ffn / 2] {
+            let label = format!("{selection:?}, {slots} slots");
+            let mut s = session(slots);
+            assert_eq!(plain(&mut s, &prompt, n), want, "{label}: plain");
+            let mut s = session(slots);
+            let got = drafted(&mut s, &mut Noise(5, vocab), &prompt, n);
+            assert_eq!(got, want, "{label}: noise");
+            let mut s = session(slots);
+            let mut d = draft::SelfDraft::from_prompt(0.0, n_ffn / 4);
+            let got = drafted(&mut s, &mut d, &prompt, n);
+            assert_eq!(got, want, "{label}: self from the prompt");
+            // The selection ran: fewer neurons than every neuron of every layer and position.
+            let st = s.ffn().flash_stats().expect("flash");
+            let layers = model.weights.config.n_layers as u64;
+            let all = st.tokens * layers * n_ffn as u64;
+            assert!(st.neurons_needed < all, "{label}: {st:?}");
+        }
+    }
+    std::fs::remove_file(path).ok();
+}
+
 /// A session that pins nothing has nothing to self-draft from, and says so.
 #[test]
 fn self_draft_needs_pinned_neurons() {
@@ -282,6 +332,31 @@ fn smollm2_drafts_keep_greedy_tokens_from_the_command_line() {
             stats["draft"]["verify_passes"].as_u64().unwrap() > 0,
             "{stats}"
         );
+    }
+    // Calibrated, with the predictor and the oracle: verify passes read the union of their
+    // positions' active sets.
+    let model = Model::open(&path).expect("open image");
+    let tok = model.tokenizer.as_ref().expect("tokenizer");
+    let text = std::fs::read_to_string(common::fixture("text/python-doc-eval.txt")).unwrap();
+    let cal = common::calibrate(&model, &tok.encode(&text, false, false)[..384], 0.5, 16);
+    drop(model);
+    cal.save(&path).expect("save the calibration");
+    for selection in ["--predictor", "--oracle"] {
+        let args = ["--memory-budget", "52MiB", selection];
+        let (want, stats) = cli_tokens(image, CODE_PROMPT, &args);
+        let name = if selection == "--oracle" {
+            "oracle"
+        } else {
+            "predictor"
+        };
+        assert_eq!(stats["flash"]["selection"], name, "{stats}");
+        for d in ["self", "ngram"] {
+            let mut with = args.to_vec();
+            with.extend(["--draft", d, "--draft-p-min", "0"]);
+            let (got, stats) = cli_tokens(image, CODE_PROMPT, &with);
+            assert_eq!(got, want, "{with:?}");
+            assert!(stats["draft"]["drafted"].as_u64().unwrap() > 0, "{stats}");
+        }
     }
     std::fs::remove_file(path).ok();
 }

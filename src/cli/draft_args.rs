@@ -35,7 +35,16 @@ pub struct DraftArgs {
     /// taken from the budget.
     #[arg(long, default_value_t = DEFAULT_DRAFT_HEAD_ROWS)]
     pub draft_head_rows: usize,
+    /// With --draft self on a flash image: the share of each layer's FFN neurons the draft
+    /// computes, chosen as the most active over the prompt and read into memory once after
+    /// it (taken from the budget; neurons the window pins are not copied). 0: draft from the
+    /// window's pinned neurons only (the calibration's hottest).
+    #[arg(long, default_value_t = DEFAULT_DRAFT_NEURONS, value_parser = probability)]
+    pub draft_neurons: f64,
 }
+
+/// Share of each layer's FFN a self draft computes by default.
+pub const DEFAULT_DRAFT_NEURONS: f64 = 0.25;
 
 fn draft_length(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
@@ -101,18 +110,34 @@ impl DraftArgs {
         Ok(Some(draft))
     }
 
-    /// What the draft takes from a memory plan over `ctx` positions.
-    pub fn needs(&self, draft_model: Option<&Model>, ctx: usize) -> DraftNeeds {
-        let reserved = draft_model.map_or(0, |m| {
+    /// Neurons per layer a self draft chooses from the prompt for `target` (0: pinned only).
+    pub fn prompt_neurons(&self, target: &Model) -> usize {
+        let n = target.weights.config.intermediate_size;
+        (self.draft_neurons * n as f64).round() as usize
+    }
+
+    /// What the draft takes from a memory plan of `target` over `ctx` positions.
+    pub fn needs(&self, target: &Model, draft_model: Option<&Model>, ctx: usize) -> DraftNeeds {
+        let model = draft_model.map_or(0, |m| {
             let file = std::fs::metadata(&m.path).map_or(0, |md| md.len());
             file + KvCache::bytes_for(&m.weights.config, ctx, KvType::default())
         });
+        let (neurons, neuron_bytes) = match (&self.draft, &target.image) {
+            (DraftSource::SelfModel, Some(image)) => {
+                let layers = target.weights.config.n_layers;
+                let per_neuron = (layers * image.bundle().stride) as u64;
+                (self.prompt_neurons(target), per_neuron)
+            }
+            _ => (0, 0),
+        };
         let head_rows = match self.draft {
             DraftSource::SelfModel => self.draft_head_rows,
             _ => 0,
         };
         DraftNeeds {
-            reserved,
+            reserved: model,
+            neurons,
+            neuron_bytes,
             head_rows,
         }
     }
@@ -122,7 +147,7 @@ impl DraftArgs {
         if !self.enabled() {
             return runner;
         }
-        let needs = self.needs(draft_model, ctx);
+        let needs = self.needs(&runner.model, draft_model, ctx);
         runner.drafting(self.draft_max, needs)
     }
 }
@@ -137,20 +162,33 @@ pub enum BuiltDraft<'m> {
 
 impl<'m> BuiltDraft<'m> {
     /// The draft `args` ask for, for decoding with `target`.
+    /// The draft `args` ask for, for decoding with `target`, a session `runner` built (its
+    /// plan says how many neurons a self draft may hold).
     pub fn new(
         args: &DraftArgs,
+        runner: &Runner,
         target: &Session,
         draft_model: Option<&'m Model>,
         ctx: usize,
     ) -> anyhow::Result<BuiltDraft<'m>> {
+        let p_min = args.draft_p_min;
+        let target_model = &runner.model;
+        // Unbudgeted sessions hold what they ask for; planned ones what the plan left room for.
+        let neurons = match target_model.image {
+            Some(_) => {
+                (runner.draft_neurons()).unwrap_or_else(|| args.prompt_neurons(target_model))
+            }
+            None => 0,
+        };
         Ok(match (&args.draft, draft_model) {
             (DraftSource::None, _) => BuiltDraft::None,
             (DraftSource::Ngram, _) => BuiltDraft::Ngram(NgramDraft::new()),
-            (DraftSource::SelfModel, _) => {
-                BuiltDraft::SelfModel(SelfDraft::new(target, args.draft_p_min)?)
+            (DraftSource::SelfModel, _) if neurons > 0 => {
+                BuiltDraft::SelfModel(SelfDraft::from_prompt(p_min, neurons))
             }
+            (DraftSource::SelfModel, _) => BuiltDraft::SelfModel(SelfDraft::new(target, p_min)?),
             (DraftSource::Model(_), Some(m)) => {
-                let bytes = args.needs(Some(m), ctx).reserved as usize;
+                let bytes = args.needs(target_model, Some(m), ctx).reserved as usize;
                 let session = m.session(ctx, None, None)?;
                 BuiltDraft::Model(Box::new(ModelDraft::new(session, args.draft_p_min, bytes)))
             }

@@ -157,7 +157,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bail!("--gpu-adapter and --gpu-f16 need --backend gpu");
         }
         let mut session = runner.session(ctx, &a.flash)?;
-        let mut draft = BuiltDraft::new(&a.draft, &session, draft_model.as_ref(), ctx)?;
+        let mut draft = BuiltDraft::new(&a.draft, &runner, &session, draft_model.as_ref(), ctx)?;
         let name = a.draft.draft.name();
         crate::draft::generate(
             &mut session,

@@ -83,6 +83,9 @@ pub struct Runner {
     logits_rows: usize,
     /// What drafting takes from the budget and what it needs from the session.
     draft: DraftNeeds,
+    /// The draft neurons per layer the last planned session holds room for (`None` before
+    /// any session was planned under a budget).
+    draft_neurons: std::cell::Cell<Option<usize>>,
 }
 
 /// A speculative draft's claims on a session's memory plan.
@@ -90,6 +93,11 @@ pub struct Runner {
 pub struct DraftNeeds {
     /// Bytes held outside the target (a separate draft model and its cache).
     pub reserved: u64,
+    /// Neurons per layer a self draft asks to hold (chosen from the prompt), and the bytes
+    /// each such neuron costs over all layers: the planner gives it fewer when the budget
+    /// cannot hold them beside what the model needs.
+    pub neurons: usize,
+    pub neuron_bytes: u64,
     /// Token rows of the drafting head to keep resident when the plan streams the output
     /// head (a self draft); 0 for none.
     pub head_rows: usize,
@@ -128,6 +136,7 @@ impl Runner {
             tables_deferred,
             logits_rows: 1,
             draft: DraftNeeds::default(),
+            draft_neurons: std::cell::Cell::new(None),
         })
     }
 
@@ -222,7 +231,8 @@ impl Runner {
         let choice = (args.predictor, !args.no_lookahead);
         let budget = self.target_budget(budget)?;
         let wanted = selection;
-        let (mut selection, mut plan) = self.plan(image, ctx, budget, wanted, kv, choice)?;
+        let (budget, (mut selection, mut plan)) =
+            self.plan_with_draft_neurons(budget, |b| self.plan(image, ctx, b, wanted, kv, choice))?;
         let head_prefix = self.draft_head_bytes(image, &plan);
         if head_prefix > 0 {
             let rest = budget.saturating_sub(head_prefix);
@@ -258,6 +268,48 @@ impl Runner {
         Ok(session.with_draft_head(head))
     }
 
+    /// Draft neurons per layer the last session planned under a budget has room for (see
+    /// [`DraftNeeds`]); `None` when no session was planned.
+    pub fn draft_neurons(&self) -> Option<usize> {
+        self.draft_neurons.get()
+    }
+
+    /// Plans with `plan` what is left of `budget` once the draft's neurons have their share,
+    /// halving that share until the rest plans (down to none: the draft then uses the
+    /// window's pinned neurons). Returns the budget left and the plan.
+    fn plan_with_draft_neurons<P>(
+        &self,
+        budget: u64,
+        plan: impl Fn(u64) -> anyhow::Result<P>,
+    ) -> anyhow::Result<(u64, P)> {
+        let mut n = self.draft.neurons;
+        loop {
+            let held = n as u64 * self.draft.neuron_bytes;
+            let attempt = match budget.checked_sub(held) {
+                Some(rest) => plan(rest).map(|p| (rest, p)),
+                None => Err(anyhow::anyhow!(
+                    "the budget cannot hold the draft's neurons"
+                )),
+            };
+            match attempt {
+                Ok(done) => {
+                    if self.draft.neurons > 0 {
+                        eprintln!(
+                            "memory plan: {:.1} MiB of the budget hold the self draft's {n} \
+                             neurons per layer (of {} asked; --draft-neurons)",
+                            held as f64 / (1 << 20) as f64,
+                            self.draft.neurons
+                        );
+                    }
+                    self.draft_neurons.set(Some(n));
+                    return Ok(done);
+                }
+                Err(e) if n == 0 => return Err(e),
+                Err(_) => n /= 2,
+            }
+        }
+    }
+
     /// The budget left for the target once a draft model has its share.
     fn target_budget(&self, budget: u64) -> anyhow::Result<u64> {
         let reserved = self.draft.reserved;
@@ -267,7 +319,7 @@ impl Runner {
         if reserved >= budget {
             bail!(
                 "the draft model needs {:.1} MiB, all of the {:.1} MiB budget: give a larger \
-                 budget or a smaller draft",
+                 budget or a smaller draft model",
                 reserved as f64 / (1 << 20) as f64,
                 budget as f64 / (1 << 20) as f64
             );

@@ -134,6 +134,13 @@ pub trait Draft {
         out: &mut Proposal,
     ) -> Result<(), DraftError>;
 
+    /// Called before the prompt runs, and after it with the target holding the prompt (a
+    /// draft may watch the prompt and choose what to hold).
+    fn before_prompt(&mut self, _target: &mut Session) {}
+    fn after_prompt(&mut self, _target: &mut Session) -> Result<(), DraftError> {
+        Ok(())
+    }
+
     /// Bytes this draft holds in memory beyond the target's.
     fn memory_bytes(&self) -> usize {
         0

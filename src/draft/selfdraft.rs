@@ -11,10 +11,14 @@ use super::{draft_token, Draft, DraftError, Proposal};
 
 pub struct SelfDraft {
     p_min: f64,
+    /// Neurons per layer chosen from the prompt's activity, or `None` to draft from the
+    /// window's pinned (globally hottest) neurons.
+    prompt_neurons: Option<usize>,
+    memory_bytes: usize,
 }
 
 impl SelfDraft {
-    /// A self draft for `target`; errs when the target holds no neurons to draft from.
+    /// A self draft for `target` over its pinned neurons; errs when it pins none.
     pub fn new(target: &Session, p_min: f64) -> Result<SelfDraft, DraftError> {
         if !target.can_self_draft() {
             return Err(DraftError::Setup(
@@ -24,11 +28,44 @@ impl SelfDraft {
                     .into(),
             ));
         }
-        Ok(SelfDraft { p_min })
+        Ok(SelfDraft {
+            p_min,
+            prompt_neurons: None,
+            memory_bytes: 0,
+        })
+    }
+
+    /// A self draft over each layer's `per_layer` neurons most active over the prompt, read
+    /// into memory once after it (those the window pins are not copied).
+    pub fn from_prompt(p_min: f64, per_layer: usize) -> SelfDraft {
+        SelfDraft {
+            p_min,
+            prompt_neurons: Some(per_layer),
+            memory_bytes: 0,
+        }
     }
 }
 
 impl Draft for SelfDraft {
+    fn before_prompt(&mut self, target: &mut Session) {
+        if self.prompt_neurons.is_some() {
+            target.record_activity(true);
+        }
+    }
+
+    fn after_prompt(&mut self, target: &mut Session) -> Result<(), DraftError> {
+        let Some(n) = self.prompt_neurons else {
+            return Ok(());
+        };
+        self.memory_bytes = target.load_draft_neurons(n).map_err(DraftError::Setup)?;
+        target.record_activity(false);
+        Ok(())
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.memory_bytes
+    }
+
     fn propose(
         &mut self,
         target: &mut Session,

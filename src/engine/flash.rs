@@ -166,6 +166,12 @@ pub struct FlashFfn<'a> {
     draft: Vec<Vec<(u32, u32)>>,
     /// A verify batch's active set per position, before their union is loaded.
     row_sets: Vec<Vec<u32>>,
+    /// Per layer, each neuron's activity while recording (the sum over tokens of its share
+    /// of the token's squared activations), or `None` when not recording.
+    activity: Option<Vec<Vec<f32>>>,
+    /// Per layer, copies of the draft neurons the window does not pin, in the order of the
+    /// draft set's entries marked [`COPIED`].
+    draft_copies: Vec<Vec<u8>>,
     stats: FlashStats,
 }
 
@@ -231,6 +237,8 @@ impl<'a> FlashFfn<'a> {
             oracle_acts: Vec::new(),
             draft: Vec::new(),
             row_sets: Vec::new(),
+            activity: None,
+            draft_copies: Vec::new(),
             stats: FlashStats::default(),
         };
         for (layer, ids) in pinned.iter().flatten().enumerate() {
@@ -414,16 +422,49 @@ impl FfnCompute for FlashFfn<'_> {
 
     fn ffn_draft(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
         let window = &self.layers[layer].window;
+        let copies = self.draft_copies.get(layer).map_or(&[][..], Vec::as_slice);
+        let stride = self.stride;
+        let mut copied = 0;
+        let mut bundle = |(id, slot): (u32, u32)| {
+            if slot != COPIED {
+                return (id, window.bundle(slot));
+            }
+            copied += 1;
+            (id, &copies[(copied - 1) * stride..copied * stride])
+        };
         let neurons: Vec<Neuron> = self
             .draft
             .get(layer)
-            .map(|d| d.iter().map(|&(id, s)| (id, window.bundle(s))).collect())
+            .map(|d| d.iter().map(|&e| bundle(e)).collect())
             .unwrap_or_default();
         let bias = self.weights.layers[layer].ffn_bias.up.as_deref();
         self.sparse.compute(&self.parts, h, &neurons, bias, out);
         if let Some(b) = &self.weights.layers[layer].ffn_bias.down {
             add_into(out, b);
         }
+    }
+
+    fn record_activity(&mut self, on: bool) {
+        self.activity = on.then(|| {
+            (self.layers.iter())
+                .map(|l| vec![0.0; l.disk_slot.len()])
+                .collect()
+        });
+    }
+
+    fn load_draft_neurons(&mut self, per_layer: usize) -> Result<usize, String> {
+        let activity = self
+            .activity
+            .take()
+            .ok_or("no activity was recorded: call record_activity(true) before the prompt")?;
+        if self.opts.strategy != Strategy::Flash {
+            return Err("drafting from chosen neurons needs the flash strategy".into());
+        }
+        let mut bytes = 0;
+        for (layer, scores) in activity.iter().enumerate() {
+            bytes += self.load_layer_draft(layer, scores, per_layer)?;
+        }
+        Ok(bytes)
     }
 
     fn ffn_batch(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
@@ -481,6 +522,81 @@ impl FlashFfn<'_> {
         self.row_sets = sets;
     }
 
+    /// Adds the activations just computed for `self.active` to the recorded activity: each
+    /// token's squared activations as shares of their sum, so every token weighs the same.
+    fn record(&mut self, layer: usize) {
+        let Some(activity) = self.activity.as_mut() else {
+            return;
+        };
+        let (acts, tokens) = self.sparse.last_activations();
+        let scores = &mut activity[layer];
+        for t in 0..tokens {
+            let at = |k: usize| acts[k * tokens + t];
+            let total: f32 = (0..self.active.len()).map(|k| at(k) * at(k)).sum();
+            if total > 0.0 {
+                for (k, &id) in self.active.iter().enumerate() {
+                    scores[id as usize] += at(k) * at(k) / total;
+                }
+            }
+        }
+    }
+
+    /// Makes `layer`'s draft set its `count` most active neurons, copying into memory (one
+    /// round of coalesced reads) those the window does not pin. Returns the bytes copied.
+    fn load_layer_draft(
+        &mut self,
+        layer: usize,
+        scores: &[f32],
+        count: usize,
+    ) -> Result<usize, String> {
+        let mut ids: Vec<u32> = (0..scores.len() as u32).collect();
+        ids.sort_unstable_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]));
+        ids.truncate(count.min(ids.len()));
+        ids.sort_unstable();
+        let window = &self.layers[layer].window;
+        let entries: Vec<(u32, u32)> = ids
+            .iter()
+            .map(
+                |&id| match window.slot(id).filter(|_| window.is_pinned(id)) {
+                    Some(slot) => (id, slot),
+                    None => (id, COPIED),
+                },
+            )
+            .collect();
+        let copied: Vec<u32> = (entries.iter())
+            .filter(|e| e.1 == COPIED)
+            .map(|e| e.0)
+            .collect();
+        let stride = self.stride;
+        let mut buf = vec![0u8; copied.len() * stride];
+        // Reads in file order; each lands at its neuron's place in the copies.
+        let mut order: Vec<usize> = (0..copied.len()).collect();
+        order.sort_unstable_by_key(|&k| self.offset(layer, copied[k]));
+        let ranges: Vec<(u64, usize)> = (order.iter())
+            .map(|&k| (self.offset(layer, copied[k]), stride))
+            .collect();
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or("the flash strategy opens the file")?;
+        let stats = pool
+            .read_ranges(&ranges, &self.opts.coalesce, &mut |r, bytes| {
+                let k = order[r];
+                buf[k * stride..(k + 1) * stride].copy_from_slice(bytes)
+            })
+            .map_err(|e| format!("reading layer {layer}'s draft neurons: {e}"))?;
+        self.stats.bytes_read += stats.bytes_read;
+        if self.draft.len() <= layer {
+            self.draft.resize_with(layer + 1, Vec::new);
+        }
+        if self.draft_copies.len() <= layer {
+            self.draft_copies.resize_with(layer + 1, Vec::new);
+        }
+        self.draft[layer] = entries;
+        self.draft_copies[layer] = buf;
+        Ok(copied.len() * stride)
+    }
+
     /// `out` rows = the FFN of `hs` rows over the active neurons, once their bundles are at
     /// hand; each row exactly as a single token would compute it (a batch shares each
     /// bundle's gate and up rows across tokens).
@@ -499,6 +615,7 @@ impl FlashFfn<'_> {
         }
         drop(neurons);
         self.sparse = sparse;
+        self.record(layer);
         self.stats.compute += t1.elapsed();
     }
 }
@@ -682,6 +799,9 @@ impl FlashFfn<'_> {
         p
     }
 }
+
+/// The slot of a draft neuron held in `draft_copies` rather than in the window.
+const COPIED: u32 = u32::MAX;
 
 /// Layers of at most this many bytes have their tails read two layers ahead instead of one:
 /// a tail this small reads in about a millisecond, and the hand-off between the compute

@@ -192,6 +192,18 @@ impl<'w> Session<'w> {
         Ok(&self.verify_logits)
     }
 
+    /// Starts or stops recording each FFN neuron's activity (see
+    /// [`FfnCompute::record_activity`]).
+    pub fn record_activity(&mut self, on: bool) {
+        self.ffn.record_activity(on);
+    }
+
+    /// Drafts from each layer's `per_layer` neurons most active while recording (read into
+    /// memory once); returns the bytes held beyond the window.
+    pub fn load_draft_neurons(&mut self, per_layer: usize) -> Result<usize, String> {
+        self.ffn.load_draft_neurons(per_layer)
+    }
+
     /// Whether the FFN holds neurons in memory to draft from ([`Session::draft_step`]).
     pub fn can_self_draft(&self) -> bool {
         self.ffn.has_draft()

@@ -3,7 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use llmflash::engine::model::Model;
 use llmflash::image::{convert, BundleDtype, ConvertOptions};
+use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
+use llmflash::sparsity::predictor::FitOptions;
+use llmflash::sparsity::record::record;
+use llmflash::sparsity::Calibration;
 
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -92,4 +97,22 @@ pub fn tokens(n: usize, vocab: usize) -> Vec<u32> {
             x % vocab as u32
         })
         .collect()
+}
+
+/// A quick calibration of `model`'s image on `tokens` at `sparsity` (predictors of `rank`,
+/// 4 epochs, recall 0.9): enough for tests of the sparse paths, not for quality.
+pub fn calibrate(model: &Model, tokens: &[u32], sparsity: f64, rank: usize) -> Calibration {
+    let records = record(model, tokens, 64, None, tokens.len(), |_, _| {}).expect("record");
+    assert_eq!(records.tokens(), tokens.len());
+    let opts = LevelOptions {
+        fit: FitOptions {
+            rank,
+            epochs: 4,
+            ..FitOptions::default()
+        },
+        recall: 0.9,
+        ..LevelOptions::default()
+    };
+    let image = model.image.as_ref().expect("an image");
+    fit_level(image, &records, sparsity, &opts, vec!["test".into()]).expect("fit")
 }

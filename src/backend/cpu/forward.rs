@@ -92,6 +92,18 @@ pub trait FfnCompute {
         self.ffn(layer, h, out)
     }
 
+    /// Starts (or stops) measuring each neuron's share of the FFN's activity, token by token:
+    /// what [`FfnCompute::load_draft_neurons`] chooses from.
+    fn record_activity(&mut self, _on: bool) {}
+
+    /// Makes the draft set of every layer the `per_layer` neurons most active while
+    /// recording (GRIFFIN: a prompt's own neurons predict its continuation better than the
+    /// globally frequent ones), reading into memory those not already held. Returns the
+    /// bytes the set holds beyond the window. Providers without a draft say why not.
+    fn load_draft_neurons(&mut self, _per_layer: usize) -> Result<usize, String> {
+        Err("only a flash image's FFN drafts from a chosen set of neurons".into())
+    }
+
     /// I/O, memory and compute costs so far, for FFNs that read from flash.
     fn flash_stats(&self) -> Option<crate::engine::stats::FlashStats> {
         None

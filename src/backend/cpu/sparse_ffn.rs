@@ -77,6 +77,10 @@ pub struct SparseFfn {
     batch_up: Vec<ActivationBuffer>,
     /// `acts[i * tokens + t]`: neuron `i`'s activation for token `t`.
     batch_acts: Vec<f32>,
+    /// The last single-token call's activations, one per neuron given.
+    acts: Vec<f32>,
+    /// Tokens of the last `compute_batch`, 0 when the last call was `compute`.
+    last_tokens: usize,
 }
 
 impl Default for SparseFfn {
@@ -94,6 +98,18 @@ impl SparseFfn {
             batch_gate: Vec::new(),
             batch_up: Vec::new(),
             batch_acts: Vec::new(),
+            acts: Vec::new(),
+            last_tokens: 0,
+        }
+    }
+
+    /// The hidden activations of the last call, neuron-major: `acts[i * tokens + t]` for the
+    /// `i`-th neuron given and token `t`, with the token count (what a draft's choice of
+    /// neurons from a prompt measures).
+    pub fn last_activations(&self) -> (&[f32], usize) {
+        match self.last_tokens {
+            0 => (&self.acts, 1),
+            t => (&self.batch_acts, t),
         }
     }
 
@@ -119,15 +135,20 @@ impl SparseFfn {
         if self.partials.len() < chunks {
             self.partials.resize_with(chunks, Vec::new);
         }
+        self.acts.clear();
+        self.acts.resize(neurons.len(), 0.0);
+        self.last_tokens = 0;
         let (act_gate, act_up) = (&self.act_gate, &self.act_up);
         self.partials[..chunks]
             .par_iter_mut()
             .zip(neurons.par_chunks(NEURONS_PER_CHUNK))
-            .for_each(|(acc, chunk)| {
+            .zip(self.acts.par_chunks_mut(NEURONS_PER_CHUNK))
+            .for_each(|((acc, chunk), acts)| {
                 acc.clear();
                 acc.resize(out.len(), 0.0);
-                for &(id, bundle) in chunk {
+                for (&(id, bundle), slot) in chunk.iter().zip(acts) {
                     let a = activation(parts, bundle, id, act_gate, act_up, up_bias);
+                    *slot = a;
                     if a != 0.0 {
                         quant::axpy(parts.down.dtype, a, parts.down.of(bundle), acc);
                     }
@@ -172,6 +193,7 @@ impl SparseFfn {
         quantize(parts.up.dtype, &mut self.batch_up);
         self.batch_acts.clear();
         self.batch_acts.resize(neurons.len() * tokens, 0.0);
+        self.last_tokens = tokens;
         let (gate_acts, up_acts) = (&self.batch_gate, &self.batch_up);
         self.batch_acts
             .par_chunks_mut(tokens)
