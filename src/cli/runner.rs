@@ -86,6 +86,8 @@ pub struct Runner {
     /// The draft neurons per layer the last planned session holds room for (`None` before
     /// any session was planned under a budget).
     draft_neurons: std::cell::Cell<Option<usize>>,
+    /// Rows of the drafting head the last planned session holds room for.
+    draft_head_rows: std::cell::Cell<usize>,
 }
 
 /// A speculative draft's claims on a session's memory plan.
@@ -137,6 +139,7 @@ impl Runner {
             logits_rows: 1,
             draft: DraftNeeds::default(),
             draft_neurons: std::cell::Cell::new(None),
+            draft_head_rows: std::cell::Cell::new(0),
         })
     }
 
@@ -231,19 +234,9 @@ impl Runner {
         let choice = (args.predictor, !args.no_lookahead);
         let budget = self.target_budget(budget)?;
         let wanted = selection;
-        let (budget, (mut selection, mut plan)) =
-            self.plan_with_draft_neurons(budget, |b| self.plan(image, ctx, b, wanted, kv, choice))?;
-        let head_prefix = self.draft_head_bytes(image, &plan);
-        if head_prefix > 0 {
-            let rest = budget.saturating_sub(head_prefix);
-            (selection, plan) = self.plan(image, ctx, rest, wanted, kv, choice)?;
-            eprintln!(
-                "memory plan: {:.1} MiB of the budget hold the drafting head (the {} most \
-                 frequent tokens' rows of the streamed output head)",
-                head_prefix as f64 / (1 << 20) as f64,
-                self.draft.head_rows
-            );
-        }
+        let (selection, plan) = self.plan_with_draft(image, budget, |b| {
+            self.plan(image, ctx, b, wanted, kv, choice)
+        })?;
         opts.selection = selection;
         let sparsity = self.sparsity(selection)?;
         log::info!("memory plan: {plan:?}");
@@ -260,11 +253,12 @@ impl Runner {
             return Ok(session);
         }
         let session = session.with_rows(output_rows(image, &plan, args)?);
-        if self.draft_head_bytes(image, &plan) == 0 {
+        let rows = self.draft_head_rows.get();
+        if draft_head_bytes(image, &plan, rows) == 0 {
             return Ok(session);
         }
         let name = output_table(image);
-        let head = RowSource::resident_prefix(image, name, !args.no_direct, self.draft.head_rows)?;
+        let head = RowSource::resident_prefix(image, name, !args.no_direct, rows)?;
         Ok(session.with_draft_head(head))
     }
 
@@ -274,39 +268,68 @@ impl Runner {
         self.draft_neurons.get()
     }
 
-    /// Plans with `plan` what is left of `budget` once the draft's neurons have their share,
-    /// halving that share until the rest plans (down to none: the draft then uses the
-    /// window's pinned neurons). Returns the budget left and the plan.
-    fn plan_with_draft_neurons<P>(
+    /// Plans with `plan` what is left of `budget` once a self draft has its share: its chosen
+    /// neurons, and its head when the plan streams the output head. The neurons' share is
+    /// halved until the rest plans (down to none: the draft then uses the window's pinned
+    /// neurons), then the head's rows (down to none: the draft then reads the streamed head).
+    fn plan_with_draft(
         &self,
+        image: &FlashImage,
         budget: u64,
-        plan: impl Fn(u64) -> anyhow::Result<P>,
-    ) -> anyhow::Result<(u64, P)> {
-        let mut n = self.draft.neurons;
+        plan: impl Fn(u64) -> anyhow::Result<(Selection, budget::Plan)>,
+    ) -> anyhow::Result<(Selection, budget::Plan)> {
+        let (mut n, mut rows) = (self.draft.neurons, self.draft.head_rows);
         loop {
             let held = n as u64 * self.draft.neuron_bytes;
-            let attempt = match budget.checked_sub(held) {
-                Some(rest) => plan(rest).map(|p| (rest, p)),
-                None => Err(anyhow::anyhow!(
-                    "the budget cannot hold the draft's neurons"
-                )),
-            };
-            match attempt {
-                Ok(done) => {
-                    if self.draft.neurons > 0 {
-                        eprintln!(
-                            "memory plan: {:.1} MiB of the budget hold the self draft's {n} \
-                             neurons per layer (of {} asked; --draft-neurons)",
-                            held as f64 / (1 << 20) as f64,
-                            self.draft.neurons
-                        );
-                    }
-                    self.draft_neurons.set(Some(n));
-                    return Ok(done);
-                }
-                Err(e) if n == 0 => return Err(e),
-                Err(_) => n /= 2,
+            if let Some(done) = self.try_draft_plan(image, budget, held, rows, &plan) {
+                self.say_draft_plan(n, held, rows);
+                self.draft_neurons.set(Some(n));
+                self.draft_head_rows.set(rows);
+                return Ok(done);
             }
+            match (n, rows) {
+                (0, 0) => return plan(budget),
+                (0, r) => rows = if r > 1024 { r / 2 } else { 0 },
+                (k, _) => n = k / 2,
+            }
+        }
+    }
+
+    /// A plan of `budget` less `held` bytes, and less the drafting head of `rows` rows when
+    /// that plan streams the output head; `None` when either does not fit.
+    fn try_draft_plan(
+        &self,
+        image: &FlashImage,
+        budget: u64,
+        held: u64,
+        rows: usize,
+        plan: &impl Fn(u64) -> anyhow::Result<(Selection, budget::Plan)>,
+    ) -> Option<(Selection, budget::Plan)> {
+        let rest = budget.checked_sub(held)?;
+        let first = plan(rest).ok()?;
+        let head = draft_head_bytes(image, &first.1, rows);
+        if head == 0 {
+            return Some(first);
+        }
+        plan(rest.checked_sub(head)?).ok()
+    }
+
+    fn say_draft_plan(&self, n: usize, held: u64, rows: usize) {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        if self.draft.neurons > 0 {
+            eprintln!(
+                "memory plan: {:.1} MiB of the budget hold the self draft's {n} neurons per \
+                 layer (of {} asked; --draft-neurons)",
+                mib(held),
+                self.draft.neurons
+            );
+        }
+        if self.draft.head_rows > 0 && rows < self.draft.head_rows {
+            eprintln!(
+                "memory plan: the drafting head holds {rows} of the {} rows asked \
+                 (--draft-head-rows)",
+                self.draft.head_rows
+            );
         }
     }
 
@@ -329,20 +352,6 @@ impl Runner {
             reserved as f64 / (1 << 20) as f64
         );
         Ok(budget - reserved)
-    }
-
-    /// Bytes of the drafting head `plan` needs: rows of the output head for a self draft,
-    /// when the plan streams that head (otherwise the draft uses the head itself).
-    fn draft_head_bytes(&self, image: &FlashImage, plan: &budget::Plan) -> u64 {
-        let name = output_table(image);
-        if self.draft.head_rows == 0 || !plan.streamed.iter().any(|s| s == name) {
-            return 0;
-        }
-        let Some(t) = image.meta.tensor(name) else {
-            return 0;
-        };
-        let row = t.len / t.rows.max(1) as u64;
-        row * self.draft.head_rows.min(t.rows) as u64
     }
 
     /// The memory plan for `budget` and the selection it runs. The predictor, when it would
@@ -469,6 +478,20 @@ fn sets(selection: Selection) -> Sets {
         Selection::Oracle => Sets::True,
         _ => Sets::Predicted,
     }
+}
+
+/// Bytes of a drafting head of `rows` rows under `plan`: rows of the output head, when the
+/// plan streams it (otherwise a draft uses the head itself).
+fn draft_head_bytes(image: &FlashImage, plan: &budget::Plan, rows: usize) -> u64 {
+    let name = output_table(image);
+    if rows == 0 || !plan.streamed.iter().any(|s| s == name) {
+        return 0;
+    }
+    let Some(t) = image.meta.tensor(name) else {
+        return 0;
+    };
+    let row = t.len / t.rows.max(1) as u64;
+    row * rows.min(t.rows) as u64
 }
 
 /// The tensor that holds the output head: `output.weight`, or the embedding when tied.
