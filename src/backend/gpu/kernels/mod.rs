@@ -23,7 +23,8 @@ use crate::model::tensor::DType;
 pub use crate::backend::gpu::pipeline::Dispatch;
 
 /// The shaders' code for a dtype (`DT_*` in shaders/lib/quant.wgsl), or `None` for the dtypes
-/// the kernels do not read (the K-quants).
+/// the kernels do not read (the K-quants and the Q5 formats, which only the CPU backend reads:
+/// uploading such a tensor is a [`GpuError::UnsupportedDtype`]).
 pub fn dtype_code(d: DType) -> Option<u32> {
     Some(match d {
         DType::F32 => 0,
@@ -32,7 +33,7 @@ pub fn dtype_code(d: DType) -> Option<u32> {
         DType::Q4_0 => 3,
         DType::Q4_1 => 4,
         DType::Q8_0 => 5,
-        DType::Q4K | DType::Q6K => return None,
+        DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q6K => return None,
     })
 }
 
