@@ -97,3 +97,22 @@ fn kernel(
 ) -> Result<std::sync::Arc<crate::backend::gpu::pipeline::Kernel>, GpuError> {
     ctx.kernel(name, "main", bindings, constants)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dtypes only the CPU reads are refused up front, with a message that names the tensor
+    /// and its dtype and points to the CPU backend (no adapter needed to check it).
+    #[test]
+    fn cpu_only_dtypes_are_refused_by_name() {
+        for d in [DType::Q5_0, DType::Q5_1, DType::Q4K, DType::Q6K] {
+            assert_eq!(dtype_code(d), None);
+            let e = code(d, "tensor `t`").unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("tensor `t` is {d}")) && e.contains("CPU backend"),
+                "{e}"
+            );
+        }
+    }
+}
