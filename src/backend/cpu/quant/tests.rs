@@ -1,6 +1,7 @@
 //! Tests: hand-computed blocks per format, scalar dots against an f64 reference built from
-//! `dequantize`, SIMD dots against scalar, quantisers against ggml's rules, and an ignored
-//! timing test (`cargo test --release --lib quant::tests::timing -- --ignored --nocapture`).
+//! `dequantize`, SIMD dots against scalar, quantisers against ggml's rules (and the Q5 formats
+//! against gguf-py's, `tests/fixtures/quant/q5.json`), and an ignored timing test
+//! (`cargo test --release --lib quant::tests::timing -- --ignored --nocapture`).
 
 use super::*;
 use half::{bf16, f16};
@@ -709,6 +710,15 @@ fn dequantize_known_q5_1_block() {
         (y[0], y[16], y[1], y[15], y[31]),
         (4.0, 0.5, -1.0, -1.0, 14.5)
     );
+}
+
+#[test]
+fn q5_dtypes_are_ggml_types_6_and_7() {
+    for (id, dtype, bytes) in [(6, DType::Q5_0, 22), (7, DType::Q5_1, 24)] {
+        assert_eq!(DType::from_ggml(id), Some(dtype));
+        assert_eq!(dtype.ggml_id(), id);
+        assert_eq!((dtype.block_len(), dtype.block_bytes()), (32, bytes));
+    }
 }
 
 /// `tests/fixtures/quant/q5.json`, written by `tools/make_quant_fixtures.py` with the `gguf`
