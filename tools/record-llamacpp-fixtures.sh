@@ -131,6 +131,27 @@ if [ -f "$qwen" ]; then
     "$out/qwen2.5-coder-1.5b-greedy-norepack.json" "$root/tools/llamacpp-qwen-prompts.json" 32
   stop
 fi
+
+# 3b. Qwen2.5-Coder-0.5B (only when fetched: tools/fetch-model --qwen-0.5b), mostly Q5_0. Its
+# Q5_0 rows sum alike in llama.cpp's row kernel and its llamafile tiles (per block one FMA into
+# 8 lanes, one horizontal sum), so only the Q4_K/Q6_K down matrices need --no-repack.
+qwen05="$("$root/tools/fetch-model" --qwen-0.5b --print-path)"
+if [ -f "$qwen05" ]; then
+  serve "$qwen05" --no-repack
+  python3 "$root/tools/record_llamacpp_fixtures.py" greedy "$url" "$qwen05" \
+    "$out/qwen2.5-coder-0.5b-greedy-norepack.json" "$root/tools/llamacpp-qwen-prompts.json" 32
+  stop
+  text="$root/tests/fixtures/text/python-doc-eval.txt"
+  if [ -x "$bin/llama-perplexity" ] && [ -x "$bin/llama-tokenize" ]; then
+    "$bin/llama-perplexity" -m "$qwen05" -f "$text" -c 512 -t 2 --no-repack > /tmp/llama-ppl05.log 2>&1
+    "$bin/llama-tokenize" -m "$qwen05" -f "$text" --ids --log-disable > /tmp/llama-ppl05-tokens.txt 2>/dev/null
+    python3 "$root/tools/record_llamacpp_fixtures.py" perplexity "$out/qwen2.5-coder-0.5b-perplexity.json" \
+      "$qwen05" "llama-perplexity -m MODEL -f tests/fixtures/text/python-doc-eval.txt -c 512 -t 2 --no-repack" \
+      /tmp/llama-ppl05.log /tmp/llama-ppl05-tokens.txt
+  else
+    echo "no llama-perplexity/llama-tokenize in $bin: Qwen 0.5B perplexity not recorded" >&2
+  fi
+fi
 [ "$only" = all ] || { echo "fixtures written to $out" >&2; exit 0; }
 
 # 4. Speed, for the record (informational; our bench compares against it in the same sitting).

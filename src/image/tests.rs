@@ -325,6 +325,41 @@ fn smollm2_gguf_source() {
     }
 }
 
+/// Qwen2.5-Coder-0.5B's Q4_K_M GGUF (opt-in: `tools/fetch-model --qwen-0.5b`): its 896-wide
+/// gate and up rows are Q5_0 and copied as they are, its down matrices (Q4_K and Q6_K by layer)
+/// requantised to Q8_0 columns, every resident tensor (Q5_0, Q8_0, F32) kept bit for bit.
+#[test]
+fn qwen05_gguf_source() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    if !path.exists() {
+        eprintln!("skipping: {} not present (opt-in)", path.display());
+        return;
+    }
+    let model = crate::model::load(&path).unwrap();
+    let (out, meta) = convert_to(&model, BundleDtype::Source, "qwen05");
+    let parts: Vec<(PartRole, DType, usize)> = meta
+        .bundle
+        .parts
+        .iter()
+        .map(|p| (p.role, p.dtype, p.len))
+        .collect();
+    assert_eq!(
+        parts,
+        vec![
+            (PartRole::Gate, DType::Q5_0, 616),
+            (PartRole::Up, DType::Q5_0, 616),
+            (PartRole::Down, DType::Q8_0, 952)
+        ]
+    );
+    let image = FlashImage::open(&out.0).unwrap();
+    image.verify_ffn().unwrap();
+    let weights = image.weights().unwrap();
+    assert_eq!(weights.embed.dtype, DType::Q5_0);
+    compare_weights(&model.weights, &weights);
+    compare_bundles(&model, &image);
+}
+
 #[test]
 fn synthetic_tiny() {
     let out = TempFile::new("synthetic");

@@ -17,6 +17,8 @@ pub enum DType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q6K,
@@ -30,6 +32,8 @@ impl DType {
             1 => DType::F16,
             2 => DType::Q4_0,
             3 => DType::Q4_1,
+            6 => DType::Q5_0,
+            7 => DType::Q5_1,
             8 => DType::Q8_0,
             12 => DType::Q4K,
             14 => DType::Q6K,
@@ -44,6 +48,8 @@ impl DType {
             DType::F16 => 1,
             DType::Q4_0 => 2,
             DType::Q4_1 => 3,
+            DType::Q5_0 => 6,
+            DType::Q5_1 => 7,
             DType::Q8_0 => 8,
             DType::Q4K => 12,
             DType::Q6K => 14,
@@ -55,7 +61,7 @@ impl DType {
     pub fn block_len(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
-            DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => 32,
+            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
             DType::Q4K | DType::Q6K => 256,
         }
     }
@@ -67,6 +73,8 @@ impl DType {
             DType::F16 | DType::BF16 => 2,
             DType::Q4_0 => 18, // f16 scale + 16 bytes of nibbles
             DType::Q4_1 => 20, // f16 scale, f16 min + 16 bytes of nibbles
+            DType::Q5_0 => 22, // f16 scale, u32 of fifth bits + 16 bytes of nibbles
+            DType::Q5_1 => 24, // f16 scale, f16 min, u32 of fifth bits + 16 bytes of nibbles
             DType::Q8_0 => 34, // f16 scale + 32 i8
             DType::Q4K => 144, // f16 d, f16 dmin, 12 bytes of 6-bit scales, 128 bytes of nibbles
             DType::Q6K => 210, // 128 low nibbles, 64 high 2-bits, 16 i8 scales, f16 d
@@ -93,6 +101,8 @@ impl DType {
             DType::BF16 => "BF16",
             DType::Q4_0 => "Q4_0",
             DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
             DType::Q8_0 => "Q8_0",
             DType::Q4K => "Q4_K",
             DType::Q6K => "Q6_K",

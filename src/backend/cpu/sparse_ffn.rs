@@ -440,6 +440,8 @@ mod tests {
         let d = 256;
         for (rows, down) in [
             (DType::Q4_1, DType::Q8_0),
+            (DType::Q5_0, DType::Q8_0),
+            (DType::Q5_1, DType::Q8_0),
             (DType::Q4K, DType::Q8_0),
             (DType::Q6K, DType::F16),
             (DType::F32, DType::F32),

@@ -1,9 +1,9 @@
 //! Quantised dot products and (de)quantisation, bit-compatible with ggml's CPU path.
 //!
 //! A matvec `y = W x` quantises `x` once ([`ActivationBuffer::quantize_for`]) into the form the
-//! weight dtype's kernel wants (Q8_0 for Q4_0/Q8_0, Q8_1 for Q4_1, Q8_K for Q4_K/Q6_K, plain f32
-//! for float weights), then calls [`vec_dot`] once per weight row. This is exactly llama.cpp's
-//! scheme, so our logits track its logits closely.
+//! weight dtype's kernel wants (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for
+//! Q4_K/Q6_K, plain f32 for float weights), then calls [`vec_dot`] once per weight row. This is
+//! exactly llama.cpp's scheme, so our logits track its logits closely.
 //!
 //! [`Activations::F32`] (`--activations f32`) instead keeps `x` in f32 for every weight dtype
 //! and dots it with the dequantised row: the GPU backend's arithmetic, for comparing the two.
@@ -19,6 +19,8 @@ pub use float::dot_f16;
 mod q4_0;
 mod q4_1;
 mod q4_k;
+mod q5_0;
+mod q5_1;
 mod q6_k;
 mod q8_0;
 mod q8_k;
@@ -78,7 +80,7 @@ pub enum QuantError {
         expected: usize,
         found: usize,
     },
-    #[error("quantising f32 to {0} is not implemented; use Q8_0, Q4_0, Q4_1 or a float dtype")]
+    #[error("quantising f32 to {0} is not implemented; use Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a float dtype")]
     Unsupported(DType),
 }
 
@@ -87,9 +89,9 @@ pub enum QuantError {
 pub enum QuantizedActivation<'a> {
     /// Plain f32, for F32/F16/BF16 weights.
     F32(&'a [f32]),
-    /// ggml `block_q8_0`, for Q4_0 and Q8_0 weights.
+    /// ggml `block_q8_0`, for Q4_0, Q5_0 and Q8_0 weights.
     Q8_0(&'a Q8Act),
-    /// ggml `block_q8_1` (Q8_0 plus `s = d * sum(qs)`), for Q4_1 weights.
+    /// ggml `block_q8_1` (Q8_0 plus `s = d * sum(qs)`), for Q4_1 and Q5_1 weights.
     Q8_1(&'a Q8Act),
     /// ggml `block_q8_K`, for Q4_K and Q6_K weights.
     Q8K(&'a Q8KAct),
@@ -203,8 +205,8 @@ impl ActivationBuffer {
 fn act_kind_for(dtype: DType) -> ActKind {
     match dtype {
         DType::F32 | DType::F16 | DType::BF16 => ActKind::F32,
-        DType::Q4_0 | DType::Q8_0 => ActKind::Q8_0,
-        DType::Q4_1 => ActKind::Q8_1,
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => ActKind::Q8_0,
+        DType::Q4_1 | DType::Q5_1 => ActKind::Q8_1,
         DType::Q4K | DType::Q6K => ActKind::Q8K,
     }
 }
@@ -227,6 +229,8 @@ pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
         DType::BF16 => float::dot_bf16(row, &act.f32, simd),
         DType::Q4_0 => q4_0::dot(row, &act.q8, simd),
         DType::Q4_1 => q4_1::dot(row, &act.q8, simd),
+        DType::Q5_0 => q5_0::dot(row, &act.q8, simd),
+        DType::Q5_1 => q5_1::dot(row, &act.q8, simd),
         DType::Q8_0 => q8_0::dot(row, &act.q8, simd),
         DType::Q4K => q4_k::dot(row, &act.q8k, simd),
         DType::Q6K => q6_k::dot(row, &act.q8k, simd),
@@ -235,8 +239,8 @@ pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
 
 /// Four dot products `rows[k] · acts[k]` at once, each equal to [`vec_dot`]`(dtype, rows[k],
 /// acts[k])` bit for bit; interleaved where an AVX2 kernel exists (one row with four
-/// activations: Q4_1, Q8_0, Q4_K, Q6_K; four rows with one activation: Q4_1), one by one
-/// otherwise.
+/// activations: Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K; four rows with one activation: Q4_1, Q5_0,
+/// Q5_1), one by one otherwise.
 pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if use_simd() && acts.iter().all(|a| a.kind == act_kind_for(dtype)) {
@@ -250,6 +254,10 @@ pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) ->
             match (dtype, one_row) {
                 (DType::Q4_1, true) => return q4_1::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
                 (DType::Q4_1, false) => return q4_1::dot4_avx2(rows, acts.map(|a| &a.q8)),
+                (DType::Q5_0, true) => return q5_0::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
+                (DType::Q5_0, false) => return q5_0::dot4_avx2(rows, acts.map(|a| &a.q8)),
+                (DType::Q5_1, true) => return q5_1::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
+                (DType::Q5_1, false) => return q5_1::dot4_avx2(rows, acts.map(|a| &a.q8)),
                 (DType::Q8_0, true) => return q8_0::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
                 (DType::Q4K, true) => return q4_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
                 (DType::Q6K, true) => return q6_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
@@ -371,6 +379,8 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Qua
         DType::BF16 => float::dequantize_bf16(bytes, out),
         DType::Q4_0 => q4_0::dequantize(bytes, out),
         DType::Q4_1 => q4_1::dequantize(bytes, out),
+        DType::Q5_0 => q5_0::dequantize(bytes, out),
+        DType::Q5_1 => q5_1::dequantize(bytes, out),
         DType::Q8_0 => q8_0::dequantize(bytes, out),
         DType::Q4K => q4_k::dequantize(bytes, out),
         DType::Q6K => q6_k::dequantize(bytes, out),
@@ -437,6 +447,8 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantE
         DType::BF16 => float::quantize_bf16(x, out),
         DType::Q4_0 => q4_0::quantize(x, out),
         DType::Q4_1 => q4_1::quantize(x, out),
+        DType::Q5_0 => q5_0::quantize(x, out),
+        DType::Q5_1 => q5_1::quantize(x, out),
         DType::Q8_0 => q8_0::quantize(x, out),
         DType::Q4K | DType::Q6K => return Err(QuantError::Unsupported(dtype)),
     }
@@ -471,6 +483,15 @@ pub fn use_simd() -> bool {
 #[inline(always)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// The sum of eight f32 lanes in the order of `x86::hsum_ps` (ggml's `hsum_float_8`): lane
+/// i + 4 onto lane i, then lanes 2, 3 onto 0, 1, then lane 1 onto 0. The scalar Q5 references
+/// sum this way so that they equal their AVX2 kernels to the bit.
+#[inline(always)]
+fn hsum_lanes(l: [f32; 8]) -> f32 {
+    let s = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    (s[0] + s[2]) + (s[1] + s[3])
 }
 
 /// Rounds through f16, as ggml does when it stores a scale in a `ggml_half`.

@@ -1,16 +1,19 @@
 //! Tests: hand-computed blocks per format, scalar dots against an f64 reference built from
-//! `dequantize`, SIMD dots against scalar, quantisers against ggml's rules, and an ignored
-//! timing test (`cargo test --release --lib quant::tests::timing -- --ignored --nocapture`).
+//! `dequantize`, SIMD dots against scalar, quantisers against ggml's rules (and the Q5 formats
+//! against gguf-py's, `tests/fixtures/quant/q5.json`), and an ignored timing test
+//! (`cargo test --release --lib quant::tests::timing -- --ignored --nocapture`).
 
 use super::*;
 use half::{bf16, f16};
 
-const ALL: [DType; 8] = [
+const ALL: [DType; 10] = [
     DType::F32,
     DType::F16,
     DType::BF16,
     DType::Q4_0,
     DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
     DType::Q8_0,
     DType::Q4K,
     DType::Q6K,
@@ -63,8 +66,8 @@ fn random_row(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
     for b in row.chunks_exact_mut(bb) {
         let d = 0.001 + 0.05 * rng.f().abs();
         match dtype {
-            DType::Q4_0 | DType::Q8_0 => put_f16(b, 0, d),
-            DType::Q4_1 => {
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => put_f16(b, 0, d),
+            DType::Q4_1 | DType::Q5_1 => {
                 put_f16(b, 0, d);
                 put_f16(b, 2, -0.4 * rng.f().abs());
             }
@@ -107,14 +110,14 @@ fn reference(dtype: DType, row: &[u8], act: &ActivationBuffer) -> (f64, f64) {
     dequantize(dtype, row, &mut w).unwrap();
     let mut dot: f64 = w.iter().zip(&a).map(|(&w, &a)| w as f64 * a).sum();
     let mag: f64 = w.iter().zip(&a).map(|(&w, &a)| (w as f64 * a).abs()).sum();
-    if dtype == DType::Q4_1 {
+    if matches!(dtype, DType::Q4_1 | DType::Q5_1) {
         // The kernel uses Q8_1's f16-rounded `s` for the min term, as ggml does: swap the exact
         // min term for that one.
         let q8 = match act.activation().unwrap() {
             QuantizedActivation::Q8_1(q8) => q8,
             _ => unreachable!(),
         };
-        for (i, b) in row.chunks_exact(20).enumerate() {
+        for (i, b) in row.chunks_exact(dtype.block_bytes()).enumerate() {
             let m = f16_at(b, 2) as f64;
             let exact: f64 = a[32 * i..32 * i + 32].iter().sum::<f64>();
             dot += m * (q8.s[i] as f64 - exact);
@@ -126,7 +129,9 @@ fn reference(dtype: DType, row: &[u8], act: &ActivationBuffer) -> (f64, f64) {
 fn lens(dtype: DType) -> Vec<usize> {
     match dtype {
         DType::Q4K | DType::Q6K => vec![256, 768, 2048],
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => vec![32, 96, 576, 2048],
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => {
+            vec![32, 96, 576, 896, 2048]
+        }
         _ => vec![1, 7, 33, 576, 1000],
     }
 }
@@ -158,6 +163,8 @@ fn scalar_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
         DType::BF16 => float::dot_bf16_scalar(row, &act.f32),
         DType::Q4_0 => q4_0::dot_scalar(row, &act.q8),
         DType::Q4_1 => q4_1::dot_scalar(row, &act.q8),
+        DType::Q5_0 => q5_0::dot_scalar(row, &act.q8),
+        DType::Q5_1 => q5_1::dot_scalar(row, &act.q8),
         DType::Q8_0 => q8_0::dot_scalar(row, &act.q8),
         DType::Q4K => q4_k::dot_scalar(row, &act.q8k),
         DType::Q6K => q6_k::dot_scalar(row, &act.q8k),
@@ -386,7 +393,13 @@ fn dequantize_known_float_rows() {
 #[test]
 fn quantize_round_trips_within_half_a_step() {
     let mut rng = Rng(99);
-    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+    for dtype in [
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+    ] {
         let x = rng.vec(32 * 20);
         let mut b = Vec::new();
         quantize(dtype, &x, &mut b).unwrap();
@@ -394,9 +407,15 @@ fn quantize_round_trips_within_half_a_step() {
         let y = deq(dtype, &b);
         for (blk, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
             let d = f16_at(&b, blk * dtype.block_bytes()).abs();
-            // Q4_0 clamps the top level (the largest magnitude maps to -8, its opposite can
-            // only reach +7), so allow a whole step there; f16 scales add a little.
-            let tol = if dtype == DType::Q4_0 { 1.0 } else { 0.5 } * d * 1.01 + 1e-3 * d.max(1.0);
+            // Q4_0 and Q5_0 clamp the top level (the largest magnitude maps to -8 or -16, its
+            // opposite can only reach +7 or +15), so allow a whole step there; f16 scales add
+            // a little.
+            let step = if matches!(dtype, DType::Q4_0 | DType::Q5_0) {
+                1.0
+            } else {
+                0.5
+            };
+            let tol = step * d * 1.01 + 1e-3 * d.max(1.0);
             for (a, b) in xb.iter().zip(yb) {
                 assert!((a - b).abs() <= tol, "{dtype}: {a} -> {b}, step {d}");
             }
@@ -509,6 +528,9 @@ fn timing() {
         (DType::Q4_1, 1536, 576),
         (DType::Q8_0, 49152, 576),
         (DType::Q4_0, 1536, 576),
+        (DType::Q5_0, 896, 896),
+        (DType::Q5_0, 4864, 896),
+        (DType::Q5_1, 4864, 896),
         (DType::Q4_1, 96, 9216),
         (DType::Q4K, 1536, 2048),
         (DType::Q6K, 1536, 2048),
@@ -564,6 +586,8 @@ fn f32_activations_dot_the_dequantised_row() {
     for dtype in [
         DType::Q4_0,
         DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
         DType::Q8_0,
         DType::Q4K,
         DType::Q6K,
@@ -585,6 +609,160 @@ fn f32_activations_dot_the_dequantised_row() {
                     "{dtype} n={n} simd {simd}: {got} vs {want} (mag {mag})"
                 );
             }
+        }
+    }
+}
+
+/// The Q5 kernels sum in the same lanes and order in scalar and AVX2 code (ggml's AVX2
+/// order), so the two agree to the bit, not just within rounding: a model's outputs do not
+/// depend on the CPU it runs on.
+#[test]
+fn q5_simd_dots_equal_scalar_to_the_bit() {
+    if !use_simd() {
+        eprintln!("no avx2+fma+f16c here: SIMD kernels not tested");
+        return;
+    }
+    let mut rng = Rng(0x0005_0005);
+    let mut act = ActivationBuffer::new();
+    for dtype in [DType::Q5_0, DType::Q5_1] {
+        for n in lens(dtype) {
+            for _ in 0..20 {
+                let mut buf = vec![0u8];
+                buf.extend(random_row(&mut rng, dtype, n));
+                let row = &buf[1..];
+                act.quantize_for(dtype, &rng.vec(n)).unwrap();
+                let (want, got) = (scalar_dot(dtype, row, &act), vec_dot(dtype, row, &act));
+                assert_eq!(
+                    want.to_bits(),
+                    got.to_bits(),
+                    "{dtype} n={n}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+/// Against f32 activations (not quantised), the Q5 dots are off by no more than what
+/// quantising the activations to Q8 costs: per value, half a Q8 step plus the f16 rounding of
+/// the block's scale (127 steps of 2^-11 relative), and for Q5_1 the f16 rounding of Q8_1's
+/// `s` in the min term.
+#[test]
+fn q5_dots_are_within_q8_error_of_the_float_dot() {
+    let mut rng = Rng(0x0005_f10a);
+    let mut act = ActivationBuffer::new();
+    for dtype in [DType::Q5_0, DType::Q5_1] {
+        for n in lens(dtype) {
+            for _ in 0..5 {
+                let row = random_row(&mut rng, dtype, n);
+                let x = rng.vec(n);
+                act.quantize_for(dtype, &x).unwrap();
+                let w = deq(dtype, &row);
+                let exact: f64 = w.iter().zip(&x).map(|(&w, &x)| w as f64 * x as f64).sum();
+                let mut bound = 0.0f64;
+                for (blk, (wb, xb)) in w.chunks(32).zip(x.chunks(32)).enumerate() {
+                    let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+                    let step = amax / 127.0;
+                    let per_value = step / 2.0 + 127.0 * step * 2f64.powi(-11);
+                    bound += wb.iter().map(|&w| w.abs() as f64).sum::<f64>() * per_value;
+                    if dtype == DType::Q5_1 {
+                        let m = f16_at(&row, blk * 24 + 2).abs() as f64;
+                        bound += m * (32.0 * amax) * 2f64.powi(-10);
+                    }
+                }
+                let got = vec_dot(dtype, &row, &act) as f64;
+                let err = (got - exact).abs();
+                assert!(
+                    err <= bound * 1.01 + 1e-6,
+                    "{dtype} n={n}: {got} vs float {exact}: error {err} over bound {bound}"
+                );
+                // Rounding errors mostly cancel: far inside the worst case.
+                assert!(err <= bound / 4.0 + 1e-6, "{dtype} n={n}: {err} vs {bound}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantize_known_q5_0_block() {
+    let mut b = vec![0u8; 22];
+    put_f16(&mut b, 0, 0.5);
+    // Fifth bits: values 0 and 17.
+    b[2..6].copy_from_slice(&(1u32 | 1 << 17).to_le_bytes());
+    b[6] = 0x3F; // value 0: 15 | 16 = 31, value 16: 3
+    b[7] = 0x20; // value 1: 0, value 17: 2 | 16 = 18
+    let y = deq(DType::Q5_0, &b);
+    assert_eq!(
+        (y[0], y[16], y[1], y[17], y[2]),
+        (7.5, -6.5, -8.0, 1.0, -8.0)
+    );
+}
+
+#[test]
+fn dequantize_known_q5_1_block() {
+    let mut b = vec![0u8; 24];
+    put_f16(&mut b, 0, 0.5);
+    put_f16(&mut b, 2, -1.0);
+    b[4..8].copy_from_slice(&(1u32 << 31).to_le_bytes()); // fifth bit of value 31
+    b[8] = 0x3A; // value 0: 10, value 16: 3
+    b[23] = 0xF0; // value 15: 0, value 31: 15 | 16 = 31
+    let y = deq(DType::Q5_1, &b);
+    assert_eq!(
+        (y[0], y[16], y[1], y[15], y[31]),
+        (4.0, 0.5, -1.0, -1.0, 14.5)
+    );
+}
+
+#[test]
+fn q5_dtypes_are_ggml_types_6_and_7() {
+    for (id, dtype, bytes) in [(6, DType::Q5_0, 22), (7, DType::Q5_1, 24)] {
+        assert_eq!(DType::from_ggml(id), Some(dtype));
+        assert_eq!(dtype.ggml_id(), id);
+        assert_eq!((dtype.block_len(), dtype.block_bytes()), (32, bytes));
+    }
+}
+
+/// `tests/fixtures/quant/q5.json`, written by `tools/make_quant_fixtures.py` with the `gguf`
+/// package: our quantisers and dequantisers give its bytes and values exactly.
+#[test]
+fn q5_formats_match_gguf_py() {
+    let fx: serde_json::Value = serde_json::from_str(include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/quant/q5.json"
+    )))
+    .unwrap();
+    let hex = |v: &serde_json::Value| -> Vec<u8> {
+        let s = v.as_str().unwrap().as_bytes();
+        s.chunks(2)
+            .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
+            .collect()
+    };
+    let f32s = |v: &serde_json::Value| -> Vec<u32> {
+        hex(v)
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let x: Vec<f32> = f32s(&fx["input_f32"])
+        .into_iter()
+        .map(f32::from_bits)
+        .collect();
+    assert!(x.len() >= 32 * 8, "fixture has {} values", x.len());
+    for (dtype, key) in [(DType::Q5_0, "q5_0"), (DType::Q5_1, "q5_1")] {
+        let blocks = hex(&fx[key]["blocks"]);
+        let want = f32s(&fx[key]["dequantized_f32"]);
+        let got: Vec<u32> = deq(dtype, &blocks).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want, "{dtype}: dequantised values");
+        let mut ours = Vec::new();
+        quantize(dtype, &x, &mut ours).unwrap();
+        for (i, (o, g)) in ours
+            .chunks(dtype.block_bytes())
+            .zip(blocks.chunks(dtype.block_bytes()))
+            .enumerate()
+        {
+            assert_eq!(
+                o, g,
+                "{dtype}: block {i} quantised differently from gguf-py"
+            );
         }
     }
 }

@@ -79,3 +79,23 @@ pub fn nibbles32(b: &[u8], at: usize) -> __m256i {
     let both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
     _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
 }
+
+/// 32 bytes, byte j 0xFF where bit j of `bits` is set and 0 elsewhere (ggml's
+/// `bytes_from_bits_32`): the fifth bits of a Q5 block, spread out to meet its nibbles.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub fn bits32(bits: u32) -> __m256i {
+    // Byte j takes the source byte j / 8 of `bits` ...
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    // ... and is all ones exactly when bit j % 8 is set: every other bit is set by the mask.
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+}

@@ -23,7 +23,8 @@ use crate::model::tensor::DType;
 pub use crate::backend::gpu::pipeline::Dispatch;
 
 /// The shaders' code for a dtype (`DT_*` in shaders/lib/quant.wgsl), or `None` for the dtypes
-/// the kernels do not read (the K-quants).
+/// the kernels do not read (the K-quants and the Q5 formats, which only the CPU backend reads:
+/// uploading such a tensor is a [`GpuError::UnsupportedDtype`]).
 pub fn dtype_code(d: DType) -> Option<u32> {
     Some(match d {
         DType::F32 => 0,
@@ -32,7 +33,7 @@ pub fn dtype_code(d: DType) -> Option<u32> {
         DType::Q4_0 => 3,
         DType::Q4_1 => 4,
         DType::Q8_0 => 5,
-        DType::Q4K | DType::Q6K => return None,
+        DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q6K => return None,
     })
 }
 
@@ -95,4 +96,23 @@ fn kernel(
     constants: &[(&str, f64)],
 ) -> Result<std::sync::Arc<crate::backend::gpu::pipeline::Kernel>, GpuError> {
     ctx.kernel(name, "main", bindings, constants)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dtypes only the CPU reads are refused up front, with a message that names the tensor
+    /// and its dtype and points to the CPU backend (no adapter needed to check it).
+    #[test]
+    fn cpu_only_dtypes_are_refused_by_name() {
+        for d in [DType::Q5_0, DType::Q5_1, DType::Q4K, DType::Q6K] {
+            assert_eq!(dtype_code(d), None);
+            let e = code(d, "tensor `t`").unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("tensor `t` is {d}")) && e.contains("CPU backend"),
+                "{e}"
+            );
+        }
+    }
 }
