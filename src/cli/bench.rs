@@ -245,7 +245,7 @@ fn measure(
         if let Some(b) = budget {
             cmd.args([budget_flag, &b.to_string()]);
         }
-        if draft != "none" {
+        if backend == "cpu" {
             cmd.args(["--draft", draft]);
         }
         if let Some(extra) = &a.extra {

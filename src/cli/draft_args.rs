@@ -21,11 +21,18 @@ pub struct DraftArgs {
     /// none; self (the model restricted to the neurons its memory budget pins: no flash
     /// reads); ngram (prompt lookup); or the path of a smaller model with the same
     /// vocabulary. Greedy output is unchanged; sampled output keeps its distribution.
-    #[arg(long, default_value = "none")]
-    pub draft: DraftSource,
+    /// Default: ngram for a flash image under --memory-budget (where a pass of flash reads
+    /// costs most: see docs/benchmarks.md), none otherwise.
+    #[arg(long)]
+    pub draft: Option<DraftSource>,
     /// Tokens drafted per verify pass at most.
     #[arg(long, default_value_t = DEFAULT_DRAFT_MAX, value_parser = draft_length)]
     pub draft_max: usize,
+    /// Tokens drafted per pass at least (default 0: each pass drafts the length that its
+    /// measured costs and acceptance favour, none where drafting does not pay); set it to
+    /// --draft-max for a fixed length.
+    #[arg(long, default_value_t = 0)]
+    pub draft_min: usize,
     /// A model draft (self or a path) stops when its most likely token's probability is
     /// below this.
     #[arg(long, default_value_t = DEFAULT_P_MIN, value_parser = probability)]
@@ -69,20 +76,38 @@ fn probability(s: &str) -> Result<f64, String> {
 }
 
 impl DraftArgs {
+    /// Fixes the default source: n-gram drafts for a flash image under a memory budget
+    /// (`budgeted_image`), where they measured 1.2-3x faster than none; none elsewhere, where
+    /// a verify pass costs about as much compute as the steps it replaces.
+    pub fn resolve(&mut self, budgeted_image: bool) {
+        if self.draft.is_none() {
+            self.draft = Some(match budgeted_image {
+                true => DraftSource::Ngram,
+                false => DraftSource::None,
+            });
+        }
+    }
+
+    /// The draft source (`none` until [`DraftArgs::resolve`] picks the default).
+    pub fn source(&self) -> &DraftSource {
+        self.draft.as_ref().unwrap_or(&DraftSource::None)
+    }
+
     pub fn options(&self) -> DraftOptions {
         DraftOptions {
             max: self.draft_max,
+            min: self.draft_min,
             p_min: self.draft_p_min,
         }
     }
 
     pub fn enabled(&self) -> bool {
-        self.draft != DraftSource::None
+        *self.source() != DraftSource::None
     }
 
     /// Opens a draft model (`--draft PATH`), refused unless it shares `target`'s vocabulary.
     pub fn open_model(&self, target: &Model) -> anyhow::Result<Option<Model>> {
-        let DraftSource::Model(path) = &self.draft else {
+        let DraftSource::Model(path) = self.source() else {
             return Ok(None);
         };
         let draft = Model::open(path)
@@ -122,7 +147,7 @@ impl DraftArgs {
             let file = std::fs::metadata(&m.path).map_or(0, |md| md.len());
             file + KvCache::bytes_for(&m.weights.config, ctx, KvType::default())
         });
-        let (neurons, neuron_bytes) = match (&self.draft, &target.image) {
+        let (neurons, neuron_bytes) = match (self.source(), &target.image) {
             (DraftSource::SelfModel, Some(image)) => {
                 let layers = target.weights.config.n_layers;
                 let per_neuron = (layers * image.bundle().stride) as u64;
@@ -130,7 +155,7 @@ impl DraftArgs {
             }
             _ => (0, 0),
         };
-        let head_rows = match self.draft {
+        let head_rows = match self.source() {
             DraftSource::SelfModel => self.draft_head_rows,
             _ => 0,
         };
@@ -180,7 +205,7 @@ impl<'m> BuiltDraft<'m> {
             }
             None => 0,
         };
-        Ok(match (&args.draft, draft_model) {
+        Ok(match (args.source(), draft_model) {
             (DraftSource::None, _) => BuiltDraft::None,
             (DraftSource::Ngram, _) => BuiltDraft::Ngram(NgramDraft::new()),
             (DraftSource::SelfModel, _) if neurons > 0 => {

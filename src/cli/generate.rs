@@ -78,8 +78,10 @@ pub struct Args {
     draft: super::draft_args::DraftArgs,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     let runner = super::runner::Runner::open(&a.model, &a.flash)?;
+    let budgeted_image = runner.model.image.is_some() && a.flash.memory_budget.is_some();
+    a.draft.resolve(budgeted_image && a.backend == "cpu");
     let draft_model = a.draft.open_model(&runner.model)?;
     let runner = a
         .draft
@@ -158,7 +160,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         let mut session = runner.session(ctx, &a.flash)?;
         let mut draft = BuiltDraft::new(&a.draft, &runner, &session, draft_model.as_ref(), ctx)?;
-        let name = a.draft.draft.name();
+        let name = a.draft.source().name();
         crate::draft::generate(
             &mut session,
             draft.as_dyn(&name),

@@ -58,7 +58,7 @@ pub fn generate(
         ..DraftStats::default()
     };
     let (mut drafting, mut verifying) = (Duration::ZERO, Duration::ZERO);
-    let mut length = DraftLength::new(opts.max);
+    let mut length = DraftLength::new(opts.min, opts.max);
     'decode: while tokens.len() < max_new && !is_end(next) {
         tokens.push(next);
         on_token(next);

@@ -19,6 +19,7 @@ const DRIFT: f64 = 0.05;
 #[derive(Clone, Debug)]
 pub struct DraftLength {
     max: usize,
+    min: usize,
     acceptance: f64,
     /// Milliseconds of a plain step, of each extra verified position, of each drafted token.
     step_ms: Option<f64>,
@@ -27,9 +28,11 @@ pub struct DraftLength {
 }
 
 impl DraftLength {
-    pub fn new(max: usize) -> DraftLength {
+    /// Lengths between `min` and `max` (`min` is raised to nothing above `max`).
+    pub fn new(min: usize, max: usize) -> DraftLength {
         DraftLength {
             max,
+            min: min.min(max),
             acceptance: PRIOR_ACCEPTANCE,
             step_ms: None,
             extra_ms: None,
@@ -38,9 +41,13 @@ impl DraftLength {
     }
 
     /// The draft length for the next pass, at most `limit`. Until a plain step has been timed,
-    /// 0 (the first pass measures one).
+    /// 0 (the first pass measures one) unless a minimum is set.
     pub fn next(&self, limit: usize) -> usize {
         let limit = limit.min(self.max);
+        self.best(limit).max(self.min).min(limit)
+    }
+
+    fn best(&self, limit: usize) -> usize {
         let Some(t1) = self.step_ms else {
             return 0;
         };
@@ -97,7 +104,7 @@ mod tests {
 
     #[test]
     fn reads_bound_passes_draft_long() {
-        let mut l = DraftLength::new(8);
+        let mut l = DraftLength::new(0, 8);
         l.stepped(60.0); // a pass of flash reads
         l.verified(4, 2, 66.0); // extra positions cost little
         assert!(l.next(8) >= 4, "{}", l.next(8));
@@ -105,7 +112,7 @@ mod tests {
 
     #[test]
     fn compute_bound_passes_stop_drafting_when_drafts_fail() {
-        let mut l = DraftLength::new(8);
+        let mut l = DraftLength::new(0, 8);
         l.stepped(10.0);
         for _ in 0..10 {
             l.verified(6, 0, 40.0); // each extra position costs half a step, none kept
@@ -114,8 +121,18 @@ mod tests {
     }
 
     #[test]
+    fn a_minimum_fixes_the_length() {
+        let mut l = DraftLength::new(4, 4);
+        assert_eq!(l.next(8), 4);
+        l.stepped(10.0);
+        l.verified(4, 0, 40.0);
+        assert_eq!(l.next(8), 4);
+        assert_eq!(l.next(2), 2);
+    }
+
+    #[test]
     fn first_pass_is_a_plain_step_and_limit_holds() {
-        let mut l = DraftLength::new(8);
+        let mut l = DraftLength::new(0, 8);
         assert_eq!(l.next(8), 0);
         l.stepped(10.0);
         assert_eq!(l.next(3), 3);

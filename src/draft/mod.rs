@@ -77,6 +77,9 @@ impl DraftSource {
 pub struct DraftOptions {
     /// Tokens drafted per verify pass at most.
     pub max: usize,
+    /// Tokens drafted per pass at least, whatever the measured costs say (where the source
+    /// has that many to propose): `max` gives a fixed length.
+    pub min: usize,
     /// A model draft stops early when its most likely token's probability falls below this.
     pub p_min: f64,
 }
@@ -85,6 +88,7 @@ impl Default for DraftOptions {
     fn default() -> Self {
         DraftOptions {
             max: DEFAULT_DRAFT_MAX,
+            min: 0,
             p_min: DEFAULT_P_MIN,
         }
     }
