@@ -44,7 +44,7 @@ pub fn generate(
     let t0 = Instant::now();
     draft.before_prompt(session);
     let mut next = sampler.sample(session.prefill(prompt)?);
-    draft.after_prompt(session)?;
+    draft.after_prompt(session, prompt)?;
     let prompt_ms = ms(t0.elapsed());
     let before = session.flash_stats();
     let t1 = Instant::now();

@@ -141,7 +141,7 @@ pub trait Draft {
     /// Called before the prompt runs, and after it with the target holding the prompt (a
     /// draft may watch the prompt and choose what to hold).
     fn before_prompt(&mut self, _target: &mut Session) {}
-    fn after_prompt(&mut self, _target: &mut Session) -> Result<(), DraftError> {
+    fn after_prompt(&mut self, _target: &mut Session, _prompt: &[u32]) -> Result<(), DraftError> {
         Ok(())
     }
 

@@ -28,6 +28,17 @@ impl<'m> ModelDraft<'m> {
 }
 
 impl Draft for ModelDraft<'_> {
+    /// The draft runs the prompt with the target, so that its cost counts as the prompt's.
+    fn after_prompt(&mut self, _target: &mut Session, prompt: &[u32]) -> Result<(), DraftError> {
+        self.session.truncate(0);
+        self.fed.clear();
+        if !prompt.is_empty() {
+            self.session.prefill(prompt)?;
+            self.fed.extend_from_slice(prompt);
+        }
+        Ok(())
+    }
+
     fn propose(
         &mut self,
         _target: &mut Session,

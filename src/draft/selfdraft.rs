@@ -53,7 +53,7 @@ impl Draft for SelfDraft {
         }
     }
 
-    fn after_prompt(&mut self, target: &mut Session) -> Result<(), DraftError> {
+    fn after_prompt(&mut self, target: &mut Session, _prompt: &[u32]) -> Result<(), DraftError> {
         let Some(n) = self.prompt_neurons else {
             return Ok(());
         };
