@@ -37,16 +37,9 @@ fn run(model: &Model, opts: FlashOptions, tokens: &[u32]) -> Vec<Vec<f32>> {
 
 /// Dense flash options whose windows pin the first `slots` bundles of each section on disk.
 fn prefix_pinned(model: &Model, slots: usize, lookahead: bool) -> FlashOptions {
-    let image = model.image.as_ref().expect("an image");
     let layers = model.weights.config.n_layers;
-    let pinned = (0..layers)
-        .map(|l| match &image.ffn_section(l).permutation {
-            Some(p) => p[..slots].to_vec(),
-            None => (0..slots as u32).collect(),
-        })
-        .collect();
     FlashOptions {
-        pinned: Some(pinned),
+        pinned: Some(common::prefix_pins(model, slots)),
         lookahead,
         ..options(Strategy::Flash, Some(slots), layers)
     }

@@ -145,19 +145,12 @@ fn flash_options(
     model: &Model,
     slots: usize,
 ) -> FlashOptions {
-    let image = model.image.as_ref().expect("an image");
     let layers = model.weights.config.n_layers;
-    let pinned = (0..layers)
-        .map(|l| match &image.ffn_section(l).permutation {
-            Some(p) => p[..slots].to_vec(),
-            None => (0..slots as u32).collect(),
-        })
-        .collect();
     FlashOptions {
         strategy,
         selection,
         window_slots: Some(vec![slots; layers]),
-        pinned: (strategy == Strategy::Flash).then_some(pinned),
+        pinned: (strategy == Strategy::Flash).then(|| common::prefix_pins(model, slots)),
         io_threads: 3,
         ..FlashOptions::default()
     }

@@ -262,33 +262,20 @@ fn measure(
             .context("parsing the JSON printed by llmflash generate")?;
         samples.push(json["stats"].clone());
     }
-    let med = |key: &str| {
-        median(
-            samples
-                .iter()
-                .map(|s| s[key].as_f64().unwrap_or(0.0))
-                .collect(),
-        )
+    // The median of a stats field, at the top level or in a section (`gpu`, `draft`).
+    let median_of = |section: Option<&str>, key: &str| {
+        let field = |s: &serde_json::Value| match section {
+            Some(sec) => s[sec][key].as_f64(),
+            None => s[key].as_f64(),
+        };
+        median(samples.iter().map(|s| field(s).unwrap_or(0.0)).collect())
     };
-    let draft_med = |key: &str| {
-        median(
-            samples
-                .iter()
-                .map(|s| s["draft"][key].as_f64().unwrap_or(0.0))
-                .collect(),
-        )
-    };
+    let med = |key: &str| median_of(None, key);
+    let draft_med = |key: &str| median_of(Some("draft"), key);
     let io_ms = med("io_ms_per_token");
     let bytes = med("bytes_read_per_token");
     let tokens_per_s = med("tokens_per_s");
-    let gpu = |key: &str| {
-        median(
-            samples
-                .iter()
-                .map(|s| s["gpu"][key].as_f64().unwrap_or(0.0))
-                .collect(),
-        )
-    };
+    let gpu = |key: &str| median_of(Some("gpu"), key);
     let first_gpu = samples.first().map(|s| &s["gpu"]);
     let first = samples.first().cloned().unwrap_or_default();
     Ok(Row {

@@ -116,3 +116,15 @@ pub fn calibrate(model: &Model, tokens: &[u32], sparsity: f64, rank: usize) -> C
     let image = model.image.as_ref().expect("an image");
     fit_level(image, &records, sparsity, &opts, vec!["test".into()]).expect("fit")
 }
+
+/// Per layer, the first `slots` neurons of each FFN section on disk (the pins of a dense run
+/// under a budget).
+pub fn prefix_pins(model: &Model, slots: usize) -> Vec<Vec<u32>> {
+    let image = model.image.as_ref().expect("an image");
+    (0..model.weights.config.n_layers)
+        .map(|l| match &image.ffn_section(l).permutation {
+            Some(p) => p[..slots].to_vec(),
+            None => (0..slots as u32).collect(),
+        })
+        .collect()
+}
