@@ -332,6 +332,7 @@ fn choose_vram_plan(
         plans,
         super::runner::PREDICTOR_READ_SHARE,
         reads,
+        |m| eprintln!("{m}"),
     )
     .map_err(|(predicted, _)| predicted)
 }

@@ -26,13 +26,14 @@ pub(super) const PREDICTOR_READ_SHARE: f64 = 0.75;
 
 /// The choice between a plan with the predictors and one computing every neuron: the
 /// predictor's if it is expected to read under `share` of the dense bytes per token
-/// (`reads(plan, selection)`) or the dense plan does not fit, the dense one otherwise (said on
-/// stderr, prefixed with `label`). Both errors when neither fits.
+/// (`reads(plan, selection)`) or the dense plan does not fit, the dense one otherwise (said
+/// through `say`, prefixed with `label`). Both errors when neither fits.
 pub(super) fn choose_selection<P, E>(
     label: &str,
     plans: (Result<P, E>, Result<P, E>),
     share: f64,
     reads: impl Fn(&P, Selection) -> f64,
+    say: impl Fn(&str),
 ) -> Result<(Selection, P), (E, E)> {
     let mb = |b: f64| b / 1e6;
     match plans {
@@ -47,18 +48,20 @@ pub(super) fn choose_selection<P, E>(
             if predicted < share * dense {
                 return Ok((Selection::Predictor, p));
             }
-            eprintln!(
+            say(&format!(
                 "{label}: computing every FFN neuron: at this budget that is expected to read \
                  {:.1} MB per token, known in advance, against {:.1} MB with the predictors \
                  (--predictor keeps them)",
                 mb(dense),
                 mb(predicted)
-            );
+            ));
             Ok((Selection::All, d))
         }
         (Ok(p), Err(_)) => Ok((Selection::Predictor, p)),
         (Err(_), Ok(d)) => {
-            eprintln!("{label}: computing every FFN neuron: the budget cannot hold the predictors");
+            say(&format!(
+                "{label}: computing every FFN neuron: the budget cannot hold the predictors"
+            ));
             Ok((Selection::All, d))
         }
         (Err(p), Err(d)) => Err((p, d)),
@@ -88,6 +91,8 @@ pub struct Runner {
     draft_neurons: std::cell::Cell<Option<usize>>,
     /// Rows of the drafting head the last planned session holds room for.
     draft_head_rows: std::cell::Cell<usize>,
+    /// Planning attempts that may be dropped say nothing.
+    quiet: std::cell::Cell<bool>,
 }
 
 /// A speculative draft's claims on a session's memory plan.
@@ -140,6 +145,7 @@ impl Runner {
             draft: DraftNeeds::default(),
             draft_neurons: std::cell::Cell::new(None),
             draft_head_rows: std::cell::Cell::new(0),
+            quiet: std::cell::Cell::new(false),
         })
     }
 
@@ -281,11 +287,15 @@ impl Runner {
         let (mut n, mut rows) = (self.draft.neurons, self.draft.head_rows);
         loop {
             let held = n as u64 * self.draft.neuron_bytes;
-            if let Some(done) = self.try_draft_plan(image, budget, held, rows, &plan) {
+            self.quiet.set(true);
+            let tried = self.try_draft_plan(image, budget, held, rows, &plan);
+            self.quiet.set(false);
+            if let Some(rest) = tried {
                 self.say_draft_plan(n, held, rows);
                 self.draft_neurons.set(Some(n));
                 self.draft_head_rows.set(rows);
-                return Ok(done);
+                // Once more, aloud: the same budget gives the same plan.
+                return plan(rest);
             }
             match (n, rows) {
                 (0, 0) => return plan(budget),
@@ -295,8 +305,8 @@ impl Runner {
         }
     }
 
-    /// A plan of `budget` less `held` bytes, and less the drafting head of `rows` rows when
-    /// that plan streams the output head; `None` when either does not fit.
+    /// The budget left once `held` bytes and, when the plan of the rest streams the output
+    /// head, a drafting head of `rows` rows are taken out, if what is left plans.
     fn try_draft_plan(
         &self,
         image: &FlashImage,
@@ -304,14 +314,15 @@ impl Runner {
         held: u64,
         rows: usize,
         plan: &impl Fn(u64) -> anyhow::Result<(Selection, budget::Plan)>,
-    ) -> Option<(Selection, budget::Plan)> {
+    ) -> Option<u64> {
         let rest = budget.checked_sub(held)?;
         let first = plan(rest).ok()?;
         let head = draft_head_bytes(image, &first.1, rows);
         if head == 0 {
-            return Some(first);
+            return Some(rest);
         }
-        plan(rest.checked_sub(head)?).ok()
+        let rest = rest.checked_sub(head)?;
+        plan(rest).ok().map(|_| rest)
     }
 
     fn say_draft_plan(&self, n: usize, held: u64, rows: usize) {
@@ -387,7 +398,12 @@ impl Runner {
             _ => plan.expected_reads(&dn, |_, s| n.saturating_sub(s) as f64),
         };
         // Neither fits: report the smaller of the two minimums.
-        choose_selection("memory plan", plans, share, reads)
+        let say = |m: &str| {
+            if !self.quiet.get() {
+                eprintln!("{m}")
+            }
+        };
+        choose_selection("memory plan", plans, share, reads, say)
             .map_err(|(p, d)| if d.minimum() < p.minimum() { d } else { p }.into())
     }
 
