@@ -377,3 +377,88 @@ fn a_draft_with_another_vocabulary_is_refused() {
     );
     assert!(err.contains("vocabular"), "{err}");
 }
+
+/// Speculative sampling end to end: a tiny llama drafted by another tiny llama (same
+/// vocabulary, other weights), temperature 1. The second token's distribution over many
+/// seeded draws must match the target's exact marginal `sum_t0 p(t0) p(t1 | t0)` by a
+/// chi-square test (bins with fewer than 5 expected draws merged).
+#[test]
+fn speculative_sampling_keeps_the_target_distribution_end_to_end() {
+    let target = load(&common::fixture("hf/llama")).expect("target");
+    let other = load(&common::fixture("hf/llama-tied")).expect("draft");
+    let (tw, dw) = (&target.weights, &other.weights);
+    let vocab = tw.config.vocab_size;
+    let prompt = common::tokens(6, vocab);
+    let sampling = |seed| Sampling::Random {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed,
+    };
+    let probe = Sampler::new(sampling(0));
+    // The exact marginal of the second token.
+    let mut s = Session::new(tw, 16).with_kv_type(KvType::F32);
+    let first = probe.distribution(s.prefill(&prompt).expect("prefill"));
+    let mut expected = vec![0.0f64; vocab];
+    for (&t0, &p0) in first.ids.iter().zip(&first.probs) {
+        s.truncate(prompt.len());
+        let second = probe.distribution(s.step(t0, true).expect("step"));
+        for (&t1, &p1) in second.ids.iter().zip(&second.probs) {
+            expected[t1 as usize] += p0 * p1;
+        }
+    }
+    let draws = 6000u64;
+    let mut counts = vec![0u64; vocab];
+    let opts = DraftOptions {
+        max: 1,
+        min: 1,
+        p_min: 0.0,
+    };
+    let mut accepted = 0;
+    for seed in 0..draws {
+        let mut session = Session::new(tw, 16).with_kv_type(KvType::F32);
+        let mut d = ModelDraft::new(Session::new(dw, 16).with_kv_type(KvType::F32), 0.0, 0);
+        let mut sampler = Sampler::new(sampling(seed + 1));
+        let g = draft::generate(
+            &mut session,
+            Some((&mut d, "tied")),
+            &opts,
+            &prompt,
+            2,
+            &mut sampler,
+            |_| false,
+            |_| {},
+        )
+        .expect("generate");
+        accepted += g.stats.draft.expect("stats").accepted;
+        counts[g.tokens[1] as usize] += 1;
+    }
+    // Both outcomes occur, so the test exercises acceptance and the residual.
+    assert!(
+        accepted > draws / 20 && accepted < draws * 19 / 20,
+        "{accepted}"
+    );
+    let (mut chi, mut bins, mut rest_e, mut rest_c) = (0.0, 0usize, 0.0, 0u64);
+    for (&p, &c) in expected.iter().zip(&counts) {
+        let e = p * draws as f64;
+        if e < 5.0 {
+            rest_e += e;
+            rest_c += c;
+            continue;
+        }
+        chi += (c as f64 - e).powi(2) / e;
+        bins += 1;
+    }
+    if rest_e > 0.0 {
+        chi += (rest_c as f64 - rest_e).powi(2) / rest_e;
+        bins += 1;
+    }
+    // Wilson-Hilferty: the chi-square quantile at 0.999 for `bins - 1` degrees of freedom.
+    let k = (bins - 1) as f64;
+    let z = 3.09;
+    let limit = k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3);
+    assert!(
+        chi < limit,
+        "chi2 {chi:.1} over {bins} bins, limit {limit:.1}"
+    );
+}
