@@ -38,7 +38,7 @@ pub struct FlashArgs {
     #[arg(long, default_value_t = 5)]
     pub window: usize,
     /// Concurrent reads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::values::io_threads)]
     pub io_threads: usize,
     /// A disk curve saved by `bench --probe-disk`: the number of concurrent reads is then the
     /// one the curve says reads fastest at --max-read (replacing --io-threads).

@@ -31,16 +31,16 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', conflicts_with = "chat")]
     token_ids: Option<Vec<u32>>,
     /// Tokens to generate at most.
-    #[arg(short, long, default_value_t = 64)]
+    #[arg(short, long, default_value_t = 64, value_parser = super::values::tokens)]
     n: usize,
     /// Always take the most likely token (the default unless --temp is given).
     #[arg(long, conflicts_with_all = ["temp", "top_p", "top_k", "seed"])]
     greedy: bool,
     /// Sampling temperature.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = super::values::temperature)]
     temp: Option<f32>,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true, value_parser = super::values::top_p)]
     top_p: f32,
     /// Keep only the K most likely tokens before sampling (0 = all).
     #[arg(long, default_value_t = 40)]
@@ -64,7 +64,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = F16Mode::Auto)]
     gpu_f16: F16Mode,
     /// Context length (positions) to allocate.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = super::values::context)]
     ctx: usize,
     /// Print one JSON object (text, tokens, stats) instead of streaming text.
     #[arg(long)]

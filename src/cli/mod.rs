@@ -10,6 +10,7 @@ mod inspect;
 mod perplexity;
 mod reorder;
 mod runner;
+mod values;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -15,10 +15,10 @@ pub struct Args {
     #[arg(short, long)]
     file: PathBuf,
     /// Tokens per window.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = super::values::context)]
     ctx: usize,
     /// Score at most this many windows.
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::chunks)]
     chunks: Option<usize>,
     #[command(flatten)]
     flash: super::flash_args::FlashArgs,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::sampler::Sampler;
 use crate::engine::stats::DraftStats;
-use crate::engine::{self, add_flash_costs, summarize, Generation, Session};
+use crate::engine::{self, add_flash_costs, finite, summarize, Generation, Session};
 
 use super::length::DraftLength;
 use super::{accept, Draft, DraftError, DraftOptions, Proposal};
@@ -43,14 +43,15 @@ pub fn generate(
     };
     let t0 = Instant::now();
     draft.before_prompt(session);
-    let mut next = sampler.sample(session.prefill(prompt)?);
+    let mut next = sampler.sample(finite(session.prefill(prompt)?, prompt.len())?);
     draft.after_prompt(session, prompt)?;
     let prompt_ms = ms(t0.elapsed());
     let before = session.flash_stats();
     let t1 = Instant::now();
     let vocab = session.weights().config.vocab_size;
     let mut history = prompt.to_vec();
-    let mut tokens = Vec::with_capacity(max_new);
+    // No more tokens than the context holds, whatever `max_new` asks.
+    let mut tokens = Vec::with_capacity(max_new.min(session.capacity()));
     let mut proposal = Proposal::default();
     let mut ds = DraftStats {
         source: source.to_string(),
@@ -82,7 +83,8 @@ pub fn generate(
         let tv = Instant::now();
         ds.passes += 1;
         if proposal.is_empty() {
-            next = sampler.sample(session.step(next, true)?);
+            let at = session.position() + 1;
+            next = sampler.sample(finite(session.step(next, true)?, at)?);
             verifying += tv.elapsed();
             length.stepped(ms(tv.elapsed()));
             continue;
@@ -91,7 +93,7 @@ pub fn generate(
         let mut batch = Vec::with_capacity(proposal.len() + 1);
         batch.push(next);
         batch.extend_from_slice(&proposal.tokens);
-        let rows = session.verify(&batch)?;
+        let rows = finite(session.verify(&batch)?, verified + 1)?;
         let a = accept(rows, vocab, &proposal, sampler);
         session.truncate(verified + 1 + a.kept);
         verifying += tv.elapsed();

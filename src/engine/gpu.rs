@@ -171,7 +171,8 @@ pub fn generate_gpu(
     let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
     let before = model.counters();
     let t1 = Instant::now();
-    let mut tokens = Vec::with_capacity(max_new);
+    // No more tokens than the context holds, whatever `max_new` asks.
+    let mut tokens = Vec::with_capacity(max_new.min(model.capacity()));
     while tokens.len() < max_new && !is_end(next) {
         tokens.push(next);
         on_token(next);

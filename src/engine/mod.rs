@@ -29,6 +29,17 @@ pub enum EngineError {
     BadToken { id: u32, vocab: usize },
     #[error("the prompt is empty: give at least one token")]
     EmptyPrompt,
+    #[error("the logits after position {position} are not finite numbers (NaN or infinite): the weights read are damaged or the model overflowed; check the file (`llmflash inspect --verify`) or convert it again")]
+    NonFinite { position: usize },
+}
+
+/// `logits` if every value is finite; a NaN or infinite logit (damaged weights, an overflow)
+/// is an error, never a token.
+pub fn finite(logits: &[f32], position: usize) -> Result<&[f32], EngineError> {
+    match logits.iter().all(|v| v.is_finite()) {
+        true => Ok(logits),
+        false => Err(EngineError::NonFinite { position }),
+    }
 }
 
 /// One sequence being decoded: its KV cache, scratch buffers, and the FFN provider.
@@ -342,18 +353,20 @@ pub fn generate(
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, EngineError> {
     let t0 = Instant::now();
-    let mut next = sampler.sample(session.prefill(prompt)?);
+    let mut next = sampler.sample(finite(session.prefill(prompt)?, prompt.len())?);
     let prompt_ms = ms_since(t0);
     let before = session.flash_stats();
     let t1 = Instant::now();
-    let mut tokens = Vec::with_capacity(max_new);
+    // No more tokens than the context holds, whatever `max_new` asks.
+    let mut tokens = Vec::with_capacity(max_new.min(session.capacity()));
     while tokens.len() < max_new && !is_end(next) {
         tokens.push(next);
         on_token(next);
         if tokens.len() == max_new || session.kv.is_full() {
             break;
         }
-        next = sampler.sample(session.step(next, true)?);
+        let at = session.position() + 1;
+        next = sampler.sample(finite(session.step(next, true)?, at)?);
     }
     let decode_ms = ms_since(t1);
     let mut stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
