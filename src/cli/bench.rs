@@ -157,12 +157,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             };
             for budget in budgets {
                 let first = rows.len();
-                for draft in &a.draft {
-                    eprintln!(
-                        "bench: {backend} {strategy:?}, budget {:?}, draft {draft}",
-                        budget.map(Bytes)
-                    );
-                    rows.push(measure(&a, is_image, backend, strategy, budget, draft)?);
+                // Run by run, each draft source in turn: a machine whose speed drifts then
+                // moves every source's median alike, and the ratios stay fair.
+                let mut samples = vec![Vec::new(); a.draft.len()];
+                for run in 0..a.runs.max(1) {
+                    for (draft, got) in a.draft.iter().zip(&mut samples) {
+                        eprintln!(
+                            "bench: {backend} {strategy:?}, budget {:?}, draft {draft}, run {}",
+                            budget.map(Bytes),
+                            run + 1
+                        );
+                        got.push(sample(&a, is_image, backend, strategy, budget, draft)?);
+                    }
+                }
+                for (draft, got) in a.draft.iter().zip(&samples) {
+                    rows.push(row(got, backend, strategy, budget, draft));
                 }
                 let plain = rows[first..].iter().find(|r| r.draft == "none");
                 let plain = plain.map(|r| r.tokens_per_s);
@@ -201,67 +210,75 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(
+/// One `llmflash generate --json` run of a configuration: its stats.
+fn sample(
     a: &Args,
     is_image: bool,
     backend: &str,
     strategy: Strategy,
     budget: Option<u64>,
     draft: &str,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<serde_json::Value> {
     let exe = std::env::current_exe().context("locating the llmflash binary")?;
-    let mut samples = Vec::new();
-    for _ in 0..a.runs.max(1) {
-        if a.drop_caches {
-            drop_page_cache()?;
-        }
-        let mut cmd = Command::new(&exe);
-        // This process runs inside the worker pool sized by --threads: pass the size on.
-        cmd.args(["--threads", &rayon::current_num_threads().to_string()])
-            .arg("generate")
-            .arg("-m")
-            .arg(a.model.as_deref().context("--model is required")?)
-            .args([
-                "-p",
-                &a.prompt,
-                "-n",
-                &a.n.to_string(),
-                "--json",
-                "--greedy",
-            ]);
-        if is_image {
-            cmd.args(["--strategy", &format!("{strategy:?}").to_lowercase()]);
-        }
-        cmd.args(["--backend", backend]);
-        let budget_flag = if backend == "gpu" {
-            if let Some(name) = &a.gpu_adapter {
-                cmd.args(["--gpu-adapter", name]);
-            }
-            cmd.args(["--gpu-f16", &a.gpu_f16]);
-            "--vram-budget"
-        } else {
-            "--memory-budget"
-        };
-        if let Some(b) = budget {
-            cmd.args([budget_flag, &b.to_string()]);
-        }
-        if backend == "cpu" {
-            cmd.args(["--draft", draft]);
-        }
-        if let Some(extra) = &a.extra {
-            cmd.args(extra.split_whitespace());
-        }
-        let out = cmd.output().context("running llmflash generate")?;
-        if !out.status.success() {
-            bail!(
-                "generate failed for {backend} {strategy:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .context("parsing the JSON printed by llmflash generate")?;
-        samples.push(json["stats"].clone());
+    if a.drop_caches {
+        drop_page_cache()?;
     }
+    let mut cmd = Command::new(&exe);
+    // This process runs inside the worker pool sized by --threads: pass the size on.
+    cmd.args(["--threads", &rayon::current_num_threads().to_string()])
+        .arg("generate")
+        .arg("-m")
+        .arg(a.model.as_deref().context("--model is required")?)
+        .args([
+            "-p",
+            &a.prompt,
+            "-n",
+            &a.n.to_string(),
+            "--json",
+            "--greedy",
+        ]);
+    if is_image {
+        cmd.args(["--strategy", &format!("{strategy:?}").to_lowercase()]);
+    }
+    cmd.args(["--backend", backend]);
+    let budget_flag = if backend == "gpu" {
+        if let Some(name) = &a.gpu_adapter {
+            cmd.args(["--gpu-adapter", name]);
+        }
+        cmd.args(["--gpu-f16", &a.gpu_f16]);
+        "--vram-budget"
+    } else {
+        "--memory-budget"
+    };
+    if let Some(b) = budget {
+        cmd.args([budget_flag, &b.to_string()]);
+    }
+    if backend == "cpu" {
+        cmd.args(["--draft", draft]);
+    }
+    if let Some(extra) = &a.extra {
+        cmd.args(extra.split_whitespace());
+    }
+    let out = cmd.output().context("running llmflash generate")?;
+    if !out.status.success() {
+        bail!(
+            "generate failed for {backend} {strategy:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .context("parsing the JSON printed by llmflash generate")?;
+    Ok(json["stats"].clone())
+}
+
+/// The medians of one configuration's runs.
+fn row(
+    samples: &[serde_json::Value],
+    backend: &str,
+    strategy: Strategy,
+    budget: Option<u64>,
+    draft: &str,
+) -> Row {
     // The median of a stats field, at the top level or in a section (`gpu`, `draft`).
     let median_of = |section: Option<&str>, key: &str| {
         let field = |s: &serde_json::Value| match section {
@@ -278,7 +295,7 @@ fn measure(
     let gpu = |key: &str| median_of(Some("gpu"), key);
     let first_gpu = samples.first().map(|s| &s["gpu"]);
     let first = samples.first().cloned().unwrap_or_default();
-    Ok(Row {
+    Row {
         backend: backend.to_string(),
         uploaded_bytes_per_token: gpu("bytes_uploaded_per_token"),
         gpu_wait_ms: gpu("gpu_wait_ms_per_token"),
@@ -318,7 +335,7 @@ fn measure(
         acceptance: (draft != "none").then(|| draft_med("acceptance_rate")),
         tokens_per_pass: (draft != "none").then(|| draft_med("tokens_per_pass")),
         vs_no_draft: None,
-    })
+    }
 }
 
 impl Row {

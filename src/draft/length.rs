@@ -8,6 +8,9 @@
 //! right pay, and `k = 0` (a plain step) is chosen when none does: speculation then costs
 //! nothing. All three are measured as decoding runs (moving averages).
 
+/// Tokens drafted by the first verify pass, before its costs are known.
+const FIRST_DRAFT: usize = 2;
+
 /// Weight of a new observation in the moving averages.
 const EMA: f64 = 0.2;
 
@@ -51,8 +54,10 @@ impl DraftLength {
         let Some(t1) = self.step_ms else {
             return 0;
         };
+        // The first verify pass measures what an extra position costs: short, since where it
+        // costs nearly a step (compute-bound runs) a long first guess loses most.
         let Some(m) = self.extra_ms else {
-            return limit;
+            return limit.min(FIRST_DRAFT);
         };
         let a = self.acceptance.clamp(0.0, 0.999);
         let rate = |k: usize| {
@@ -135,6 +140,7 @@ mod tests {
         let mut l = DraftLength::new(0, 8);
         assert_eq!(l.next(8), 0);
         l.stepped(10.0);
-        assert_eq!(l.next(3), 3);
+        assert_eq!(l.next(1), 1);
+        assert_eq!(l.next(8), FIRST_DRAFT);
     }
 }
