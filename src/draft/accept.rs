@@ -11,6 +11,8 @@
 //! then distributed as plain sampling's. A draft proposed with certainty (an n-gram lookup, a
 //! greedy draft) is the point mass `q(x) = 1`.
 
+use std::collections::HashMap;
+
 use crate::engine::sampler::{argmax, Dist, Sampler};
 
 use super::Proposal;
@@ -63,12 +65,15 @@ pub fn accept(rows: &[f32], vocab: usize, proposal: &Proposal, sampler: &mut Sam
 /// `max(0, p - q)` renormalised; `q = None` is the point mass on `x`. Where the residual has
 /// no mass (`p <= q` everywhere, so a rejection had probability 0), `p` itself.
 fn residual(p: &Dist, q: Option<&Dist>, x: u32) -> Dist {
+    // q by token, so that a distribution over the whole vocabulary (top-k 0) costs one pass,
+    // not one search of q per token of p.
+    let q: HashMap<u32, f64> = match q {
+        Some(q) => q.ids.iter().copied().zip(q.probs.iter().copied()).collect(),
+        None => HashMap::from([(x, 1.0)]),
+    };
     let mut r = Dist::default();
     for (&id, &pi) in p.ids.iter().zip(&p.probs) {
-        let qi = match q {
-            Some(q) => q.prob(id),
-            None => f64::from(id == x),
-        };
+        let qi = q.get(&id).copied().unwrap_or(0.0);
         if pi > qi {
             r.ids.push(id);
             r.probs.push(pi - qi);
