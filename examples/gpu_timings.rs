@@ -10,9 +10,33 @@ use std::time::Instant;
 use llmflash::backend::cpu::quant;
 use llmflash::backend::gpu::buffers::{read, storage_f32, GpuMatrix};
 use llmflash::backend::gpu::kernels::matvec::matvec;
+use llmflash::backend::gpu::kernels::Width;
 use llmflash::backend::gpu::pipeline::{submit, Dispatch};
 use llmflash::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
 use llmflash::model::tensor::DType;
+
+/// A verify pass of `n` tokens (speculative decoding) against `n` decode steps of
+/// `step_ms` each: medians of 5 passes at the same positions, cut back after each.
+fn verify_timings(dec: &mut GpuDecoder, step_ms: f64) -> Result<(), Box<dyn std::error::Error>> {
+    let at = dec.position();
+    for n in [1usize, 2, 4, 7, 8, 16] {
+        let tokens: Vec<u32> = (0..n as u32).map(|i| 100 + i).collect();
+        let mut t = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            dec.verify(&tokens)?;
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+            dec.truncate(at);
+        }
+        t.sort_by(f64::total_cmp);
+        let ms = t[t.len() / 2];
+        println!(
+            "verify pass of {n:>2} tokens: {ms:.1} ms, {:.2}x the time of {n} steps",
+            ms / (n as f64 * step_ms)
+        );
+    }
+    Ok(())
+}
 
 /// Median milliseconds of `reps` submissions of `d`, each waited for.
 fn time(ctx: &GpuContext, d: &[Dispatch], out: &wgpu::Buffer, reps: usize) -> f64 {
@@ -51,7 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let m = GpuMatrix::from_bytes(&ctx, "w", dtype, rows, cols, &bytes)?;
         let x = storage_f32(&ctx, "x", &vec![0.5; cols])?;
         let y = storage_f32(&ctx, "y", &vec![0.0; rows])?;
-        let d = matvec(&ctx, &m, &x, None, &y)?;
+        let d = matvec(&ctx, &m, &x, None, &y, Width::One, 1)?;
         println!(
             "matvec {dtype} {rows} x {cols} ({:.1} MB): {:.2} ms",
             bytes.len() as f64 / 1e6,
@@ -60,7 +84,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(path) = std::env::args().nth(1) {
         let model = llmflash::model::load(std::path::Path::new(&path))?;
-        let mut dec = GpuDecoder::new(&ctx, &model.weights, 512)?;
+        let kv = llmflash::engine::kv_cache::KvType::F32;
+        let mut dec = GpuDecoder::with_verify(&ctx, &model.weights, 512, kv, 16)?;
         dec.step(1)?;
         let n = 16;
         let t0 = Instant::now();
@@ -78,6 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "decode step at positions 1..{}: {with_logits:.1} ms with logits, {greedy:.1} ms greedy (argmax on the GPU)",
             2 * n + 1
         );
+        verify_timings(&mut dec, with_logits)?;
     }
     Ok(())
 }

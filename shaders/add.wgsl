@@ -13,8 +13,8 @@ struct Params {
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x;
-    if (i < P.n) {
+    let i = gid.z * P.n + gid.x;
+    if (gid.x < P.n) {
         Y[i] += X[i];
     }
 }

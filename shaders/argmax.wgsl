@@ -22,11 +22,12 @@ fn beats(v: f32, i: u32, bv: f32, bi: u32) -> bool {
 }
 
 @compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) li: u32) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let o = wg.z * P.n;
     var bv = -3.4028235e38;
     var bi = 0xffffffffu;
     for (var i = li; i < P.n; i += WG) {
-        let v = X[i];
+        let v = X[o + i];
         if (beats(v, i, bv, bi)) {
             bv = v;
             bi = i;
@@ -44,6 +45,6 @@ fn main(@builtin(local_invocation_index) li: u32) {
     }
     if (li == 0u) {
         // All values NaN or -inf: index 0, as the CPU's argmax.
-        OUT[0] = select(best_i[0], 0u, best_i[0] == 0xffffffffu);
+        OUT[wg.z] = select(best_i[0], 0u, best_i[0] == 0xffffffffu);
     }
 }

@@ -1,7 +1,10 @@
 // Causal attention of one new token over a GPU-resident KV cache, grouped-query aware:
 // out_h = softmax(q_h . K_g^T * scale) V_g over positions 0..Step.n_pos, g = h / (n_heads /
-// n_kv_heads). One workgroup per query head. The scores live in a global scratch row per head
-// (the context can outgrow workgroup memory); each phase's writes are made visible to the
+// n_kv_heads). One workgroup per query head; workgroups along z take the pass's columns, column
+// c being the token at S.pos + c, which attends over positions 0..S.n_pos + c (its own
+// included: the pass's kv_store has written every column's row first). The scores live in a
+// global scratch row per head and column (the context can outgrow workgroup memory); each
+// phase's writes are made visible to the
 // whole workgroup by a storage barrier. Probabilities are normalised before the weighted sum,
 // as the CPU reference does. The cache holds f32 values, or with KV_F16 f16 values two to a
 // u32, read through the f16 views KC_H and VC_H in the native form (see kv_store.wgsl); either
@@ -22,7 +25,7 @@ struct Params {
 struct Step {
     pos: u32,
     n_pos: u32,
-    token_row: u32,
+    n_cols: u32,
     pos_row: u32,
 }
 
@@ -79,13 +82,14 @@ fn reduce(li: u32, v: f32, is_max: bool) -> f32 {
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wg.x;
+    let c = wg.z;
     let hd = P.head_dim;
     let kv_dim = P.n_kv_heads * hd;
     let g = h / (P.n_heads / P.n_kv_heads);
-    let q0 = h * hd;
+    let q0 = (c * P.n_heads + h) * hd;
     let k0 = g * hd;
-    let row = h * P.max_ctx;
-    let n = S.n_pos;
+    let row = (c * P.n_heads + h) * P.max_ctx;
+    let n = S.n_pos + c;
 
     var m = -3.4028235e38;
     for (var t = li; t < n; t += WG) {

@@ -16,8 +16,8 @@ override KIND: u32 = 0u;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x;
-    if (i >= P.n) {
+    let i = gid.z * P.n + gid.x;
+    if (gid.x >= P.n) {
         return;
     }
     if (KIND == 0u) {

@@ -13,7 +13,7 @@ struct Params {
 struct Step {
     pos: u32,
     n_pos: u32,
-    token_row: u32,
+    n_cols: u32,
     pos_row: u32,
 }
 
@@ -31,24 +31,28 @@ override KV_F16: bool = false;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x;
+    // Column c of the pass: its key and value at c * kv_dim, its cache row S.pos + c.
+    let c = gid.z;
+    let row = S.pos + c;
+    let k = c * P.kv_dim;
     if (KV_F16) {
         // Invocation i packs values 2i and 2i + 1.
         let half_dim = P.kv_dim / 2u;
         if (i >= half_dim) {
             return;
         }
-        let at = S.pos * half_dim + i;
-        //@packed KC[at] = pack2x16float(vec2<f32>(K[2u * i], K[2u * i + 1u]));
-        //@packed VC[at] = pack2x16float(vec2<f32>(VAL[2u * i], VAL[2u * i + 1u]));
-        //@native KC_H[2u * at] = f16(K[2u * i]);
-        //@native KC_H[2u * at + 1u] = f16(K[2u * i + 1u]);
-        //@native VC_H[2u * at] = f16(VAL[2u * i]);
-        //@native VC_H[2u * at + 1u] = f16(VAL[2u * i + 1u]);
+        let at = row * half_dim + i;
+        //@packed KC[at] = pack2x16float(vec2<f32>(K[k + 2u * i], K[k + 2u * i + 1u]));
+        //@packed VC[at] = pack2x16float(vec2<f32>(VAL[k + 2u * i], VAL[k + 2u * i + 1u]));
+        //@native KC_H[2u * at] = f16(K[k + 2u * i]);
+        //@native KC_H[2u * at + 1u] = f16(K[k + 2u * i + 1u]);
+        //@native VC_H[2u * at] = f16(VAL[k + 2u * i]);
+        //@native VC_H[2u * at + 1u] = f16(VAL[k + 2u * i + 1u]);
         return;
     }
     if (i >= P.kv_dim) {
         return;
     }
-    KC[S.pos * P.kv_dim + i] = bitcast<u32>(K[i]);
-    VC[S.pos * P.kv_dim + i] = bitcast<u32>(VAL[i]);
+    KC[row * P.kv_dim + i] = bitcast<u32>(K[k + i]);
+    VC[row * P.kv_dim + i] = bitcast<u32>(VAL[k + i]);
 }

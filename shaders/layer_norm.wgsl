@@ -34,24 +34,25 @@ fn reduce_sum(li: u32, v: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) li: u32) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let o = wg.z * P.n;
     let n = f32(P.n);
     var acc = 0.0;
     for (var i = li; i < P.n; i += WG) {
-        acc += X[i];
+        acc += X[o + i];
     }
     let mean = reduce_sum(li, acc) / n;
     var sq = 0.0;
     for (var i = li; i < P.n; i += WG) {
-        sq += (X[i] - mean) * (X[i] - mean);
+        sq += (X[o + i] - mean) * (X[o + i] - mean);
     }
     let scale = 1.0 / sqrt(reduce_sum(li, sq) / n + P.eps);
     let has_bias = (P.flags & 1u) != 0u;
     for (var i = li; i < P.n; i += WG) {
-        var y = (X[i] - mean) * scale * WEIGHT[i];
+        var y = (X[o + i] - mean) * scale * WEIGHT[i];
         if (has_bias) {
             y += BIAS[i];
         }
-        Y[i] = y;
+        Y[o + i] = y;
     }
 }

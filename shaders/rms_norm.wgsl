@@ -1,4 +1,5 @@
-// RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, one workgroup over the whole vector.
+// RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, one workgroup over the whole vector; workgroups
+// along z take the pass's columns (vectors at c * n).
 // The CPU sums squares in f64; here it is f32 in a tree, which differs by a few ulps.
 
 struct Params {
@@ -17,10 +18,11 @@ const WG: u32 = 256u;
 var<workgroup> red: array<f32, 256>;
 
 @compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) li: u32) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let o = wg.z * P.n;
     var acc = 0.0;
     for (var i = li; i < P.n; i += WG) {
-        acc += X[i] * X[i];
+        acc += X[o + i] * X[o + i];
     }
     red[li] = acc;
     workgroupBarrier();
@@ -32,6 +34,6 @@ fn main(@builtin(local_invocation_index) li: u32) {
     }
     let scale = 1.0 / sqrt(red[0] / f32(P.n) + P.eps);
     for (var i = li; i < P.n; i += WG) {
-        Y[i] = X[i] * scale * WEIGHT[i];
+        Y[o + i] = X[o + i] * scale * WEIGHT[i];
     }
 }

@@ -14,7 +14,7 @@ struct Params {
 struct Step {
     pos: u32,
     n_pos: u32,
-    token_row: u32,
+    n_cols: u32,
     pos_row: u32,
 }
 
@@ -29,18 +29,20 @@ override STYLE: u32 = 0u;
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let half = P.head_dim / 2u;
     let t = gid.x;
+    let c = gid.z;
     if (t >= P.n_heads * half) {
         return;
     }
     let head = t / half;
     let i = t % half;
-    var a = head * P.head_dim + 2u * i;
+    let o = c * P.n_heads * P.head_dim;
+    var a = o + head * P.head_dim + 2u * i;
     var b = a + 1u;
     if (STYLE == 1u) {
-        a = head * P.head_dim + i;
+        a = o + head * P.head_dim + i;
         b = a + half;
     }
-    let cs = TABLE[S.pos * half + i];
+    let cs = TABLE[(S.pos + c) * half + i];
     let x0 = V[a];
     let x1 = V[b];
     V[a] = x0 * cs.x - x1 * cs.y;

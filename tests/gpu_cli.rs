@@ -217,3 +217,71 @@ fn bench_measures_both_backends() {
     assert!(gpu["uploaded_bytes_per_token"].as_f64().unwrap() > 0.0);
     assert!(gpu["adapter"].is_string());
 }
+
+/// Speculative decoding on the GPU (`--draft`, the dense decoder's verify pass): greedy tokens
+/// equal `--draft none` on the GPU, with prompt lookup and with a draft model (SmolLM2 itself:
+/// the same vocabulary, so most drafts are accepted and the verify passes hold several tokens).
+#[test]
+fn gpu_drafts_keep_the_greedy_tokens() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let Some(gguf) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let code =
+        "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n";
+    let args = ["-p", code, "-n", "40", "--backend", "gpu"];
+    let (plain, stats) = generate(&gguf, &[&args[..], &["--draft", "none"]].concat());
+    assert!(stats["draft"].is_null(), "{stats}");
+    assert_eq!(plain.len(), 40);
+    let model = gguf.to_str().expect("utf-8 path");
+    // On lavapipe a verify pass costs about as much as its steps (a CPU emulating a GPU is
+    // compute-bound), so the adaptive length would stop drafting: --draft-min keeps it on.
+    for draft in ["ngram", model] {
+        let with = ["--draft", draft, "--draft-min", "3"];
+        let (got, stats) = generate(&gguf, &[&args[..], &with].concat());
+        assert_eq!(
+            got, plain,
+            "--draft {draft} on the GPU changed the greedy tokens"
+        );
+        let d = &stats["draft"];
+        assert!(d["accepted"].as_u64().unwrap() > 0, "--draft {draft}: {d}");
+        assert!(
+            d["tokens_per_pass"].as_f64().unwrap() > 1.0,
+            "--draft {draft}: {d}"
+        );
+        assert_eq!(stats["strategy"], "gpu", "{stats}");
+        assert!(
+            stats["gpu"]["resident_bytes"].as_u64().unwrap() > 0,
+            "{stats}"
+        );
+    }
+}
+
+/// What the GPU cannot draft with is refused up front, with what to do instead.
+#[test]
+fn gpu_drafts_it_cannot_run_are_refused() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = common::fixture("hf/llama");
+    let out = Command::new(env!("CARGO_BIN_EXE_llmflash"))
+        .args(["generate", "-m"])
+        .arg(&dir)
+        .args([
+            "--token-ids",
+            "1,2,3",
+            "-n",
+            "4",
+            "--backend",
+            "gpu",
+            "--draft",
+            "self",
+        ])
+        .output()
+        .expect("running llmflash");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--draft self on the GPU ran");
+    assert!(err.contains("--draft ngram"), "{err}");
+}

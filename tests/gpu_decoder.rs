@@ -245,3 +245,67 @@ fn the_native_f16_form_matches_the_packed_form() {
         }
     }
 }
+
+/// A verify pass (speculative decoding) against single steps on the same decoder kind: each
+/// row of `verify` must equal what `step` returns at that position, to the bit (every column
+/// runs the single step's code), across passes of 1 to 11 tokens (two matvec column blocks),
+/// after truncating back over rejected positions, and through a batched prefill.
+fn check_verify(weights: &ModelWeights, what: &str, kv: KvType) {
+    let Some(ctx) = common::gpu() else { return };
+    let vocab = weights.config.vocab_size;
+    let tokens = common::tokens(40, vocab);
+    let mut plain = GpuDecoder::with_kv_type(ctx, weights, 64, kv).expect("decoder");
+    let mut want = Vec::new();
+    for &t in &tokens {
+        want.push(plain.step(t).expect("step").to_vec());
+    }
+    let mut wide = GpuDecoder::with_verify(ctx, weights, 64, kv, 11).expect("wide decoder");
+    assert_eq!(wide.verify_width(), 11);
+    let mut at = 0;
+    for n in [1usize, 3, 11, 2, 8, 9] {
+        let n = n.min(tokens.len() - at);
+        let rows = wide.verify(&tokens[at..at + n]).expect("verify").to_vec();
+        assert_eq!(rows.len(), n * vocab, "{what}: rows of a pass of {n}");
+        for (i, row) in rows.chunks(vocab).enumerate() {
+            assert!(
+                row == want[at + i].as_slice(),
+                "{what}: verify row {i} of {n} (position {}) differs from the step's logits",
+                at + i
+            );
+        }
+        // Keep all but the last two, as after a rejection, and run them again.
+        let keep = n.saturating_sub(2).max(1);
+        wide.truncate(at + keep);
+        assert_eq!(wide.position(), at + keep);
+        at += keep;
+    }
+    let greedy = wide
+        .verify_greedy(&tokens[at..at + 4])
+        .expect("greedy")
+        .to_vec();
+    let argmaxes: Vec<u32> = (0..4).map(|i| argmax(&want[at + i])).collect();
+    assert_eq!(
+        greedy, argmaxes,
+        "{what}: greedy verify picks the steps' argmaxes"
+    );
+    wide.reset();
+    let last = wide.prefill(&tokens[..25]).expect("prefill").to_vec();
+    assert!(last == want[24], "{what}: a batched prefill's last logits");
+}
+
+#[test]
+fn verify_passes_equal_steps_on_every_family() {
+    for name in ["llama", "llama-tied", "qwen2", "opt", "opt-proj"] {
+        let model = load(&common::fixture(&format!("hf/{name}"))).expect("loading");
+        check_verify(&model.weights, name, KvType::F32);
+    }
+}
+
+#[test]
+fn verify_passes_equal_steps_on_smollm2() {
+    let Some(path) = common::model(SMOLLM2, "tools/fetch-model") else {
+        return;
+    };
+    let model = load(&path).expect("loading SmolLM2");
+    check_verify(&model.weights, "SmolLM2 f16 cache", KvType::F16);
+}

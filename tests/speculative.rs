@@ -4,7 +4,10 @@
 
 mod common;
 
-use llmflash::draft::{self, Draft, DraftError, DraftOptions, ModelDraft, NgramDraft, Proposal};
+use llmflash::backend::gpu::GpuDecoder;
+use llmflash::draft::{
+    self, Draft, DraftError, DraftOptions, ModelDraft, NgramDraft, Proposal, Target,
+};
 use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
 use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::model::Model;
@@ -16,10 +19,10 @@ use llmflash::model::load;
 /// A draft that proposes `max` pseudo-random tokens, mostly wrong: every pass rolls back.
 struct Noise(u32, usize);
 
-impl Draft for Noise {
+impl<T: Target + ?Sized> Draft<T> for Noise {
     fn propose(
         &mut self,
-        _target: &mut Session,
+        _target: &mut T,
         history: &[u32],
         max: usize,
         _sampler: &mut Sampler,
@@ -49,7 +52,12 @@ fn plain(session: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
         .tokens
 }
 
-fn drafted(session: &mut Session, d: &mut dyn Draft, prompt: &[u32], n: usize) -> Vec<u32> {
+fn drafted<T: Target + ?Sized>(
+    session: &mut T,
+    d: &mut dyn Draft<T>,
+    prompt: &[u32],
+    n: usize,
+) -> Vec<u32> {
     let opts = DraftOptions {
         max: 5,
         ..DraftOptions::default()
@@ -99,6 +107,30 @@ fn every_draft_keeps_greedy_tokens_on_the_hf_fixtures() {
 
 /// Verify then truncate leaves the cache as if the rejected positions had never run: the
 /// logits after any accepted prefix equal those of plain steps.
+/// The GPU decoder as the target: its verify passes (every drafted position in one pass) and
+/// truncations keep greedy tokens plain, with drafts mostly rejected (noise) or mostly
+/// accepted (the model itself as its own draft), on every family of the HF fixtures.
+#[test]
+fn gpu_verify_passes_keep_greedy_tokens() {
+    let Some(ctx) = common::gpu() else { return };
+    for name in ["llama", "qwen2", "opt"] {
+        let model = Model::open(&common::fixture(&format!("hf/{name}"))).expect("open");
+        let vocab = model.weights.config.vocab_size;
+        let prompt = common::tokens(12, vocab);
+        let gpu = |width| GpuDecoder::with_verify(ctx, &model.weights, 64, KvType::F32, width);
+        let mut dec = gpu(1).expect("decoder");
+        let want = drafted(&mut dec, &mut draft::NoDraft, &prompt, 30);
+        let mut dec = gpu(6).expect("decoder");
+        let got = drafted(&mut dec, &mut Noise(7, vocab), &prompt, 30);
+        assert_eq!(got, want, "{name}: noise drafts on the GPU");
+        let own = model.session(64, None, None).expect("draft session");
+        let mut own = ModelDraft::new(own, 0.0, 0);
+        let mut dec = gpu(6).expect("decoder");
+        let got = drafted(&mut dec, &mut own, &prompt, 30);
+        assert_eq!(got, want, "{name}: the model as its own draft on the GPU");
+    }
+}
+
 #[test]
 fn truncated_verify_passes_leave_no_trace() {
     let m = load(&common::fixture("hf/llama")).expect("load fixture");

@@ -224,8 +224,11 @@ impl<'m> BuiltDraft<'m> {
     }
 
     /// The draft as the decode loop takes it, with its name for the statistics.
-    pub fn as_dyn<'s>(&'s mut self, name: &'s str) -> Option<(&'s mut dyn Draft, &'s str)> {
-        let d: &mut dyn Draft = match self {
+    pub fn as_dyn<'s, 'w>(
+        &'s mut self,
+        name: &'s str,
+    ) -> Option<(&'s mut dyn Draft<Session<'w>>, &'s str)> {
+        let d: &mut dyn Draft<Session<'w>> = match self {
             BuiltDraft::None => return None,
             BuiltDraft::Ngram(d) => d,
             BuiltDraft::SelfModel(d) => d,

@@ -126,12 +126,6 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         }
     };
     let gen = if a.backend == "gpu" {
-        if a.draft.enabled() {
-            bail!(
-                "speculative decoding (--draft) runs on --backend cpu for now; the GPU \
-                 backend has no verify pass yet: drop --draft or use --backend cpu"
-            );
-        }
         let gpu = GpuContext::new(&GpuOptions {
             adapter: a.gpu_adapter.clone(),
             backends: None,
@@ -143,17 +137,33 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
                 gpu.info.name
             );
         }
-        let mut dec = open_gpu_model(&gpu, &runner, ctx, &a.flash)?;
-        let greedy = sampling == Sampling::Greedy;
-        generate_gpu(
-            dec.as_mut(),
-            &prompt,
-            a.n,
-            greedy,
-            &mut sampler,
-            is_end,
-            on_token,
-        )?
+        if a.draft.enabled() {
+            super::gpu_draft::generate(
+                &gpu,
+                model,
+                draft_model.as_ref(),
+                &a.draft,
+                &a.flash,
+                ctx,
+                &prompt,
+                a.n,
+                &mut sampler,
+                is_end,
+                on_token,
+            )?
+        } else {
+            let mut dec = open_gpu_model(&gpu, &runner, ctx, &a.flash)?;
+            let greedy = sampling == Sampling::Greedy;
+            generate_gpu(
+                dec.as_mut(),
+                &prompt,
+                a.n,
+                greedy,
+                &mut sampler,
+                is_end,
+                on_token,
+            )?
+        }
     } else {
         if a.gpu_adapter.is_some() || a.gpu_f16 != F16Mode::Auto {
             bail!("--gpu-adapter and --gpu-f16 need --backend gpu");

@@ -6,6 +6,7 @@ mod convert;
 mod draft_args;
 mod flash_args;
 mod generate;
+mod gpu_draft;
 mod inspect;
 mod perplexity;
 mod reorder;

@@ -16,19 +16,20 @@ use std::time::{Duration, Instant};
 
 use crate::engine::sampler::Sampler;
 use crate::engine::stats::DraftStats;
-use crate::engine::{self, add_flash_costs, finite, summarize, Generation, Session};
+use crate::engine::{add_flash_costs, finite, summarize, Generation};
 
 use super::length::DraftLength;
-use super::{accept, Draft, DraftError, DraftOptions, Proposal};
+use super::{accept, Draft, DraftError, DraftOptions, NoDraft, Proposal, Target};
 
-/// Decodes up to `max_new` tokens after `prompt` as [`engine::generate`] does, with drafts from
-/// `draft` (`None`: plain decoding), calling `on_token` for each token as it is accepted and
-/// stopping before a token for which `is_end` holds. Greedy output is the same token for
-/// token as without a draft.
+/// Decodes up to `max_new` tokens after `prompt` as [`crate::engine::generate`] does, with
+/// drafts from `draft` (`None`: plain decoding, one step per token), calling `on_token` for
+/// each token as it is accepted and stopping before a token for which `is_end` holds. Greedy
+/// output is the same token for token as without a draft. Drafts never exceed what one verify
+/// pass of `session` holds.
 #[allow(clippy::too_many_arguments)]
-pub fn generate(
-    session: &mut Session,
-    draft: Option<(&mut dyn Draft, &str)>,
+pub fn generate<T: Target + ?Sized>(
+    session: &mut T,
+    draft: Option<(&mut dyn Draft<T>, &str)>,
     opts: &DraftOptions,
     prompt: &[u32],
     max_new: usize,
@@ -36,11 +37,9 @@ pub fn generate(
     is_end: impl Fn(u32) -> bool,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, DraftError> {
-    let Some((draft, source)) = draft else {
-        return Ok(engine::generate(
-            session, prompt, max_new, sampler, is_end, on_token,
-        )?);
-    };
+    let plain = draft.is_none();
+    let mut none = NoDraft;
+    let (draft, source): (&mut dyn Draft<T>, &str) = draft.unwrap_or((&mut none, "none"));
     let t0 = Instant::now();
     draft.before_prompt(session);
     let mut next = sampler.sample(finite(session.prefill(prompt)?, prompt.len())?);
@@ -48,7 +47,7 @@ pub fn generate(
     let prompt_ms = ms(t0.elapsed());
     let before = session.flash_stats();
     let t1 = Instant::now();
-    let vocab = session.weights().config.vocab_size;
+    let vocab = session.vocab();
     let mut history = prompt.to_vec();
     // No more tokens than the context holds, whatever `max_new` asks.
     let mut tokens = Vec::with_capacity(max_new.min(session.capacity()));
@@ -70,7 +69,8 @@ pub fn generate(
             break;
         }
         // Drafts past the last token asked for, or past the context, would be wasted.
-        let k = length.next((max_new - tokens.len()).min(room - 1));
+        let width = session.verify_width().saturating_sub(1);
+        let k = length.next((max_new - tokens.len()).min(room - 1).min(width));
         let td = Instant::now();
         proposal.clear();
         if k > 0 {
@@ -84,7 +84,7 @@ pub fn generate(
         ds.passes += 1;
         if proposal.is_empty() {
             let at = session.position() + 1;
-            next = sampler.sample(finite(session.step(next, true)?, at)?);
+            next = sampler.sample(finite(session.step(next)?, at)?);
             verifying += tv.elapsed();
             length.stepped(ms(tv.elapsed()));
             continue;
@@ -124,7 +124,8 @@ pub fn generate(
     ds.tokens_per_pass = ratio(tokens.len().saturating_sub(1) as f64, ds.passes as f64);
     ds.draft_ms_per_token = ms(drafting) / per_token;
     ds.verify_ms_per_token = ms(verifying) / per_token;
-    stats.draft = Some(ds);
+    // Plain decoding reports no draft statistics, as the plain loop does.
+    stats.draft = (!plain).then_some(ds);
     Ok(Generation { tokens, stats })
 }
 

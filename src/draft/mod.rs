@@ -3,7 +3,7 @@
 //!
 //! Under a memory budget every decoded token pays a full pass of flash reads, so the disk sets
 //! the speed. A verify pass over `k + 1` positions reads each bundle once for all of them
-//! ([`Session::verify`]), so every accepted draft token is a token that cost no reads of its
+//! ([`crate::engine::Session::verify`]), so every accepted draft token is a token that cost no reads of its
 //! own. The drafts come from what is already in memory:
 //!
 //! - [`SelfDraft`] (`--draft self`): the target model with each FFN restricted to the neurons
@@ -22,6 +22,7 @@ mod length;
 mod model;
 mod ngram;
 mod selfdraft;
+mod target;
 
 pub use accept::{accept, Accepted};
 pub use decode::generate;
@@ -29,11 +30,12 @@ pub use length::DraftLength;
 pub use model::{same_vocabulary, ModelDraft};
 pub use ngram::NgramDraft;
 pub use selfdraft::SelfDraft;
+pub use target::Target;
 
 pub use crate::engine::stats::DraftStats;
 
 use crate::engine::sampler::{top_probability, Dist, Sampler};
-use crate::engine::{EngineError, Session};
+use crate::engine::EngineError;
 
 /// Where drafts come from (`--draft`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,14 +126,16 @@ impl Proposal {
     }
 }
 
-/// A source of draft tokens.
-pub trait Draft {
+/// A source of draft tokens for decoding with a target of type `T` (the CPU [`crate::engine::Session`] or
+/// the GPU decoder; a draft that runs the target itself, as [`SelfDraft`] does, exists for
+/// the one it can run).
+pub trait Draft<T: Target + ?Sized> {
     /// Proposes up to `max` tokens to follow `history` into `out` (empty: no draft, decode
     /// one token plainly). The target's cache holds every position of `history` but the last
     /// token, which the verify pass runs first; it must hold exactly that again on return.
     fn propose(
         &mut self,
-        target: &mut Session,
+        target: &mut T,
         history: &[u32],
         max: usize,
         sampler: &mut Sampler,
@@ -140,8 +144,8 @@ pub trait Draft {
 
     /// Called before the prompt runs, and after it with the target holding the prompt (a
     /// draft may watch the prompt and choose what to hold).
-    fn before_prompt(&mut self, _target: &mut Session) {}
-    fn after_prompt(&mut self, _target: &mut Session, _prompt: &[u32]) -> Result<(), DraftError> {
+    fn before_prompt(&mut self, _target: &mut T) {}
+    fn after_prompt(&mut self, _target: &mut T, _prompt: &[u32]) -> Result<(), DraftError> {
         Ok(())
     }
 
@@ -151,10 +155,28 @@ pub trait Draft {
     }
 }
 
+/// No draft: every pass is a plain step.
+pub struct NoDraft;
+
+impl<T: Target + ?Sized> Draft<T> for NoDraft {
+    fn propose(
+        &mut self,
+        _target: &mut T,
+        _history: &[u32],
+        _max: usize,
+        _sampler: &mut Sampler,
+        _out: &mut Proposal,
+    ) -> Result<(), DraftError> {
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DraftError {
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Gpu(#[from] crate::backend::gpu::GpuError),
     #[error("{0}")]
     Setup(String),
 }

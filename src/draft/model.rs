@@ -5,7 +5,7 @@ use crate::engine::sampler::Sampler;
 use crate::engine::Session;
 use crate::model::tokenizer::Tokenizer;
 
-use super::{draft_token, Draft, DraftError, Proposal};
+use super::{draft_token, Draft, DraftError, Proposal, Target};
 
 pub struct ModelDraft<'m> {
     session: Session<'m>,
@@ -27,9 +27,9 @@ impl<'m> ModelDraft<'m> {
     }
 }
 
-impl Draft for ModelDraft<'_> {
+impl<T: Target + ?Sized> Draft<T> for ModelDraft<'_> {
     /// The draft runs the prompt with the target, so that its cost counts as the prompt's.
-    fn after_prompt(&mut self, _target: &mut Session, prompt: &[u32]) -> Result<(), DraftError> {
+    fn after_prompt(&mut self, _target: &mut T, prompt: &[u32]) -> Result<(), DraftError> {
         self.session.truncate(0);
         self.fed.clear();
         if !prompt.is_empty() {
@@ -41,7 +41,7 @@ impl Draft for ModelDraft<'_> {
 
     fn propose(
         &mut self,
-        _target: &mut Session,
+        _target: &mut T,
         history: &[u32],
         max: usize,
         sampler: &mut Sampler,

@@ -4,9 +4,8 @@
 //! that names the same identifiers, edits of a given text, lists.
 
 use crate::engine::sampler::Sampler;
-use crate::engine::Session;
 
-use super::{Draft, DraftError, Proposal};
+use super::{Draft, DraftError, Proposal, Target};
 
 /// Longest and shortest n-grams looked up, longest first: a longer match predicts better,
 /// and a single repeated token is too weak a signal to pay for a verify pass.
@@ -26,10 +25,10 @@ impl NgramDraft {
     }
 }
 
-impl Draft for NgramDraft {
+impl<T: Target + ?Sized> Draft<T> for NgramDraft {
     fn propose(
         &mut self,
-        _target: &mut Session,
+        _target: &mut T,
         history: &[u32],
         max: usize,
         _sampler: &mut Sampler,

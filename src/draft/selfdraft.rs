@@ -46,7 +46,7 @@ impl SelfDraft {
     }
 }
 
-impl Draft for SelfDraft {
+impl<'w> Draft<Session<'w>> for SelfDraft {
     fn before_prompt(&mut self, target: &mut Session) {
         if self.prompt_neurons.is_some() {
             target.record_activity(true);

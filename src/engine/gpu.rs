@@ -193,9 +193,21 @@ pub fn generate_gpu(
         add_flash_costs(&mut stats, a, b);
         stats.strategy = "gpu-flash".into();
     }
-    let passes = tokens.len().saturating_sub(1).max(1) as f64;
+    stats.gpu = Some(gpu_run_stats(model, &before, &after, tokens.len()));
+    Ok(Generation { tokens, stats })
+}
+
+/// The GPU part of a decode's stats: `before` and `after` are the decoder's counters at the
+/// start and end of decoding (after the prompt), which produced `generated` tokens.
+pub fn gpu_run_stats(
+    model: &dyn GpuModel,
+    before: &GpuCounters,
+    after: &GpuCounters,
+    generated: usize,
+) -> GpuRunStats {
+    let passes = generated.saturating_sub(1).max(1) as f64;
     let wait_ms = (after.wait - before.wait).as_secs_f64() * 1e3;
-    stats.gpu = Some(GpuRunStats {
+    GpuRunStats {
         gpu_wait_ms_per_token: wait_ms / passes,
         gpu_wait_ms: wait_ms,
         bytes_uploaded_per_token: (after.uploaded - before.uploaded) as f64 / passes,
@@ -205,6 +217,5 @@ pub fn generate_gpu(
             _ => None,
         },
         ..GpuRunStats::for_context(model.context())
-    });
-    Ok(Generation { tokens, stats })
+    }
 }

@@ -200,10 +200,17 @@ impl Readback {
         }
     }
 
-    /// Records a copy of `src[..len]` into this buffer.
-    pub fn record(&self, enc: &mut wgpu::CommandEncoder, src: &wgpu::Buffer, len: u64) {
+    /// Records a copy of `src[offset..offset + len]` (`offset` a multiple of 4) into the start
+    /// of this buffer.
+    pub fn record(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        offset: u64,
+        len: u64,
+    ) {
         let len = (len.div_ceil(4) * 4).min(self.size);
-        enc.copy_buffer_to_buffer(src, 0, &self.buffer, 0, len);
+        enc.copy_buffer_to_buffer(src, offset, &self.buffer, 0, len);
     }
 
     /// Waits for the queue, then copies the first `out.len()` words into `out`.
@@ -252,7 +259,7 @@ pub fn read<T: bytemuck::Pod + Default>(
     let mut enc = ctx
         .device
         .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-    rb.record(&mut enc, buf, len);
+    rb.record(&mut enc, buf, 0, len);
     ctx.queue.submit([enc.finish()]);
     rb.read(ctx, &mut out)?;
     Ok(out)

@@ -183,7 +183,7 @@ impl<'a> GpuFlashDecoder<'a> {
         opts: GpuFlashOptions,
     ) -> Result<GpuFlashDecoder<'a>, GpuError> {
         let c = &w.config;
-        let core = Core::new(ctx, w, max_ctx, opts.kv_type, false)?;
+        let core = Core::new(ctx, w, max_ctx, opts.kv_type, false, 1)?;
         let parts = BundleParts::of_image(image, c.ffn_kind()).map_err(GpuError::Shape)?;
         let stride = image.bundle().stride;
         if !stride.is_multiple_of(4) {
@@ -389,13 +389,13 @@ impl<'a> GpuFlashDecoder<'a> {
     /// Runs `token`; returns its logits.
     pub fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
         self.run(token, Output::Logits)?;
-        self.core.read_logits()
+        self.core.read_logits(1)
     }
 
     /// Runs `token`; returns the most likely next token, chosen on the GPU.
     pub fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
         self.run(token, Output::Greedy)?;
-        self.core.read_token()
+        Ok(self.core.read_tokens(1)?[0])
     }
 
     /// Runs a prompt token (no logits).
@@ -417,11 +417,11 @@ impl<'a> GpuFlashDecoder<'a> {
     }
 
     /// Encodes layer `l`'s attention and predictor, and the copy of its list for readback.
-    fn encode_attn(&self, enc: &mut wgpu::CommandEncoder, l: usize, token: Option<u32>) {
+    fn encode_attn(&self, enc: &mut wgpu::CommandEncoder, l: usize, embed: bool) {
         {
             let mut pass = self.core.pass(enc, "attention and predictor");
-            if let Some(t) = token {
-                self.core.encode_head(t, &mut pass);
+            if embed {
+                self.core.encode_head(&mut pass, 1);
             }
             self.core.layers[l]
                 .attn
@@ -431,7 +431,7 @@ impl<'a> GpuFlashDecoder<'a> {
         }
         if self.layers[l].predictor.is_some() {
             self.list_rb
-                .record(enc, &self.pred_list, ((self.n + 1) * 4) as u64);
+                .record(enc, &self.pred_list, 0, ((self.n + 1) * 4) as u64);
         }
     }
 
@@ -472,8 +472,8 @@ impl<'a> GpuFlashDecoder<'a> {
 
     /// One token through every layer (see the module docs).
     fn run(&mut self, token: u32, out: Output) -> Result<(), GpuError> {
-        let mut enc = self.core.begin(token)?;
-        self.encode_attn(&mut enc, 0, Some(token));
+        let mut enc = self.core.begin(&[token])?;
+        self.encode_attn(&mut enc, 0, true);
         self.core.ctx.queue.submit([enc.finish()]);
         self.read_active(0)?;
         self.stats.tokens += 1;
@@ -496,9 +496,9 @@ impl<'a> GpuFlashDecoder<'a> {
                     .for_each(|d| d.encode(&mut pass));
             }
             if l + 1 < n_layers {
-                self.encode_attn(&mut enc, l + 1, None);
+                self.encode_attn(&mut enc, l + 1, false);
             } else {
-                self.core.finish(&mut enc, out);
+                self.core.finish(&mut enc, out, 1);
             }
             self.core.ctx.queue.submit([enc.finish()]);
             let st = &self.staging[si];

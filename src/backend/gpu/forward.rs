@@ -21,7 +21,7 @@ use crate::backend::gpu::kernels::kv_store::kv_store;
 use crate::backend::gpu::kernels::matvec::matvec;
 use crate::backend::gpu::kernels::norm::GpuNorm;
 use crate::backend::gpu::kernels::rope::{rope, rope_table};
-use crate::backend::gpu::kernels::{Dispatch, Step};
+use crate::backend::gpu::kernels::{Dispatch, Step, Width};
 use crate::backend::gpu::timer::GpuTimer;
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::engine::kv_cache::KvType;
@@ -29,8 +29,9 @@ use crate::model::config::{Config, FfnKind};
 use crate::model::weights::{Linear, ModelWeights};
 use std::time::{Duration, Instant};
 
-/// The activations of one step, each its own buffer (a dispatch may not read and write the same
-/// buffer).
+/// The activations of a pass, each its own buffer (a dispatch may not read and write the same
+/// buffer), with room for one vector per column (a decode step uses column 0; a verify pass one
+/// column per token).
 pub(crate) struct Scratch {
     pub(crate) x: wgpu::Buffer,
     pub(crate) h: wgpu::Buffer,
@@ -45,11 +46,18 @@ pub(crate) struct Scratch {
     pub(crate) scores: wgpu::Buffer,
     pub(crate) logits: wgpu::Buffer,
     pub(crate) token: wgpu::Buffer,
+    /// The pass's tokens, one per column: the embedding gather's rows.
+    pub(crate) rows: wgpu::Buffer,
 }
 
 impl Scratch {
-    fn new(ctx: &GpuContext, c: &Config, max_ctx: usize) -> Result<Scratch, GpuError> {
-        let f = |what: &str, n: usize| storage_zeroed(ctx, what, (n.max(1) * 4) as u64);
+    fn new(
+        ctx: &GpuContext,
+        c: &Config,
+        max_ctx: usize,
+        columns: usize,
+    ) -> Result<Scratch, GpuError> {
+        let f = |what: &str, n: usize| storage_zeroed(ctx, what, (n.max(1) * columns * 4) as u64);
         let q_dim = c.n_heads * c.head_dim;
         Ok(Scratch {
             x: f("x", c.hidden_size)?,
@@ -65,6 +73,7 @@ impl Scratch {
             scores: f("scores", c.n_heads * max_ctx)?,
             logits: f("logits", c.vocab_size)?,
             token: f("token", 1)?,
+            rows: f("tokens", 1)?,
         })
     }
 }
@@ -85,9 +94,10 @@ pub(crate) struct Core {
     pub(crate) ctx: GpuContext,
     pub(crate) config: Config,
     max_ctx: usize,
+    /// Columns (tokens) a pass may run at most: 1 for decoding, more for verify passes.
+    columns: usize,
     pub(crate) pos: usize,
     step: wgpu::Buffer,
-    embed: GpuMatrix,
     embed_gather: Gather,
     /// OPT's learned positions, row `position_offset + pos`.
     positions: Option<(GpuMatrix, Gather)>,
@@ -103,6 +113,8 @@ pub(crate) struct Core {
     logits_rb: Readback,
     token_rb: Readback,
     logits: Vec<f32>,
+    /// The greedy tokens of the last pass, one per column.
+    tokens: Vec<u32>,
     /// Time spent blocked on the GPU (waiting for readbacks), since creation.
     pub(crate) wait: Duration,
     /// GPU time of every pass, where the device has timestamp queries.
@@ -159,8 +171,21 @@ impl GpuDecoder {
         max_ctx: usize,
         kv: KvType,
     ) -> Result<GpuDecoder, GpuError> {
+        GpuDecoder::with_verify(ctx, w, max_ctx, kv, 1)
+    }
+
+    /// [`GpuDecoder::with_kv_type`] able to run verify passes of up to `columns` tokens
+    /// ([`GpuDecoder::verify`]): the activations get room for that many columns (the KV cache
+    /// and weights are the same).
+    pub fn with_verify(
+        ctx: &GpuContext,
+        w: &ModelWeights,
+        max_ctx: usize,
+        kv: KvType,
+        columns: usize,
+    ) -> Result<GpuDecoder, GpuError> {
         Ok(GpuDecoder {
-            core: Core::new(ctx, w, max_ctx, kv, true)?,
+            core: Core::new(ctx, w, max_ctx, kv, true, columns)?,
         })
     }
 
@@ -195,6 +220,16 @@ impl GpuDecoder {
         self.core.max_ctx
     }
 
+    /// Tokens in the vocabulary: the length of a row of logits.
+    pub fn vocab_size(&self) -> usize {
+        self.core.config.vocab_size
+    }
+
+    /// The logits read back last (rows of the vocabulary, one per position of that pass).
+    pub fn logits(&self) -> &[f32] {
+        &self.core.logits
+    }
+
     /// Forgets every position (a new sequence); the cache is overwritten as positions come.
     pub fn reset(&mut self) {
         self.core.pos = 0;
@@ -202,41 +237,68 @@ impl GpuDecoder {
 
     /// Runs `token` at the next position and returns the next-token logits.
     pub fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
-        let mut enc = self.core.record(token)?;
-        self.core.finish(&mut enc, Output::Logits);
-        self.core.ctx.queue.submit([enc.finish()]);
-        self.core.read_logits()
+        self.core.run(&[token], Output::Logits)?;
+        self.core.read_logits(1)
     }
 
     /// Runs `token` and returns the most likely next token, chosen on the GPU (greedy decoding
     /// reads back 4 bytes instead of the logits).
     pub fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
-        let mut enc = self.core.record(token)?;
-        self.core.finish(&mut enc, Output::Greedy);
-        self.core.ctx.queue.submit([enc.finish()]);
-        self.core.read_token()
+        self.core.run(&[token], Output::Greedy)?;
+        Ok(self.core.read_tokens(1)?[0])
     }
 
     /// Runs `token` without computing logits (a prompt token whose successor is known). Nothing
     /// is read back, so the GPU may still be working when this returns.
     pub fn feed(&mut self, token: u32) -> Result<(), GpuError> {
-        let mut enc = self.core.record(token)?;
-        self.core.finish(&mut enc, Output::None);
-        self.core.ctx.queue.submit([enc.finish()]);
-        Ok(())
+        self.core.run(&[token], Output::None)
     }
 
-    /// Feeds `tokens` and returns the logits after the last one.
+    /// Feeds `tokens` and returns the logits after the last one. A decoder built for verify
+    /// passes runs the prompt that many tokens per pass.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], GpuError> {
-        let Some((last, rest)) = tokens.split_last() else {
+        if tokens.is_empty() {
             return Err(GpuError::Shape(
                 "the prompt is empty: give at least one token".to_string(),
             ));
-        };
-        for &t in rest {
-            self.feed(t)?;
         }
-        self.step(*last)
+        let mut chunks = tokens.chunks(self.core.columns).peekable();
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            let out = if last {
+                Output::LastLogits
+            } else {
+                Output::None
+            };
+            self.core.run(chunk, out)?;
+        }
+        self.core.read_logits(1)
+    }
+
+    /// Tokens a verify pass may hold (the `columns` the decoder was built with).
+    pub fn verify_width(&self) -> usize {
+        self.core.columns
+    }
+
+    /// Runs `tokens` at the next positions in one pass (each weight read once for all of them)
+    /// and returns every position's next-token logits, `tokens.len()` rows of the vocabulary
+    /// one after another. Each row equals what [`GpuDecoder::step`] would return there, to the
+    /// bit: every column runs the single step's code.
+    pub fn verify(&mut self, tokens: &[u32]) -> Result<&[f32], GpuError> {
+        self.core.run(tokens, Output::Logits)?;
+        self.core.read_logits(tokens.len())
+    }
+
+    /// [`GpuDecoder::verify`] reading back only each position's most likely next token.
+    pub fn verify_greedy(&mut self, tokens: &[u32]) -> Result<&[u32], GpuError> {
+        self.core.run(tokens, Output::Greedy)?;
+        self.core.read_tokens(tokens.len())
+    }
+
+    /// Cuts the sequence back to its first `len` positions (after a verify pass, to the
+    /// accepted prefix). O(1): later positions' cache rows are overwritten as they come again.
+    pub fn truncate(&mut self, len: usize) {
+        self.core.pos = self.core.pos.min(len);
     }
 }
 
@@ -249,29 +311,52 @@ impl Core {
         max_ctx: usize,
         kv: KvType,
         dense_ffn: bool,
+        columns: usize,
     ) -> Result<Core, GpuError> {
         let c = w.config.clone();
         let max_ctx = max_ctx.min(c.max_positions).max(1);
-        let s = Scratch::new(ctx, &c, max_ctx)?;
+        let columns = columns.clamp(1, max_ctx);
+        let s = Scratch::new(ctx, &c, max_ctx, columns)?;
         let step = uniform(ctx, "step", &Step::default());
         let mut resident = Vec::new();
         let mut keep = Vec::new();
 
+        let wide = Width::Step(&step);
         let embed = GpuMatrix::upload(ctx, &w.embed)?;
         let (first_target, project_in) = match &w.project_in {
             Some(p) => {
                 let (m, b) = upload_linear(ctx, p, &mut keep)?;
-                let d = matvec(ctx, &m, &s.emb, b.as_ref(), &s.x)?;
+                let d = matvec(ctx, &m, &s.emb, b.as_ref(), &s.x, wide, columns)?;
                 resident.push(m);
                 (&s.emb, d)
             }
             None => (&s.x, Vec::new()),
         };
-        let embed_gather = Gather::new(ctx, &embed, RowSource::Token, false, first_target, &step)?;
+        let embed_gather = Gather::new(
+            ctx,
+            &embed,
+            RowSource::Token,
+            false,
+            first_target,
+            &step,
+            &s.rows,
+            columns,
+        )?;
+        // Owned, and counted, with the other resident weights.
+        resident.push(embed);
         let positions = match &w.positions {
             Some(t) => {
                 let m = GpuMatrix::upload(ctx, t)?;
-                let g = Gather::new(ctx, &m, RowSource::Position, true, &s.x, &step)?;
+                let g = Gather::new(
+                    ctx,
+                    &m,
+                    RowSource::Position,
+                    true,
+                    &s.x,
+                    &step,
+                    &s.rows,
+                    columns,
+                )?;
                 Some((m, g))
             }
             None => None,
@@ -326,9 +411,9 @@ impl Core {
             if c.pre_norm {
                 attn.push(attn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
             }
-            attn.extend(matvec(ctx, &q, attn_in, qb.as_ref(), &s.q)?);
-            attn.extend(matvec(ctx, &k, attn_in, kb.as_ref(), &s.k)?);
-            attn.extend(matvec(ctx, &v, attn_in, vb.as_ref(), &s.v)?);
+            attn.extend(matvec(ctx, &q, attn_in, qb.as_ref(), &s.q, wide, columns)?);
+            attn.extend(matvec(ctx, &k, attn_in, kb.as_ref(), &s.k, wide, columns)?);
+            attn.extend(matvec(ctx, &v, attn_in, vb.as_ref(), &s.v, wide, columns)?);
             if let Some(t) = &table {
                 attn.push(rope(
                     ctx,
@@ -363,7 +448,7 @@ impl Core {
             attn.push(attention(
                 ctx, kv, shape, max_ctx, scale, &s.q, &kc, &vc, &s.scores, &s.att, &step,
             )?);
-            attn.extend(matvec(ctx, &o, &s.att, ob.as_ref(), &s.out)?);
+            attn.extend(matvec(ctx, &o, &s.att, ob.as_ref(), &s.out, wide, columns)?);
             attn.push(add(ctx, c.hidden_size, &s.out, resid)?);
             let (ffn_in, ffn_resid) = if c.pre_norm {
                 attn.push(ffn_norm.dispatch(ctx, c.norm_eps, &s.x, &s.h)?);
@@ -384,16 +469,32 @@ impl Core {
                     Some(g) => Some(GpuMatrix::upload(ctx, g)?),
                     None => None,
                 };
-                ffn_code.extend(matvec(ctx, &up, ffn_in, up_b.as_ref(), &s.a)?);
+                ffn_code.extend(matvec(
+                    ctx,
+                    &up,
+                    ffn_in,
+                    up_b.as_ref(),
+                    &s.a,
+                    wide,
+                    columns,
+                )?);
                 let kind = match (c.ffn_kind(), &gate) {
                     (FfnKind::SwiGlu, Some(g)) => {
-                        ffn_code.extend(matvec(ctx, g, ffn_in, None, &s.b)?);
+                        ffn_code.extend(matvec(ctx, g, ffn_in, None, &s.b, wide, columns)?);
                         FfnKind::SwiGlu
                     }
                     _ => FfnKind::Relu,
                 };
                 ffn_code.push(ffn_act(ctx, kind, c.intermediate_size, &s.b, &s.a)?);
-                ffn_code.extend(matvec(ctx, &down, &s.a, down_b.as_ref(), &s.out)?);
+                ffn_code.extend(matvec(
+                    ctx,
+                    &down,
+                    &s.a,
+                    down_b.as_ref(),
+                    &s.out,
+                    wide,
+                    columns,
+                )?);
                 resident.extend([up, down]);
                 resident.extend(gate);
             } else if let Some(b) = &down_b {
@@ -423,12 +524,14 @@ impl Core {
         }
         if let Some(p) = &w.project_out {
             let (m, b) = upload_linear(ctx, p, &mut keep)?;
-            output.extend(matvec(ctx, &m, hidden, b.as_ref(), &s.emb)?);
+            output.extend(matvec(ctx, &m, hidden, b.as_ref(), &s.emb, wide, columns)?);
             resident.push(m);
             hidden = &s.emb;
         }
         let lm_head = GpuMatrix::upload(ctx, &w.lm_head)?;
-        output.extend(matvec(ctx, &lm_head, hidden, None, &s.logits)?);
+        output.extend(matvec(
+            ctx, &lm_head, hidden, None, &s.logits, wide, columns,
+        )?);
         resident.push(lm_head);
         let greedy = argmax(ctx, c.vocab_size, &s.logits, &s.token)?;
         keep.extend(table);
@@ -443,14 +546,15 @@ impl Core {
             timer: GpuTimer::new(ctx),
             wait: Duration::ZERO,
             resident_bytes,
-            logits_rb: Readback::new(ctx, (c.vocab_size * 4) as u64),
-            token_rb: Readback::new(ctx, 4),
+            logits_rb: Readback::new(ctx, (c.vocab_size * 4 * columns) as u64),
+            token_rb: Readback::new(ctx, (4 * columns) as u64),
             logits: vec![0.0; c.vocab_size],
+            tokens: vec![0; columns],
             ctx: ctx.clone(),
             max_ctx,
+            columns,
             pos: 0,
             step,
-            embed,
             embed_gather,
             positions,
             position_offset: w.position_offset,
@@ -465,33 +569,53 @@ impl Core {
         })
     }
 
-    /// Records the output dispatches (final norm, lm_head, argmax) in their own pass and the
-    /// copy of their result into the readback buffer; advances the position.
-    pub(crate) fn finish(&mut self, enc: &mut wgpu::CommandEncoder, out: Output) {
-        if out == Output::None {
-            if let Some(t) = &self.timer {
-                t.resolve(enc);
-            }
-            self.pos += 1;
-            return;
-        }
+    /// Records `tokens` (one pass) and its outputs, and submits it.
+    pub(crate) fn run(&mut self, tokens: &[u32], out: Output) -> Result<(), GpuError> {
+        let mut enc = self.begin(tokens)?;
         {
-            let mut pass = self.pass(enc, "output");
-            self.output.iter().for_each(|d| d.encode(&mut pass));
-            if out == Output::Greedy {
-                self.greedy.encode(&mut pass);
+            let mut pass = self.pass(&mut enc, "decode step");
+            self.encode_head(&mut pass, tokens.len());
+            for l in &self.layers {
+                for d in l.attn.iter().chain(&l.ffn).chain(&l.post) {
+                    d.encode_columns(&mut pass, tokens.len());
+                }
             }
         }
-        match out {
-            Output::Greedy => self.token_rb.record(enc, &self.s.token, 4),
-            _ => self
-                .logits_rb
-                .record(enc, &self.s.logits, (self.config.vocab_size * 4) as u64),
+        self.finish(&mut enc, out, tokens.len());
+        self.ctx.queue.submit([enc.finish()]);
+        Ok(())
+    }
+
+    /// Records the output dispatches (final norm, lm_head, argmax) of a pass of `n` columns in
+    /// their own pass and the copy of their result into the readback buffer; advances the
+    /// position past the pass.
+    pub(crate) fn finish(&mut self, enc: &mut wgpu::CommandEncoder, out: Output, n: usize) {
+        if out != Output::None {
+            {
+                let mut pass = self.pass(enc, "output");
+                self.output
+                    .iter()
+                    .for_each(|d| d.encode_columns(&mut pass, n));
+                if out == Output::Greedy {
+                    self.greedy.encode_columns(&mut pass, n);
+                }
+            }
+            let row = (self.config.vocab_size * 4) as u64;
+            match out {
+                Output::Greedy => self.token_rb.record(enc, &self.s.token, 0, 4 * n as u64),
+                Output::LastLogits => {
+                    self.logits_rb
+                        .record(enc, &self.s.logits, row * (n as u64 - 1), row)
+                }
+                _ => self
+                    .logits_rb
+                    .record(enc, &self.s.logits, 0, row * n as u64),
+            }
         }
         if let Some(t) = &self.timer {
             t.resolve(enc);
         }
-        self.pos += 1;
+        self.pos += n;
     }
 
     /// A compute pass, timed when the device has timestamp queries.
@@ -516,9 +640,10 @@ impl Core {
         self.max_ctx
     }
 
-    /// Waits for the logits recorded by [`Core::finish`].
-    pub(crate) fn read_logits(&mut self) -> Result<&[f32], GpuError> {
+    /// Waits for the `rows` logit rows recorded by [`Core::finish`].
+    pub(crate) fn read_logits(&mut self, rows: usize) -> Result<&[f32], GpuError> {
         let t = Instant::now();
+        self.logits.resize(rows * self.config.vocab_size, 0.0);
         self.logits_rb.read(&self.ctx, &mut self.logits)?;
         self.wait += t.elapsed();
         if let Some(timer) = &mut self.timer {
@@ -527,74 +652,61 @@ impl Core {
         Ok(&self.logits)
     }
 
-    /// Waits for the token recorded by [`Core::finish`].
-    pub(crate) fn read_token(&mut self) -> Result<u32, GpuError> {
+    /// Waits for the `n` greedy tokens recorded by [`Core::finish`].
+    pub(crate) fn read_tokens(&mut self, n: usize) -> Result<&[u32], GpuError> {
         let t = Instant::now();
-        let mut tok = [0u32];
-        self.token_rb.read(&self.ctx, &mut tok)?;
+        self.tokens.resize(n, 0);
+        self.token_rb.read(&self.ctx, &mut self.tokens)?;
         self.wait += t.elapsed();
         if let Some(timer) = &mut self.timer {
             timer.collect(&self.ctx);
         }
-        Ok(tok[0])
+        Ok(&self.tokens)
     }
 
-    /// Writes the step's uniform and records its dispatches into a new encoder.
-    fn record(&self, token: u32) -> Result<wgpu::CommandEncoder, GpuError> {
-        let mut enc = self.begin(token)?;
-        {
-            let mut pass = self.pass(&mut enc, "decode step");
-            self.encode_head(token, &mut pass);
-            for l in &self.layers {
-                for d in l.attn.iter().chain(&l.ffn).chain(&l.post) {
-                    d.encode(&mut pass);
-                }
-            }
+    /// Checks a pass of `tokens` at the current position: not empty, within the pass width,
+    /// the vocabulary, the context and the learned positions.
+    fn check(&self, tokens: &[u32]) -> Result<(), GpuError> {
+        let n = tokens.len();
+        if n == 0 || n > self.columns {
+            return Err(GpuError::Shape(format!(
+                "a pass runs 1 to {} tokens on this decoder, got {n}",
+                self.columns
+            )));
         }
-        Ok(enc)
-    }
-
-    /// The gather dispatches of `token` at the current position, with their rows.
-    #[allow(clippy::type_complexity)]
-    fn head(&self, token: u32) -> Result<((&Dispatch, u32), Option<(&Dispatch, u32)>), GpuError> {
         let vocab = self.config.vocab_size;
-        if token as usize >= vocab {
-            return Err(GpuError::BadToken { id: token, vocab });
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(GpuError::BadToken { id, vocab });
         }
-        if self.pos >= self.max_ctx {
+        if self.pos + n > self.max_ctx {
             return Err(GpuError::ContextFull {
                 capacity: self.max_ctx,
             });
         }
-        let gather = self
-            .embed_gather
-            .for_row(&self.embed, token as usize)
-            .ok_or(GpuError::BadToken { id: token, vocab })?;
-        let position = match &self.positions {
-            Some((table, g)) => {
-                let r = self.position_offset + self.pos;
-                Some(g.for_row(table, r).ok_or_else(|| {
-                    GpuError::Shape(format!(
-                        "position {} is beyond the model's learned positions ({} rows)",
-                        self.pos, table.rows
-                    ))
-                })?)
+        if let Some((table, _)) = &self.positions {
+            let last = self.position_offset + self.pos + n - 1;
+            if last >= table.rows {
+                return Err(GpuError::Shape(format!(
+                    "position {} is beyond the model's learned positions ({} rows)",
+                    self.pos + n - 1,
+                    table.rows
+                )));
             }
-            None => None,
-        };
-        Ok((gather, position))
+        }
+        Ok(())
     }
 
-    /// Checks `token` and the position, writes the step's uniform and returns a new encoder.
-    pub(crate) fn begin(&self, token: u32) -> Result<wgpu::CommandEncoder, GpuError> {
-        let ((_, token_row), position) = self.head(token)?;
+    /// Checks `tokens`, writes the pass's uniform and tokens, and returns a new encoder.
+    pub(crate) fn begin(&self, tokens: &[u32]) -> Result<wgpu::CommandEncoder, GpuError> {
+        self.check(tokens)?;
         let step = Step {
             pos: self.pos as u32,
             n_pos: self.pos as u32 + 1,
-            token_row,
-            pos_row: position.map_or(0, |p| p.1),
+            n_cols: tokens.len() as u32,
+            pos_row: (self.position_offset + self.pos) as u32,
         };
         write(&self.ctx, &self.step, &[step]);
+        write(&self.ctx, &self.s.rows, tokens);
         Ok(self
             .ctx
             .device
@@ -603,22 +715,26 @@ impl Core {
             }))
     }
 
-    /// Encodes the embedding of `token` (checked by [`Core::begin`]) into `x`.
-    pub(crate) fn encode_head(&self, token: u32, pass: &mut wgpu::ComputePass<'_>) {
-        let Ok(((gather, _), position)) = self.head(token) else {
-            return;
-        };
-        gather.encode(pass);
-        self.project_in.iter().for_each(|d| d.encode(pass));
-        if let Some((d, _)) = position {
-            d.encode(pass);
+    /// Encodes the embeddings of the `n` tokens written by [`Core::begin`] into `x`.
+    pub(crate) fn encode_head(&self, pass: &mut wgpu::ComputePass<'_>, n: usize) {
+        self.embed_gather.encode_columns(pass, n);
+        self.project_in
+            .iter()
+            .for_each(|d| d.encode_columns(pass, n));
+        if let Some((_, g)) = &self.positions {
+            g.encode_columns(pass, n);
         }
     }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Output {
+    /// Nothing read back (a prompt token whose successor is known).
     None,
+    /// Every column's logits.
     Logits,
+    /// The last column's logits (the end of a prompt).
+    LastLogits,
+    /// Every column's most likely token.
     Greedy,
 }

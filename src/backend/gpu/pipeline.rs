@@ -132,6 +132,7 @@ impl Kernel {
             bind_group,
             views,
             groups,
+            columns: Columns::One,
         })
     }
 }
@@ -186,6 +187,18 @@ fn bind<'a>(
     })
 }
 
+/// How a dispatch covers the columns of a pass (the positions of a verify pass, one per token;
+/// a decode step has one): workgroups along z index them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Columns {
+    /// The dispatch does not take columns: `groups` as prepared.
+    One,
+    /// One workgroup layer along z per column.
+    Each,
+    /// One workgroup layer along z per `n` columns (the matvec takes 8 at a time).
+    Blocks(u32),
+}
+
 /// A pipeline bound to its buffers: encoding it is two calls and a dispatch. Prepared once
 /// (e.g. per layer when a decoder is built) and encoded every token.
 #[derive(Clone, Debug)]
@@ -195,17 +208,36 @@ pub struct Dispatch {
     /// Group 1: the native f16 form's views.
     views: Option<wgpu::BindGroup>,
     pub groups: [u32; 3],
+    pub columns: Columns,
 }
 
 impl Dispatch {
+    /// Encodes a pass of one column.
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.encode_columns(pass, 1);
+    }
+
+    /// Encodes a pass over `n` columns (at least one).
+    pub fn encode_columns(&self, pass: &mut wgpu::ComputePass<'_>, n: usize) {
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
         if let Some(v) = &self.views {
             pass.set_bind_group(1, v, &[]);
         }
         let [x, y, z] = self.groups;
+        let n = n.max(1) as u32;
+        let z = match self.columns {
+            Columns::One => z,
+            Columns::Each => n,
+            Columns::Blocks(b) => n.div_ceil(b),
+        };
         pass.dispatch_workgroups(x, y, z);
+    }
+
+    /// This dispatch, covering the columns `columns` says.
+    pub fn with_columns(mut self, columns: Columns) -> Dispatch {
+        self.columns = columns;
+        self
     }
 }
 

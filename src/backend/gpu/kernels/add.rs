@@ -1,6 +1,6 @@
 //! Residual add `y += x` (shaders/add.wgsl).
 
-use super::{groups_for, kernel, need, Dispatch};
+use super::{groups_for, kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -36,6 +36,7 @@ pub fn add(
         },
     );
     k.dispatch(ctx, &[&p, x, y], groups_for(n, 64))
+        .map(|d| d.with_columns(Columns::Each))
 }
 
 #[cfg(test)]

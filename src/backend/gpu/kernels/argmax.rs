@@ -1,6 +1,6 @@
 //! Greedy choice on the GPU (shaders/argmax.wgsl): the index of the largest logit.
 
-use super::{kernel, need, Dispatch};
+use super::{kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -36,6 +36,7 @@ pub fn argmax(
         },
     );
     k.dispatch(ctx, &[&p, x, out], [1, 1, 1])
+        .map(|d| d.with_columns(Columns::Each))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! One token's attention over the GPU-resident KV cache (shaders/attention.wgsl).
 
 use super::kv_store::cache_words;
-use super::{kernel, need, Dispatch};
+use super::{kernel, need, Columns, Dispatch};
 use crate::backend::cpu::attention::AttnShape;
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
@@ -83,6 +83,7 @@ pub fn attention(
         &[&p, q, kc, vc, scores, out, step],
         [n_heads as u32, 1, 1],
     )
+    .map(|d| d.with_columns(Columns::Each))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Embedding gather (shaders/embed.wgsl): a row of a table in the file's dtype, dequantised.
 
-use super::{aligned, code, kernel, need, Dispatch};
+use super::{aligned, code, kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::{uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -11,26 +11,31 @@ struct Params {
     cols: u32,
     row_bytes: u32,
     flags: u32,
-    _pad: u32,
+    first_row: u32,
+    rows: u32,
+    _pad: [u32; 3],
 }
 
-/// Which row of the Step uniform the gather takes.
+/// Where each column's row comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowSource {
-    /// `Step::token_row` (token embeddings).
+    /// The `rows` buffer: the pass's tokens, one per column (token embeddings).
     Token,
-    /// `Step::pos_row` (learned positions).
+    /// `Step::pos_row + c` (learned positions).
     Position,
 }
 
-/// A table's gathers, one prepared dispatch per chunk: the row is only known per token, so the
-/// caller picks the chunk ([`GpuMatrix::chunk_of`]) and writes the row within it into the Step.
+/// A table's gathers, one prepared dispatch per chunk of the table: each chunk writes the
+/// columns whose rows it holds, so a pass encodes them all.
 pub struct Gather {
     pub dispatches: Vec<Dispatch>,
 }
 
 impl Gather {
-    /// `y[..cols] = table[row]` (or `+=` with `accumulate`), the row from `step`.
+    /// `y[c * cols..][..cols] = table[row_c]` (or `+=` with `accumulate`) for each column `c` of
+    /// the pass, `row_c` from `source`. `y` holds `columns` vectors; `rows` holds a `u32` table
+    /// row per column (read only for [`RowSource::Token`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: &GpuContext,
         table: &GpuMatrix,
@@ -38,8 +43,20 @@ impl Gather {
         accumulate: bool,
         y: &wgpu::Buffer,
         step: &wgpu::Buffer,
+        rows: &wgpu::Buffer,
+        columns: usize,
     ) -> Result<Gather, GpuError> {
-        need(y, table.cols, &format!("gather from `{}`", table.name))?;
+        let columns = columns.max(1);
+        need(
+            y,
+            table.cols * columns,
+            &format!("gather from `{}`", table.name),
+        )?;
+        need(
+            rows,
+            columns,
+            &format!("the rows of the gather from `{}`", table.name),
+        )?;
         let dt = code(table.dtype, &format!("tensor `{}`", table.name))?;
         let k = kernel(
             ctx,
@@ -49,6 +66,7 @@ impl Gather {
                 Binding::Read,
                 Binding::ReadWrite,
                 Binding::Uniform,
+                Binding::Read,
             ],
             &[
                 ("DTYPE", dt as f64),
@@ -59,38 +77,38 @@ impl Gather {
             ],
         )?;
         let flags = (source == RowSource::Position) as u32 | (accumulate as u32) << 1;
-        let p = uniform(
-            ctx,
-            &table.name,
-            &Params {
-                cols: table.cols as u32,
-                row_bytes: table.row_bytes as u32,
-                flags,
-                _pad: 0,
-            },
-        );
         let dispatches = table
             .chunks
             .iter()
             .map(|c| {
-                k.dispatch(
+                let p = uniform(
                     ctx,
-                    &[&p, &c.buffer, y, step],
+                    &table.name,
+                    &Params {
+                        cols: table.cols as u32,
+                        row_bytes: table.row_bytes as u32,
+                        flags,
+                        first_row: c.first_row as u32,
+                        rows: c.rows as u32,
+                        _pad: [0; 3],
+                    },
+                );
+                let d = k.dispatch(
+                    ctx,
+                    &[&p, &c.buffer, y, step, rows],
                     [table.cols.div_ceil(64).max(1) as u32, 1, 1],
-                )
+                )?;
+                Ok(d.with_columns(Columns::Each))
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, GpuError>>()?;
         Ok(Gather { dispatches })
     }
 
-    /// The dispatch for row `r` of `table` (the table this gather was built from) and the row's
-    /// index within its chunk, to be written into the Step; `None` when `r` is out of range.
-    pub fn for_row(&self, table: &GpuMatrix, r: usize) -> Option<(&Dispatch, u32)> {
-        let i = table
-            .chunks
+    /// Encodes the gather of a pass of `n` columns.
+    pub fn encode_columns(&self, pass: &mut wgpu::ComputePass<'_>, n: usize) {
+        self.dispatches
             .iter()
-            .position(|c| r >= c.first_row && r < c.first_row + c.rows)?;
-        Some((&self.dispatches[i], (r - table.chunks[i].first_row) as u32))
+            .for_each(|d| d.encode_columns(pass, n));
     }
 }
 
@@ -128,17 +146,12 @@ mod tests {
             let table = GpuMatrix::from_bytes(ctx, "t", dtype, rows, cols, &bytes).unwrap();
             let step = crate::backend::gpu::buffers::uniform(ctx, "step", &Step::default());
             let y = storage_f32(ctx, "y", &vec![1.0; cols]).unwrap();
+            let rows_buf = crate::backend::gpu::buffers::storage_zeroed(ctx, "rows", 4).unwrap();
             for (r, acc) in [(0usize, false), (17, false), (39, true)] {
-                let g = Gather::new(ctx, &table, RowSource::Token, acc, &y, &step).unwrap();
+                let g = Gather::new(ctx, &table, RowSource::Token, acc, &y, &step, &rows_buf, 1)
+                    .unwrap();
                 let before: Vec<f32> = read(ctx, &y, cols).unwrap();
-                write(
-                    ctx,
-                    &step,
-                    &[Step {
-                        token_row: r as u32,
-                        ..Step::default()
-                    }],
-                );
+                write(ctx, &rows_buf, &[r as u32]);
                 submit(ctx, &g.dispatches);
                 let got: Vec<f32> = read(ctx, &y, cols).unwrap();
                 let mut want = vec![0.0; cols];

@@ -1,7 +1,7 @@
 //! The FFN's hidden activation in place (shaders/ffn_act.wgsl): SwiGLU `u = u * silu(g)` or
 //! ReLU `u = max(u, 0)`.
 
-use super::{groups_for, kernel, need, Dispatch};
+use super::{groups_for, kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -45,6 +45,7 @@ pub fn ffn_act(
         },
     );
     k.dispatch(ctx, &[&p, gate, up], groups_for(n, 64))
+        .map(|d| d.with_columns(Columns::Each))
 }
 
 #[cfg(test)]

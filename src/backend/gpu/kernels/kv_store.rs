@@ -1,6 +1,6 @@
 //! Appends a position's key and value to a layer's GPU-resident KV cache (shaders/kv_store.wgsl).
 
-use super::{groups_for, kernel, need, Dispatch};
+use super::{groups_for, kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -59,6 +59,7 @@ pub fn kv_store(
         },
     );
     kern.dispatch(ctx, &[&p, k, v, kc, vc, step], groups_for(kv_dim, 64))
+        .map(|d| d.with_columns(Columns::Each))
 }
 
 /// 32-bit words a cache of `values` values of type `kv` takes.

@@ -1,6 +1,6 @@
 //! `y = W x (+ b)` over raw ggml rows (shaders/matvec.wgsl), one dispatch per row chunk.
 
-use super::{aligned, code, kernel, need, Dispatch};
+use super::{aligned, code, kernel, need, Columns, Dispatch, Step, Width};
 use crate::backend::gpu::buffers::{uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::{grid, Binding};
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -14,19 +14,28 @@ struct Params {
     out_offset: u32,
     flags: u32,
     groups_x: u32,
-    _pad: [u32; 2],
+    out_stride: u32,
+    _pad: u32,
 }
 
-/// `y[..rows] = w x[..cols] (+ bias)`. `x` and `y` must be different buffers.
+/// Columns a matvec workgroup takes (`COLS` in shaders/matvec.wgsl).
+pub const COLUMNS_PER_GROUP: u32 = 8;
+
+/// `y[..rows] = w x[..cols] (+ bias)`, for each column of the pass (`width`): column `c` reads
+/// `x[c * cols..]` and writes `y[c * rows..]`, so `x` and `y` hold `columns` vectors each.
+/// `x` and `y` must be different buffers.
 pub fn matvec(
     ctx: &GpuContext,
     w: &GpuMatrix,
     x: &wgpu::Buffer,
     bias: Option<&wgpu::Buffer>,
     y: &wgpu::Buffer,
+    width: Width<'_>,
+    columns: usize,
 ) -> Result<Vec<Dispatch>, GpuError> {
-    need(x, w.cols, &format!("matvec `{}` input", w.name))?;
-    need(y, w.rows, &format!("matvec `{}` output", w.name))?;
+    let columns = columns.max(1);
+    need(x, w.cols * columns, &format!("matvec `{}` input", w.name))?;
+    need(y, w.rows * columns, &format!("matvec `{}` output", w.name))?;
     if let Some(b) = bias {
         need(b, w.rows, &format!("matvec `{}` bias", w.name))?;
     }
@@ -40,6 +49,7 @@ pub fn matvec(
             Binding::Read,
             Binding::Read,
             Binding::ReadWrite,
+            Binding::Uniform,
         ],
         &[
             ("DTYPE", dt as f64),
@@ -51,6 +61,14 @@ pub fn matvec(
         ],
     )?;
     let rows_per_group = 64 / ctx.tuning.lanes as usize;
+    let one;
+    let step = match width {
+        Width::One => {
+            one = uniform(ctx, "one column", &Step::default());
+            &one
+        }
+        Width::Step(s) => s,
+    };
     w.chunks
         .iter()
         .filter(|c| c.rows > 0)
@@ -66,11 +84,13 @@ pub fn matvec(
                     out_offset: c.first_row as u32,
                     flags: bias.is_some() as u32,
                     groups_x: groups[0],
-                    _pad: [0; 2],
+                    out_stride: w.rows as u32,
+                    _pad: 0,
                 },
             );
             // Without a bias the shader never reads binding 3; `x` stands in for it.
-            k.dispatch(ctx, &[&p, &c.buffer, x, bias.unwrap_or(x), y], groups)
+            let d = k.dispatch(ctx, &[&p, &c.buffer, x, bias.unwrap_or(x), y, step], groups)?;
+            Ok(d.with_columns(Columns::Blocks(COLUMNS_PER_GROUP)))
         })
         .collect()
 }
@@ -128,7 +148,10 @@ mod tests {
         let bx = storage_f32(&ctx, "x", &x).unwrap();
         let bb = storage_f32(&ctx, "b", &b).unwrap();
         let by = storage_f32(&ctx, "y", &vec![f32::NAN; rows]).unwrap();
-        submit(&ctx, &matvec(&ctx, &w, &bx, Some(&bb), &by).unwrap());
+        submit(
+            &ctx,
+            &matvec(&ctx, &w, &bx, Some(&bb), &by, Width::One, 1).unwrap(),
+        );
         let got: Vec<f32> = read(&ctx, &by, rows).unwrap();
         for r in 0..rows {
             let row = &deq[r * cols..(r + 1) * cols];

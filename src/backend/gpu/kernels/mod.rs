@@ -20,7 +20,7 @@ use crate::backend::gpu::device::GpuContext;
 use crate::backend::gpu::GpuError;
 use crate::model::tensor::DType;
 
-pub use crate::backend::gpu::pipeline::Dispatch;
+pub use crate::backend::gpu::pipeline::{Columns, Dispatch};
 
 /// The shaders' code for a dtype (`DT_*` in shaders/lib/quant.wgsl), or `None` for the dtypes
 /// the kernels do not read (the K-quants and the Q5 formats, which only the CPU backend reads:
@@ -49,19 +49,40 @@ pub fn aligned(dtype: DType, cols: usize, offset: usize, stride: usize) -> bool 
     blocks_aligned && offset.is_multiple_of(4) && stride.is_multiple_of(4)
 }
 
-/// What changes from one decode step to the next, written once per token into one small
-/// uniform buffer that every position-dependent kernel binds (`Step` in the shaders).
+/// What changes from one pass to the next, written once per pass into one small uniform buffer
+/// that every position-dependent kernel binds (`Step` in the shaders). A decode step is one
+/// column (one token at `pos`); a verify pass is `n_cols` columns, tokens at `pos`, `pos + 1`,
+/// and so on, whose kernels take the column from the workgroup's z index.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Step {
-    /// Position of the token being decoded.
+    /// Position of the pass's first token.
     pub pos: u32,
-    /// Positions in the KV cache once this one is stored: `pos + 1`.
+    /// Positions in the KV cache once the first token is stored: `pos + 1`.
     pub n_pos: u32,
-    /// The token's row within the embedding chunk bound for this step.
-    pub token_row: u32,
-    /// The position's row within the learned-position table (OPT).
+    /// Tokens (columns) in this pass.
+    pub n_cols: u32,
+    /// The first position's row within the learned-position table (OPT).
     pub pos_row: u32,
+}
+
+impl Default for Step {
+    fn default() -> Self {
+        Step {
+            pos: 0,
+            n_pos: 1,
+            n_cols: 1,
+            pos_row: 0,
+        }
+    }
+}
+
+/// Where a kernel that takes columns learns how many there are: one (a prepared uniform of its
+/// own), or the decoder's per-pass [`Step`].
+#[derive(Clone, Copy)]
+pub enum Width<'a> {
+    One,
+    Step(&'a wgpu::Buffer),
 }
 
 /// One workgroup per `per` items, at least one.

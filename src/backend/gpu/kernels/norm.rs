@@ -1,6 +1,6 @@
 //! RMSNorm and LayerNorm (shaders/rms_norm.wgsl, shaders/layer_norm.wgsl), one workgroup each.
 
-use super::{kernel, need, Dispatch};
+use super::{kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::{storage_f32, uniform};
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -70,6 +70,7 @@ impl GpuNorm {
                     &[],
                 )?;
                 k.dispatch(ctx, &[&p, x, &self.weight, y], [1, 1, 1])
+                    .map(|d| d.with_columns(Columns::Each))
             }
             Some(b) => {
                 let k = kernel(
@@ -85,6 +86,7 @@ impl GpuNorm {
                     &[],
                 )?;
                 k.dispatch(ctx, &[&p, x, &self.weight, b, y], [1, 1, 1])
+                    .map(|d| d.with_columns(Columns::Each))
             }
         }
     }

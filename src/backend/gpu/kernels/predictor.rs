@@ -4,7 +4,7 @@
 //! (`z_i` for the linear form, `|silu(z_i) * z_{n+i}|` for the product form), compacted in
 //! increasing order into `[count, id_0, id_1, ...]`.
 
-use super::{ffn_act::ffn_act, kernel, matvec::matvec, need, Dispatch};
+use super::{ffn_act::ffn_act, kernel, matvec::matvec, need, Dispatch, Width};
 use crate::backend::gpu::buffers::{storage_bytes, storage_zeroed, uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -155,7 +155,7 @@ impl GpuPredictor {
         h: &wgpu::Buffer,
         list: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>, GpuError> {
-        let mut d = matvec(ctx, &self.a, h, None, &self.low)?;
+        let mut d = matvec(ctx, &self.a, h, None, &self.low, Width::One, 1)?;
         if self.form == Form::Mlp {
             // relu(A h) in place: the ReLU FFN activation's kernel (it binds but ignores its
             // gate; `h` stands in, since one buffer cannot be bound read-only and read-write).
@@ -167,6 +167,8 @@ impl GpuPredictor {
             &self.low,
             self.bias.as_ref(),
             &self.z,
+            Width::One,
+            1,
         )?);
         d.push(select(
             ctx,

@@ -1,6 +1,6 @@
 //! Rotary position embedding in place (shaders/rope.wgsl), from a (cos, sin) table.
 
-use super::{kernel, need, Dispatch};
+use super::{kernel, need, Columns, Dispatch};
 use crate::backend::cpu::ops::rope_angles;
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
@@ -72,6 +72,7 @@ pub fn rope(
         &[&p, table, v, step],
         [pairs.div_ceil(64).max(1) as u32, 1, 1],
     )
+    .map(|d| d.with_columns(Columns::Each))
 }
 
 #[cfg(test)]

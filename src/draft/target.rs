@@ -1,0 +1,92 @@
+//! The model a speculative decode verifies with: the CPU [`Session`] or the GPU's
+//! [`GpuDecoder`]. The loop in `decode` needs only this of it.
+
+use super::DraftError;
+use crate::backend::gpu::GpuDecoder;
+use crate::engine::stats::FlashStats;
+use crate::engine::Session;
+
+/// What the speculative loop runs on the target: a prompt, single steps, verify passes of
+/// several tokens (each position's logits, one row of the vocabulary after another), and an
+/// O(1) cut back to the accepted prefix.
+pub trait Target {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<&[f32], DraftError>;
+    fn step(&mut self, token: u32) -> Result<&[f32], DraftError>;
+    fn verify(&mut self, tokens: &[u32]) -> Result<&[f32], DraftError>;
+    fn truncate(&mut self, len: usize);
+    /// Positions consumed so far.
+    fn position(&self) -> usize;
+    /// Context capacity in positions.
+    fn capacity(&self) -> usize;
+    fn vocab(&self) -> usize;
+    /// Tokens one verify pass may hold at most.
+    fn verify_width(&self) -> usize;
+    /// The flash path's counters, where the FFN comes from flash.
+    fn flash_stats(&self) -> Option<FlashStats> {
+        None
+    }
+    /// Bytes of a resident draft head the target holds for a self draft.
+    fn draft_head_bytes(&self) -> usize {
+        0
+    }
+}
+
+impl Target for Session<'_> {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<&[f32], DraftError> {
+        Ok(Session::prefill(self, prompt)?)
+    }
+    fn step(&mut self, token: u32) -> Result<&[f32], DraftError> {
+        Ok(Session::step(self, token, true)?)
+    }
+    fn verify(&mut self, tokens: &[u32]) -> Result<&[f32], DraftError> {
+        Ok(Session::verify(self, tokens)?)
+    }
+    fn truncate(&mut self, len: usize) {
+        Session::truncate(self, len)
+    }
+    fn position(&self) -> usize {
+        Session::position(self)
+    }
+    fn capacity(&self) -> usize {
+        Session::capacity(self)
+    }
+    fn vocab(&self) -> usize {
+        self.weights().config.vocab_size
+    }
+    fn verify_width(&self) -> usize {
+        usize::MAX
+    }
+    fn flash_stats(&self) -> Option<FlashStats> {
+        Session::flash_stats(self)
+    }
+    fn draft_head_bytes(&self) -> usize {
+        Session::draft_head_bytes(self)
+    }
+}
+
+impl Target for GpuDecoder {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<&[f32], DraftError> {
+        Ok(GpuDecoder::prefill(self, prompt)?)
+    }
+    fn step(&mut self, token: u32) -> Result<&[f32], DraftError> {
+        Ok(GpuDecoder::step(self, token)?)
+    }
+    fn verify(&mut self, tokens: &[u32]) -> Result<&[f32], DraftError> {
+        Ok(GpuDecoder::verify(self, tokens)?)
+    }
+    fn truncate(&mut self, len: usize) {
+        GpuDecoder::truncate(self, len)
+    }
+    fn position(&self) -> usize {
+        GpuDecoder::position(self)
+    }
+    fn capacity(&self) -> usize {
+        GpuDecoder::capacity(self)
+    }
+    fn vocab(&self) -> usize {
+        GpuDecoder::vocab_size(self)
+    }
+    fn verify_width(&self) -> usize {
+        GpuDecoder::verify_width(self)
+    }
+}
