@@ -56,10 +56,10 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_parser = parse_bytes)]
     vram_budget: Vec<u64>,
     /// Tokens to generate per run.
-    #[arg(short, long, default_value_t = 32)]
+    #[arg(short, long, default_value_t = 32, value_parser = super::values::tokens)]
     n: usize,
     /// Runs per configuration; medians are reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = super::values::runs)]
     runs: usize,
     /// Prompt of every run.
     #[arg(short, long, default_value = "The history of the printing press")]
