@@ -94,3 +94,186 @@ fn non_finite_logits_are_an_error() {
     }
     std::fs::remove_file(path).ok();
 }
+
+/// Runs `llmflash ARGS`, killed after a minute (a hang fails the test); it must fail with a
+/// message containing `says`.
+fn refused_within_a_minute(args: &[&str], says: &str) {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmflash"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running llmflash");
+    let start = Instant::now();
+    while child.try_wait().expect("waiting").is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("llmflash {args:?} hangs");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "llmflash {args:?} succeeded");
+    assert!(err.contains(says), "llmflash {args:?}: {err}");
+    assert!(!err.contains("panicked"), "llmflash {args:?}: {err}");
+}
+
+#[test]
+fn more_numeric_flags_out_of_range_are_refused() {
+    let m = common::fixture("hf/llama");
+    let m = m.to_str().unwrap();
+    let gen = |extra: &[&'static str]| -> Vec<String> {
+        let mut a = vec!["generate", "-m", m, "--token-ids", "1,2,3"];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect()
+    };
+    refused(&["--threads", "0", "inspect", m], "out of range");
+    refused(&["--threads", "100000", "inspect", m], "out of range");
+    refused(
+        &gen(&["--temp", "0.7", "--top-k", "-1"]),
+        "not a whole number",
+    );
+    refused(
+        &gen(&["--temp", "0.7", "--top-k", "99999999999"]),
+        "out of range",
+    );
+    refused(&gen(&["--max-read", "10"]), "out of range");
+    refused(&gen(&["--max-gap", "2GiB"]), "out of range");
+    refused(&gen(&["--window", "99999999"]), "out of range");
+    refused(&gen(&["--synthetic-activity", "0"]), "activates no neuron");
+    refused(&gen(&["--synthetic-activity", "nan"]), "finite number");
+    refused(&gen(&["--synthetic-churn", "1.5"]), "out of range");
+    refused(&gen(&["--draft-min", "99"]), "out of range");
+    refused(&gen(&["--draft-head-rows", "99999999999"]), "out of range");
+    refused(&["bench", "-m", m, "--runs", "0"], "out of range");
+    refused(&["bench", "-m", m, "-n", "0"], "out of range");
+    // calibrate refuses its numbers before it opens anything (the image need not exist).
+    let cal = |extra: &[&'static str]| -> Vec<String> {
+        let mut a = vec!["calibrate", "missing.flash", "--text", "missing.txt"];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect()
+    };
+    for bad in ["nan", "inf", "-0.5", "0", "1", "1.5"] {
+        let levels = format!("0.3,{bad}");
+        refused(
+            &cal(&[])
+                .into_iter()
+                .chain(["--levels".into(), levels])
+                .collect::<Vec<_>>(),
+            "sparsity",
+        );
+    }
+    refused(&cal(&["--sparsity", "1"]), "above 0 and below 1");
+    refused(&cal(&["--recall", "0"]), "keeps no neuron");
+    refused(&cal(&["--recall", "1.01"]), "out of range");
+    refused(&cal(&["--recall", "nan"]), "finite number");
+    refused(&cal(&["--tokens", "0"]), "out of range");
+    refused(&cal(&["--rank", "0"]), "out of range");
+    refused(&cal(&["--epochs", "0"]), "out of range");
+    refused(&cal(&["--ctx", "0"]), "out of range");
+    refused(&cal(&["--eval-ctx", "0"]), "out of range");
+    refused(&cal(&["--eval-chunks", "0"]), "out of range");
+    refused(&cal(&["--max-increase", "inf"]), "finite number");
+}
+
+/// Special files as inputs are refused before anything opens them (a FIFO blocks `open`
+/// until a writer appears, `/dev/zero` never ends), and text has a size limit.
+#[test]
+fn special_and_oversized_inputs_are_refused_without_hanging() {
+    let dir = common::root().join(format!("target/test-files/inputs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(st.success());
+    let f = fifo.to_str().unwrap();
+    let m = common::fixture("hf/llama");
+    let m = m.to_str().unwrap();
+    let text = common::fixture("text/python-doc-eval.txt");
+    let text = text.to_str().unwrap();
+    refused_within_a_minute(&["generate", "-m", f, "-p", "hi"], "FIFO");
+    refused_within_a_minute(&["inspect", f], "FIFO");
+    refused_within_a_minute(&["convert", f, "-o", "/nonexistent/x.flash"], "FIFO");
+    refused_within_a_minute(&["perplexity", "-m", f, "-f", text], "FIFO");
+    refused_within_a_minute(&["calibrate", f, "--text", text], "FIFO");
+    refused_within_a_minute(&["perplexity", "-m", m, "-f", f], "FIFO");
+    refused_within_a_minute(
+        &["perplexity", "-m", m, "-f", "/dev/zero"],
+        "character device",
+    );
+    refused_within_a_minute(&["calibrate", m, "--text", f], "FIFO");
+    refused_within_a_minute(&["calibrate", m, "--text", text, "--eval", f], "FIFO");
+    // A (sparse) text file over the 64 MiB limit.
+    let big = dir.join("big.txt");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len((64 << 20) + 1)
+        .unwrap();
+    refused_within_a_minute(
+        &["perplexity", "-m", m, "-f", big.to_str().unwrap()],
+        "more than the limit of 64.0 MiB",
+    );
+    // A FIFO inside an HF directory (the tokenizer) is refused too.
+    let hf = dir.join("llama");
+    std::fs::create_dir_all(&hf).unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(common::fixture("hf/llama").join(name), hf.join(name)).unwrap();
+    }
+    let st = std::process::Command::new("mkfifo")
+        .arg(hf.join("tokenizer.json"))
+        .status()
+        .expect("mkfifo");
+    assert!(st.success());
+    refused_within_a_minute(&["inspect", hf.to_str().unwrap()], "FIFO");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A config with a non-positive norm epsilon or RoPE base, or zero heads, is refused at load
+/// with the key and the value.
+#[test]
+fn configs_with_bad_parameters_are_refused_naming_the_key() {
+    let dir = common::root().join(format!("target/test-files/configs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = common::fixture("hf/llama");
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let cases = [
+        (
+            "\"rms_norm_eps\": 1e-05",
+            "\"rms_norm_eps\": -1e-05",
+            "rms_norm_eps",
+        ),
+        (
+            "\"rms_norm_eps\": 1e-05",
+            "\"rms_norm_eps\": 0",
+            "rms_norm_eps",
+        ),
+        (
+            "\"rope_theta\": 10000.0",
+            "\"rope_theta\": 0.0",
+            "rope_parameters.rope_theta",
+        ),
+        (
+            "\"num_key_value_heads\": 2",
+            "\"num_key_value_heads\": 0",
+            "num_key_value_heads",
+        ),
+    ];
+    for (i, (from, to, key)) in cases.into_iter().enumerate() {
+        assert!(config.contains(from), "{from}");
+        let m = dir.join(format!("m{i}"));
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::copy(src.join("model.safetensors"), m.join("model.safetensors")).unwrap();
+        std::fs::write(m.join("config.json"), config.replace(from, to)).unwrap();
+        refused(&["inspect", m.to_str().unwrap()], &format!("`{key}`"));
+        refused(&["inspect", m.to_str().unwrap()], "above 0");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -22,7 +22,8 @@ pub struct Args {
     #[arg(short, long, required_unless_present = "probe_disk")]
     model: Option<PathBuf>,
     /// Instead of decoding, measure this disk's random direct-read throughput against read
-    /// size and concurrency, at the given path (a directory or a large file on the disk).
+    /// size and concurrency, in the given directory (it writes a 1 GiB probe file there and
+    /// removes it afterwards).
     #[arg(long, value_name = "PATH")]
     probe_disk: Option<PathBuf>,
     /// Where --probe-disk saves the curve (JSON).
@@ -55,10 +56,10 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_parser = parse_bytes)]
     vram_budget: Vec<u64>,
     /// Tokens to generate per run.
-    #[arg(short, long, default_value_t = 32)]
+    #[arg(short, long, default_value_t = 32, value_parser = super::values::tokens)]
     n: usize,
     /// Runs per configuration; medians are reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = super::values::runs)]
     runs: usize,
     /// Prompt of every run.
     #[arg(short, long, default_value = "The history of the printing press")]
@@ -119,6 +120,9 @@ struct Row {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(path) = &a.probe_disk {
+        // Refused before the probe runs (it writes 1 GiB): a curve path that cannot be written.
+        crate::storage::check_output(&a.curve, &[])
+            .with_context(|| format!("checking the curve path {}", a.curve.display()))?;
         return probe_disk(path, &a.curve);
     }
     let model = a.model.clone().context("--model is required")?;
@@ -397,15 +401,19 @@ fn print_table(rows: &[Row]) {
 }
 
 /// `bench --probe-disk`: random direct reads of 4 KiB to 1 MiB at 1 to 16 in flight, over a
-/// 1 GiB file (or the given file), printed and saved for comparison with `bench` runs.
+/// 1 GiB probe file written in the given directory, printed and saved for comparison with
+/// `bench` runs.
 fn probe_disk(path: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
     let chunks = [4096, 16384, 65536, 131072, 262144, 1 << 20];
     let concurrency = [1, 2, 4, 8, 16];
-    eprintln!(
-        "probing {} ({} points, ~0.5 s each)",
-        path.display(),
-        chunks.len() * concurrency.len()
-    );
+    // (Any other path is refused by the probe, before it writes anything.)
+    if path.is_dir() {
+        eprintln!(
+            "probing {} ({} points, ~0.5 s each)",
+            path.display(),
+            chunks.len() * concurrency.len()
+        );
+    }
     let curve = crate::storage::probe(
         path,
         1 << 30,

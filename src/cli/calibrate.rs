@@ -24,16 +24,16 @@ pub struct Args {
     text: Vec<PathBuf>,
     /// Sparsity to store. Default: the highest of --levels whose predictor perplexity stays
     /// within --max-increase of dense.
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::sparsity)]
     sparsity: Option<f64>,
     /// Sparsities measured for the quality table.
-    #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7")]
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7", value_parser = super::values::sparsity)]
     levels: Vec<f64>,
     /// Rank of each layer's predictor.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::values::rank)]
     rank: usize,
     /// Recall the predictors' decision thresholds aim for on held-out tokens.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, default_value_t = 0.99, value_parser = super::values::recall)]
     recall: f64,
     /// Predictor form: `mlp` (a ReLU between the two low-rank factors: it misses fewer large
     /// SwiGLU contributions; the default for SwiGLU models), `linear` (the paper's, fitted by
@@ -45,25 +45,25 @@ pub struct Args {
     #[arg(long)]
     unweighted: bool,
     /// Training epochs of each predictor.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::values::epochs)]
     epochs: usize,
     /// Calibration tokens to record (the last 15% are held out for recall/precision).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = super::values::calibration_tokens)]
     tokens: usize,
     /// Positions per recorded segment.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::values::context)]
     ctx: usize,
     /// Held-out text for the quality table (disjoint from the calibration text).
     #[arg(long)]
     eval: Option<PathBuf>,
     /// Perplexity window of the quality table.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = super::values::context)]
     eval_ctx: usize,
     /// Windows scored per perplexity (all when omitted).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::chunks)]
     eval_chunks: Option<usize>,
     /// Largest perplexity increase over dense the default sparsity may cost.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = super::values::increase)]
     max_increase: f64,
     /// Keep the neurons in model order on disk instead of storing them hottest first (see
     /// `llmflash reorder`).
@@ -72,6 +72,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    // The texts first: a bad file is refused before the model loads.
+    let texts: Vec<String> = a
+        .text
+        .iter()
+        .map(|f| super::read_text(f))
+        .collect::<Result<_, _>>()?;
+    let eval_text = a.eval.as_deref().map(super::read_text).transpose()?;
     let model = Model::open(&a.image).with_context(|| format!("loading {}", a.image.display()))?;
     let Some(image) = model.image.as_ref() else {
         bail!(
@@ -88,10 +95,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let bos = if tok.add_bos() { tok.bos() } else { None };
     let mut tokens = Vec::new();
-    for f in &a.text {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        tokens.extend(tok.encode(&text, false, false));
+    for text in &texts {
+        tokens.extend(tok.encode(text, false, false));
     }
     if tokens.len() < 2 * a.ctx.min(a.tokens) {
         bail!(
@@ -136,14 +141,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ..LevelOptions::default()
     };
     let sources: Vec<String> = a.text.iter().map(|p| p.display().to_string()).collect();
-    let eval = match &a.eval {
-        Some(f) => {
-            let text =
-                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            Some(tok.encode(&text, true, false))
-        }
-        None => None,
-    };
+    let eval = eval_text.map(|text| tok.encode(&text, true, false));
     let perplexity = |cal: Option<&Calibration>, sel: Selection| -> anyhow::Result<f64> {
         let tokens = eval.as_ref().expect("only called with --eval");
         let cal = cal.map(|c| c as &dyn crate::engine::flash::Sparsity);

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use crate::image::{
     convert, write_synthetic, BundleDtype, ConvertOptions, FlashImage, SyntheticShape,
 };
+use crate::storage::check_output;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,6 +30,9 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let t = Instant::now();
+    // Refused before the model loads: a special file or the source itself as the output.
+    let inputs: Vec<&std::path::Path> = a.model.as_deref().into_iter().collect();
+    check_output(&a.output, &inputs)?;
     let Some(source) = &a.model else {
         let shape = match a.synthetic.as_deref() {
             Some("llama7b") => SyntheticShape::llama7b(),

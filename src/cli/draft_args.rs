@@ -31,7 +31,7 @@ pub struct DraftArgs {
     /// Tokens drafted per pass at least (default 0: each pass drafts the length that its
     /// measured costs and acceptance favour, none where drafting does not pay); set it to
     /// --draft-max for a fixed length.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = draft_min)]
     pub draft_min: usize,
     /// A model draft (self or a path) stops when its most likely token's probability is
     /// below this.
@@ -40,7 +40,7 @@ pub struct DraftArgs {
     /// With --draft self, when the memory plan streams the output head: rows (token ids
     /// 0..N, the most frequent in a BPE vocabulary) of the drafting head kept in memory,
     /// taken from the budget.
-    #[arg(long, default_value_t = DEFAULT_DRAFT_HEAD_ROWS)]
+    #[arg(long, default_value_t = DEFAULT_DRAFT_HEAD_ROWS, value_parser = super::values::head_rows)]
     pub draft_head_rows: usize,
     /// With --draft self on a flash image: the share of each layer's FFN neurons the draft
     /// computes, chosen as the most active over the prompt and read into memory once after
@@ -60,6 +60,10 @@ fn draft_length(s: &str) -> Result<usize, String> {
             "`{s}` is not a draft length; give 1 to {MAX_DRAFT}"
         )),
     }
+}
+
+fn draft_min(s: &str) -> Result<usize, String> {
+    super::values::count_in(s, 0, MAX_DRAFT)
 }
 
 /// Longest draft accepted: a verify pass holds this many rows of vocabulary-sized logits.

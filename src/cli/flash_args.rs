@@ -35,7 +35,7 @@ pub struct FlashArgs {
     #[arg(long, value_enum)]
     pub kv_type: Option<KvType>,
     /// Tokens a neuron stays in the window after its last use (the paper's k).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::values::window)]
     pub window: usize,
     /// Concurrent reads.
     #[arg(long, default_value_t = 8, value_parser = super::values::io_threads)]
@@ -45,10 +45,10 @@ pub struct FlashArgs {
     #[arg(long)]
     pub disk_curve: Option<std::path::PathBuf>,
     /// Largest coalesced read, in bytes.
-    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "1MiB", value_parser = super::values::max_read)]
     pub max_read: u64,
     /// Merge two reads when the gap between them is at most this many bytes.
-    #[arg(long, default_value = "16KiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "16KiB", value_parser = super::values::max_gap)]
     pub max_gap: u64,
     /// Read through the page cache instead of bypassing it (the budget is then not honest).
     #[arg(long)]
@@ -62,10 +62,10 @@ pub struct FlashArgs {
     pub no_lookahead: bool,
     /// Instead of a predictor, draw random active sets of this density (I/O benchmarks on
     /// synthetic images; meaningless for text).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::density)]
     pub synthetic_activity: Option<f64>,
     /// With --synthetic-activity: the fraction of each token's active set that is new.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = super::values::share)]
     pub synthetic_churn: f64,
 }
 

@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0.95, allow_negative_numbers = true, value_parser = super::values::top_p)]
     top_p: f32,
     /// Keep only the K most likely tokens before sampling (0 = all).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true, value_parser = super::values::top_k)]
     top_k: usize,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]

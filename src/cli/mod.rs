@@ -30,7 +30,7 @@ use crate::model::{load, LoadedModel};
 )]
 struct Cli {
     /// Worker threads for the CPU backend (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = values::threads)]
     threads: Option<usize>,
     /// CPU arithmetic of activations against quantised weights: q8 (quantised to Q8 blocks,
     /// llama.cpp's arithmetic) or f32 (dotted with the dequantised weights, the GPU backend's
@@ -91,6 +91,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reorder(a) => reorder::run(a),
         Command::Bench(a) => bench::run(a),
     })
+}
+
+/// Reads a text input (a regular file of at most 64 MiB), with the path in any error.
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    crate::storage::input::read_text(path, crate::storage::input::MAX_TEXT_BYTES)
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 /// Loads a model, with the path in any error.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 
 use crate::engine::perplexity::perplexity;
 
@@ -25,6 +25,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    // The text first: a bad file is refused before the model loads.
+    let text = super::read_text(&a.file)?;
     let runner = super::runner::Runner::open(&a.model, &a.flash)?.scoring();
     let Some(tok) = runner.model.tokenizer.as_ref() else {
         bail!(
@@ -32,8 +34,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.model.display()
         );
     };
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
     let tokens = tok.encode(&text, true, false);
     let bos = if tok.add_bos() { tok.bos() } else { None };
     eprintln!("{} tokens, ctx {}", tokens.len(), a.ctx);

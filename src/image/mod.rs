@@ -56,6 +56,8 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Output(#[from] crate::storage::OutputError),
     #[error("{} is not a flash image (magic {found:?}, expected \"LLMFLASH\"): convert a model first with `llmflash convert MODEL -o OUT.flash`", path.display())]
     NotAnImage { path: PathBuf, found: String },
     #[error("{}: image format version {found} is newer than this llmflash ({supported}): rebuild llmflash or reconvert the model", path.display())]
@@ -118,6 +120,10 @@ pub(crate) fn encode_header(meta_offset: u64, meta: &[u8]) -> Vec<u8> {
 /// file or an image with the same `-m`.
 pub fn is_flash_image(path: &std::path::Path) -> bool {
     use std::io::Read;
+    // Only a regular file is opened: opening a FIFO would block until a writer appears.
+    if crate::storage::input::regular_file(path).is_err() {
+        return false;
+    }
     let mut magic = [0u8; 8];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut magic))

@@ -59,6 +59,8 @@ impl FlashImage {
                 source,
             }
         };
+        // A FIFO would block `open`: only a regular file is opened.
+        crate::storage::input::regular_file(path).map_err(io("cannot open"))?;
         let file = File::open(path).map_err(io("cannot open"))?;
         // SAFETY: the map is read-only; as with every mmap-based loader, we assume the file
         // is not truncated or rewritten by another process while it is open.
@@ -80,11 +82,13 @@ impl FlashImage {
     /// them itself).
     pub fn open_loaded(path: &Path, direct: bool, skip: &[&str]) -> Result<FlashImage, ImageError> {
         use crate::storage::{CoalesceOptions, FlashFile, ReadPool};
-        let file = File::open(path).map_err(|source| ImageError::Io {
-            path: path.to_path_buf(),
-            action: "cannot open",
-            source,
-        })?;
+        let file = crate::storage::input::regular_file(path)
+            .and_then(|_| File::open(path))
+            .map_err(|source| ImageError::Io {
+                path: path.to_path_buf(),
+                action: "cannot open",
+                source,
+            })?;
         // SAFETY: as in `open`.
         let map = unsafe { Mmap::map(&file) }.map_err(|source| ImageError::Io {
             path: path.to_path_buf(),

@@ -10,17 +10,19 @@
 //! Only the bundle order and the permutation table change: every bundle keeps its bytes, and
 //! everything indexed by model neuron (thresholds, predictors, frequencies) stays valid.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
-use super::writer::{commit_meta, tmp_path};
+use super::writer::commit_meta;
 use super::{crc32, FlashImage, ImageError};
+use crate::storage::AtomicOutput;
 
 /// Rewrites the image at `path` so that disk slot `j` of layer `l` holds model neuron
-/// `orders[l][j]`. The new image is written next to it and renamed over it once complete, so
-/// an interrupted reorder leaves the original intact (it needs the image's size in free disk
-/// space meanwhile). `on_layer` is called after each layer (for progress).
+/// `orders[l][j]`. The new image is written to a copy beside it and renamed over it once
+/// complete (see [`AtomicOutput::rewrite`]), so an interrupted reorder leaves the original
+/// intact (it needs the image's size in free disk space meanwhile). `on_layer` is called after
+/// each layer (for progress).
 pub fn reorder_neurons(
     path: &Path,
     orders: &[Vec<u32>],
@@ -28,45 +30,31 @@ pub fn reorder_neurons(
 ) -> Result<(), ImageError> {
     let image = FlashImage::open(path)?;
     check_orders(&image, orders)?;
-    let tmp = tmp_path(path);
-    let result = (|| {
-        let io = |action: &'static str| {
-            let tmp = tmp.clone();
-            move |source| ImageError::Io {
-                path: tmp,
-                action,
-                source,
-            }
-        };
-        std::fs::copy(path, &tmp).map_err(io("cannot copy the image to"))?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&tmp)
-            .map_err(io("cannot open for writing"))?;
-        let mut meta = image.meta.clone();
-        for (layer, order) in orders.iter().enumerate() {
-            let section = permuted_section(&image, layer, order);
-            write_at(&mut file, image.ffn_section(layer).offset, &section)
-                .map_err(io("cannot write"))?;
-            let s = &mut meta.ffn[layer];
-            s.crc32 = crc32(&section);
-            s.permutation = (!is_identity(order)).then(|| order.clone());
-            on_layer(layer);
-        }
-        let end = file.seek(SeekFrom::End(0)).map_err(io("cannot seek"))?;
-        drop(image);
-        commit_meta(&mut file, &tmp, end, &meta)?;
-        std::fs::rename(&tmp, path).map_err(|source| ImageError::Io {
-            path: path.to_path_buf(),
-            action: "cannot rename the reordered image to",
+    let mut out = AtomicOutput::rewrite(path)?;
+    let tmp = out.tmp_path().to_path_buf();
+    let io = |action: &'static str| {
+        let tmp = tmp.clone();
+        move |source| ImageError::Io {
+            path: tmp,
+            action,
             source,
-        })
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        }
+    };
+    let file = out.file_mut();
+    let mut meta = image.meta.clone();
+    for (layer, order) in orders.iter().enumerate() {
+        let section = permuted_section(&image, layer, order);
+        write_at(file, image.ffn_section(layer).offset, &section).map_err(io("cannot write"))?;
+        let s = &mut meta.ffn[layer];
+        s.crc32 = crc32(&section);
+        s.permutation = (!is_identity(order)).then(|| order.clone());
+        on_layer(layer);
     }
-    result
+    let end = file.seek(SeekFrom::End(0)).map_err(io("cannot seek"))?;
+    drop(image);
+    commit_meta(file, &tmp, end, &meta)?;
+    out.commit()?;
+    Ok(())
 }
 
 /// Each order must list every neuron of its layer exactly once.

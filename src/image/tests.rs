@@ -9,7 +9,7 @@ use crate::model::tensor::{DType, Tensor};
 use crate::model::weights::{Linear, ModelWeights, Norm};
 use crate::model::LoadedModel;
 
-/// A file in the temp directory, removed (with its `.tmp`) on drop.
+/// A file in the temp directory, removed (with any temporary file of its writers) on drop.
 struct TempFile(PathBuf);
 
 impl TempFile {
@@ -26,9 +26,9 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
-        let mut tmp = self.0.clone().into_os_string();
-        tmp.push(".tmp");
-        let _ = std::fs::remove_file(tmp);
+        for tmp in tmp_files(&self.0) {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 }
 
@@ -560,6 +560,8 @@ fn append_extra_round_trip() {
     let (f, meta) = llama_image("extra");
     let a: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
     let b = b"predictor weights".to_vec();
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = inode(&f.0);
     append_extra(
         &f.0,
         "calibration",
@@ -567,6 +569,9 @@ fn append_extra_round_trip() {
         &[("a", &a), ("b", &b)],
     )
     .unwrap();
+    // Written to a copy and renamed over the image, never in place.
+    assert_ne!(inode(&f.0), before);
+    assert!(!tmp_exists(&f.0));
     let image = FlashImage::open(&f.0).unwrap();
     image.verify_ffn().unwrap();
     assert_eq!(image.meta.tensors, meta.tensors);
@@ -690,8 +695,27 @@ fn reorder_refuses_an_order_that_is_not_a_permutation() {
     assert!(!tmp_exists(&f.0));
 }
 
+/// The temporary files (`<name>.<pid>.tmp` and the like) of writers of `path`.
+fn tmp_files(path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().is_some_and(|n| {
+                        let n = n.to_string_lossy();
+                        n.starts_with(&prefix) && n.ends_with(".tmp")
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn tmp_exists(path: &Path) -> bool {
-    let mut tmp = path.to_path_buf().into_os_string();
-    tmp.push(".tmp");
-    Path::new(&tmp).exists()
+    !tmp_files(path).is_empty()
 }

@@ -1,7 +1,7 @@
 //! Writing images: [`convert`] from a loaded model, [`write_synthetic`] for benchmarks, and
 //! [`append_extra`] for data computed later (calibration, predictors).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -18,6 +18,7 @@ use crate::model::config::{Arch, Config, FfnKind, RopeStyle};
 use crate::model::loader::LoadedModel;
 use crate::model::tensor::{DType, Tensor};
 use crate::model::weights::{Ffn, Linear, ModelWeights, Norm};
+use crate::storage::AtomicOutput;
 
 /// Options of [`convert`].
 #[derive(Clone, Debug, Default)]
@@ -113,23 +114,21 @@ pub(crate) fn resident_tensors(w: &ModelWeights) -> Vec<Resident<'_>> {
     out
 }
 
-/// A file being written sequentially, with its position tracked.
+/// A file being written sequentially, with its position tracked: a temporary file beside the
+/// destination, renamed over it by [`Out::finish`] and removed if dropped unfinished.
 struct Out {
     path: PathBuf,
-    file: BufWriter<File>,
+    file: BufWriter<AtomicOutput>,
     pos: u64,
 }
 
 impl Out {
-    fn create(path: &Path) -> Result<Out, ImageError> {
-        let file = File::create(path).map_err(|source| ImageError::Io {
-            path: path.to_path_buf(),
-            action: "cannot create",
-            source,
-        })?;
+    /// Starts writing `dest`, which must not be any of `inputs` (see [`AtomicOutput`]).
+    fn create(dest: &Path, inputs: &[&Path]) -> Result<Out, ImageError> {
+        let out = AtomicOutput::create(dest, inputs)?;
         Ok(Out {
-            path: path.to_path_buf(),
-            file: BufWriter::with_capacity(1 << 20, file),
+            path: out.tmp_path().to_path_buf(),
+            file: BufWriter::with_capacity(1 << 20, out),
             pos: 0,
         })
     }
@@ -177,8 +176,9 @@ impl Out {
         })
     }
 
-    /// Writes the meta JSON and then the header, syncs, and renames the file to `dest`.
-    fn finish(mut self, meta: &ImageMeta, dest: &Path) -> Result<(), ImageError> {
+    /// Writes the meta JSON and then the header, syncs, and renames the file over the
+    /// destination.
+    fn finish(mut self, meta: &ImageMeta) -> Result<(), ImageError> {
         let json = serde_json::to_vec(meta).map_err(|e| ImageError::Meta {
             path: self.path.clone(),
             detail: format!("cannot serialise: {e}"),
@@ -200,32 +200,9 @@ impl Out {
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.write_all(&encode_header(meta_offset, &json))
             .map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        std::fs::rename(&self.path, dest).map_err(|source| ImageError::Io {
-            path: dest.to_path_buf(),
-            action: "cannot rename the finished image to",
-            source,
-        })
+        file.commit()?;
+        Ok(())
     }
-}
-
-/// `out` with `.tmp` appended to its file name.
-pub(super) fn tmp_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    out.with_file_name(name)
-}
-
-/// Runs `f` writing to `out.tmp`; removes the temporary file if it fails.
-fn with_tmp<T>(out: &Path, f: impl FnOnce(Out) -> Result<T, ImageError>) -> Result<T, ImageError> {
-    let tmp = tmp_path(out);
-    let w = Out::create(&tmp)?;
-    let r = f(w);
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
 }
 
 fn progress_bar(enabled: bool, n: usize, what: &str) -> ProgressBar {
@@ -381,7 +358,8 @@ fn source_size(path: &Path) -> u64 {
     }
 }
 
-/// Converts `model` into a flash image at `out` (written to `out.tmp`, then renamed).
+/// Converts `model` into a flash image at `out` (written to a temporary file beside it, then
+/// renamed; `out` must be missing or a regular file, and not the model itself).
 ///
 /// Resident tensors are copied straight from the source mapping; the FFN is streamed layer by
 /// layer, holding at most one layer's down matrix in f32 besides a chunk of bundles.
@@ -429,7 +407,8 @@ pub fn convert(
     }
     let (layout, plans) = plan_layout(&ffns, config, opts.bundle_dtype).map_err(err)?;
 
-    with_tmp(out, |mut o| {
+    {
+        let mut o = Out::create(out, &[&model.path])?;
         o.write(&vec![0u8; ALIGN as usize])?;
         let mut tensors = Vec::new();
         for r in resident_tensors(w) {
@@ -513,16 +492,18 @@ pub fn convert(
             ffn: sections,
             extra: Map::new(),
         };
-        o.finish(&meta, out)?;
+        o.finish(&meta)?;
         Ok(meta)
-    })
+    }
 }
 
 /// Appends named blobs (each 4 KiB aligned, CRC recorded) and sets `extra[key]` to `json`
 /// with a `"blobs"` map `name -> {offset, len, crc32}` added (a non-object `json` is stored
 /// as `{"value": json}`). A previous `extra[key]` is replaced (its blobs stay in the file as
-/// dead bytes). The new metadata is written after the blobs and synced before the header is
-/// rewritten to point at it, so an interrupted append leaves the previous image intact.
+/// dead bytes). The image is never written in place: a copy beside it (see
+/// [`AtomicOutput::rewrite`]) gets the blobs and the new metadata, is synced, and is renamed
+/// over it, so an interrupted append leaves the previous image intact (it needs the image's
+/// size in free disk space meanwhile).
 pub fn append_extra(
     path: &Path,
     key: &str,
@@ -532,22 +513,21 @@ pub fn append_extra(
     let image = FlashImage::open(path)?;
     let mut meta = image.meta.clone();
     drop(image);
+    let mut out = AtomicOutput::rewrite(path)?;
+    let tmp = out.tmp_path().to_path_buf();
     let io = |action: &'static str| {
+        let tmp = tmp.clone();
         move |source| ImageError::Io {
-            path: path.to_path_buf(),
+            path: tmp,
             action,
             source,
         }
     };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io("cannot open for writing"))?;
+    let file = out.file_mut();
     let mut pos = file.seek(SeekFrom::End(0)).map_err(io("cannot seek"))?;
     let mut table = Map::new();
     {
-        let mut bw = BufWriter::new(&mut file);
+        let mut bw = BufWriter::new(&mut *file);
         let zeros = [0u8; ALIGN as usize];
         for (name, bytes) in blobs {
             let aligned = align_up(pos).unwrap_or(pos);
@@ -577,7 +557,9 @@ pub fn append_extra(
     };
     obj.insert("blobs".into(), Value::Object(table));
     meta.extra.insert(key.to_string(), Value::Object(obj));
-    commit_meta(&mut file, path, pos, &meta)
+    commit_meta(file, &tmp, pos, &meta)?;
+    out.commit()?;
+    Ok(())
 }
 
 /// Writes `meta` at `pos` (aligned up), syncs, then rewrites and syncs the header.
@@ -755,7 +737,8 @@ pub(crate) fn write_synthetic_with(
         )));
     }
 
-    with_tmp(out, |mut o| {
+    {
+        let mut o = Out::create(out, &[])?;
         o.write(&vec![0u8; ALIGN as usize])?;
         let mut rng = Rng(shape.seed);
         let mut tensors = Vec::new();
@@ -882,7 +865,7 @@ pub(crate) fn write_synthetic_with(
             ffn: sections,
             extra: Map::new(),
         };
-        o.finish(&meta, out)?;
+        o.finish(&meta)?;
         Ok(meta)
-    })
+    }
 }

@@ -56,6 +56,18 @@ pub struct Config {
     pub embed_dim: usize,
 }
 
+/// Checks that `value` of the parameter `key` is a finite number above 0 (a norm epsilon, a
+/// RoPE base), with a message naming both.
+pub fn check_positive(key: &str, value: f32) -> Result<(), String> {
+    if value.is_finite() && value > 0.0 {
+        return Ok(());
+    }
+    Err(format!(
+        "`{key}` is {value}; expected a finite number above 0 (the file is corrupt or not a \
+         model this engine runs)"
+    ))
+}
+
 impl Config {
     pub fn ffn_kind(&self) -> FfnKind {
         match self.arch {
@@ -83,8 +95,12 @@ impl Config {
         ];
         for (name, v) in nonzero {
             if v == 0 {
-                return Err(format!("{name} is 0"));
+                return Err(format!("{name} is 0; expected at least 1"));
             }
+        }
+        check_positive("norm_eps", self.norm_eps)?;
+        if let Some(theta) = self.rope_theta {
+            check_positive("rope_theta", theta)?;
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
@@ -102,5 +118,93 @@ impl Config {
             return Err("implausibly large dimensions".to_string());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::{write_gguf, GgufFile, MetaValue};
+    use crate::model::weights::gguf_config;
+
+    fn config() -> Config {
+        crate::image::SyntheticShape::tiny().config()
+    }
+
+    #[test]
+    fn non_finite_or_non_positive_parameters_are_refused() {
+        assert!(config().validate().is_ok());
+        for eps in [f32::NAN, f32::INFINITY, 0.0, -1e-5] {
+            let c = Config {
+                norm_eps: eps,
+                ..config()
+            };
+            let e = c.validate().unwrap_err();
+            assert!(e.contains("`norm_eps` is") && e.contains("above 0"), "{e}");
+        }
+        for theta in [f32::NAN, f32::NEG_INFINITY, 0.0, -10_000.0] {
+            let c = Config {
+                rope_theta: Some(theta),
+                ..config()
+            };
+            let e = c.validate().unwrap_err();
+            assert!(e.contains("`rope_theta` is"), "{e}");
+        }
+        let c = Config {
+            n_kv_heads: 0,
+            ..config()
+        };
+        assert!(c.validate().unwrap_err().contains("n_kv_heads is 0"));
+    }
+
+    /// GGUF metadata of a small llama, with `key` set to `value` (or added).
+    fn gguf_with(key: &str, value: MetaValue) -> Result<Config, String> {
+        let mut meta: Vec<(&str, MetaValue)> = vec![
+            ("general.architecture", MetaValue::String("llama".into())),
+            ("llama.embedding_length", MetaValue::U32(64)),
+            ("llama.attention.head_count", MetaValue::U32(4)),
+            ("llama.attention.head_count_kv", MetaValue::U32(2)),
+            ("llama.vocab_size", MetaValue::U32(100)),
+            ("llama.feed_forward_length", MetaValue::U32(160)),
+            ("llama.block_count", MetaValue::U32(2)),
+            ("llama.context_length", MetaValue::U32(256)),
+            (
+                "llama.attention.layer_norm_rms_epsilon",
+                MetaValue::F32(1e-5),
+            ),
+            ("llama.rope.freq_base", MetaValue::F32(10_000.0)),
+        ];
+        meta.retain(|(k, _)| *k != key);
+        meta.push((key, value));
+        let f = GgufFile::from_bytes(write_gguf(&meta, &[])).map_err(|e| e.to_string())?;
+        gguf_config(&f).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn gguf_parameters_are_named_by_their_key() {
+        assert!(gguf_with("llama.rope.freq_base", MetaValue::F32(10_000.0)).is_ok());
+        let e = gguf_with("llama.rope.freq_base", MetaValue::F32(f32::NAN)).unwrap_err();
+        assert!(e.contains("`llama.rope.freq_base` is NaN"), "{e}");
+        let e = gguf_with("llama.rope.freq_base", MetaValue::F32(-1.0)).unwrap_err();
+        assert!(e.contains("`llama.rope.freq_base` is -1"), "{e}");
+        let e = gguf_with(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(f32::INFINITY),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("`llama.attention.layer_norm_rms_epsilon` is inf"),
+            "{e}"
+        );
+        let e = gguf_with(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(0.0),
+        )
+        .unwrap_err();
+        assert!(e.contains("layer_norm_rms_epsilon` is 0"), "{e}");
+        let e = gguf_with("llama.attention.head_count", MetaValue::U32(0)).unwrap_err();
+        assert!(e.contains("`llama.attention.head_count` is 0"), "{e}");
+        let e = gguf_with("llama.attention.head_count_kv", MetaValue::U32(0)).unwrap_err();
+        assert!(e.contains("`llama.attention.head_count_kv` is 0"), "{e}");
     }
 }

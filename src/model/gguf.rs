@@ -424,6 +424,8 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         };
+        // A FIFO would block `open`: only a regular file is opened.
+        crate::storage::input::regular_file(path).map_err(io_err)?;
         let file = File::open(path).map_err(io_err)?;
         // SAFETY: the map is read-only; as with every mmap-based loader, we assume the file
         // is not truncated or rewritten by another process while it is open.

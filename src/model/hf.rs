@@ -337,10 +337,11 @@ fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
                 .and_then(|p| p.get("rope_theta"))
                 .map(|v| {
                     v.as_f64()
+                        .filter(|t| t.is_finite() && *t > 0.0 && *t <= f32::MAX as f64)
                         .map(|t| t as f32)
                         .ok_or_else(|| HfError::BadValue {
                             key: "rope_parameters.rope_theta".into(),
-                            expected: "a number",
+                            expected: "a finite number above 0",
                             found: v.to_string(),
                         })
                 })
@@ -539,14 +540,16 @@ impl Keys<'_> {
         })
     }
 
+    /// A count or size (every one this reader takes must be at least 1).
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, HfError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
                 .as_u64()
+                .filter(|&n| n > 0)
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| self.bad(key, "a non-negative integer", v)),
+                .ok_or_else(|| self.bad(key, "a whole number above 0", v)),
         }
     }
 
@@ -555,12 +558,16 @@ impl Keys<'_> {
         self.required(key, v)
     }
 
+    /// A positive parameter (every float this reader takes, an epsilon or a RoPE base, must
+    /// be above 0).
     fn opt_f32(&self, key: &str) -> Result<Option<f32>, HfError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match v.as_f64() {
-                Some(x) if x.is_finite() && x.abs() <= f32::MAX as f64 => Ok(Some(x as f32)),
-                _ => Err(self.bad(key, "a finite number", v)),
+                Some(x) if x.is_finite() && x > 0.0 && x <= f32::MAX as f64 && x as f32 > 0.0 => {
+                    Ok(Some(x as f32))
+                }
+                _ => Err(self.bad(key, "a finite number above 0", v)),
             },
         }
     }
@@ -600,6 +607,7 @@ fn read_small_file(path: &Path) -> Result<String, HfError> {
         path: path.to_path_buf(),
         source,
     };
+    crate::storage::input::regular_file(path).map_err(io)?;
     let file = fs::File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     if len > MAX_JSON_FILE_BYTES {
@@ -1108,6 +1116,60 @@ mod tests {
         let json = LLAMA_CONFIG.replace("\"hidden_size\": 4", "\"hidden_size\": -4");
         let e = parse_config(&json).unwrap_err();
         assert!(matches!(e, HfError::BadValue { .. }), "{e}");
+    }
+
+    #[test]
+    fn non_positive_parameters_and_zero_counts_are_refused() {
+        let cases = [
+            (
+                "\"rms_norm_eps\": 1e-6",
+                "\"rms_norm_eps\": -1e-6",
+                "rms_norm_eps",
+            ),
+            (
+                "\"rms_norm_eps\": 1e-6",
+                "\"rms_norm_eps\": 0",
+                "rms_norm_eps",
+            ),
+            (
+                "\"rope_theta\": 500000.0",
+                "\"rope_theta\": 0.0",
+                "rope_theta",
+            ),
+            (
+                "\"rope_theta\": 500000.0",
+                "\"rope_theta\": -5",
+                "rope_theta",
+            ),
+            (
+                "\"num_key_value_heads\": 1",
+                "\"num_key_value_heads\": 0",
+                "num_key_value_heads",
+            ),
+            (
+                "\"num_attention_heads\": 2",
+                "\"num_attention_heads\": 0",
+                "num_attention_heads",
+            ),
+            ("\"hidden_size\": 4", "\"hidden_size\": 0", "hidden_size"),
+        ];
+        for (from, to, key) in cases {
+            let json = LLAMA_CONFIG.replace(from, to);
+            assert_ne!(json, LLAMA_CONFIG, "{from}");
+            let e = parse_config(&json).unwrap_err();
+            assert!(
+                matches!(e, HfError::BadValue { key: ref k, .. } if k == key),
+                "{to}: {e}"
+            );
+            assert!(e.to_string().contains("above 0"), "{e}");
+        }
+        // rope_theta nested in rope_parameters (transformers >= 5).
+        let json = LLAMA_CONFIG.replace(
+            "\"rope_theta\": 500000.0",
+            "\"rope_parameters\": {\"rope_theta\": -1.0}",
+        );
+        let e = parse_config(&json).unwrap_err();
+        assert!(e.to_string().contains("rope_parameters.rope_theta"), "{e}");
     }
 
     #[test]

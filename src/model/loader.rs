@@ -53,7 +53,10 @@ pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
             path.display()
         )));
     }
-    if path.is_dir() {
+    // Checked before anything opens it: opening a FIFO blocks until a writer appears.
+    let md = crate::storage::input::file_or_dir(path)
+        .map_err(|e| LoadError::Invalid(format!("model path {}: {e}", path.display())))?;
+    if md.is_dir() {
         load_hf(path)
     } else {
         load_gguf(path)
@@ -91,9 +94,13 @@ fn load_hf(dir: &Path) -> Result<LoadedModel, LoadError> {
     let weights = ModelWeights::from_hf(&model)?;
     let tok_path = dir.join("tokenizer.json");
     let source = if tok_path.exists() {
+        let config_path = dir.join("tokenizer_config.json");
         Some(TokenizerSource::HfJson {
             tokenizer: read(&tok_path)?,
-            config: std::fs::read_to_string(dir.join("tokenizer_config.json")).ok(),
+            config: match config_path.exists() {
+                true => Some(read(&config_path)?),
+                false => None,
+            },
         })
     } else {
         None
@@ -116,8 +123,11 @@ fn load_hf(dir: &Path) -> Result<LoadedModel, LoadError> {
     })
 }
 
+/// A tokenizer file: a regular file of at most [`MAX_TEXT_BYTES`] of UTF-8.
+///
+/// [`MAX_TEXT_BYTES`]: crate::storage::input::MAX_TEXT_BYTES
 fn read(path: &Path) -> Result<String, LoadError> {
-    std::fs::read_to_string(path)
+    crate::storage::input::read_text(path, crate::storage::input::MAX_TEXT_BYTES)
         .map_err(|e| LoadError::Invalid(format!("cannot read {}: {e}", path.display())))
 }
 

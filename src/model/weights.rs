@@ -413,7 +413,21 @@ pub fn gguf_config(f: &GgufFile) -> Result<Config, LoadError> {
         }
     };
     let key = |k: &str| format!("{name}.{k}");
-    let usize_of = |k: &str| -> Result<usize, LoadError> { Ok(f.get_u64(&key(k))? as usize) };
+    // Counts and sizes: at least 1, named by their GGUF key when not.
+    let usize_of = |k: &str| -> Result<usize, LoadError> {
+        match f.get_u64(&key(k))? {
+            0 => Err(invalid(format!(
+                "GGUF metadata `{}` is 0; expected at least 1 (the file is corrupt)",
+                key(k)
+            ))),
+            v => Ok(v as usize),
+        }
+    };
+    let positive = |k: &str, v: f32| -> Result<f32, LoadError> {
+        crate::model::config::check_positive(&key(k), v)
+            .map(|_| v)
+            .map_err(|e| invalid(format!("GGUF metadata {e}")))
+    };
     let hidden_size = usize_of("embedding_length")?;
     let n_heads = usize_of("attention.head_count")?;
     let n_kv_heads = match f.get(&key("attention.head_count_kv")) {
@@ -433,7 +447,7 @@ pub fn gguf_config(f: &GgufFile) -> Result<Config, LoadError> {
             as usize,
     };
     let rope_theta = match f.get(&key("rope.freq_base")) {
-        Some(_) => f.get_f32(&key("rope.freq_base"))?,
+        Some(_) => positive("rope.freq_base", f.get_f32(&key("rope.freq_base"))?)?,
         None => 10_000.0,
     };
     if let Some(v) = f.get(&key("rope.scaling.type")) {
@@ -453,7 +467,10 @@ pub fn gguf_config(f: &GgufFile) -> Result<Config, LoadError> {
         n_heads,
         n_kv_heads,
         head_dim,
-        norm_eps: f.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+        norm_eps: positive(
+            "attention.layer_norm_rms_epsilon",
+            f.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+        )?,
         rope_theta: Some(rope_theta),
         rope_style,
         max_positions: usize_of("context_length")?,

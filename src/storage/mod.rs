@@ -10,6 +10,10 @@
 //!   into the caller's aligned buffers, so that reads known in advance overlap compute.
 //! * [`probe`] / [`DiskCurve`]: the measured read-throughput curve (chunk size x concurrency)
 //!   that the memory planner uses to price reads.
+//! * [`input`]: inputs checked to be regular files before they are opened (a FIFO would block),
+//!   and text read with a size limit.
+//! * [`output`] / [`AtomicOutput`]: every output written to a temporary file and renamed over
+//!   its destination when complete; special files and the inputs themselves are refused.
 //!
 //! The page cache must be bypassed for any of this to mean something: a buffered read of a
 //! cached page runs at DRAM speed and hides the cost the paper is about, and the cache itself
@@ -18,6 +22,8 @@
 mod aligned;
 mod coalesce;
 mod file;
+pub mod input;
+pub mod output;
 mod pool;
 mod prefetch;
 mod probe;
@@ -25,6 +31,7 @@ mod probe;
 pub use aligned::AlignedBuf;
 pub use coalesce::{plan_reads, CoalesceOptions, ReadOp};
 pub use file::FlashFile;
+pub use output::{check_output, write_atomically, AtomicOutput, OutputError};
 pub use pool::{ReadPool, ReadStats};
 pub use prefetch::{buffer_bytes, Fetched, Prefetcher};
 pub use probe::{
@@ -87,6 +94,8 @@ pub enum StorageError {
     Probe(String),
     #[error("disk curve file `{path}`: {message}")]
     Curve { path: PathBuf, message: String },
+    #[error(transparent)]
+    Output(#[from] OutputError),
     #[error("a reader thread panicked while reading `{path}`; this is a bug in llmflash, please report it")]
     WorkerPanic { path: PathBuf },
 }

@@ -39,7 +39,7 @@ pub struct DiskCurve {
 }
 
 impl DiskCurve {
-    /// Writes the curve as JSON.
+    /// Writes the curve as JSON (through a temporary file: see [`super::AtomicOutput`]).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), StorageError> {
         let path = path.as_ref();
         let err = |message: String| StorageError::Curve {
@@ -48,11 +48,7 @@ impl DiskCurve {
         };
         let json = serde_json::to_string_pretty(self)
             .map_err(|e| err(format!("cannot encode the curve as JSON: {e}")))?;
-        std::fs::write(path, json).map_err(|e| {
-            err(format!(
-                "cannot write it: {e}; check the directory exists and is writable"
-            ))
-        })
+        super::write_atomically(path, json.as_bytes(), &[]).map_err(|e| err(e.to_string()))
     }
 
     /// Reads a curve written by [`DiskCurve::save`], checking that its numbers make sense.
@@ -62,7 +58,7 @@ impl DiskCurve {
             path: path.to_path_buf(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = super::input::read_text(path, super::input::MAX_TEXT_BYTES).map_err(|e| {
             err(format!(
                 "cannot read it: {e}; run the disk probe to create it"
             ))
@@ -160,26 +156,25 @@ fn interp_log_clamped(pts: &[(f64, f64)], x: f64) -> f64 {
     yn
 }
 
-/// Removes a file it created when dropped (also on error paths).
-struct TempGuard(Option<PathBuf>);
+/// Removes the probe file it created when dropped (also on error paths).
+struct TempGuard(PathBuf);
 impl Drop for TempGuard {
     fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            if let Err(e) = std::fs::remove_file(p) {
-                log::warn!(
-                    "could not remove the probe file `{}`: {e}; delete it by hand",
-                    p.display()
-                );
-            }
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            log::warn!(
+                "could not remove the probe file `{}`: {e}; delete it by hand",
+                self.0.display()
+            );
         }
     }
 }
 
-/// Measures random aligned direct reads of the disk holding `path`.
+/// Measures random aligned direct reads of the disk holding the directory `dir`.
 ///
-/// `path` may be an existing regular file (read as it is, its whole length), a directory (a
-/// temporary file of `file_size` bytes is written inside it), or a file name that does not
-/// exist yet (the temporary file is written there). A temporary file is deleted afterwards.
+/// `dir` must be an existing directory: the probe creates its own file of `file_size` bytes
+/// inside it (`.llmflash-probe-<pid>[-<k>].tmp`, created exclusively so nothing there is
+/// touched) and removes only that file afterwards. Any other path (a regular file, a device,
+/// a FIFO) is refused before anything is written.
 /// For each chunk size and concurrency, `concurrency` threads read `chunk` bytes at random
 /// 4 KiB-aligned offsets for `duration_per_point`. Chunk sizes must be multiples of 4096.
 ///
@@ -187,7 +182,7 @@ impl Drop for TempGuard {
 /// with direct I/O and warns (and records `direct: false`) where that is refused. Use a file
 /// larger than RAM's spare page cache if direct I/O is unavailable.
 pub fn probe(
-    path: &Path,
+    dir: &Path,
     file_size: u64,
     chunk_sizes: &[usize],
     concurrencies: &[usize],
@@ -208,31 +203,39 @@ pub fn probe(
             "expected concurrencies >= 1, found {concurrencies:?}"
         )));
     }
+    let size = file_size / ALIGN as u64 * ALIGN as u64;
+    if size < max_chunk as u64 {
+        return Err(StorageError::Probe(format!(
+            "expected a probe file size of at least the largest chunk ({max_chunk} bytes), \
+             found {file_size}; ask for a larger file"
+        )));
+    }
+    match std::fs::metadata(dir) {
+        Ok(md) if md.is_dir() => {}
+        Ok(md) => {
+            return Err(StorageError::Probe(format!(
+                "expected a directory on the disk to measure, found {} at `{}`; give a \
+                 directory: the probe writes its own file there and removes it afterwards",
+                super::input::describe(&md.file_type()),
+                dir.display()
+            )))
+        }
+        Err(e) => {
+            return Err(StorageError::Probe(format!(
+                "expected a directory on the disk to measure at `{}`, found none ({e}); give an \
+                 existing directory",
+                dir.display()
+            )))
+        }
+    }
     log::info!(
         "disk probe: random direct reads; the page cache must be bypassed or the results are \
          meaningless"
     );
 
-    let mut guard = TempGuard(None);
-    let target = if path.is_file() {
-        path.to_path_buf()
-    } else {
-        let target = if path.is_dir() {
-            path.join(format!(".llmflash-probe-{}.tmp", std::process::id()))
-        } else {
-            path.to_path_buf()
-        };
-        let size = file_size / ALIGN as u64 * ALIGN as u64;
-        if size < max_chunk as u64 {
-            return Err(StorageError::Probe(format!(
-                "expected a probe file size of at least the largest chunk ({max_chunk} bytes), \
-                 found {file_size}; ask for a larger file"
-            )));
-        }
-        guard.0 = Some(target.clone());
-        write_probe_file(&target, size)?;
-        target
-    };
+    let (target, file) = create_probe_file(dir)?;
+    let _guard = TempGuard(target.clone());
+    write_probe_file(file, &target, size)?;
 
     let file = FlashFile::open(&target, true)?;
     if !file.is_direct() {
@@ -244,8 +247,8 @@ pub fn probe(
     }
     if file.len() < max_chunk as u64 {
         return Err(StorageError::Probe(format!(
-            "`{}` has {} bytes, expected at least the largest chunk ({max_chunk}); \
-             use a larger file or a directory",
+            "the probe file `{}` has {} bytes, expected at least the largest chunk \
+             ({max_chunk}); was it truncated while measuring? Run the probe again",
             target.display(),
             file.len()
         )));
@@ -270,7 +273,38 @@ pub fn probe(
     })
 }
 
-fn write_probe_file(path: &Path, size: u64) -> Result<(), StorageError> {
+/// Creates a probe file in `dir` that did not exist before (never an existing file).
+fn create_probe_file(dir: &Path) -> Result<(PathBuf, std::fs::File), StorageError> {
+    let pid = std::process::id();
+    for k in 0..100 {
+        let name = match k {
+            0 => format!(".llmflash-probe-{pid}.tmp"),
+            _ => format!(".llmflash-probe-{pid}-{k}.tmp"),
+        };
+        let path = dir.join(name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(StorageError::Probe(format!(
+                    "cannot create the probe file `{}`: {e}; check the directory is writable",
+                    path.display()
+                )))
+            }
+        }
+    }
+    Err(StorageError::Probe(format!(
+        "cannot create a probe file in `{}`: 100 names .llmflash-probe-{pid}*.tmp exist \
+         already; delete them",
+        dir.display()
+    )))
+}
+
+fn write_probe_file(mut f: std::fs::File, path: &Path, size: u64) -> Result<(), StorageError> {
     let err = |e: std::io::Error| {
         StorageError::Probe(format!(
             "cannot write the probe file `{}` ({size} bytes): {e}; \
@@ -278,7 +312,6 @@ fn write_probe_file(path: &Path, size: u64) -> Result<(), StorageError> {
             path.display()
         ))
     };
-    let mut f = std::fs::File::create(path).map_err(err)?;
     // Non-zero data: holes in a sparse file would be read without touching the disk.
     let mut block = vec![0u8; 4 << 20];
     let mut state = 0x243F_6A88_85A3_08D3u64 ^ size;
@@ -371,9 +404,21 @@ mod tests {
         d
     }
 
+    /// The names in `d`.
+    fn listing(d: &Path) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn probe_small_grid() {
         let path = dir().join(format!("probe-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("keep"), b"mine").unwrap();
         let curve = probe(
             &path,
             8 << 20,
@@ -382,7 +427,13 @@ mod tests {
             Duration::from_millis(40),
         )
         .unwrap();
-        assert!(!path.exists(), "the temporary file is removed");
+        assert_eq!(
+            listing(&path),
+            ["keep"],
+            "the probe file is removed, nothing else"
+        );
+        assert_eq!(std::fs::read(path.join("keep")).unwrap(), b"mine");
+        std::fs::remove_dir_all(&path).unwrap();
         assert_eq!(curve.points.len(), 4);
         for p in &curve.points {
             assert!(
@@ -415,6 +466,23 @@ mod tests {
         assert!(probe(&p, 1 << 20, &[], &[1], d).is_err());
         assert!(probe(&p, 4096, &[8192], &[1], d).is_err());
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn probe_needs_a_directory() {
+        let d = Duration::from_millis(1);
+        let file = dir().join(format!("probe-file-{}", std::process::id()));
+        std::fs::write(&file, vec![7u8; 8192]).unwrap();
+        let e = probe(&file, 1 << 20, &[4096], &[1], d).unwrap_err();
+        assert!(e.to_string().contains("found a regular file"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), vec![7u8; 8192], "untouched");
+        std::fs::remove_file(&file).unwrap();
+        let e = probe(Path::new("/dev/null"), 1 << 20, &[4096], &[1], d).unwrap_err();
+        assert!(e.to_string().contains("character device"), "{e}");
+        let missing = dir().join("never-created-probe-dir");
+        let e = probe(&missing, 1 << 20, &[4096], &[1], d).unwrap_err();
+        assert!(e.to_string().contains("existing directory"), "{e}");
+        assert!(!missing.exists());
     }
 
     #[test]
@@ -466,5 +534,8 @@ mod tests {
         assert!(DiskCurve::load(&p).is_err());
         let _ = std::fs::remove_file(&p);
         assert!(DiskCurve::load(&p).is_err());
+        // A device is refused without reading it.
+        let e = DiskCurve::load("/dev/zero").unwrap_err();
+        assert!(e.to_string().contains("character device"), "{e}");
     }
 }
