@@ -1,7 +1,8 @@
 //! llmflash: run language models larger than the memory they are given.
 //!
 //! An implementation of "LLM in a flash" (Alizadeh et al., arXiv 2312.11514). See
-//! `DESIGN.md` for the architecture; each module below owns one concern.
+//! `docs/architecture.md` in the repository for the architecture: the per-token data flow,
+//! what each module below owns, and how the modules depend on each other.
 
 pub mod backend;
 pub mod budget;
