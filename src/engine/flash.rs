@@ -12,6 +12,7 @@
 //! layer's tail is read in the background while this layer computes (*lookahead*), and the
 //! time per token approaches the larger of I/O and compute instead of their sum.
 
+use crate::storage::{ReadError, StorageError};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -388,19 +389,20 @@ impl FfnCompute for FlashFfn<'_> {
         Some(s)
     }
 
-    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) -> Result<(), ReadError> {
         let t0 = Instant::now();
         self.select(layer, h);
         self.stats.tokens += (layer == 0) as u64;
         self.stats.neurons_needed += self.active.len() as u64;
         self.stats.compute += t0.elapsed();
         match self.opts.strategy {
-            Strategy::Naive => self.read_whole_layer(layer),
-            Strategy::Flash if self.lookahead.is_some() => self.load_tail(layer),
-            Strategy::Flash => self.load_through_window(layer),
+            Strategy::Naive => self.read_whole_layer(layer)?,
+            Strategy::Flash if self.lookahead.is_some() => self.load_tail(layer)?,
+            Strategy::Flash => self.load_through_window(layer)?,
             Strategy::Resident | Strategy::Mmap => {}
         }
         self.compute_rows(layer, h.len(), h, out);
+        Ok(())
     }
 
     /// Dense runs with lookahead need the same bundles for every token, so a prompt can go
@@ -420,7 +422,7 @@ impl FfnCompute for FlashFfn<'_> {
         self.draft.iter().any(|d| !d.is_empty())
     }
 
-    fn ffn_draft(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+    fn ffn_draft(&mut self, layer: usize, h: &[f32], out: &mut [f32]) -> Result<(), ReadError> {
         let window = &self.layers[layer].window;
         let copies = self.draft_copies.get(layer).map_or(&[][..], Vec::as_slice);
         let stride = self.stride;
@@ -442,6 +444,7 @@ impl FfnCompute for FlashFfn<'_> {
         if let Some(b) = &self.weights.layers[layer].ffn_bias.down {
             add_into(out, b);
         }
+        Ok(())
     }
 
     fn record_activity(&mut self, on: bool) {
@@ -467,23 +470,30 @@ impl FfnCompute for FlashFfn<'_> {
         Ok(bytes)
     }
 
-    fn ffn_batch(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
+    fn ffn_batch(
+        &mut self,
+        layer: usize,
+        hidden: usize,
+        hs: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), ReadError> {
         if self.lookahead.is_none() {
             return self.ffn_union(layer, hidden, hs, out);
         }
         let rows = (hs.len() / hidden) as u64;
         let Some(first) = hs.get(..hidden) else {
-            return;
+            return Ok(());
         };
         let t0 = Instant::now();
         self.select(layer, first);
         self.stats.tokens += (layer == 0) as u64 * rows;
         self.stats.neurons_needed += self.active.len() as u64 * rows;
         self.stats.compute += t0.elapsed();
-        self.load_tail(layer);
+        self.load_tail(layer)?;
         // Tokens after the first find the tail in memory.
         self.stats.window_hits += self.active.len() as u64 * (rows - 1);
         self.compute_rows(layer, hidden, hs, out);
+        Ok(())
     }
 }
 
@@ -491,7 +501,13 @@ impl FlashFfn<'_> {
     /// A verify batch without lookahead: each position's active set, their union brought into
     /// memory with one round of reads, then each position computed over its own set, exactly
     /// as [`FfnCompute::ffn`] would compute it alone.
-    fn ffn_union(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
+    fn ffn_union(
+        &mut self,
+        layer: usize,
+        hidden: usize,
+        hs: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), ReadError> {
         let rows = hs.len() / hidden;
         let t0 = Instant::now();
         let mut sets = std::mem::take(&mut self.row_sets);
@@ -508,10 +524,14 @@ impl FlashFfn<'_> {
         self.active.dedup();
         self.stats.tokens += (layer == 0) as u64 * rows as u64;
         self.stats.compute += t0.elapsed();
-        match self.opts.strategy {
+        let loaded = match self.opts.strategy {
             Strategy::Naive => self.read_whole_layer(layer),
             Strategy::Flash => self.load_through_window(layer),
-            Strategy::Resident | Strategy::Mmap => {}
+            Strategy::Resident | Strategy::Mmap => Ok(()),
+        };
+        if let Err(e) = loaded {
+            self.row_sets = sets;
+            return Err(e);
         }
         for (r, set) in sets.iter().enumerate() {
             self.active.clear();
@@ -520,6 +540,7 @@ impl FlashFfn<'_> {
             self.compute_rows(layer, hidden, &hs[span.clone()], &mut out[span]);
         }
         self.row_sets = sets;
+        Ok(())
     }
 
     /// Adds the activations just computed for `self.active` to the recorded activity: each
@@ -672,7 +693,7 @@ impl FlashFfn<'_> {
     }
 
     /// The naive baseline: the whole layer, every token, with direct reads.
-    fn read_whole_layer(&mut self, layer: usize) {
+    fn read_whole_layer(&mut self, layer: usize) -> Result<(), ReadError> {
         let t = Instant::now();
         let section = self.image.ffn_section(layer);
         let (offset, len) = (section.offset, section.len as usize);
@@ -681,42 +702,36 @@ impl FlashFfn<'_> {
         // pays for no copy that flash does not.
         let (stats, skip) = pool
             .read_span(offset, len, &self.opts.coalesce, &mut self.naive)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "reading layer {layer} from {}: {e}",
-                    self.image.file().display()
-                )
-            });
+            .map_err(|e| ReadError::new(format!("layer {layer}'s FFN"), e))?;
         self.naive_skip = skip;
         self.stats.bytes_read += stats.bytes_read;
         self.stats.read_ops += stats.ops as u64;
         self.stats.neurons_loaded += self.active.len() as u64;
         self.stats.io += t.elapsed();
+        Ok(())
     }
 
     /// The flash path when every token reads the same tails: collect this layer's tail (read
     /// in the background since an earlier layer), then queue the next ones.
-    fn load_tail(&mut self, layer: usize) {
+    fn load_tail(&mut self, layer: usize) -> Result<(), ReadError> {
         let t = Instant::now();
         let n_layers = self.layers.len();
         let la = self.lookahead.as_mut().expect("called in lookahead mode");
-        let stats = la.collect(layer, n_layers).unwrap_or_else(|e| {
-            panic!(
-                "reading layer {layer} from {}: {e}",
-                self.image.file().display()
-            )
-        });
+        let stats = la
+            .collect(layer, n_layers)
+            .map_err(|e| ReadError::new(format!("layer {layer}'s FFN bundles"), e))?;
         let pinned = la.first_slot[layer];
         self.stats.window_hits += pinned as u64;
         self.stats.neurons_loaded += (self.active.len() - pinned) as u64;
         self.stats.bytes_read += stats.bytes_read;
         self.stats.read_ops += stats.ops as u64;
         self.stats.io += t.elapsed();
+        Ok(())
     }
 
     /// The flash path: window bookkeeping, then reads of the missing bundles straight into
     /// their slots (or into the overflow buffer when the window cannot hold them).
-    fn load_through_window(&mut self, layer: usize) {
+    fn load_through_window(&mut self, layer: usize) -> Result<(), ReadError> {
         let t = Instant::now();
         let plan = self.layers[layer]
             .window
@@ -771,16 +786,12 @@ impl FlashFfn<'_> {
                 dst[off..off + bytes.len()].copy_from_slice(bytes);
                 copy += tc.elapsed();
             })
-            .unwrap_or_else(|e| {
-                panic!(
-                    "reading layer {layer} from {}: {e}",
-                    self.image.file().display()
-                )
-            });
+            .map_err(|e| ReadError::new(format!("layer {layer}'s FFN bundles"), e))?;
         self.stats.bytes_read += stats.bytes_read;
         self.stats.read_ops += stats.ops as u64;
         self.stats.io += t_io.elapsed().saturating_sub(copy);
         self.stats.memory += copy;
+        Ok(())
     }
 
     /// The byte ranges of one bundle that are read separately: the whole bundle, or each
@@ -872,7 +883,7 @@ impl Lookahead {
 
     /// Makes `layer`'s tail the current one, once read, and queues the following layers'
     /// reads into the buffers free by then (the previous layer's among them).
-    fn collect(&mut self, layer: usize, n_layers: usize) -> Result<ReadStats, String> {
+    fn collect(&mut self, layer: usize, n_layers: usize) -> Result<ReadStats, StorageError> {
         if self.pending.front() != Some(&layer) {
             // The first token, or layers run out of order: read this layer's tail now.
             self.drain();
@@ -883,11 +894,8 @@ impl Lookahead {
         if let Some(done) = self.current.take() {
             self.spare.push(done.buf);
         }
-        let result = fetched
-            .result
-            .as_ref()
-            .map(|s| *s)
-            .map_err(|e| e.to_string());
+        let mut fetched = fetched;
+        let result = std::mem::replace(&mut fetched.result, Ok(ReadStats::default()));
         self.current = Some(fetched);
         let mut next = self.pending.back().copied().unwrap_or(layer);
         while self.pending.len() < self.depth.min(n_layers) {

@@ -29,6 +29,10 @@ pub enum EngineError {
     BadToken { id: u32, vocab: usize },
     #[error("the prompt is empty: give at least one token")]
     EmptyPrompt,
+    /// A read of weights from flash failed (the file changed or the disk failed): the step
+    /// stops and commits nothing.
+    #[error(transparent)]
+    Read(#[from] crate::storage::ReadError),
     #[error("the logits after position {position} are not finite numbers (NaN or infinite): the weights read are damaged or the model overflowed; check the file (`llmflash inspect --verify`) or convert it again")]
     NonFinite { position: usize },
 }
@@ -184,7 +188,7 @@ impl<'w> Session<'w> {
         }
         self.check(tokens)?;
         if self.ffn.verify_batched() && tokens.len() <= PREFILL_BATCH {
-            self.run_batch(tokens, Logits::All);
+            self.run_batch(tokens, Logits::All)?;
             return Ok(self.batch.logits());
         }
         self.verify_logits.clear();
@@ -197,7 +201,7 @@ impl<'w> Session<'w> {
                 true,
                 self.ffn.as_mut(),
                 self.rows.as_mut(),
-            );
+            )?;
             self.verify_logits.extend_from_slice(&self.state.logits);
         }
         Ok(&self.verify_logits)
@@ -236,9 +240,9 @@ impl<'w> Session<'w> {
             head.is_none(),
             &mut ffn,
             self.rows.as_mut(),
-        );
+        )?;
         if let Some(head) = head {
-            output_prefix(self.weights, &mut self.state, head);
+            output_prefix(self.weights, &mut self.state, head)?;
         }
         Ok(&self.state.logits)
     }
@@ -254,7 +258,7 @@ impl<'w> Session<'w> {
             want_logits,
             self.ffn.as_mut(),
             self.rows.as_mut(),
-        );
+        )?;
         Ok(&self.state.logits)
     }
 
@@ -272,7 +276,7 @@ impl<'w> Session<'w> {
         }
         self.check(tokens)?;
         for batch in tokens.chunks(PREFILL_BATCH) {
-            self.run_batch(batch, Logits::Last);
+            self.run_batch(batch, Logits::Last)?;
         }
         Ok(&self.state.logits)
     }
@@ -298,7 +302,7 @@ impl<'w> Session<'w> {
             None => PREFILL_BATCH,
         };
         for (k, batch) in tokens.chunks(size).enumerate() {
-            self.run_batch(batch, Logits::All);
+            self.run_batch(batch, Logits::All)?;
             for (j, logits) in self.batch.logits().chunks_exact(vocab).enumerate() {
                 each(k * size + j, logits);
             }
@@ -307,8 +311,8 @@ impl<'w> Session<'w> {
     }
 
     /// One batch of at most `PREFILL_BATCH` tokens through the model (already `check`ed).
-    fn run_batch(&mut self, batch: &[u32], logits: Logits) {
-        forward_batch(
+    fn run_batch(&mut self, batch: &[u32], logits: Logits) -> Result<(), EngineError> {
+        Ok(forward_batch(
             self.weights,
             &mut self.kv,
             &mut self.state,
@@ -317,7 +321,7 @@ impl<'w> Session<'w> {
             logits,
             self.ffn.as_mut(),
             self.rows.as_mut(),
-        );
+        )?)
     }
 
     /// Refuses tokens outside the vocabulary and a prompt that would overflow the context,

@@ -7,6 +7,7 @@
 //! multiplied while the next two are read. That costs one pass over the table per token, which
 //! the statistics count as I/O like the FFN's reads.
 
+use crate::storage::ReadError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -168,7 +169,7 @@ impl RowSource {
     }
 
     /// Row `i`, dequantised into `out` (`cols` values).
-    pub fn row(&mut self, i: usize, out: &mut [f32]) {
+    pub fn row(&mut self, i: usize, out: &mut [f32]) -> Result<(), ReadError> {
         let (rb, dtype) = (self.row_bytes, self.dtype);
         let done = |bytes: &[u8], out: &mut [f32]| {
             quant::dequantize(dtype, bytes, out).expect("rows are whole blocks (checked at load)")
@@ -181,22 +182,29 @@ impl RowSource {
                     .read_ranges(&[(self.offset + (i * rb) as u64, rb)], opts, &mut |_, b| {
                         done(b, out)
                     })
-                    .unwrap_or_else(|e| panic!("reading row {i} of {}: {e}", self.name));
+                    .map_err(|e| ReadError::new(format!("row {i} of {}", self.name), e))?;
                 self.bytes_read += stats.bytes_read;
                 self.io += t.elapsed();
             }
         }
+        Ok(())
     }
 
     /// `out = M act` over all rows.
-    pub fn matvec(&mut self, act: &ActivationBuffer, out: &mut [f32]) {
-        self.matvecs(std::slice::from_ref(act), out);
+    pub fn matvec(&mut self, act: &ActivationBuffer, out: &mut [f32]) -> Result<(), ReadError> {
+        self.matvecs(std::slice::from_ref(act), out)
     }
 
     /// `outs[k] = M acts[k]` for every activation (`outs` holds `acts.len()` rows of `rows`
     /// values); a streamed table is read once for all of them, each batch of rows multiplied
     /// while the next is read, and every product is the same as for one activation alone.
-    pub fn matvecs(&mut self, acts: &[ActivationBuffer], outs: &mut [f32]) {
+    /// A failed read ends the call with an error once the reads already started have come back
+    /// (so the prefetcher holds none for a later call).
+    pub fn matvecs(
+        &mut self,
+        acts: &[ActivationBuffer],
+        outs: &mut [f32],
+    ) -> Result<(), ReadError> {
         debug_assert_eq!(outs.len(), acts.len() * self.rows);
         let (rb, dtype, rows) = (self.row_bytes, self.dtype, self.rows);
         let (prefetch, spare) = match &mut self.where_ {
@@ -205,7 +213,7 @@ impl RowSource {
                 for (act, out) in acts.iter().zip(outs.chunks_exact_mut(rows)) {
                     par_matvec(dtype, table, rb, act, out);
                 }
-                return;
+                return Ok(());
             }
             Where::Streamed {
                 prefetch, spare, ..
@@ -214,7 +222,7 @@ impl RowSource {
         let per_chunk = (STREAM_CHUNK / rb).max(1);
         let n_chunks = rows.div_ceil(per_chunk);
         if n_chunks == 0 || acts.is_empty() {
-            return;
+            return Ok(());
         }
         let span = |k: usize| {
             let first = k * per_chunk;
@@ -231,13 +239,22 @@ impl RowSource {
         for k in 0..STREAM_AHEAD.min(n_chunks) {
             start(prefetch, spare, k);
         }
+        let mut failed = None;
         for k in 0..n_chunks {
-            let fetched = prefetch.wait();
+            let mut fetched = prefetch.wait();
             debug_assert_eq!(fetched.tag, k, "batches arrive in order");
-            let stats = fetched
-                .result
-                .as_ref()
-                .unwrap_or_else(|e| panic!("streaming {}: {e}", self.name));
+            let result = std::mem::replace(&mut fetched.result, Ok(Default::default()));
+            let stats = match result {
+                Ok(stats) => stats,
+                Err(e) => {
+                    failed = Some(ReadError::new(format!("rows of {}", self.name), e));
+                    spare.push(fetched.buf);
+                    while prefetch.in_flight() > 0 {
+                        spare.push(prefetch.wait().buf);
+                    }
+                    break;
+                }
+            };
             self.bytes_read += stats.bytes_read;
             if k + STREAM_AHEAD < n_chunks {
                 start(prefetch, spare, k + STREAM_AHEAD);
@@ -251,6 +268,7 @@ impl RowSource {
             spare.push(fetched.buf);
         }
         self.io += t.elapsed().saturating_sub(compute);
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -295,7 +313,7 @@ pub struct OutputRows {
 }
 
 impl OutputRows {
-    pub fn embed_row(&mut self, token: u32, out: &mut [f32]) {
+    pub fn embed_row(&mut self, token: u32, out: &mut [f32]) -> Result<(), ReadError> {
         self.embed.row(token as usize, out)
     }
 

@@ -54,8 +54,13 @@ struct Recorder<'a> {
 }
 
 impl FfnCompute for Recorder<'_> {
-    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
-        self.ffn.ffn(layer, h, out);
+    fn ffn(
+        &mut self,
+        layer: usize,
+        h: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), crate::storage::ReadError> {
+        self.ffn.ffn(layer, h, out)?;
         let mut r = self.records.borrow_mut();
         let rec = &mut r.layers[layer];
         rec.inputs.extend_from_slice(h);
@@ -65,6 +70,7 @@ impl FfnCompute for Recorder<'_> {
                 .iter()
                 .map(|a| f16::from_f32(a.abs())),
         );
+        Ok(())
     }
 }
 

@@ -45,6 +45,26 @@ pub const ALIGN: usize = 4096;
 
 /// Errors of the storage module. Each message says what was expected, what was found and what
 /// to do about it.
+/// A read of model weights from flash that failed while decoding: what was being read (a
+/// layer's FFN bundles, a row of a streamed table), and the storage error. The decode step
+/// stops with it; nothing computed from a failed read is used.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {what} failed")]
+pub struct ReadError {
+    pub what: String,
+    #[source]
+    pub source: StorageError,
+}
+
+impl ReadError {
+    pub fn new(what: impl Into<String>, source: StorageError) -> ReadError {
+        ReadError {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error(

@@ -13,6 +13,7 @@ use crate::engine::streamed::{OutputRows, RowSource};
 use crate::model::config::{Config, FfnKind};
 use crate::model::tensor::Tensor;
 use crate::model::weights::{Ffn, Layer, ModelWeights};
+use crate::storage::ReadError;
 
 /// Scratch buffers of one decode step, allocated once per session.
 pub struct CpuState {
@@ -54,7 +55,7 @@ impl CpuState {
 /// the flash offloading path (and calibration, which watches the dense one) plug in here.
 pub trait FfnCompute {
     /// `out = FFN_layer(h)`, where `h` is the normed input of layer `layer`.
-    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]);
+    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) -> Result<(), ReadError>;
 
     /// Whether a prompt may go through this FFN a batch at a time, layer by layer
     /// ([`FfnCompute::ffn_batch`]). Dense weights can, and so can the flash path when every
@@ -66,10 +67,17 @@ pub trait FfnCompute {
 
     /// `out[i] = FFN_layer(hs[i])` for rows of `hidden` values; the same values as `ffn` on
     /// each row.
-    fn ffn_batch(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
+    fn ffn_batch(
+        &mut self,
+        layer: usize,
+        hidden: usize,
+        hs: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), ReadError> {
         for (h, o) in hs.chunks_exact(hidden).zip(out.chunks_exact_mut(hidden)) {
-            self.ffn(layer, h, o);
+            self.ffn(layer, h, o)?;
         }
+        Ok(())
     }
 
     /// Whether a speculative verify pass (a few drafted positions at once) may go through
@@ -88,7 +96,7 @@ pub trait FfnCompute {
 
     /// `out` = the FFN of `layer` restricted to the neurons held in memory (a speculative
     /// draft: no I/O). Providers without such a set leave it to [`FfnCompute::ffn`].
-    fn ffn_draft(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+    fn ffn_draft(&mut self, layer: usize, h: &[f32], out: &mut [f32]) -> Result<(), ReadError> {
         self.ffn(layer, h, out)
     }
 
@@ -115,7 +123,7 @@ pub trait FfnCompute {
 pub struct DraftFfn<'f, 'w>(pub &'f mut (dyn FfnCompute + 'w));
 
 impl FfnCompute for DraftFfn<'_, '_> {
-    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) -> Result<(), ReadError> {
         self.0.ffn_draft(layer, h, out)
     }
 }
@@ -191,7 +199,13 @@ impl FfnCompute for DenseFfn<'_> {
         true
     }
 
-    fn ffn_batch(&mut self, layer: usize, hidden: usize, hs: &[f32], out: &mut [f32]) {
+    fn ffn_batch(
+        &mut self,
+        layer: usize,
+        hidden: usize,
+        hs: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), ReadError> {
         let n = hs.len() / hidden;
         let (c, l) = (&self.weights.config, &self.weights.layers[layer]);
         let f = dense(l, layer);
@@ -218,15 +232,17 @@ impl FfnCompute for DenseFfn<'_> {
         if let Some(bias) = &l.ffn_bias.down {
             out.chunks_exact_mut(hidden).for_each(|o| add_into(o, bias));
         }
+        Ok(())
     }
 
-    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) {
+    fn ffn(&mut self, layer: usize, h: &[f32], out: &mut [f32]) -> Result<(), ReadError> {
         self.hidden(layer, h);
         let l = &self.weights.layers[layer];
         act_matvec(&dense(l, layer).down, &self.a, &mut self.act, out);
         if let Some(b) = &l.ffn_bias.down {
             add_into(out, b);
         }
+        Ok(())
     }
 }
 
@@ -240,20 +256,20 @@ pub fn forward(
     want_logits: bool,
     ffn: &mut dyn FfnCompute,
     mut rows: Option<&mut OutputRows>,
-) {
+) -> Result<(), ReadError> {
     let c = &w.config;
     let pos = kv.len();
     if let Some(theta) = c.rope_theta {
         rope_angles(pos, c.head_dim, theta, &mut s.rope);
     }
-    embed(w, s, token, pos, rows.as_deref_mut());
+    embed(w, s, token, pos, rows.as_deref_mut())?;
     for (l, layer) in w.layers.iter().enumerate() {
         if c.pre_norm {
             apply_norm(&layer.attn_norm, &s.x, c.norm_eps, &mut s.h);
             attention(c, layer, kv, l, pos, s);
             add_into(&mut s.x, &s.out);
             apply_norm(&layer.ffn_norm, &s.x, c.norm_eps, &mut s.h);
-            ffn.ffn(l, &s.h, &mut s.out);
+            ffn.ffn(l, &s.h, &mut s.out)?;
             add_into(&mut s.x, &s.out);
         } else {
             // Post-norm (OPT-350m): x = norm(x + block(x)).
@@ -262,16 +278,18 @@ pub fn forward(
             add_into(&mut s.x, &s.out);
             apply_norm(&layer.attn_norm, &s.x, c.norm_eps, &mut s.h);
             s.x.copy_from_slice(&s.h);
-            ffn.ffn(l, &s.h, &mut s.out);
+            ffn.ffn(l, &s.h, &mut s.out)?;
             add_into(&mut s.x, &s.out);
             apply_norm(&layer.ffn_norm, &s.x, c.norm_eps, &mut s.h);
             s.x.copy_from_slice(&s.h);
         }
     }
+    // A failed read above returns before this: the position is never committed.
     kv.advance();
     if want_logits {
-        output(w, s, rows);
+        output(w, s, rows)?;
     }
+    Ok(())
 }
 
 /// Token embedding (plus OPT's projection and learned position) into `s.x`.
@@ -281,9 +299,9 @@ pub(super) fn embed(
     token: u32,
     pos: usize,
     rows: Option<&mut OutputRows>,
-) {
+) -> Result<(), ReadError> {
     match rows {
-        Some(r) => r.embed_row(token, &mut s.embed),
+        Some(r) => r.embed_row(token, &mut s.embed)?,
         None => quant::dequantize(w.embed.dtype, w.embed.row(token as usize), &mut s.embed)
             .expect("embedding rows are whole blocks (checked at load time)"),
     }
@@ -296,6 +314,7 @@ pub(super) fn embed(
         quant::dequantize(table.dtype, row, &mut s.h).expect("position rows are whole blocks");
         add_into(&mut s.x, &s.h);
     }
+    Ok(())
 }
 
 /// Self-attention of the normed input `s.h`; result (after the output projection) in `s.out`.
@@ -327,24 +346,34 @@ fn attention(c: &Config, layer: &Layer, kv: &mut KvCache, l: usize, pos: usize, 
 }
 
 /// Final norm, optional projection, and the vocabulary projection into `s.logits`.
-pub(super) fn output(w: &ModelWeights, s: &mut CpuState, rows: Option<&mut OutputRows>) {
+pub(super) fn output(
+    w: &ModelWeights,
+    s: &mut CpuState,
+    rows: Option<&mut OutputRows>,
+) -> Result<(), ReadError> {
     let mut head = rows.map(|r| r.head());
     let dtype = head.as_ref().map_or(w.lm_head.dtype, |h| h.dtype());
     head_input(w, s, dtype);
     match head.as_mut() {
-        Some(h) => h.matvec(&s.act, &mut s.logits),
+        Some(h) => h.matvec(&s.act, &mut s.logits)?,
         None => matvec(&w.lm_head, &s.act, &mut s.logits),
     }
+    Ok(())
 }
 
 /// Logits over the first `head.rows()` token ids only (a draft's resident head over the most
 /// frequent tokens, when the full head is streamed); every other token gets `-inf`.
-pub fn output_prefix(w: &ModelWeights, s: &mut CpuState, head: &mut RowSource) {
+pub fn output_prefix(
+    w: &ModelWeights,
+    s: &mut CpuState,
+    head: &mut RowSource,
+) -> Result<(), ReadError> {
     head_input(w, s, head.dtype());
     let n = head.rows().min(s.logits.len());
     let (known, rest) = s.logits.split_at_mut(n);
-    head.matvec(&s.act, known);
+    head.matvec(&s.act, known)?;
     rest.fill(f32::NEG_INFINITY);
+    Ok(())
 }
 
 /// The vocabulary projection's input (final norm, OPT's projection) quantised for `dtype`

@@ -18,6 +18,7 @@ use crate::engine::kv_cache::KvCache;
 use crate::engine::streamed::OutputRows;
 use crate::model::config::Config;
 use crate::model::weights::{Layer, ModelWeights};
+use crate::storage::ReadError;
 
 /// Row-major `tokens x width` activations of one batch, allocated once per session and grown
 /// to the largest batch seen.
@@ -82,12 +83,12 @@ pub fn forward_batch(
     logits: Logits,
     ffn: &mut dyn FfnCompute,
     mut rows: Option<&mut OutputRows>,
-) {
+) -> Result<(), ReadError> {
     let c = &w.config;
     let (n, d, pos0) = (tokens.len(), c.hidden_size, kv.len());
     b.resize(c, n);
     for (i, &t) in tokens.iter().enumerate() {
-        embed(w, s, t, pos0 + i, rows.as_deref_mut());
+        embed(w, s, t, pos0 + i, rows.as_deref_mut())?;
         b.x[i * d..(i + 1) * d].copy_from_slice(&s.x);
     }
     for (l, layer) in w.layers.iter().enumerate() {
@@ -96,7 +97,7 @@ pub fn forward_batch(
             attention_batch(c, layer, kv, l, pos0, b);
             add_into(&mut b.x, &b.out);
             norm_rows(&layer.ffn_norm, c, &b.x, &mut b.h);
-            ffn.ffn_batch(l, d, &b.h, &mut b.out);
+            ffn.ffn_batch(l, d, &b.h, &mut b.out)?;
             add_into(&mut b.x, &b.out);
         } else {
             // Post-norm (OPT-350m): x = norm(x + block(x)).
@@ -105,17 +106,18 @@ pub fn forward_batch(
             add_into(&mut b.x, &b.out);
             norm_rows(&layer.attn_norm, c, &b.x, &mut b.h);
             b.x.copy_from_slice(&b.h);
-            ffn.ffn_batch(l, d, &b.h, &mut b.out);
+            ffn.ffn_batch(l, d, &b.h, &mut b.out)?;
             add_into(&mut b.x, &b.out);
             norm_rows(&layer.ffn_norm, c, &b.x, &mut b.h);
             b.x.copy_from_slice(&b.h);
         }
     }
+    // A failed read above returns before this: the positions are never committed.
     kv.advance_by(n);
     match logits {
         Logits::Last => {
             s.x.copy_from_slice(&b.x[(n - 1) * d..]);
-            output(w, s, rows);
+            output(w, s, rows)
         }
         Logits::All => output_all(w, s, b, rows),
     }
@@ -129,7 +131,7 @@ fn output_all(
     s: &mut CpuState,
     b: &mut BatchState,
     mut rows: Option<&mut OutputRows>,
-) {
+) -> Result<(), ReadError> {
     let (c, n) = (&w.config, b.acts.len());
     let (d, vocab) = (c.hidden_size, c.vocab_size);
     b.logits.resize(n * vocab, 0.0);
@@ -143,22 +145,22 @@ fn output_all(
             act.quantize_for(head.dtype(), h)
                 .expect("lm_head columns match the hidden size (checked at load time)");
         }
-        head.matvecs(&b.acts, &mut b.logits);
-        return;
+        return head.matvecs(&b.acts, &mut b.logits);
     }
     if rows.is_some() || w.project_out.is_some() {
         for (x, out) in b.x.chunks_exact(d).zip(b.logits.chunks_exact_mut(vocab)) {
             s.x.copy_from_slice(x);
-            output(w, s, rows.as_deref_mut());
+            output(w, s, rows.as_deref_mut())?;
             out.copy_from_slice(&s.logits);
         }
-        return;
+        return Ok(());
     }
     match &w.final_norm {
         Some(norm) => norm_rows(norm, c, &b.x, &mut b.h),
         None => b.h.copy_from_slice(&b.x),
     }
     matmul_rows(&w.lm_head, &b.h, &mut b.acts, &mut b.scratch, &mut b.logits);
+    Ok(())
 }
 
 fn norm_rows(norm: &crate::model::weights::Norm, c: &Config, xs: &[f32], out: &mut [f32]) {
