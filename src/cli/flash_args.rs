@@ -8,7 +8,8 @@ use crate::storage::CoalesceOptions;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct FlashArgs {
-    /// Where FFN bundles come from (flash images only): flash, resident, mmap or naive.
+    /// Where FFN bundles come from (flash images only): flash, resident, mmap or naive. Every
+    /// bundle read is checked against the image's checksums, except under mmap.
     #[arg(long, default_value = "flash")]
     pub strategy: Strategy,
     /// Compute every FFN neuron instead of the predicted ones.
@@ -60,6 +61,12 @@ pub struct FlashArgs {
     /// applies when every neuron is computed under a memory budget).
     #[arg(long)]
     pub no_lookahead: bool,
+    /// Skip the checksum of each bundle read from flash (to measure what the check costs:
+    /// by default every bundle read by the flash and naive strategies, on the CPU and the GPU,
+    /// is checked before use, and a damaged one stops the decode). The mmap strategy never
+    /// checks: it reads through page faults.
+    #[arg(long)]
+    pub no_checksums: bool,
     /// Instead of a predictor, draw random active sets of this density (I/O benchmarks on
     /// synthetic images; meaningless for text).
     #[arg(long, value_parser = super::values::density)]
@@ -96,6 +103,7 @@ impl FlashArgs {
             unbundled: self.unbundled,
             pinned: None,
             lookahead: !self.no_lookahead,
+            verify: !self.no_checksums,
         }
     }
 }

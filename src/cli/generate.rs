@@ -284,6 +284,7 @@ pub(super) fn open_gpu_model<'r>(
         coalesce: base.coalesce,
         direct: base.direct,
         kv_type: kv,
+        verify: base.verify,
         ..GpuFlashOptions::default()
     };
     if let Some(plan) = plan {

@@ -13,6 +13,7 @@
 //! time per token approaches the larger of I/O and compute instead of their sum.
 
 use crate::storage::{ReadError, StorageError};
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -114,6 +115,10 @@ pub struct FlashOptions {
     /// Read the next layer's bundles while this one computes, where they are known in advance
     /// (every neuron computed, each window a pinned prefix of its layer on disk).
     pub lookahead: bool,
+    /// Check every bundle read from flash against the image's checksum before using it (off
+    /// only to measure what the check costs). The mmap strategy reads through page faults and
+    /// checks nothing.
+    pub verify: bool,
 }
 
 impl Default for FlashOptions {
@@ -129,6 +134,7 @@ impl Default for FlashOptions {
             unbundled: false,
             pinned: None,
             lookahead: true,
+            verify: true,
         }
     }
 }
@@ -316,6 +322,10 @@ impl<'a> FlashFfn<'a> {
             })
             .map_err(|e| setup(e.to_string()))?;
         self.stats.bytes_read += stats.bytes_read;
+        for &(n, slot) in &loads {
+            self.check(layer, n, self.layers[layer].window.bundle(slot))
+                .map_err(|e| setup(e.to_string()))?;
+        }
         if self.draft.len() <= layer {
             self.draft.resize_with(layer + 1, Vec::new);
         }
@@ -374,6 +384,16 @@ impl<'a> FlashFfn<'a> {
     }
 
     /// File offset of a neuron's bundle.
+    /// Checks the bundle of model neuron `neuron` of `layer`, just read, against the image's
+    /// checksum (unless checks are off).
+    fn check(&self, layer: usize, neuron: u32, bytes: &[u8]) -> Result<(), StorageError> {
+        if !self.opts.verify {
+            return Ok(());
+        }
+        let slot = self.layers[layer].disk_slot[neuron as usize] as usize;
+        self.image.check_bundle(layer, slot, bytes)
+    }
+
     fn offset(&self, layer: usize, neuron: u32) -> u64 {
         let slot = self.layers[layer].disk_slot[neuron as usize] as u64;
         self.image.ffn_section(layer).offset + slot * self.stride as u64
@@ -607,6 +627,10 @@ impl FlashFfn<'_> {
             })
             .map_err(|e| format!("reading layer {layer}'s draft neurons: {e}"))?;
         self.stats.bytes_read += stats.bytes_read;
+        for (k, &n) in copied.iter().enumerate() {
+            self.check(layer, n, &buf[k * stride..(k + 1) * stride])
+                .map_err(|e| format!("reading layer {layer}'s draft neurons: {e}"))?;
+        }
         if self.draft.len() <= layer {
             self.draft.resize_with(layer + 1, Vec::new);
         }
@@ -704,6 +728,12 @@ impl FlashFfn<'_> {
             .read_span(offset, len, &self.opts.coalesce, &mut self.naive)
             .map_err(|e| ReadError::new(format!("layer {layer}'s FFN"), e))?;
         self.naive_skip = skip;
+        if self.opts.verify {
+            let bytes = &self.naive[skip..skip + len];
+            self.image
+                .check_bundles(layer, 0, bytes)
+                .map_err(|e| ReadError::new(format!("layer {layer}'s FFN"), e))?;
+        }
         self.stats.bytes_read += stats.bytes_read;
         self.stats.read_ops += stats.ops as u64;
         self.stats.neurons_loaded += self.active.len() as u64;
@@ -721,6 +751,11 @@ impl FlashFfn<'_> {
             .collect(layer, n_layers)
             .map_err(|e| ReadError::new(format!("layer {layer}'s FFN bundles"), e))?;
         let pinned = la.first_slot[layer];
+        if self.opts.verify {
+            self.image
+                .check_bundles(layer, pinned, la.tail())
+                .map_err(|e| ReadError::new(format!("layer {layer}'s FFN bundles"), e))?;
+        }
         self.stats.window_hits += pinned as u64;
         self.stats.neurons_loaded += (self.active.len() - pinned) as u64;
         self.stats.bytes_read += stats.bytes_read;
@@ -791,6 +826,25 @@ impl FlashFfn<'_> {
         self.stats.read_ops += stats.ops as u64;
         self.stats.io += t_io.elapsed().saturating_sub(copy);
         self.stats.memory += copy;
+        if self.opts.verify {
+            let (image, state) = (self.image, &self.layers[layer]);
+            let (overflow, overflow_ids) = (&self.overflow, &self.overflow_ids);
+            // On the worker threads, as the reads were.
+            targets
+                .par_iter()
+                .try_for_each(|&(_, neuron, slot)| {
+                    let bytes = match slot {
+                        Some(s) => state.window.bundle(s),
+                        None => {
+                            let k = overflow_ids.partition_point(|&x| x < neuron);
+                            &overflow[k * stride..(k + 1) * stride]
+                        }
+                    };
+                    let disk_slot = state.disk_slot[neuron as usize] as usize;
+                    image.check_bundle(layer, disk_slot, bytes)
+                })
+                .map_err(|e| ReadError::new(format!("layer {layer}'s FFN bundles"), e))?;
+        }
         Ok(())
     }
 
@@ -959,11 +1013,22 @@ fn layer_state(
         k: opts.window_tokens,
     })
     .map_err(|e| FlashError::Setup(format!("layer {layer} window: {e}")))?;
-    let resident = (opts.strategy == Strategy::Resident).then(|| {
-        let mut all = Vec::with_capacity(n * stride);
-        (0..n).for_each(|s| all.extend_from_slice(image.bundle_bytes(layer, s)));
-        all
-    });
+    let resident = match opts.strategy {
+        Strategy::Resident => {
+            let mut all = Vec::with_capacity(n * stride);
+            for s in 0..n {
+                let bundle = image.bundle_bytes(layer, s);
+                if opts.verify {
+                    image.check_bundle(layer, s, bundle).map_err(|e| {
+                        FlashError::Setup(format!("loading layer {layer}'s FFN: {e}"))
+                    })?;
+                }
+                all.extend_from_slice(bundle);
+            }
+            Some(all)
+        }
+        _ => None,
+    };
     Ok(LayerState {
         window,
         disk_slot,

@@ -7,7 +7,7 @@
 //! multiplied while the next two are read. That costs one pass over the table per token, which
 //! the statistics count as I/O like the FFN's reads.
 
-use crate::storage::ReadError;
+use crate::storage::{ReadError, StorageError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ const STREAM_AHEAD: usize = 2;
 pub const STREAM_STAGING: usize = (STREAM_AHEAD + 1) * buffer_bytes(STREAM_CHUNK) + 2 * ALIGN;
 
 /// The image tensors that may be streamed: the token embedding and the (untied) output head.
-pub const TABLES: [&str; 2] = ["token_embd.weight", "output.weight"];
+pub use crate::image::STREAMED_TABLES as TABLES;
 
 /// One matrix of the image with `rows` rows, either read into memory or streamed.
 pub struct RowSource {
@@ -44,6 +44,10 @@ pub struct RowSource {
     rows: usize,
     row_bytes: usize,
     offset: u64,
+    /// Each row's CRC-32C, checked on every streamed read (see [`RowSource::check_rows`]).
+    row_crc32c: Vec<u32>,
+    /// The image file, for error messages.
+    path: std::path::PathBuf,
     where_: Where,
     /// Cumulative streaming costs.
     pub bytes_read: u64,
@@ -106,7 +110,9 @@ impl RowSource {
             prefetch,
             spare: (0..=STREAM_AHEAD).map(|_| AlignedBuf::new(0)).collect(),
         };
-        Ok(RowSource::new(e, where_))
+        let mut source = RowSource::new(e, where_);
+        source.path = image.file().to_path_buf();
+        Ok(source)
     }
 
     /// Reads the first `rows` rows of tensor `name` into memory: a draft's output head over
@@ -128,6 +134,16 @@ impl RowSource {
         let (_, skip) = pool
             .read_span(e.offset, len, &CoalesceOptions::default(), &mut buf)
             .map_err(|err| read_error(image, name, err))?;
+        let at = |i: usize| e.offset + (i * row_bytes) as u64;
+        check_rows(
+            &e.row_crc32c,
+            image.file(),
+            at,
+            row_bytes,
+            0,
+            &buf[skip..skip + len],
+        )
+        .map_err(|err| read_error(image, name, err))?;
         let mut source = RowSource::new(e, Where::Resident { buf, skip, len });
         source.rows = rows;
         Ok(source)
@@ -140,6 +156,8 @@ impl RowSource {
             rows: e.rows,
             row_bytes: (e.len as usize) / e.rows.max(1),
             offset: e.offset,
+            row_crc32c: e.row_crc32c.clone(),
+            path: std::path::PathBuf::new(),
             where_,
             bytes_read: 0,
             io: Duration::ZERO,
@@ -148,6 +166,19 @@ impl RowSource {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Checks `bytes`, rows `first..` just streamed, against their recorded checksums.
+    fn check_rows(&self, first: usize, bytes: &[u8]) -> Result<(), StorageError> {
+        let at = |i: usize| self.offset + (i * self.row_bytes) as u64;
+        check_rows(
+            &self.row_crc32c,
+            &self.path,
+            at,
+            self.row_bytes,
+            first,
+            bytes,
+        )
     }
 
     /// Rows this source multiplies (all of the tensor's, or a resident prefix's).
@@ -178,11 +209,14 @@ impl RowSource {
             Where::Resident { buf, skip, .. } => done(&buf[skip + i * rb..][..rb], out),
             Where::Streamed { pool, opts, .. } => {
                 let t = Instant::now();
+                let mut checked = Ok(());
                 let stats = pool
                     .read_ranges(&[(self.offset + (i * rb) as u64, rb)], opts, &mut |_, b| {
+                        checked = self.check_rows(i, b);
                         done(b, out)
                     })
                     .map_err(|e| ReadError::new(format!("row {i} of {}", self.name), e))?;
+                checked.map_err(|e| ReadError::new(format!("row {i} of {}", self.name), e))?;
                 self.bytes_read += stats.bytes_read;
                 self.io += t.elapsed();
             }
@@ -256,6 +290,17 @@ impl RowSource {
                 }
             };
             self.bytes_read += stats.bytes_read;
+            let (first, _) = span(k);
+            let at = |i: usize| self.offset + (i * rb) as u64;
+            if let Err(e) = check_rows(&self.row_crc32c, &self.path, at, rb, first, fetched.bytes())
+            {
+                failed = Some(ReadError::new(format!("rows of {}", self.name), e));
+                spare.push(fetched.buf);
+                while prefetch.in_flight() > 0 {
+                    spare.push(prefetch.wait().buf);
+                }
+                break;
+            }
             if k + STREAM_AHEAD < n_chunks {
                 start(prefetch, spare, k + STREAM_AHEAD);
             }
@@ -270,6 +315,33 @@ impl RowSource {
         self.io += t.elapsed().saturating_sub(compute);
         failed.map_or(Ok(()), Err)
     }
+}
+
+/// Checks `bytes`, rows `first..` of `row_bytes` each (row `i` at file offset `at(i)`),
+/// against `crcs`; a mismatch names the row's offset.
+fn check_rows(
+    crcs: &[u32],
+    path: &std::path::Path,
+    at: impl Fn(usize) -> u64,
+    row_bytes: usize,
+    first: usize,
+    bytes: &[u8],
+) -> Result<(), StorageError> {
+    for (k, row) in bytes.chunks_exact(row_bytes.max(1)).enumerate() {
+        let i = first + k;
+        let stored = crcs.get(i).copied().unwrap_or(!0);
+        let computed = crate::image::bundle_checksum(row);
+        if computed != stored {
+            return Err(StorageError::Checksum {
+                path: path.to_path_buf(),
+                offset: at(i),
+                len: row_bytes,
+                stored,
+                computed,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Rows of `weights` (each `row_bytes`) times `act`, split across the worker threads.

@@ -185,6 +185,9 @@ pub struct FfnSection {
     pub crc32: u32,
     /// Disk slot j holds model neuron `permutation[j]`; `None` is the identity.
     pub permutation: Option<Vec<u32>>,
+    /// The CRC-32C ([`crate::image::bundle_checksum`]) of each disk slot's bundle: what every
+    /// read of a bundle is checked against before use.
+    pub bundle_crc32c: Vec<u32>,
 }
 
 /// A resident tensor stored verbatim.
@@ -197,6 +200,11 @@ pub struct TensorEntry {
     pub offset: u64,
     pub len: u64,
     pub crc32: u32,
+    /// For the tables a session may stream row by row (the token embedding and the output
+    /// head: [`crate::image::STREAMED_TABLES`]), the CRC-32C of each row, checked on every
+    /// streamed read; empty for the other tensors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub row_crc32c: Vec<u32>,
 }
 
 /// The model the image was converted from.

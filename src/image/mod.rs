@@ -36,10 +36,31 @@ pub use reader::FlashImage;
 pub use reorder::reorder_neurons;
 pub use writer::{append_extra, convert, write_synthetic, ConvertOptions, SyntheticShape};
 
+/// The checksum of one FFN bundle as the image records it ([`FfnSection::bundle_crc32c`]):
+/// CRC-32C, which current CPUs compute in hardware (SSE4.2, ARMv8) at many GB/s, so checking
+/// every bundle read costs little next to reading it.
+pub fn bundle_checksum(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
+}
+
+/// The tensors a session may stream from the image row by row, which get per-row checksums.
+pub const STREAMED_TABLES: [&str; 2] = ["token_embd.weight", "output.weight"];
+
+/// Per-row checksums of `bytes` (`rows` rows) when `name` is a table that may be streamed.
+pub fn row_checksums(name: &str, rows: usize, bytes: &[u8]) -> Vec<u32> {
+    if !STREAMED_TABLES.contains(&name) || rows == 0 {
+        return Vec::new();
+    }
+    bytes
+        .chunks_exact(bytes.len() / rows)
+        .map(bundle_checksum)
+        .collect()
+}
+
 /// File magic at offset 0.
 pub const MAGIC: &[u8; 8] = b"LLMFLASH";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the header, and the alignment of every tensor, section and blob.
 pub const ALIGN: u64 = 4096;
 /// Bytes of the header covered by its own checksum.

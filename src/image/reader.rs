@@ -366,6 +366,46 @@ impl FlashImage {
         self.range(s.offset + disk_slot as u64 * stride, stride)
     }
 
+    /// Checks `bytes`, just read from disk slot `disk_slot` of `layer`'s section, against the
+    /// bundle's recorded checksum; a mismatch names the file offset. Slots were validated at
+    /// open; one out of range is a mismatch too, never a panic.
+    pub fn check_bundle(
+        &self,
+        layer: usize,
+        disk_slot: usize,
+        bytes: &[u8],
+    ) -> Result<(), crate::storage::StorageError> {
+        let s = &self.meta.ffn[layer];
+        let stored = s.bundle_crc32c.get(disk_slot).copied().unwrap_or(!0);
+        let computed = super::bundle_checksum(bytes);
+        if computed == stored {
+            return Ok(());
+        }
+        Err(crate::storage::StorageError::Checksum {
+            path: self.path.clone(),
+            offset: s.offset + (disk_slot * self.meta.bundle.stride) as u64,
+            len: bytes.len(),
+            stored,
+            computed,
+        })
+    }
+
+    /// Checks each bundle of `bytes`, the consecutive disk slots of `layer` from `first_slot`.
+    pub fn check_bundles(
+        &self,
+        layer: usize,
+        first_slot: usize,
+        bytes: &[u8],
+    ) -> Result<(), crate::storage::StorageError> {
+        use rayon::prelude::*;
+        let stride = self.meta.bundle.stride.max(1);
+        // On the worker threads: a whole layer's tail is tens of MB, ~10 GB/s per core.
+        bytes
+            .par_chunks_exact(stride)
+            .enumerate()
+            .try_for_each(|(k, b)| self.check_bundle(layer, first_slot + k, b))
+    }
+
     /// The whole FFN section of `layer` (`n_neurons * stride` bytes).
     pub fn section_bytes(&self, layer: usize) -> &[u8] {
         let s = &self.meta.ffn[layer];
@@ -639,6 +679,14 @@ fn validate(path: &Path, map: &[u8], hash_resident: bool) -> Result<ImageMeta, I
             )));
         }
         check_range(&what, t.offset, t.len)?;
+        if super::STREAMED_TABLES.contains(&t.name.as_str()) && t.row_crc32c.len() != t.rows {
+            return Err(meta_err(format!(
+                "tensor {} has {} row checksums for {} rows",
+                t.name,
+                t.row_crc32c.len(),
+                t.rows
+            )));
+        }
     }
     // Names must be unique (lookups are by name).
     {
@@ -684,6 +732,13 @@ fn validate(path: &Path, map: &[u8], hash_resident: bool) -> Result<ImageMeta, I
             )));
         }
         check_range(&what, s.offset, s.len)?;
+        if s.bundle_crc32c.len() != s.n_neurons {
+            return Err(meta_err(format!(
+                "layer {i}: {} bundle checksums for {} neurons",
+                s.bundle_crc32c.len(),
+                s.n_neurons
+            )));
+        }
         if let Some(p) = &s.permutation {
             if p.len() != s.n_neurons {
                 return Err(meta_err(format!(

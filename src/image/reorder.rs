@@ -43,10 +43,11 @@ pub fn reorder_neurons(
     let file = out.file_mut();
     let mut meta = image.meta.clone();
     for (layer, order) in orders.iter().enumerate() {
-        let section = permuted_section(&image, layer, order);
+        let (section, checksums) = permuted_section(&image, layer, order)?;
         write_at(file, image.ffn_section(layer).offset, &section).map_err(io("cannot write"))?;
         let s = &mut meta.ffn[layer];
         s.crc32 = crc32(&section);
+        s.bundle_crc32c = checksums;
         s.permutation = (!is_identity(order)).then(|| order.clone());
         on_layer(layer);
     }
@@ -87,7 +88,13 @@ fn check_orders(image: &FlashImage, orders: &[Vec<u32>]) -> Result<(), ImageErro
 }
 
 /// Layer `layer`'s section with model neuron `order[j]` in slot `j`, plus the section's padding.
-fn permuted_section(image: &FlashImage, layer: usize, order: &[u32]) -> Vec<u8> {
+/// Layer `layer`'s section with its bundles in `order`, and their checksums. Every bundle is
+/// checked before it is copied: a damaged image is refused, not given fresh checksums.
+fn permuted_section(
+    image: &FlashImage,
+    layer: usize,
+    order: &[u32],
+) -> Result<(Vec<u8>, Vec<u32>), ImageError> {
     let old = image.section_bytes(layer);
     let stride = image.bundle().stride;
     let mut slot_of = vec![0usize; order.len()];
@@ -99,12 +106,22 @@ fn permuted_section(image: &FlashImage, layer: usize, order: &[u32]) -> Vec<u8> 
         None => slot_of.iter_mut().enumerate().for_each(|(i, s)| *s = i),
     }
     let mut out = Vec::with_capacity(old.len());
+    let mut checksums = Vec::with_capacity(order.len());
+    let recorded = &image.ffn_section(layer).bundle_crc32c;
     for &neuron in order {
-        let at = slot_of[neuron as usize] * stride;
-        out.extend_from_slice(&old[at..at + stride]);
+        let slot = slot_of[neuron as usize];
+        let bundle = &old[slot * stride..(slot + 1) * stride];
+        image
+            .check_bundle(layer, slot, bundle)
+            .map_err(|e| ImageError::Meta {
+                path: image.file().to_path_buf(),
+                detail: format!("cannot reorder layer {layer}: {e}"),
+            })?;
+        out.extend_from_slice(bundle);
+        checksums.push(recorded[slot]);
     }
     out.extend_from_slice(&old[out.len()..]);
-    out
+    Ok((out, checksums))
 }
 
 fn is_identity(order: &[u32]) -> bool {

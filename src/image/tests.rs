@@ -444,9 +444,36 @@ fn refuses_bad_magic() {
 #[test]
 fn refuses_newer_version() {
     let (f, _) = llama_image("version");
-    patch(&f.0, 8, |b| b[..4].copy_from_slice(&2u32.to_le_bytes()));
+    let newer = super::FORMAT_VERSION + 1;
+    patch(&f.0, 8, |b| b[..4].copy_from_slice(&newer.to_le_bytes()));
     let e = open_err(&f.0);
-    assert!(e.contains("version 2 is newer"), "{e}");
+    assert!(e.contains(&format!("version {newer} is newer")), "{e}");
+}
+
+/// Images of format 1 have no per-bundle checksums: refused, with what to do.
+#[test]
+fn refuses_older_version() {
+    let (f, _) = llama_image("old-version");
+    patch(&f.0, 8, |b| b[..4].copy_from_slice(&1u32.to_le_bytes()));
+    let e = open_err(&f.0);
+    assert!(e.contains("version 1") && e.contains("reconvert"), "{e}");
+}
+
+/// Every bundle has its checksum, and one flipped bit in a bundle is caught with its offset.
+#[test]
+fn bundle_checksums_catch_a_flipped_bit() {
+    let (f, meta) = llama_image("bundle-crc");
+    let image = FlashImage::open(&f.0).unwrap();
+    let stride = meta.bundle.stride;
+    for (l, s) in meta.ffn.iter().enumerate() {
+        assert_eq!(s.bundle_crc32c.len(), s.n_neurons);
+        image.check_bundles(l, 0, image.section_bytes(l)).unwrap();
+    }
+    let mut bundle = image.bundle_bytes(1, 2).to_vec();
+    bundle[stride / 2] ^= 0x10;
+    let e = image.check_bundle(1, 2, &bundle).unwrap_err().to_string();
+    let at = meta.ffn[1].offset + 2 * stride as u64;
+    assert!(e.contains(&format!("offset {at}")), "{e}");
 }
 
 #[test]

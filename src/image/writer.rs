@@ -173,6 +173,7 @@ impl Out {
             offset,
             len: bytes.len() as u64,
             crc32: super::crc32(bytes),
+            row_crc32c: super::row_checksums(name, rows, bytes),
         })
     }
 
@@ -315,6 +316,7 @@ where
     w.align()?;
     let offset = w.pos;
     let mut crc = Crc32::new();
+    let mut bundle_crc32c = Vec::with_capacity(n);
     let mut buf = vec![0u8; CHUNK_NEURONS.min(n) * stride];
     let mut start = 0;
     while start < n {
@@ -329,6 +331,12 @@ where
                 detail: format!("layer {layer}: {detail}"),
             })?;
         crc.update(chunk);
+        bundle_crc32c.extend(
+            chunk
+                .par_chunks(stride.max(1))
+                .map(super::bundle_checksum)
+                .collect::<Vec<u32>>(),
+        );
         w.write(chunk)?;
         start += count;
     }
@@ -339,6 +347,7 @@ where
         n_neurons: n,
         crc32: crc.finish(),
         permutation: None,
+        bundle_crc32c,
     })
 }
 
@@ -747,10 +756,15 @@ pub(crate) fn write_synthetic_with(
             o.align()?;
             let offset = o.pos;
             let mut crc = Crc32::new();
+            let mut row_crc32c = Vec::new();
+            let streamed = super::STREAMED_TABLES.contains(&name.as_str());
             let scale = 1.0 / (cols as f32).sqrt();
             for _ in 0..rows {
                 random_row(rng, rd, cols, scale, &mut row);
                 crc.update(&row);
+                if streamed {
+                    row_crc32c.push(super::bundle_checksum(&row));
+                }
                 o.write(&row)?;
             }
             Ok::<_, ImageError>(TensorEntry {
@@ -761,6 +775,7 @@ pub(crate) fn write_synthetic_with(
                 offset,
                 len: o.pos - offset,
                 crc32: crc.finish(),
+                row_crc32c,
             })
         };
         let ones = vec![1f32; d];

@@ -106,6 +106,18 @@ pub enum StorageError {
         value: u64,
         align: usize,
     },
+    #[error(
+        "the bundle of {len} bytes at offset {offset} of `{path}` has checksum {computed:#010x}, \
+         the image records {stored:#010x}: the file is damaged (or changed while in use); \
+         convert the model again"
+    )]
+    Checksum {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        stored: u32,
+        computed: u32,
+    },
     #[error("invalid read request: {0}")]
     InvalidRequest(String),
     #[error("cannot allocate an aligned buffer of {bytes} bytes; expected a size the allocator can serve, lower the batch size or memory use")]

@@ -63,6 +63,8 @@ pub struct GpuFlashOptions {
     pub pinned: Option<Vec<Vec<u32>>>,
     /// The KV cache's value type (f32 by default; f16 halves it).
     pub kv_type: KvType,
+    /// Check every bundle read from flash against the image's checksum before it is uploaded.
+    pub verify: bool,
 }
 
 impl Default for GpuFlashOptions {
@@ -77,6 +79,7 @@ impl Default for GpuFlashOptions {
             staging_buffers: 2,
             pinned: None,
             kv_type: KvType::F32,
+            verify: true,
         }
     }
 }
@@ -134,11 +137,12 @@ fn pin(
     ctx: &GpuContext,
     image: &FlashImage,
     pool: &ReadPool,
-    coalesce: &CoalesceOptions,
+    opts: &GpuFlashOptions,
     layer: &mut FlashLayer,
     l: usize,
     ids: &[u32],
 ) -> Result<u64, GpuError> {
+    let (coalesce, verify) = (&opts.coalesce, opts.verify);
     let stride = image.bundle().stride;
     let mut loads = layer
         .window
@@ -149,8 +153,13 @@ fn pin(
     loads.sort_unstable_by_key(|&(n, _)| offset(n));
     let ranges: Vec<(u64, usize)> = loads.iter().map(|&(n, _)| (offset(n), stride)).collect();
     let slots = &layer.slots;
+    let mut bad = None;
     let read = pool
         .read_ranges(&ranges, coalesce, &mut |r, bytes| {
+            if verify && bad.is_none() {
+                let slot = layer.disk_slot[loads[r].0 as usize] as usize;
+                bad = image.check_bundle(l, slot, bytes).err();
+            }
             let at = loads[r].1 as u64 * stride as u64;
             ctx.queue.write_buffer(slots, at, bytes);
         })
@@ -160,6 +169,11 @@ fn pin(
                 image.file().display()
             ))
         })?;
+    if let Some(e) = bad {
+        return Err(GpuError::Shape(format!(
+            "reading layer {l}'s pinned neurons: {e}"
+        )));
+    }
     Ok(read.bytes_read)
 }
 
@@ -295,7 +309,7 @@ impl<'a> GpuFlashDecoder<'a> {
             let layer = layers
                 .get_mut(l)
                 .ok_or_else(|| GpuError::Shape(format!("pins for layer {l} of {}", c.n_layers)))?;
-            stats.bytes_read += pin(ctx, image, &pool, &opts.coalesce, layer, l, ids)?;
+            stats.bytes_read += pin(ctx, image, &pool, &opts, layer, l, ids)?;
         }
         // Room for a whole layer: every neuron is either loaded or overflows at most once.
         let staging_size =
@@ -592,9 +606,16 @@ impl<'a> GpuFlashDecoder<'a> {
             self.stats.memory += t.elapsed();
             io_start = Instant::now();
             let base = bundles_at as usize;
-            self.pool
+            let (image, verify) = (&self.image, self.opts.verify);
+            let mut bad = None;
+            let read = self
+                .pool
                 .read_ranges(&ranges, &self.opts.coalesce, &mut |r, bytes| {
                     let tc = Instant::now();
+                    if verify && bad.is_none() {
+                        let slot = ((order[r].0 - section) / stride as u64) as usize;
+                        bad = image.check_bundle(l, slot, bytes).err();
+                    }
                     let at = base + order[r].1 * stride;
                     view.slice(at..at + bytes.len()).copy_from_slice(bytes);
                     copy += tc.elapsed();
@@ -604,9 +625,16 @@ impl<'a> GpuFlashDecoder<'a> {
                         "reading layer {l} from {}: {e}",
                         self.image.file().display()
                     ))
-                })?
+                })?;
+            (read, bad)
         };
         staging.unmap();
+        let (read, bad) = read;
+        if let Some(e) = bad {
+            return Err(GpuError::Shape(format!(
+                "reading layer {l}'s FFN bundles: {e}"
+            )));
+        }
         self.stats.bytes_read += read.bytes_read;
         self.stats.read_ops += read.ops as u64;
         self.stats.io += io_start.elapsed().saturating_sub(copy);
