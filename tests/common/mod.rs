@@ -33,8 +33,19 @@ pub fn model(file: &str, fetch_hint: &str) -> Option<PathBuf> {
     if models_required() && !fetch_hint.contains("opt-in") {
         panic!("{} is missing: run {fetch_hint}", p.display());
     }
-    eprintln!("skipping: {} is missing (run {fetch_hint})", p.display());
+    skipped(&format!("{} is missing (run {fetch_hint})", p.display()));
     None
+}
+
+/// Notes a test skipped and why: on stderr, and in `target/test-skips.log`, which `tools/test`
+/// counts and prints at the end (a skip is never silent).
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    eprintln!("skipping: {why}");
+    let log = root().join("target/test-skips.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        let _ = writeln!(f, "{why}");
+    }
 }
 
 pub fn read_json(path: &Path) -> serde_json::Value {
@@ -80,7 +91,7 @@ pub fn gpu() -> Option<&'static llmflash::backend::gpu::GpuContext> {
             if std::env::var("LLMFLASH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                 panic!("LLMFLASH_REQUIRE_GPU=1 but {e}");
             }
-            eprintln!("skipping GPU test: {e}");
+            skipped(&format!("no GPU adapter ({e})"));
             None
         }
     }
