@@ -74,6 +74,13 @@ impl FlashImage {
         })
     }
 
+    /// Validates an image held in memory exactly as [`FlashImage::open`] validates a mapped
+    /// file (header, checksums, metadata, ranges, resident-tensor checksums) and returns its
+    /// metadata; `path` only names the image in errors. Pure parsing, for fuzzing and tools.
+    pub fn validate_bytes(path: &Path, bytes: &[u8]) -> Result<ImageMeta, ImageError> {
+        validate(path, bytes, true)
+    }
+
     /// Like [`FlashImage::open`], but reads the resident tensors into process memory with
     /// direct reads (when `direct`), checking their checksums there. Memory-mapped tensors
     /// live in the page cache, which the kernel may evict under a memory cap and read again

@@ -775,6 +775,19 @@ fn is_integer_dtype(dtype: &str) -> bool {
     )
 }
 
+/// One tensor of a safetensors file, as [`parse_safetensors`] validated it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SafetensorsEntry {
+    pub name: String,
+    pub dtype: DType,
+    /// Leading dimensions flattened (1 for 0-D and 1-D tensors).
+    pub rows: usize,
+    pub cols: usize,
+    /// Byte range of the tensor's data in the file (absolute: after the header).
+    pub offset: usize,
+    pub len: usize,
+}
+
 /// Maps one safetensors file and returns its F32/F16/BF16 tensors, borrowing the map.
 fn read_safetensors(path: &Path) -> Result<Vec<Tensor>, HfError> {
     let bad = |detail: String| HfError::BadFile {
@@ -797,10 +810,45 @@ fn read_safetensors(path: &Path) -> Result<Vec<Tensor>, HfError> {
     // outside what we can guard against.
     let map = unsafe { Mmap::map(&file) }.map_err(io)?;
     let map = Arc::new(map);
-    let file_len = map.len() as u64;
+    let entries = parse_safetensors(path, &map)?;
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let storage = Storage::Mapped {
+            map: Arc::clone(&map),
+            offset: e.offset,
+            len: e.len,
+        };
+        let t = Tensor::new(e.name.clone(), e.dtype, e.rows, e.cols, storage).map_err(|err| {
+            HfError::BadTensor {
+                file: path.to_path_buf(),
+                name: e.name,
+                detail: err.to_string(),
+            }
+        })?;
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// Parses and validates the header of a safetensors file held in `bytes` (the whole file):
+/// the header length, the JSON, each entry's dtype, shape and data range. Integer buffers
+/// that models carry but do not use are skipped; other dtypes than F32/F16/BF16 are refused.
+/// `path` only names the file in errors. Pure parsing (no I/O), used by the loader and by
+/// the fuzz targets.
+pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<SafetensorsEntry>, HfError> {
+    let bad = |detail: String| HfError::BadFile {
+        file: path.to_path_buf(),
+        detail,
+    };
+    let file_len = bytes.len() as u64;
+    if file_len < 8 {
+        return Err(bad(format!(
+            "file is {file_len} bytes, shorter than the 8-byte header length"
+        )));
+    }
 
     let mut len_bytes = [0u8; 8];
-    len_bytes.copy_from_slice(&map[..8]);
+    len_bytes.copy_from_slice(&bytes[..8]);
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > file_len - 8 {
         return Err(bad(format!(
@@ -813,11 +861,10 @@ fn read_safetensors(path: &Path) -> Result<Vec<Tensor>, HfError> {
             "header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"
         )));
     }
-    // Both fit in usize: they are bounded by the length of a mapped slice.
+    // Both fit in usize: they are bounded by the length of a slice.
     let data_start = 8 + header_len as usize;
     let data_len = (file_len - 8 - header_len) as usize;
-    let header_bytes = &map[8..data_start];
-
+    let header_bytes = &bytes[8..data_start];
     let header: serde_json::Map<String, Value> =
         serde_json::from_slice(header_bytes).map_err(|e| {
             bad(format!(
@@ -896,14 +943,14 @@ fn read_safetensors(path: &Path) -> Result<Vec<Tensor>, HfError> {
         let (Ok(rows), Ok(cols)) = (usize::try_from(rows), usize::try_from(cols)) else {
             return Err(bad_t(format!("shape {shape_str} does not fit in memory")));
         };
-        let storage = Storage::Mapped {
-            map: Arc::clone(&map),
+        out.push(SafetensorsEntry {
+            name,
+            dtype,
+            rows,
+            cols,
             offset: data_start + begin as usize,
             len: (end - begin) as usize,
-        };
-        let t = Tensor::new(name.clone(), dtype, rows, cols, storage)
-            .map_err(|e| bad_t(e.to_string()))?;
-        out.push(t);
+        });
     }
     Ok(out)
 }
@@ -1467,6 +1514,32 @@ mod tests {
         bytes.extend_from_slice(&[0xff, 0xfe, 0xfd, 0xfc]);
         d.write("model.safetensors", bytes);
         assert_bad_file(&d, "not a JSON object");
+    }
+
+    #[test]
+    fn parse_safetensors_from_bytes() {
+        let h = br#"{"__metadata__": {"format": "pt"}, "w": {"dtype": "F16", "shape": [2, 3], "data_offsets": [4, 16]}, "s": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}"#;
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(h);
+        bytes.extend_from_slice(&[0u8; 16]);
+        let path = Path::new("mem.safetensors");
+        let mut got = parse_safetensors(path, &bytes).unwrap();
+        got.sort_by(|a, b| a.name.cmp(&b.name));
+        let start = 8 + h.len();
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[0].rows, got[0].cols, got[0].offset, got[0].len),
+            (1, 1, start, 4)
+        );
+        assert_eq!((got[1].rows, got[1].cols, got[1].offset), (2, 3, start + 4));
+        assert_eq!((got[1].dtype, got[1].len), (DType::F16, 12));
+        let e = parse_safetensors(path, &bytes[..7]).unwrap_err();
+        assert!(
+            e.to_string().contains("shorter than the 8-byte header"),
+            "{e}"
+        );
+        let e = parse_safetensors(path, &bytes[..bytes.len() - 1]).unwrap_err();
+        assert!(e.to_string().contains("past the end"), "{e}");
     }
 
     fn assert_bad_tensor(d: &TempDir, tensor: &str, needle: &str) {

@@ -141,8 +141,9 @@ fn chat_template(template: &str, tok: &Tokenizer) -> Result<ChatTemplate, LoadEr
         .map_err(|e| LoadError::Invalid(format!("chat template: {e}")))
 }
 
-/// Collects the `tokenizer.ggml.*` keys.
-fn tokenizer_spec(f: &GgufFile) -> Result<TokenizerSpec, LoadError> {
+/// Collects the `tokenizer.ggml.*` keys of a GGUF file into a [`TokenizerSpec`] (what
+/// [`load`] builds the tokenizer from).
+pub fn tokenizer_spec(f: &GgufFile) -> Result<TokenizerSpec, LoadError> {
     let strings = |key: &str| -> Result<Vec<String>, LoadError> {
         match f.get(key) {
             Some(_) => Ok(f
