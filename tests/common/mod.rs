@@ -43,7 +43,11 @@ pub fn skipped(why: &str) {
     use std::io::Write;
     eprintln!("skipping: {why}");
     let log = root().join("target/test-skips.log");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
         let _ = writeln!(f, "{why}");
     }
 }
