@@ -70,6 +70,7 @@ impl ChatTemplate {
             },
         );
         env.set_unknown_method_callback(python_method);
+        env.add_test("divisibleby", is_divisible_by);
         env.add_template_owned("chat", template.to_string())
             .map_err(|e| ChatError::Parse(describe(&e)))?;
         Ok(ChatTemplate {
@@ -108,6 +109,23 @@ impl ChatTemplate {
             }
             ChatError::Render(describe(&e))
         })
+    }
+}
+
+/// The `divisibleby` test. minijinja's own computes `a % b` unchecked, so `x is divisibleby 0`
+/// in a model's template panicked the process (found by fuzzing); a zero divisor (or
+/// `i128::MIN` by -1) answers false here.
+fn is_divisible_by(v: &Value, by: &Value) -> bool {
+    if v.is_integer() && by.is_integer() {
+        match (i128::try_from(v.clone()), i128::try_from(by.clone())) {
+            (Ok(a), Ok(b)) => a.checked_rem(b) == Some(0),
+            _ => false,
+        }
+    } else {
+        match (f64::try_from(v.clone()), f64::try_from(by.clone())) {
+            (Ok(a), Ok(b)) => b != 0.0 && a % b == 0.0,
+            _ => false,
+        }
     }
 }
 
@@ -309,6 +327,22 @@ fn python_method(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing: minijinja's `divisibleby` panicked on a zero divisor.
+    #[test]
+    fn divisibleby_zero_does_not_panic() {
+        let t = ChatTemplate::new(
+            "{{ 4 is divisibleby 0 }} {{ 4 is divisibleby 2 }} {{ 5 is divisibleby 2 }} \
+             {{ 4.5 is divisibleby 1.5 }} {{ 1.0 is divisibleby 0.0 }} {{ 'a' is divisibleby 2 }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[], false).unwrap(),
+            "False True False True False False"
+        );
+    }
 
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
