@@ -13,7 +13,10 @@
 //! 4. **BPE**: adjacent symbol pairs merge by merge rank, lowest rank first, leftmost first on
 //!    ties (llama.cpp's priority queue), until no pair has a rank. With `ignore_merges`
 //!    (llama3) a word that is itself in the vocabulary is taken whole. A final symbol that is
-//!    not in the vocabulary falls back to the single-byte tokens of its text, as llama.cpp does.
+//!    not in the vocabulary falls back to the single-byte tokens of its text, as llama.cpp does;
+//!    a byte with no token of its own is dropped, as there (SmolLM2's vocabulary has none for
+//!    0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, 0xf1, 0xf2), so `decode(encode(s))` is `s` less those
+//!    bytes (the `tokenizer` fuzz target checks this, see docs/fuzzing.md).
 //!
 //! ## Unicode categories (the one approximation)
 //! llama.cpp classifies code points with its own tables (generated from Python's
