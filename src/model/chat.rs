@@ -340,7 +340,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             t.render(&[], false).unwrap(),
-            "false true false true false false"
+            "False True False True False False"
         );
     }
 
