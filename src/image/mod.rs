@@ -36,6 +36,21 @@ pub use reader::FlashImage;
 pub use reorder::reorder_neurons;
 pub use writer::{append_extra, convert, write_synthetic, ConvertOptions, SyntheticShape};
 
+impl ImageError {
+    /// A maker of [`ImageError::Io`] for `action` on `path`, for `map_err`.
+    pub(crate) fn io(
+        path: &std::path::Path,
+        action: &'static str,
+    ) -> impl FnOnce(std::io::Error) -> ImageError {
+        let path = path.to_path_buf();
+        move |source| ImageError::Io {
+            path,
+            action,
+            source,
+        }
+    }
+}
+
 /// The checksum of one FFN bundle as the image records it ([`FfnSection::bundle_crc32c`]):
 /// CRC-32C, which current CPUs compute in hardware (SSE4.2, ARMv8) at many GB/s, so checking
 /// every bundle read costs little next to reading it.

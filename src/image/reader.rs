@@ -52,13 +52,7 @@ impl FlashImage {
     /// the file and is aligned, and the checksum of every resident tensor. FFN sections are
     /// not hashed here (see [`FlashImage::verify_ffn`]).
     pub fn open(path: &Path) -> Result<FlashImage, ImageError> {
-        let io = |action: &'static str| {
-            move |source| ImageError::Io {
-                path: path.to_path_buf(),
-                action,
-                source,
-            }
-        };
+        let io = |action: &'static str| ImageError::io(path, action);
         // A FIFO would block `open`: only a regular file is opened.
         crate::storage::input::regular_file(path).map_err(io("cannot open"))?;
         let file = File::open(path).map_err(io("cannot open"))?;

@@ -32,14 +32,7 @@ pub fn reorder_neurons(
     check_orders(&image, orders)?;
     let mut out = AtomicOutput::rewrite(path)?;
     let tmp = out.tmp_path().to_path_buf();
-    let io = |action: &'static str| {
-        let tmp = tmp.clone();
-        move |source| ImageError::Io {
-            path: tmp,
-            action,
-            source,
-        }
-    };
+    let io = |action: &'static str| ImageError::io(&tmp, action);
     let file = out.file_mut();
     let mut meta = image.meta.clone();
     for (layer, order) in orders.iter().enumerate() {

@@ -524,14 +524,7 @@ pub fn append_extra(
     drop(image);
     let mut out = AtomicOutput::rewrite(path)?;
     let tmp = out.tmp_path().to_path_buf();
-    let io = |action: &'static str| {
-        let tmp = tmp.clone();
-        move |source| ImageError::Io {
-            path: tmp,
-            action,
-            source,
-        }
-    };
+    let io = |action: &'static str| ImageError::io(&tmp, action);
     let file = out.file_mut();
     let mut pos = file.seek(SeekFrom::End(0)).map_err(io("cannot seek"))?;
     let mut table = Map::new();
