@@ -7,6 +7,7 @@ mod draft_args;
 mod flash_args;
 mod generate;
 mod gpu_draft;
+mod hints;
 mod inspect;
 mod perplexity;
 mod reorder;
@@ -66,6 +67,9 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = hints::hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -57,7 +57,11 @@ impl std::str::FromStr for DraftSource {
             "none" => DraftSource::None,
             "self" => DraftSource::SelfModel,
             "ngram" => DraftSource::Ngram,
-            "" => return Err("an empty --draft; choose none, self, ngram or a model path".into()),
+            "" => {
+                return Err(
+                    "an empty draft source; choose none, self, ngram or a model path".into(),
+                )
+            }
             path => DraftSource::Model(path.into()),
         })
     }

@@ -197,8 +197,8 @@ impl<'a> FlashFfn<'a> {
     ) -> Result<FlashFfn<'a>, FlashError> {
         if opts.selection != Selection::All && calibration.is_none() {
             return Err(FlashError::Setup(
-                "this image has no calibration (thresholds and predictors): run \
-                 `llmflash calibrate IMAGE --text FILE` first, or use dense selection"
+                "this image has no calibration (thresholds and predictors): calibrate it \
+                 first (`llmflash calibrate IMAGE`), or use dense selection"
                     .into(),
             ));
         }

@@ -23,7 +23,7 @@ use streamed::{OutputRows, RowSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("the context is full ({capacity} positions); use a larger --ctx or a shorter prompt")]
+    #[error("the context is full ({capacity} positions): allocate a longer context or shorten the prompt")]
     ContextFull { capacity: usize },
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     BadToken { id: u32, vocab: usize },
@@ -33,7 +33,7 @@ pub enum EngineError {
     /// stops and commits nothing.
     #[error(transparent)]
     Read(#[from] crate::storage::ReadError),
-    #[error("the logits after position {position} are not finite numbers (NaN or infinite): the weights read are damaged or the model overflowed; check the file (`llmflash inspect --verify`) or convert it again")]
+    #[error("the logits after position {position} are not finite numbers (NaN or infinite): the weights read are damaged or the model overflowed; verify the file's checksums or convert it again")]
     NonFinite { position: usize },
 }
 

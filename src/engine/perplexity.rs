@@ -18,13 +18,13 @@ pub struct Perplexity {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PerplexityError {
-    #[error("the text has {tokens} tokens; perplexity with --ctx {ctx} needs at least {need} (2 x ctx). Use a longer text or a smaller --ctx")]
+    #[error("the text has {tokens} tokens; perplexity over a context of {ctx} needs at least {need} (twice the context). Use a longer text or a shorter context")]
     TooShort {
         tokens: usize,
         ctx: usize,
         need: usize,
     },
-    #[error("--ctx must be at least 4, got {0}")]
+    #[error("a perplexity context must hold at least 4 positions, got {0}")]
     BadCtx(usize),
     #[error(transparent)]
     Engine(#[from] EngineError),

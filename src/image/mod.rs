@@ -46,7 +46,7 @@ impl ImageError {
         move |source| ImageError::Io {
             path,
             action,
-            source,
+            error: source,
         }
     }
 }
@@ -85,17 +85,20 @@ const HEADER_CRC_SPAN: usize = 36;
 /// and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("{}: {action}: {source}", path.display())]
+    // The OS error is in the message, so it is not also a `source` (printed twice).
+    #[error("{}: {action}: {error}", path.display())]
     Io {
         path: PathBuf,
         action: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Output(#[from] crate::storage::OutputError),
-    #[error("{} is not a flash image (magic {found:?}, expected \"LLMFLASH\"): convert a model first with `llmflash convert MODEL -o OUT.flash`", path.display())]
-    NotAnImage { path: PathBuf, found: String },
+    #[error("{} is not a flash image: it starts with {found:02x?}, expected the magic \"LLMFLASH\"; if it was one, it is damaged or partly written: convert the model again (`llmflash convert MODEL -o OUT.flash`)", path.display())]
+    NotAnImage { path: PathBuf, found: Vec<u8> },
+    /// Reading tensors from the image failed (the storage error names the offset).
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
     #[error("{}: image format version {found} is newer than this llmflash ({supported}): rebuild llmflash or reconvert the model", path.display())]
     NewerVersion {
         path: PathBuf,
@@ -152,13 +155,18 @@ pub(crate) fn encode_header(meta_offset: u64, meta: &[u8]) -> Vec<u8> {
     h
 }
 
-/// Whether `path` is a flash image (by its magic bytes), so commands can take either a model
+/// Whether `path` is a flash image (by its magic bytes or a `.flash` name), so commands can take either a model
 /// file or an image with the same `-m`.
 pub fn is_flash_image(path: &std::path::Path) -> bool {
     use std::io::Read;
     // Only a regular file is opened: opening a FIFO would block until a writer appears.
     if crate::storage::input::regular_file(path).is_err() {
         return false;
+    }
+    // A `.flash` file counts whatever it holds, so that a damaged or partial image is
+    // reported as a damaged image, not as "not a GGUF file".
+    if path.extension().is_some_and(|e| e == "flash") {
+        return true;
     }
     let mut magic = [0u8; 8];
     std::fs::File::open(path)

@@ -88,20 +88,16 @@ impl FlashImage {
             .map_err(|source| ImageError::Io {
                 path: path.to_path_buf(),
                 action: "cannot open",
-                source,
+                error: source,
             })?;
         // SAFETY: as in `open`.
         let map = unsafe { Mmap::map(&file) }.map_err(|source| ImageError::Io {
             path: path.to_path_buf(),
             action: "cannot map",
-            source,
+            error: source,
         })?;
         let meta = validate(path, &map, false)?;
-        let storage_err = |e: crate::storage::StorageError| ImageError::Meta {
-            path: path.to_path_buf(),
-            detail: format!("reading resident tensors: {e}"),
-        };
-        let flash = FlashFile::open(path, direct).map_err(storage_err)?;
+        let flash = FlashFile::open(path, direct)?;
         let pool = ReadPool::new(Arc::new(flash), 4);
         // Read in pieces of at most PIECE bytes, a few at a time, straight into each tensor's
         // own buffer: the staging area stays small, so the peak RSS is the tensors alone.
@@ -128,8 +124,7 @@ impl FlashImage {
             pool.read_ranges(&ranges, &CoalesceOptions::default(), &mut |k, bytes| {
                 let (_, len, i, at) = batch[k];
                 buffers[i][at..at + len].copy_from_slice(bytes);
-            })
-            .map_err(storage_err)?;
+            })?;
         }
         drop(pool);
         let mut bad = None;
@@ -586,7 +581,7 @@ fn validate(path: &Path, map: &[u8], hash_resident: bool) -> Result<ImageMeta, I
         let n = map.len().min(MAGIC.len());
         return Err(ImageError::NotAnImage {
             path: path.to_path_buf(),
-            found: String::from_utf8_lossy(&map[..n]).into_owned(),
+            found: map[..n].to_vec(),
         });
     }
     if file_len < ALIGN {

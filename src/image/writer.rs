@@ -137,7 +137,7 @@ impl Out {
         ImageError::Io {
             path: self.path.clone(),
             action: "cannot write",
-            source,
+            error: source,
         }
     }
 
@@ -191,12 +191,12 @@ impl Out {
         let mut file = self.file.into_inner().map_err(|e| ImageError::Io {
             path: self.path.clone(),
             action: "cannot write",
-            source: e.into_error(),
+            error: e.into_error(),
         })?;
         let io = |source| ImageError::Io {
             path: self.path.clone(),
             action: "cannot write",
-            source,
+            error: source,
         };
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.write_all(&encode_header(meta_offset, &json))
@@ -267,7 +267,7 @@ fn plan_layout(
             BundleDtype::Q8_0 => {
                 if !d.is_multiple_of(32) {
                     return Err(format!(
-                        "bundle dtype q8_0 needs the hidden size to be a multiple of 32, but it is {d}; use --bundle-dtype f16"
+                        "bundle dtype q8_0 needs the hidden size to be a multiple of 32, but it is {d}; use the f16 bundle dtype"
                     ));
                 }
                 (DType::Q8_0, PartPlan::Requantize)
@@ -574,7 +574,7 @@ pub(crate) fn commit_meta(
     let io = |source| ImageError::Io {
         path: path.to_path_buf(),
         action: "cannot write",
-        source,
+        error: source,
     };
     let json = serde_json::to_vec(meta).map_err(|e| ImageError::Meta {
         path: path.to_path_buf(),

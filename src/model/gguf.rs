@@ -62,11 +62,11 @@ const T_F64: u32 = 12;
 /// expected, what was found and, where it helps, what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("cannot read GGUF file {path}: {source}")]
+    // The OS error is in the message, so it is not also a `source` (printed twice).
+    #[error("cannot read GGUF file {path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "not a GGUF file: expected magic bytes \"GGUF\" (47 47 55 46), found {found:02x?}; \
@@ -422,7 +422,7 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
         let io_err = |source| GgufError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         };
         // A FIFO would block `open`: only a regular file is opened.
         crate::storage::input::regular_file(path).map_err(io_err)?;

@@ -37,11 +37,12 @@ const NEARBY_NAMES: usize = 6;
 /// found and, where there is one, what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum HfError {
-    #[error("cannot read `{}`: {source}", .path.display())]
+    // The OS error is shown in the message, so it is not also a `source` (which a report
+    // would print a second time).
+    #[error("cannot read `{}`: {error}", .path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error(
@@ -603,9 +604,9 @@ impl Keys<'_> {
 
 /// Reads a JSON-sized file, refusing absurdly large ones instead of allocating for them.
 fn read_small_file(path: &Path) -> Result<String, HfError> {
-    let io = |source| HfError::Io {
+    let io = |error| HfError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     crate::storage::input::regular_file(path).map_err(io)?;
     let file = fs::File::open(path).map_err(io)?;
@@ -692,15 +693,15 @@ fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>, HfError> {
         index = Some(parsed.weight_map);
         files
     } else {
-        let rd = fs::read_dir(dir).map_err(|source| HfError::Io {
+        let rd = fs::read_dir(dir).map_err(|error| HfError::Io {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         let mut files = Vec::new();
         for entry in rd {
-            let entry = entry.map_err(|source| HfError::Io {
+            let entry = entry.map_err(|error| HfError::Io {
                 path: dir.to_path_buf(),
-                source,
+                error,
             })?;
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "safetensors") && path.is_file() {
@@ -794,9 +795,9 @@ fn read_safetensors(path: &Path) -> Result<Vec<Tensor>, HfError> {
         file: path.to_path_buf(),
         detail,
     };
-    let io = |source| HfError::Io {
+    let io = |error| HfError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let file = fs::File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();

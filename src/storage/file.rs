@@ -41,7 +41,7 @@ impl FlashFile {
     ) -> Result<Self, StorageError> {
         let open_err = |source| StorageError::Open {
             path: path.to_path_buf(),
-            source,
+            error: source,
         };
         if direct {
             match opener(path) {
@@ -62,7 +62,7 @@ impl FlashFile {
                                 path: path.to_path_buf(),
                                 offset: 0,
                                 len: ALIGN,
-                                source: e,
+                                error: e,
                             })
                         }
                     }
@@ -147,7 +147,7 @@ impl FlashFile {
                         path: self.path.clone(),
                         offset,
                         len: buf.len(),
-                        source,
+                        error: source,
                     })
                 }
             }

@@ -68,23 +68,22 @@ impl ReadError {
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error(
-        "cannot open `{path}` for reading: {source}; check that the file exists and is readable"
+        "cannot open `{path}` for reading: {error}; check that the file exists and is readable"
     )]
+    // The OS errors are in the messages, so they are not also `source`s (printed twice).
     Open {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
-        "reading {len} bytes at offset {offset} of `{path}` failed: {source}; \
+        "reading {len} bytes at offset {offset} of `{path}` failed: {error}; \
          the file may be truncated or the device failing"
     )]
     Read {
         path: PathBuf,
         offset: u64,
         len: usize,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "reading {len} bytes at offset {offset} of `{path}`: the file ends at {file_len} bytes; \

@@ -41,14 +41,14 @@ pub enum OutputError {
     )]
     IsInput { path: PathBuf, input: PathBuf },
     #[error(
-        "`{}`: {action}: {source}; check that the directory exists, is writable and has space",
+        "`{}`: {action}: {error}; check that the directory exists, is writable and has space",
         path.display()
     )]
     Io {
         path: PathBuf,
         action: &'static str,
-        #[source]
-        source: io::Error,
+        // Shown in the message, so not also a `source` (a report would print it twice).
+        error: io::Error,
     },
 }
 
@@ -57,7 +57,7 @@ fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> Output
     move |source| OutputError::Io {
         path,
         action,
-        source,
+        error: source,
     }
 }
 

@@ -220,7 +220,7 @@ impl GpuContext {
         if half == Half::Native && !self.has_f16 {
             return Err(GpuError::RequestDevice {
                 adapter: self.info.name.clone(),
-                reason: "the native f16 form needs the SHADER_F16 feature, which this device does not have (the adapter does not offer it, or a host application did not enable it); use the packed form (--gpu-f16 packed or auto)".to_string(),
+                reason: "the native f16 form needs the SHADER_F16 feature, which this device does not have (the adapter does not offer it, or a host application did not enable it); use the packed form (or let the backend choose)".to_string(),
             });
         }
         if half == Half::Native && !native_fits(&self.limits) {

@@ -202,7 +202,7 @@ impl<'a> GpuFlashDecoder<'a> {
         let stride = image.bundle().stride;
         if !stride.is_multiple_of(4) {
             return Err(GpuError::Shape(format!(
-                "the image's bundle stride is {stride} bytes; GPU copies need a multiple of 4 (convert with --bundle-dtype f16)"
+                "the image's bundle stride is {stride} bytes; GPU copies need a multiple of 4 (convert the model again with f16 bundles)"
             )));
         }
         let n = c.intermediate_size;

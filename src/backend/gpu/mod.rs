@@ -39,12 +39,12 @@ use crate::model::tensor::DType;
 /// Errors of the GPU backend. Each says what was expected, what was found, and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
-    #[error("no GPU adapter found{detail}: install mesa-vulkan-drivers for a CPU Vulkan device (lavapipe), check WGPU_BACKEND if it is set, or pass --backend cpu")]
+    #[error("no GPU adapter found{detail}: install mesa-vulkan-drivers for a CPU Vulkan device (lavapipe), check WGPU_BACKEND if it is set, or run on the CPU backend")]
     NoAdapter { detail: String },
     #[error("no GPU adapter's name contains `{wanted}`; the adapters here are: {available}. Pass part of one of these names, or none to take the default")]
     AdapterNotFound { wanted: String, available: String },
     #[error(
-        "could not open the GPU device `{adapter}`: {reason}; try another adapter or --backend cpu"
+        "could not open the GPU device `{adapter}`: {reason}; try another adapter or the CPU backend"
     )]
     RequestDevice { adapter: String, reason: String },
     #[error("{what} needs {bytes} bytes in one GPU storage binding, but `{adapter}` allows at most {limit}; use a smaller context or the CPU backend")]

@@ -31,7 +31,7 @@ pub fn kv_store(
     need(v, kv_dim, "value")?;
     if kv == KvType::F16 && !kv_dim.is_multiple_of(2) {
         return Err(GpuError::Shape(format!(
-            "an f16 KV cache packs values in pairs, but a position holds {kv_dim}; use --kv-type f32"
+            "an f16 KV cache packs values in pairs, but a position holds {kv_dim}; use an f32 KV cache"
         )));
     }
     let words = cache_words(kv, kv_dim * capacity);
