@@ -65,9 +65,10 @@ fn generate(model: &Path, args: &[&str]) -> Result<(Vec<u32>, serde_json::Value)
     Ok((common::u32s(&v["tokens"]), v["stats"].clone()))
 }
 
-/// The smallest budget with the predictor, plus `extra`.
+/// The smallest budget with the predictor for `generate`'s runs, plus `extra`.
 fn minimum_plus(image: &Path, extra: u64) -> String {
-    (common::vram_minimum(image, &["--predictor"]) + 1024 + extra).to_string()
+    let run = ["--token-ids", "5,17,99,3,42", "-n", "16", "--predictor"];
+    (common::vram_minimum(image, &run) + 1024 + extra).to_string()
 }
 
 #[test]

@@ -145,12 +145,13 @@ pub fn prefix_pins(model: &Model, slots: usize) -> Vec<Vec<u32>> {
 }
 
 /// The smallest `--vram-budget` that `generate --backend gpu ARGS` accepts for `image`, read from
-/// the refusal of a 1-byte budget ("needs at least 49.1 MiB (...)"), rounded up.
+/// the refusal of a 1-byte budget ("needs at least 49.1 MiB (...)"), rounded up. `args` must
+/// hold the run's prompt and `-n`: the KV cache is planned for the positions they reach.
 pub fn vram_minimum(image: &Path, args: &[&str]) -> u64 {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmflash"))
         .args(["generate", "-m"])
         .arg(image)
-        .args(["--token-ids", "1", "-n", "1", "--backend", "gpu"])
+        .args(["--backend", "gpu"])
         .args(args)
         .args(["--vram-budget", "1"])
         .output()
