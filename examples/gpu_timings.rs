@@ -1,6 +1,10 @@
-//! Times the GPU kernels at SmolLM2's shapes and, given a model, the dense GPU decode step.
+//! Times the GPU kernels at SmolLM2's shapes and, given a model, the dense GPU decode step and
+//! its verify passes; given a flash image, the GPU flash decoder's steps and verify passes, with
+//! every neuron in the window and with a window of SLOTS pinned neurons per layer (default 256;
+//! the rest streamed from the image every pass).
 //!
 //!     cargo run --release --example gpu_timings [-- models/SmolLM2-135M-Instruct.Q4_1.gguf]
+//!     cargo run --release --example gpu_timings -- smol.flash [SLOTS]
 //!
 //! On lavapipe these are times of a CPU emulating a GPU (LLVM-compiled shaders on the host's
 //! cores), useful for relative costs only.
@@ -12,28 +16,88 @@ use llmflash::backend::gpu::buffers::{read, storage_f32, GpuMatrix};
 use llmflash::backend::gpu::kernels::matvec::matvec;
 use llmflash::backend::gpu::kernels::Width;
 use llmflash::backend::gpu::pipeline::{submit, Dispatch};
-use llmflash::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
+use llmflash::backend::gpu::{
+    GpuContext, GpuDecoder, GpuFlashDecoder, GpuFlashOptions, GpuOptions,
+};
+use llmflash::draft::Target;
+use llmflash::engine::model::Model;
 use llmflash::model::tensor::DType;
 
-/// A verify pass of `n` tokens (speculative decoding) against `n` decode steps of
-/// `step_ms` each: medians of 5 passes at the same positions, cut back after each.
-fn verify_timings(dec: &mut GpuDecoder, step_ms: f64) -> Result<(), Box<dyn std::error::Error>> {
+/// The median of `t`.
+fn median(mut t: Vec<f64>) -> f64 {
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// A verify pass of `n` tokens (speculative decoding) against `n` decode steps at the same
+/// positions, for each `n` of `sizes`: medians of 5 of each, cut back after each.
+fn verify_timings<T: Target>(
+    dec: &mut T,
+    sizes: &[usize],
+) -> Result<(), Box<dyn std::error::Error>> {
     let at = dec.position();
-    for n in [1usize, 2, 4, 7, 8, 16] {
+    let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1e3;
+    for &n in sizes {
         let tokens: Vec<u32> = (0..n as u32).map(|i| 100 + i).collect();
-        let mut t = Vec::new();
+        let (mut steps, mut passes) = (Vec::new(), Vec::new());
         for _ in 0..5 {
             let t0 = Instant::now();
+            for &t in &tokens {
+                dec.step(t)?;
+            }
+            steps.push(ms(t0));
+            dec.truncate(at);
+            let t0 = Instant::now();
             dec.verify(&tokens)?;
-            t.push(t0.elapsed().as_secs_f64() * 1e3);
+            passes.push(ms(t0));
             dec.truncate(at);
         }
-        t.sort_by(f64::total_cmp);
-        let ms = t[t.len() / 2];
+        let (steps, pass) = (median(steps), median(passes));
         println!(
-            "verify pass of {n:>2} tokens: {ms:.1} ms, {:.2}x the time of {n} steps",
-            ms / (n as f64 * step_ms)
+            "verify pass of {n:>2} tokens: {pass:.1} ms, {n} steps {steps:.1} ms: {:.2}x",
+            pass / steps
         );
+    }
+    Ok(())
+}
+
+/// The GPU flash decoder on `model`'s image: steps and verify passes with every neuron held,
+/// then with `slots` pinned neurons per layer (the first on disk) and the rest streamed.
+fn flash_timings(
+    ctx: &GpuContext,
+    model: &Model,
+    slots: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let Some(image) = model.image.as_ref() else {
+        return Err("not a flash image".into());
+    };
+    let c = &model.weights.config;
+    let prefix: Vec<Vec<u32>> = (0..c.n_layers)
+        .map(|l| match &image.ffn_section(l).permutation {
+            Some(p) => p.iter().take(slots).copied().collect(),
+            None => (0..slots.min(c.intermediate_size) as u32).collect(),
+        })
+        .collect();
+    for (what, window_slots, pinned) in [
+        ("every neuron held", None, None),
+        ("pinned prefix", Some(vec![slots; c.n_layers]), Some(prefix)),
+    ] {
+        let opts = GpuFlashOptions {
+            window_slots,
+            pinned,
+            verify_width: 8,
+            ..GpuFlashOptions::default()
+        };
+        let mut dec = GpuFlashDecoder::new(ctx, image, &model.weights, None, 512, opts)?;
+        dec.prefill(&[1, 2, 3, 4])?;
+        let before = dec.flash_stats().bytes_read;
+        dec.step(5)?;
+        let per_step = dec.flash_stats().bytes_read - before;
+        println!(
+            "flash, {what}: {:.1} MB read per step",
+            per_step as f64 / 1e6
+        );
+        verify_timings(&mut dec, &[1, 2, 4, 8])?;
     }
     Ok(())
 }
@@ -83,7 +147,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     if let Some(path) = std::env::args().nth(1) {
-        let model = llmflash::model::load(std::path::Path::new(&path))?;
+        let model = Model::open(std::path::Path::new(&path))?;
+        if model.image.is_some() {
+            let slots = match std::env::args().nth(2) {
+                Some(s) => s.parse()?,
+                None => 256,
+            };
+            return flash_timings(&ctx, &model, slots);
+        }
         let kv = llmflash::engine::kv_cache::KvType::F32;
         let mut dec = GpuDecoder::with_verify(&ctx, &model.weights, 512, kv, 16)?;
         dec.step(1)?;
@@ -103,7 +174,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "decode step at positions 1..{}: {with_logits:.1} ms with logits, {greedy:.1} ms greedy (argmax on the GPU)",
             2 * n + 1
         );
-        verify_timings(&mut dec, with_logits)?;
+        verify_timings(&mut dec, &[1, 2, 4, 7, 8, 16])?;
     }
     Ok(())
 }

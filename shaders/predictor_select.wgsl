@@ -6,6 +6,8 @@
 // the list, and the order in which the sparse FFN sums its neurons, is the same on every run:
 // one workgroup, each invocation owns a contiguous range of neurons, and an exclusive prefix sum
 // of the per-invocation counts gives each its first output slot.
+// A verify pass has one column per position (workgroups along z): column c's heads at
+// Z[c * heads * n], its list at LIST[c * (n + 1)].
 
 struct Params {
     n: u32,
@@ -22,22 +24,25 @@ struct Params {
 const WG: u32 = 256u;
 var<workgroup> scan: array<u32, 256>;
 
-fn score(i: u32) -> f32 {
+// Column c's score of neuron i (z0: the column's first head).
+fn score(z0: u32, i: u32) -> f32 {
     if (P.form == 0u) {
-        return Z[i];
+        return Z[z0 + i];
     }
-    let g = Z[i];
-    return abs(g / (1.0 + exp(-g)) * Z[P.n + i]);
+    let g = Z[z0 + i];
+    return abs(g / (1.0 + exp(-g)) * Z[z0 + P.n + i]);
 }
 
 @compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) li: u32) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let z0 = wg.z * (P.form + 1u) * P.n;
+    let l0 = wg.z * (P.n + 1u);
     let per = (P.n + WG - 1u) / WG;
     let first = min(li * per, P.n);
     let end = min(first + per, P.n);
     var c = 0u;
     for (var i = first; i < end; i++) {
-        c += select(0u, 1u, score(i) >= P.threshold);
+        c += select(0u, 1u, score(z0, i) >= P.threshold);
     }
     scan[li] = c;
     workgroupBarrier();
@@ -53,12 +58,12 @@ fn main(@builtin(local_invocation_index) li: u32) {
     }
     var at = scan[li] - c;
     for (var i = first; i < end; i++) {
-        if (score(i) >= P.threshold) {
-            LIST[1u + at] = i;
+        if (score(z0, i) >= P.threshold) {
+            LIST[l0 + 1u + at] = i;
             at++;
         }
     }
     if (li == WG - 1u) {
-        LIST[0] = scan[WG - 1u];
+        LIST[l0] = scan[WG - 1u];
     }
 }

@@ -7,6 +7,13 @@
 // workgroup, LANES invocations per neuron, dispatched for the largest possible count, the extra
 // workgroups exit) and `accumulate` (one invocation per output value, summing in list order, so
 // the result does not depend on scheduling). Uses lib/quant.wgsl and lib/dot.wgsl (X = h).
+//
+// Columns (a verify pass's positions, S.n_cols of them; workgroups along z take COLS each): h_c
+// at X[c * d], a_c at ACT[c * act_stride], out_c at OUT[c * d]. The list is the union of the
+// columns' active sets; with bit 2 of flags, MAP[count + k] has bit c set when column c computes
+// the k-th neuron, and the others get a = 0, which `accumulate` skips. So each column sums its own
+// neurons in list order, as a single column with only its own list would, to the bit; and each
+// bundle is fetched once for all the columns of a workgroup.
 
 struct Params {
     stride: u32,
@@ -15,10 +22,19 @@ struct Params {
     down_offset: u32,
     // Hidden size: the length of h, of each part, and of out.
     d: u32,
-    // Bit 0: identity slot map. Bit 1: add UP_BIAS[id] (ReLU models).
+    // Bit 0: identity slot map. Bit 1: add UP_BIAS[id] (ReLU models). Bit 2: column masks follow
+    // the slot map.
     flags: u32,
     groups_x: u32,
-    _pad: u32,
+    // Values between one column's activations and the next's (the most neurons a list holds).
+    act_stride: u32,
+}
+
+struct Step {
+    pos: u32,
+    n_pos: u32,
+    n_cols: u32,
+    pos_row: u32,
 }
 
 override GATE_DTYPE: u32 = 0u;
@@ -35,6 +51,10 @@ override KIND: u32 = 0u;
 @group(0) @binding(5) var<storage, read> UP_BIAS: array<f32>;
 @group(0) @binding(6) var<storage, read_write> ACT: array<f32>;
 @group(0) @binding(7) var<storage, read_write> OUT: array<f32>;
+@group(0) @binding(8) var<uniform> S: Step;
+
+// Columns per workgroup (as matvec.wgsl).
+const COLS: u32 = 8u;
 
 // Invocations per neuron, a power of two dividing 64 (see matvec.wgsl).
 override LANES: u32 = 16u;
@@ -49,38 +69,56 @@ fn slot_of(k: u32) -> u32 {
     return MAP[k];
 }
 
+// Whether column c computes the k-th neuron of a list of `count`.
+fn member(k: u32, count: u32, c: u32) -> bool {
+    if ((P.flags & 4u) == 0u) {
+        return true;
+    }
+    return ((MAP[count + k] >> c) & 1u) != 0u;
+}
+
 @compute @workgroup_size(64)
 fn activations(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let k = (wg.x + wg.y * P.groups_x) * (64u / LANES) + li / LANES;
     let lane = li % LANES;
-    let live = k < ACTIVE[0];
-    var g = 0.0;
-    var u = 0.0;
+    let count = ACTIVE[0];
+    let live = k < count;
+    var base = 0u;
     if (live) {
-        let base = slot_of(k) * P.stride;
-        u = dot_row_part(UP_DTYPE, base + P.up_offset, P.d, 0u, lane, LANES);
-        if (KIND == 0u) {
-            g = dot_row_part(GATE_DTYPE, base + P.gate_offset, P.d, 0u, lane, LANES);
-        }
+        base = slot_of(k) * P.stride;
     }
-    if (LANES == 1u) {
-        if (live) {
-            ACT[k] = activation(k, g, u);
+    let c0 = wg.z * COLS;
+    let c1 = min(c0 + COLS, S.n_cols);
+    for (var c = c0; c < c1; c++) {
+        let on = live && member(k, count, c);
+        var g = 0.0;
+        var u = 0.0;
+        if (on) {
+            u = dot_row_part(UP_DTYPE, base + P.up_offset, P.d, c * P.d, lane, LANES);
+            if (KIND == 0u) {
+                g = dot_row_part(GATE_DTYPE, base + P.gate_offset, P.d, c * P.d, lane, LANES);
+            }
         }
-        return;
-    }
-    part_g[li] = g;
-    part_u[li] = u;
-    workgroupBarrier();
-    for (var s = LANES / 2u; s > 0u; s >>= 1u) {
-        if (lane < s) {
-            part_g[li] += part_g[li + s];
-            part_u[li] += part_u[li + s];
+        let at = c * P.act_stride + k;
+        if (LANES == 1u) {
+            if (live) {
+                ACT[at] = select(0.0, activation(k, g, u), on);
+            }
+            continue;
         }
+        part_g[li] = g;
+        part_u[li] = u;
         workgroupBarrier();
-    }
-    if (lane == 0u && live) {
-        ACT[k] = activation(k, part_g[li], part_u[li]);
+        for (var s = LANES / 2u; s > 0u; s >>= 1u) {
+            if (lane < s) {
+                part_g[li] += part_g[li + s];
+                part_u[li] += part_u[li + s];
+            }
+            workgroupBarrier();
+        }
+        if (lane == 0u && live) {
+            ACT[at] = select(0.0, activation(k, part_g[li], part_u[li]), on);
+        }
     }
 }
 
@@ -103,12 +141,25 @@ fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let count = ACTIVE[0];
-    var acc = 0.0;
+    let c0 = gid.z * COLS;
+    let n = min(c0 + COLS, S.n_cols) - c0;
+    // One sum per column, each in list order; a down value is read once for all of them.
+    var acc: array<f32, COLS>;
     for (var k = 0u; k < count; k++) {
-        let a = ACT[k];
-        if (a != 0.0) {
-            acc += a * w_value(DOWN_DTYPE, slot_of(k) * P.stride + P.down_offset, j);
+        var w = 0.0;
+        var have = false;
+        for (var i = 0u; i < n; i++) {
+            let a = ACT[(c0 + i) * P.act_stride + k];
+            if (a != 0.0) {
+                if (!have) {
+                    w = w_value(DOWN_DTYPE, slot_of(k) * P.stride + P.down_offset, j);
+                    have = true;
+                }
+                acc[i] += a * w;
+            }
         }
     }
-    OUT[j] = acc;
+    for (var i = 0u; i < n; i++) {
+        OUT[(c0 + i) * P.d + j] = acc[i];
+    }
 }

@@ -266,6 +266,54 @@ fn gpu_drafts_keep_the_greedy_tokens() {
     }
 }
 
+/// Speculative decoding on the GPU flash path (`--draft ngram` on a flash image under a tight
+/// `--vram-budget`: a window smaller than the layers, every neuron computed): greedy tokens
+/// equal `--draft none` with the same budget, and the verify passes run.
+#[test]
+fn gpu_flash_drafts_keep_the_greedy_tokens() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let Some(gguf) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let image = common::to_image(&gguf, "gpu-cli-flash-draft", BundleDtype::Source);
+    let code =
+        "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef add(a, b):\n";
+    // A few MiB above the minimum: most of each layer streams from the image every pass.
+    let minimum = common::vram_minimum(&image, &["-p", code, "-n", "12"]);
+    let budget = (minimum + (4 << 20)).to_string();
+    let args = [
+        "-p",
+        code,
+        "-n",
+        "12",
+        "--backend",
+        "gpu",
+        "--vram-budget",
+        &budget,
+    ];
+    let (plain, _) = generate(&image, &[&args[..], &["--draft", "none"]].concat());
+    assert_eq!(plain.len(), 12);
+    let with = ["--draft", "ngram", "--draft-min", "3"];
+    let (got, stats) = generate(&image, &[&args[..], &with].concat());
+    assert_eq!(
+        got, plain,
+        "--draft ngram on the GPU flash path changed the greedy tokens"
+    );
+    assert!(
+        stats["draft"]["verify_passes"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert_eq!(stats["strategy"], "gpu-flash", "{stats}");
+    assert_eq!(stats["flash"]["selection"], "dense", "{stats}");
+    assert!(
+        stats["gpu"]["bytes_uploaded_per_token"].as_f64().unwrap() > 0.0,
+        "{stats}"
+    );
+    std::fs::remove_file(image).ok();
+}
+
 /// What the GPU cannot draft with is refused up front, with what to do instead.
 #[test]
 fn gpu_drafts_it_cannot_run_are_refused() {

@@ -65,24 +65,10 @@ fn generate(model: &Path, args: &[&str]) -> Result<(Vec<u32>, serde_json::Value)
     Ok((common::u32s(&v["tokens"]), v["stats"].clone()))
 }
 
-/// The smallest budget, from the refusal's message ("needs at least 321 KiB"), plus `extra`.
+/// The smallest budget with the predictor for `generate`'s runs, plus `extra`.
 fn minimum_plus(image: &Path, extra: u64) -> String {
-    let err = generate(
-        image,
-        &["--backend", "gpu", "--predictor", "--vram-budget", "1"],
-    )
-    .unwrap_err();
-    assert!(err.contains("--vram-budget"), "{err}");
-    let at = err.find("at least ").expect("states the minimum") + "at least ".len();
-    let mut words = err[at..].split_whitespace();
-    let value: f64 = words.next().unwrap().parse().unwrap();
-    let unit = match words.next().unwrap() {
-        "KiB" => 1u64 << 10,
-        "MiB" => 1 << 20,
-        "B" => 1,
-        u => panic!("unit {u}"),
-    };
-    ((value * unit as f64).ceil() as u64 + 1024 + extra).to_string()
+    let run = ["--token-ids", "5,17,99,3,42", "-n", "16", "--predictor"];
+    (common::vram_minimum(image, &run) + 1024 + extra).to_string()
 }
 
 #[test]
@@ -217,5 +203,172 @@ fn gpu_flash_logits_match_the_cpu_flash_path() {
         }
         assert!(gpu.uploaded() > 0);
     }
+    std::fs::remove_file(image).ok();
+}
+
+/// Passes of a verify check: each keeps all but its last two positions (as after a rejection)
+/// and runs them again in the next.
+fn kept(passes: &[usize]) -> usize {
+    passes.iter().map(|&n| n.saturating_sub(2).max(1)).sum()
+}
+
+/// The flash decoder's verify passes (speculative decoding) against its single steps with the
+/// same options: every row of `verify` equals the step's logits at that position (to the bit
+/// when `exact`: every column sums its own neurons in the single step's order; otherwise within
+/// float rounding, because a window planned for the union of a pass's active sets may hold a
+/// neuron that the step ran through the overflow reserve), after truncating back over rejected
+/// positions; the greedy verify picks the steps' argmaxes and a batched prefill gives the last
+/// step's logits.
+fn check_flash_verify(
+    model: &Model,
+    predictors: Option<&[llmflash::sparsity::predictor::Predictor]>,
+    opts: GpuFlashOptions,
+    passes: &[usize],
+    exact: bool,
+    what: &str,
+) {
+    let Some(ctx) = common::gpu() else { return };
+    let image = model.image.as_ref().expect("an image");
+    let vocab = model.weights.config.vocab_size;
+    let seq = tokens(kept(passes) + 4, vocab);
+    let width = passes.iter().copied().max().unwrap_or(1).max(4);
+    let open = |verify_width| {
+        let opts = GpuFlashOptions {
+            verify_width,
+            ..opts.clone()
+        };
+        GpuFlashDecoder::new(ctx, image, &model.weights, predictors, 64, opts).expect("decoder")
+    };
+    let mut plain = open(1);
+    let mut want: Vec<Vec<f32>> = Vec::new();
+    let mut stepped_bytes = 0;
+    for &t in &seq {
+        want.push(plain.step(t).expect("step").to_vec());
+        if want.len() == width + 1 {
+            stepped_bytes = plain.flash_stats().bytes_read;
+        }
+    }
+    let same = |got: &[f32], want: &[f32]| {
+        if exact {
+            return got == want;
+        }
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let diff = (got.iter().zip(want)).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        diff / scale < 1e-5
+    };
+    let mut wide = open(width);
+    assert_eq!(wide.verify_width(), width);
+    let mut at = 0;
+    for &n in passes {
+        let rows = wide.verify(&seq[at..at + n]).expect("verify").to_vec();
+        assert_eq!(rows.len(), n * vocab, "{what}: rows of a pass of {n}");
+        for (i, row) in rows.chunks(vocab).enumerate() {
+            assert!(
+                same(row, &want[at + i]),
+                "{what}: verify row {i} of {n} (position {}) differs from the step's logits",
+                at + i
+            );
+        }
+        let keep = n.saturating_sub(2).max(1);
+        wide.truncate(at + keep);
+        assert_eq!(wide.position(), at + keep);
+        at += keep;
+    }
+    let greedy = wide
+        .verify_greedy(&seq[at..at + 4])
+        .expect("greedy")
+        .to_vec();
+    let argmaxes: Vec<u32> = (0..4)
+        .map(|i| llmflash::engine::sampler::argmax(&want[at + i]))
+        .collect();
+    assert_eq!(
+        greedy, argmaxes,
+        "{what}: greedy verify vs the steps' argmaxes"
+    );
+    let mut fresh = open(width);
+    let last = fresh.prefill(&seq[..width + 1]).expect("prefill").to_vec();
+    assert!(
+        same(&last, &want[width]),
+        "{what}: a batched prefill's last logits"
+    );
+    // A pass reads each bundle of its union once: no more bytes than the same tokens' steps.
+    let batched = fresh.flash_stats().bytes_read;
+    assert!(
+        batched <= stepped_bytes,
+        "{what}: {batched} vs {stepped_bytes} bytes read"
+    );
+}
+
+#[test]
+fn gpu_flash_verify_passes_equal_steps_on_the_tiny_llama() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let image = calibrated_image("gpu-flash-verify");
+    let model = Model::open(&image).expect("open");
+    let cal = Calibration::load(model.image.as_ref().unwrap())
+        .unwrap()
+        .expect("calibrated");
+    let layers = model.weights.config.n_layers;
+    let base = GpuFlashOptions {
+        overflow_slots: 5,
+        io_threads: 2,
+        ..GpuFlashOptions::default()
+    };
+    // Passes of 1 to 11 positions: one and two sparse-FFN column blocks.
+    let passes = [3, 1, 11, 2, 9];
+    let p = Some(cal.predictors.as_slice());
+    check_flash_verify(
+        &model,
+        p,
+        base.clone(),
+        &passes,
+        true,
+        "predictor, every slot",
+    );
+    let tight = GpuFlashOptions {
+        window_slots: Some(vec![3; layers]),
+        pinned: Some(cal.hot_neurons(Sets::Predicted, &vec![3; layers])),
+        ..base.clone()
+    };
+    check_flash_verify(&model, p, tight, &passes, false, "predictor, 3 slots");
+    let dense = GpuFlashOptions {
+        window_slots: Some(vec![16; layers]),
+        pinned: Some(common::prefix_pins(&model, 16)),
+        ..base
+    };
+    check_flash_verify(&model, None, dense, &passes, true, "dense, 16 pinned slots");
+    std::fs::remove_file(image).ok();
+}
+
+/// SmolLM2 as a flash image, every neuron computed, under a tight VRAM budget (a pinned prefix
+/// of 256 of 1536 neurons per layer, the rest streamed through the overflow reserve every
+/// pass): verify passes equal steps to the bit. Few positions: lavapipe runs it at a few
+/// tokens per second.
+#[test]
+fn gpu_flash_verify_passes_equal_steps_on_smollm2() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let Some(gguf) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let image = common::to_image(&gguf, "gpu-flash-verify-smollm2", BundleDtype::Source);
+    let model = Model::open(&image).expect("open");
+    let layers = model.weights.config.n_layers;
+    let opts = GpuFlashOptions {
+        window_slots: Some(vec![256; layers]),
+        pinned: Some(common::prefix_pins(&model, 256)),
+        io_threads: 2,
+        ..GpuFlashOptions::default()
+    };
+    check_flash_verify(
+        &model,
+        None,
+        opts,
+        &[3, 9],
+        true,
+        "SmolLM2 dense, 256 slots",
+    );
     std::fs::remove_file(image).ok();
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use llmflash::backend::gpu::GpuDecoder;
+use llmflash::backend::gpu::{GpuDecoder, GpuFlashDecoder, GpuFlashOptions};
 use llmflash::draft::{
     self, Draft, DraftError, DraftOptions, ModelDraft, NgramDraft, Proposal, Target,
 };
@@ -129,6 +129,59 @@ fn gpu_verify_passes_keep_greedy_tokens() {
         let got = drafted(&mut dec, &mut own, &prompt, 30);
         assert_eq!(got, want, "{name}: the model as its own draft on the GPU");
     }
+}
+
+/// The GPU flash decoder as the target, with the predictor (the union of a pass's active sets
+/// read once) and with every neuron, through a window of a quarter of each layer: noise,
+/// prompt-lookup and model drafts keep its single steps' greedy tokens.
+#[test]
+fn gpu_flash_verify_passes_keep_greedy_tokens() {
+    let Some(ctx) = common::gpu() else { return };
+    let path = common::to_image(
+        &common::fixture("hf/llama"),
+        "spec-gpu-flash",
+        BundleDtype::F16,
+    );
+    let model = Model::open(&path).expect("open image");
+    // The draft: the source model on the CPU (the same weights, dense).
+    let source = Model::open(&common::fixture("hf/llama")).expect("open fixture");
+    let vocab = model.weights.config.vocab_size;
+    let layers = model.weights.config.n_layers;
+    let slots = model.weights.config.intermediate_size / 4;
+    let cal = common::calibrate(&model, &common::tokens(300, vocab), 0.5, 8);
+    let mut prompt = common::tokens(8, vocab);
+    prompt.extend_from_within(..);
+    let image = model.image.as_ref().expect("an image");
+    for predictors in [Some(cal.predictors.as_slice()), None] {
+        let gpu = |verify_width| {
+            let opts = GpuFlashOptions {
+                window_slots: Some(vec![slots; layers]),
+                pinned: Some(common::prefix_pins(&model, slots / 2)),
+                overflow_slots: 7,
+                io_threads: 2,
+                verify_width,
+                ..GpuFlashOptions::default()
+            };
+            GpuFlashDecoder::new(ctx, image, &model.weights, predictors, 64, opts).expect("decoder")
+        };
+        let what = if predictors.is_some() {
+            "predictor"
+        } else {
+            "dense"
+        };
+        let want = drafted(&mut gpu(1), &mut draft::NoDraft, &prompt, 20);
+        let got = drafted(&mut gpu(6), &mut Noise(5, vocab), &prompt, 20);
+        assert_eq!(got, want, "{what}: noise drafts on the GPU flash path");
+        let got = drafted(&mut gpu(6), &mut NgramDraft::new(), &prompt, 20);
+        assert_eq!(got, want, "{what}: n-gram drafts on the GPU flash path");
+        let own = source.session(64, None, None).expect("draft session");
+        let got = drafted(&mut gpu(6), &mut ModelDraft::new(own, 0.0, 0), &prompt, 20);
+        assert_eq!(
+            got, want,
+            "{what}: the model as its own draft on the GPU flash path"
+        );
+    }
+    std::fs::remove_file(path).ok();
 }
 
 #[test]

@@ -138,19 +138,15 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             );
         }
         if a.draft.enabled() {
-            super::gpu_draft::generate(
-                &gpu,
-                model,
-                draft_model.as_ref(),
-                &a.draft,
-                &a.flash,
+            let job = super::gpu_draft::Job {
+                draft_model: draft_model.as_ref(),
+                args: &a.draft,
+                flash: &a.flash,
                 ctx,
-                &prompt,
-                a.n,
-                &mut sampler,
-                is_end,
-                on_token,
-            )?
+                prompt: &prompt,
+                max_new: a.n,
+            };
+            super::gpu_draft::generate(&gpu, &runner, &job, &mut sampler, is_end, on_token)?
         } else {
             let mut dec = open_gpu_model(&gpu, &runner, ctx, &a.flash)?;
             let greedy = sampling == Sampling::Greedy;
@@ -228,26 +224,54 @@ pub(super) fn open_gpu_model<'r>(
     flash: &super::flash_args::FlashArgs,
 ) -> anyhow::Result<Box<dyn GpuModel + 'r>> {
     let model = &runner.model;
+    refuse_memory_budget(flash)?;
+    if model.image.is_some() {
+        return Ok(Box::new(open_gpu_flash(gpu, runner, ctx, flash, 1)?));
+    }
+    if flash.vram_budget.is_some() {
+        bail!(
+            "--vram-budget needs a flash image; convert the model first: llmflash convert {} -o MODEL.flash",
+            model.path.display()
+        );
+    }
+    Ok(Box::new(GpuDecoder::with_kv_type(
+        gpu,
+        &model.weights,
+        ctx,
+        gpu_kv_type(flash),
+    )?))
+}
+
+/// The GPU's KV cache type: f32 unless asked. The GPU's attention is f32 arithmetic either way
+/// (not ggml's f16 flash attention, which the CPU's f16 cache reproduces), so f16 only saves
+/// memory there.
+pub(super) fn gpu_kv_type(flash: &super::flash_args::FlashArgs) -> KvType {
+    flash.kv_type.unwrap_or(KvType::F32)
+}
+
+fn refuse_memory_budget(flash: &super::flash_args::FlashArgs) -> anyhow::Result<()> {
     if flash.memory_budget.is_some() {
         bail!("--memory-budget plans host memory for --backend cpu; with --backend gpu use --vram-budget");
     }
-    // f32 unless asked: the GPU's attention is f32 arithmetic either way (not ggml's f16
-    // flash attention, which the CPU's f16 cache reproduces), so f16 only saves memory there.
-    let kv = flash.kv_type.unwrap_or(KvType::F32);
+    Ok(())
+}
+
+/// The GPU flash decoder for `runner`'s flash image, with verify passes of up to
+/// `verify_width` positions (1: single steps); under --vram-budget the plan counts the
+/// activations of that many positions.
+pub(super) fn open_gpu_flash<'r>(
+    gpu: &GpuContext,
+    runner: &'r super::runner::Runner,
+    ctx: usize,
+    flash: &super::flash_args::FlashArgs,
+    verify_width: usize,
+) -> anyhow::Result<GpuFlashDecoder<'r>> {
+    let model = &runner.model;
+    refuse_memory_budget(flash)?;
     let Some(image) = &model.image else {
-        if flash.vram_budget.is_some() {
-            bail!(
-                "--vram-budget needs a flash image; convert the model first: llmflash convert {} -o MODEL.flash",
-                model.path.display()
-            );
-        }
-        return Ok(Box::new(GpuDecoder::with_kv_type(
-            gpu,
-            &model.weights,
-            ctx,
-            kv,
-        )?));
+        bail!("{} is not a flash image", model.path.display());
     };
+    let kv = gpu_kv_type(flash);
     if flash.strategy != Strategy::Flash {
         bail!("--backend gpu runs the flash strategy only (bundles streamed into GPU windows); drop --strategy or use --backend cpu");
     }
@@ -257,8 +281,15 @@ pub(super) fn open_gpu_model<'r>(
     let mut selection = flash.selection(runner.calibration.is_some());
     let plan = match flash.vram_budget {
         Some(budget) => {
-            let (sel, plan) =
-                choose_vram_plan(runner, ctx, kv, budget, selection, flash.predictor)?;
+            let (sel, plan) = choose_vram_plan(
+                runner,
+                ctx,
+                kv,
+                budget,
+                selection,
+                flash.predictor,
+                verify_width,
+            )?;
             selection = sel;
             Some(plan)
         }
@@ -285,6 +316,7 @@ pub(super) fn open_gpu_model<'r>(
         direct: base.direct,
         kv_type: kv,
         verify: base.verify,
+        verify_width,
         ..GpuFlashOptions::default()
     };
     if let Some(plan) = plan {
@@ -293,14 +325,14 @@ pub(super) fn open_gpu_model<'r>(
         opts.window_slots = Some(plan.0.window_slots);
         opts.overflow_slots = plan.1;
     }
-    Ok(Box::new(GpuFlashDecoder::new(
+    Ok(GpuFlashDecoder::new(
         gpu,
         image,
         &model.weights,
         predictors,
         ctx,
         opts,
-    )?))
+    )?)
 }
 
 /// The VRAM plan for `budget` and the selection it runs: as under --memory-budget, the
@@ -314,19 +346,21 @@ fn choose_vram_plan(
     budget: u64,
     selection: Selection,
     keep: bool,
+    columns: usize,
 ) -> anyhow::Result<(Selection, (budget::Plan, usize))> {
     let cal = match (selection, &runner.calibration) {
         (Selection::Predictor, Some(cal)) if !keep => cal,
         _ => {
-            let plan = plan_vram(runner, ctx, kv, budget, selection == Selection::Predictor)?;
+            let predicted = selection == Selection::Predictor;
+            let plan = plan_vram(runner, ctx, kv, budget, predicted, columns)?;
             return Ok((selection, plan));
         }
     };
     let n = runner.model.weights.config.intermediate_size;
     let stride = runner.model.image.as_ref().map_or(0, |i| i.bundle().stride) as f64;
     let plans = (
-        plan_vram(runner, ctx, kv, budget, true),
-        plan_vram(runner, ctx, kv, budget, false),
+        plan_vram(runner, ctx, kv, budget, true, columns),
+        plan_vram(runner, ctx, kv, budget, false, columns),
     );
     let reads = |(plan, _): &(budget::Plan, usize), selection| -> f64 {
         let slots = &plan.window_slots;
@@ -356,6 +390,7 @@ pub(super) fn plan_vram(
     kv: KvType,
     budget: u64,
     predicted: bool,
+    columns: usize,
 ) -> anyhow::Result<(budget::Plan, usize)> {
     let model = &runner.model;
     let Some(image) = &model.image else {
@@ -376,9 +411,13 @@ pub(super) fn plan_vram(
         stream_staging: 0,
         predictors: cal.map_or(0, |c| c.predictor_bytes()),
         kv_cache: KvCache::bytes_for(c, ctx, kv),
-        // Activations, attention scores, logits, the active lists and slot map.
-        scratch: ((10 * c.hidden_size + 2 * n + c.n_heads * ctx + c.vocab_size + 4 * (n + 1)) * 4)
-            as u64,
+        // Activations, attention scores, logits and the predicted lists, per position of a pass
+        // (`columns`: a verify pass's), then the active list and the slot map with its masks.
+        scratch: (((10 * c.hidden_size + 2 * n + c.n_heads * ctx + c.vocab_size + 2 * (n + 1))
+            * columns.max(1)
+            + 2 * (n + 1)
+            + 2 * n)
+            * 4) as u64,
         stride: image.bundle().stride as u64,
         neurons: vec![n; c.n_layers],
         active: active.clone(),

@@ -1,13 +1,14 @@
-//! `generate --backend gpu --draft ...`: speculative decoding with the dense GPU decoder as
-//! the target. Its verify pass runs every drafted position in one pass over the weights
-//! (`GpuDecoder::verify`); drafts come from prompt lookup or a draft model on the CPU.
+//! `generate --backend gpu --draft ...`: speculative decoding with a GPU decoder as the target:
+//! the dense `GpuDecoder` for GGUF and HF models, `GpuFlashDecoder` for flash images (under
+//! --vram-budget too). Their verify passes run every drafted position in one pass over the
+//! weights (on the flash path, each bundle of the union of the positions' active sets read
+//! once); drafts come from prompt lookup or a draft model on the CPU.
 
 use anyhow::bail;
 
-use crate::backend::gpu::{GpuContext, GpuDecoder};
+use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder};
 use crate::draft::{self, Draft, DraftError, DraftSource, ModelDraft, NgramDraft, Target};
 use crate::engine::gpu::{gpu_run_stats, GpuCounters, GpuModel};
-use crate::engine::kv_cache::KvType;
 use crate::engine::model::Model;
 use crate::engine::sampler::Sampler;
 use crate::engine::stats::FlashStats;
@@ -15,70 +16,110 @@ use crate::engine::Generation;
 
 use super::draft_args::DraftArgs;
 use super::flash_args::FlashArgs;
+use super::generate::{gpu_kv_type, open_gpu_flash};
+use super::runner::Runner;
 
-/// Decodes `prompt` on the GPU with drafts from `args`, as `draft::generate` does on the CPU.
-#[allow(clippy::too_many_arguments)]
+/// What one speculative decode on the GPU is asked to do.
+pub struct Job<'a> {
+    pub draft_model: Option<&'a Model>,
+    pub args: &'a DraftArgs,
+    pub flash: &'a FlashArgs,
+    pub ctx: usize,
+    pub prompt: &'a [u32],
+    pub max_new: usize,
+}
+
+/// Decodes `job.prompt` on the GPU with drafts from `job.args`, as `draft::generate` does on
+/// the CPU.
 pub fn generate(
     gpu: &GpuContext,
-    model: &Model,
-    draft_model: Option<&Model>,
-    args: &DraftArgs,
-    flash: &FlashArgs,
-    ctx: usize,
-    prompt: &[u32],
-    max_new: usize,
+    runner: &Runner,
+    job: &Job<'_>,
     sampler: &mut Sampler,
     is_end: impl Fn(u32) -> bool,
     on_token: impl FnMut(u32),
 ) -> anyhow::Result<Generation> {
-    if model.image.is_some() {
-        bail!(
-            "--draft on --backend gpu runs the dense GPU decoder (a GGUF or HF model); the GPU \
-             flash path has no verify pass yet: give the source GGUF, drop --draft, or use \
-             --backend cpu"
-        );
-    }
-    if flash.memory_budget.is_some() || flash.vram_budget.is_some() {
-        bail!("--memory-budget and --vram-budget need a flash image, which --draft on --backend gpu does not run yet; drop the budget or use --backend cpu");
-    }
-    let opts = args.options();
-    let mut draft: Box<dyn Draft<Measured> + '_> = match (args.source(), draft_model) {
-        (DraftSource::Ngram, _) => Box::new(NgramDraft::new()),
-        (DraftSource::Model(_), Some(m)) => {
-            let bytes = args.needs(model, Some(m), ctx).reserved as usize;
-            Box::new(ModelDraft::new(
-                m.session(ctx, None, None)?,
-                opts.p_min,
-                bytes,
-            ))
-        }
+    let model = &runner.model;
+    // Refused before a decoder is built (which uploads the weights).
+    match (job.args.source(), job.draft_model) {
+        (DraftSource::Ngram, _) | (DraftSource::Model(_), Some(_)) => {}
         (DraftSource::SelfModel, _) => bail!(
-            "--draft self restricts the target's FFN to neurons held in host memory, which the \
-             GPU decoder does not do; on --backend gpu use --draft ngram or a draft model"
+            "--draft self restricts the target's FFN to its pinned neurons, which the GPU \
+             decoders do not do yet; on --backend gpu use --draft ngram or a draft model, or use \
+             --backend cpu"
         ),
         (DraftSource::Model(p), None) => bail!("the draft model {} was not opened", p.display()),
         (DraftSource::None, _) => bail!("no draft source was chosen"),
-    };
-    let kv = flash.kv_type.unwrap_or(KvType::F32);
-    let dec = GpuDecoder::with_verify(gpu, &model.weights, ctx, kv, opts.max + 1)?;
+    }
+    let width = job.args.options().max + 1;
+    if model.image.is_some() {
+        let dec = open_gpu_flash(gpu, runner, job.ctx, job.flash, width)?;
+        return run(dec, model, job, sampler, is_end, on_token);
+    }
+    if job.flash.memory_budget.is_some() || job.flash.vram_budget.is_some() {
+        bail!(
+            "--memory-budget and --vram-budget need a flash image; convert the model first: \
+             llmflash convert {} -o MODEL.flash",
+            model.path.display()
+        );
+    }
+    let kv = gpu_kv_type(job.flash);
+    let dec = GpuDecoder::with_verify(gpu, &model.weights, job.ctx, kv, width)?;
+    run(dec, model, job, sampler, is_end, on_token)
+}
+
+/// The draft `job` asks for, proposing to target `T`.
+fn make_draft<'a, T: Target + ?Sized>(
+    model: &Model,
+    job: &Job<'a>,
+) -> anyhow::Result<Box<dyn Draft<T> + 'a>> {
+    Ok(match (job.args.source(), job.draft_model) {
+        (DraftSource::Model(_), Some(m)) => {
+            let bytes = job.args.needs(model, Some(m), job.ctx).reserved as usize;
+            let p_min = job.args.options().p_min;
+            Box::new(ModelDraft::new(
+                m.session(job.ctx, None, None)?,
+                p_min,
+                bytes,
+            ))
+        }
+        _ => Box::new(NgramDraft::new()),
+    })
+}
+
+/// The speculative loop on GPU decoder `dec`, with its GPU stats.
+fn run<D: GpuTarget>(
+    dec: D,
+    model: &Model,
+    job: &Job<'_>,
+    sampler: &mut Sampler,
+    is_end: impl Fn(u32) -> bool,
+    on_token: impl FnMut(u32),
+) -> anyhow::Result<Generation> {
+    let mut draft = make_draft::<Measured<D>>(model, job)?;
+    let opts = job.args.options();
     let mut target = Measured {
         dec,
         after_prompt: None,
     };
-    let name = args.source().name();
+    let name = job.args.source().name();
     let mut gen = draft::generate(
         &mut target,
         Some((draft.as_mut(), &name)),
         &opts,
-        prompt,
-        max_new,
+        job.prompt,
+        job.max_new,
         sampler,
         is_end,
         on_token,
     )?;
     let after = target.dec.counters();
     let before = target.after_prompt.unwrap_or_default();
-    gen.stats.strategy = "gpu".into();
+    gen.stats.strategy = match after.flash {
+        Some(_) => "gpu-flash",
+        None => "gpu",
+    }
+    .into();
     gen.stats.gpu = Some(gpu_run_stats(
         &target.dec,
         &before,
@@ -88,18 +129,35 @@ pub fn generate(
     Ok(gen)
 }
 
-/// The GPU decoder as a draft target, noting its counters when the prompt is done (so the
-/// GPU stats cover decoding only, as on the plain path).
-struct Measured {
-    dec: GpuDecoder,
+/// A GPU decoder that verifies drafts, and whose last logits can be read again.
+trait GpuTarget: Target + GpuModel {
+    fn last_logits(&self) -> &[f32];
+}
+
+impl GpuTarget for GpuDecoder {
+    fn last_logits(&self) -> &[f32] {
+        self.logits()
+    }
+}
+
+impl GpuTarget for GpuFlashDecoder<'_> {
+    fn last_logits(&self) -> &[f32] {
+        self.logits()
+    }
+}
+
+/// A GPU decoder as a draft target, noting its counters when the prompt is done (so the GPU
+/// stats cover decoding only, as on the plain path).
+struct Measured<D> {
+    dec: D,
     after_prompt: Option<GpuCounters>,
 }
 
-impl Target for Measured {
+impl<D: GpuTarget> Target for Measured<D> {
     fn prefill(&mut self, prompt: &[u32]) -> Result<&[f32], DraftError> {
         Target::prefill(&mut self.dec, prompt)?;
         self.after_prompt = Some(self.dec.counters());
-        Ok(self.dec.logits())
+        Ok(self.dec.last_logits())
     }
     fn step(&mut self, token: u32) -> Result<&[f32], DraftError> {
         Target::step(&mut self.dec, token)
@@ -108,21 +166,21 @@ impl Target for Measured {
         Target::verify(&mut self.dec, tokens)
     }
     fn truncate(&mut self, len: usize) {
-        self.dec.truncate(len)
+        Target::truncate(&mut self.dec, len)
     }
     fn position(&self) -> usize {
-        self.dec.position()
+        Target::position(&self.dec)
     }
     fn capacity(&self) -> usize {
-        self.dec.capacity()
+        Target::capacity(&self.dec)
     }
     fn vocab(&self) -> usize {
-        self.dec.vocab_size()
+        self.dec.vocab()
     }
     fn verify_width(&self) -> usize {
-        self.dec.verify_width()
+        Target::verify_width(&self.dec)
     }
     fn flash_stats(&self) -> Option<FlashStats> {
-        None
+        Target::flash_stats(&self.dec)
     }
 }

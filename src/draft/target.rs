@@ -1,8 +1,8 @@
-//! The model a speculative decode verifies with: the CPU [`Session`] or the GPU's
-//! [`GpuDecoder`]. The loop in `decode` needs only this of it.
+//! The model a speculative decode verifies with: the CPU [`Session`], or the GPU's
+//! [`GpuDecoder`] or [`GpuFlashDecoder`]. The loop in `decode` needs only this of it.
 
 use super::DraftError;
-use crate::backend::gpu::GpuDecoder;
+use crate::backend::gpu::{GpuDecoder, GpuFlashDecoder};
 use crate::engine::stats::FlashStats;
 use crate::engine::Session;
 
@@ -88,5 +88,35 @@ impl Target for GpuDecoder {
     }
     fn verify_width(&self) -> usize {
         GpuDecoder::verify_width(self)
+    }
+}
+
+impl Target for GpuFlashDecoder<'_> {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<&[f32], DraftError> {
+        Ok(GpuFlashDecoder::prefill(self, prompt)?)
+    }
+    fn step(&mut self, token: u32) -> Result<&[f32], DraftError> {
+        Ok(GpuFlashDecoder::step(self, token)?)
+    }
+    fn verify(&mut self, tokens: &[u32]) -> Result<&[f32], DraftError> {
+        Ok(GpuFlashDecoder::verify(self, tokens)?)
+    }
+    fn truncate(&mut self, len: usize) {
+        GpuFlashDecoder::truncate(self, len)
+    }
+    fn position(&self) -> usize {
+        GpuFlashDecoder::position(self)
+    }
+    fn capacity(&self) -> usize {
+        GpuFlashDecoder::capacity(self)
+    }
+    fn vocab(&self) -> usize {
+        GpuFlashDecoder::vocab_size(self)
+    }
+    fn verify_width(&self) -> usize {
+        GpuFlashDecoder::verify_width(self)
+    }
+    fn flash_stats(&self) -> Option<FlashStats> {
+        Some(GpuFlashDecoder::flash_stats(self))
     }
 }

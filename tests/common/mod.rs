@@ -143,3 +143,34 @@ pub fn prefix_pins(model: &Model, slots: usize) -> Vec<Vec<u32>> {
         })
         .collect()
 }
+
+/// The smallest `--vram-budget` that `generate --backend gpu ARGS` accepts for `image`, read from
+/// the refusal of a 1-byte budget ("needs at least 49.1 MiB (...)"), rounded up. `args` must
+/// hold the run's prompt and `-n`: the KV cache is planned for the positions they reach.
+pub fn vram_minimum(image: &Path, args: &[&str]) -> u64 {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmflash"))
+        .args(["generate", "-m"])
+        .arg(image)
+        .args(["--backend", "gpu"])
+        .args(args)
+        .args(["--vram-budget", "1"])
+        .output()
+        .expect("running llmflash");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--vram-budget"),
+        "{err}"
+    );
+    let at = err.find("at least ").expect("states the minimum") + "at least ".len();
+    let mut words = err[at..].split_whitespace();
+    let value: f64 = words.next().unwrap().parse().unwrap();
+    let unit = match words.next().unwrap() {
+        "KiB" => 1u64 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "B" => 1,
+        u => panic!("unit {u}"),
+    };
+    // The message rounds to a tenth of its unit.
+    (value * unit as f64).ceil() as u64 + unit / 10
+}

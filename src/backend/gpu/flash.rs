@@ -20,6 +20,15 @@
 //! The window pass sums its neurons in id order, like the CPU flash path; overflow chunks are
 //! summed separately and added, so the logits depend on the window size only through float
 //! rounding (the active sets do not depend on it at all).
+//!
+//! A verify pass ([`GpuFlashDecoder::verify`], speculative decoding) runs several positions as
+//! columns of one pass, as the dense decoder does: attention, norms and matvecs take the column
+//! from the workgroup's z, the predictor runs per column and its lists come back together, and
+//! the window is planned once for the union of the columns' active sets, so each missing bundle
+//! is read and uploaded once for all of them. The sparse passes run over the union's lists with
+//! a mask per neuron saying which columns compute it: each column sums its own neurons in list
+//! order, as its single step would (to the bit, where the window holds the same neurons, e.g.
+//! dense selection over a pinned prefix).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,11 +36,11 @@ use std::time::{Duration, Instant};
 
 use crate::backend::cpu::sparse_ffn::BundleParts;
 use crate::backend::gpu::buffers::{storage_bytes, storage_zeroed, Readback};
-use crate::backend::gpu::forward::{Core, Output};
+use crate::backend::gpu::forward::{prefill_passes, Core, Output};
 use crate::backend::gpu::kernels::add::add;
 use crate::backend::gpu::kernels::predictor::GpuPredictor;
 use crate::backend::gpu::kernels::sparse_ffn::{sparse_ffn, SparseFfnArgs};
-use crate::backend::gpu::kernels::Dispatch;
+use crate::backend::gpu::kernels::{Dispatch, Width};
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::engine::kv_cache::KvType;
 use crate::engine::stats::FlashStats;
@@ -65,7 +74,13 @@ pub struct GpuFlashOptions {
     pub kv_type: KvType,
     /// Check every bundle read from flash against the image's checksum before it is uploaded.
     pub verify: bool,
+    /// Positions a verify pass may hold (1: single steps only), at most
+    /// [`MAX_VERIFY_WIDTH`]; the activations get room for that many columns.
+    pub verify_width: usize,
 }
+
+/// The widest verify pass of the flash decoder: the sparse passes' column masks are one u32.
+pub const MAX_VERIFY_WIDTH: usize = 32;
 
 impl Default for GpuFlashOptions {
     fn default() -> Self {
@@ -80,6 +95,7 @@ impl Default for GpuFlashOptions {
             pinned: None,
             kv_type: KvType::F32,
             verify: true,
+            verify_width: 1,
         }
     }
 }
@@ -124,7 +140,14 @@ pub struct GpuFlashDecoder<'a> {
     staging: Vec<Staging>,
     staging_size: u64,
     next_staging: usize,
+    /// The pass's active neurons: the union of its columns' sets, in id order.
     active: Vec<u32>,
+    /// Per neuron, bit c set when column c of the pass computes it.
+    masks: Vec<u32>,
+    /// Neurons the columns of the pass need, summed over the columns.
+    needed: usize,
+    /// The predictor's lists as read back, one per column.
+    lists: Vec<u32>,
     plan: Plan,
     stats: FlashStats,
     uploaded: u64,
@@ -177,11 +200,28 @@ fn pin(
     Ok(read.bytes_read)
 }
 
-/// 32-bit words of the lists and slot maps of one layer: the window pass (count, ids, slots)
-/// and each overflow chunk's.
+/// 32-bit words of the lists and slot maps of one layer: the window pass (count, ids, slots,
+/// column masks) and each overflow chunk's.
 fn list_words(held: usize, overflow: usize, chunk: usize) -> usize {
     let chunks = overflow.div_ceil(chunk);
-    1 + 2 * held + chunks + 2 * overflow
+    1 + 3 * held + chunks + 3 * overflow
+}
+
+/// Appends one sparse pass's words: its count, ids, slots and column masks.
+fn push_pass(words: &mut Vec<u32>, ids: &[u32], slots: impl Iterator<Item = u32>, masks: &[u32]) {
+    words.push(ids.len() as u32);
+    words.extend_from_slice(ids);
+    words.extend(slots);
+    words.extend(ids.iter().map(|&i| masks[i as usize]));
+}
+
+/// The mask of a pass in which each of `n` columns computes a neuron.
+fn all_columns(n: usize) -> u32 {
+    if n >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << n) - 1
+    }
 }
 
 impl<'a> GpuFlashDecoder<'a> {
@@ -197,7 +237,14 @@ impl<'a> GpuFlashDecoder<'a> {
         opts: GpuFlashOptions,
     ) -> Result<GpuFlashDecoder<'a>, GpuError> {
         let c = &w.config;
-        let core = Core::new(ctx, w, max_ctx, opts.kv_type, false, 1)?;
+        if opts.verify_width > MAX_VERIFY_WIDTH {
+            return Err(GpuError::Shape(format!(
+                "a flash verify pass holds at most {MAX_VERIFY_WIDTH} positions, {} were asked for; draft fewer tokens (--draft-max)",
+                opts.verify_width
+            )));
+        }
+        let core = Core::new(ctx, w, max_ctx, opts.kv_type, false, opts.verify_width)?;
+        let columns = core.columns;
         let parts = BundleParts::of_image(image, c.ffn_kind()).map_err(GpuError::Shape)?;
         let stride = image.bundle().stride;
         if !stride.is_multiple_of(4) {
@@ -217,9 +264,10 @@ impl<'a> GpuFlashDecoder<'a> {
         let overflow_slots = opts.overflow_slots.clamp(1, n.max(1));
         let overflow = storage_zeroed(ctx, "overflow bundles", (overflow_slots * stride) as u64)?;
         let list = storage_zeroed(ctx, "active list", ((n + 1) * 4) as u64)?;
-        let map = storage_zeroed(ctx, "slot map", (n * 4).max(4) as u64)?;
-        let pred_list = storage_zeroed(ctx, "predicted list", ((n + 1) * 4) as u64)?;
-        let out2 = storage_zeroed(ctx, "ffn out2", (c.hidden_size * 4) as u64)?;
+        // Slots, then column masks.
+        let map = storage_zeroed(ctx, "slot map", (2 * n * 4).max(8) as u64)?;
+        let pred_list = storage_zeroed(ctx, "predicted lists", ((n + 1) * 4 * columns) as u64)?;
+        let out2 = storage_zeroed(ctx, "ffn out2", (c.hidden_size * 4 * columns) as u64)?;
         let add_out2 = add(ctx, c.hidden_size, &out2, &core.s.out)?;
         let mut gpu_bytes = overflow.size() + list.size() + map.size() + pred_list.size();
         let mut layers = Vec::with_capacity(c.n_layers);
@@ -276,6 +324,9 @@ impl<'a> GpuFlashDecoder<'a> {
                         active: &list,
                         max_active,
                         map: Some(&map),
+                        masked: true,
+                        width: Width::Step(&core.step),
+                        columns,
                         up_bias: up_bias.as_ref(),
                         act: &core.s.a,
                         out,
@@ -286,9 +337,10 @@ impl<'a> GpuFlashDecoder<'a> {
             let overflow_ffn = sparse(&overflow, overflow_slots, overflow_slots, &out2)?;
             let predictor = match predictors {
                 Some(p) => {
-                    let gp = GpuPredictor::upload(ctx, &p[l], &format!("layer {l} predictor"))?;
+                    let gp = GpuPredictor::upload(ctx, &p[l], &format!("layer {l} predictor"))?
+                        .with_columns(ctx, columns)?;
                     gpu_bytes += gp.bytes();
-                    Some(gp.dispatches(ctx, &core.s.h, &pred_list)?)
+                    Some(gp.dispatches(ctx, &core.s.h, &pred_list, Width::Step(&core.step))?)
                 }
                 None => None,
             };
@@ -326,7 +378,7 @@ impl<'a> GpuFlashDecoder<'a> {
             })
             .collect();
         Ok(GpuFlashDecoder {
-            list_rb: Readback::new(ctx, ((n + 1) * 4) as u64),
+            list_rb: Readback::new(ctx, ((n + 1) * 4 * columns) as u64),
             core,
             image,
             stride,
@@ -344,6 +396,9 @@ impl<'a> GpuFlashDecoder<'a> {
             staging_size,
             next_staging: 0,
             active: Vec::new(),
+            masks: vec![0; n],
+            needed: 0,
+            lists: Vec::new(),
             plan: Plan::default(),
             stats,
             uploaded: 0,
@@ -400,69 +455,118 @@ impl<'a> GpuFlashDecoder<'a> {
         s
     }
 
+    /// Tokens in the vocabulary: the length of a row of logits.
+    pub fn vocab_size(&self) -> usize {
+        self.core.config.vocab_size
+    }
+
+    /// The logits read back last (rows of the vocabulary, one per position of that pass).
+    pub fn logits(&self) -> &[f32] {
+        self.core.last_logits()
+    }
+
     /// Runs `token`; returns its logits.
     pub fn step(&mut self, token: u32) -> Result<&[f32], GpuError> {
-        self.run(token, Output::Logits)?;
+        self.run(&[token], Output::Logits)?;
         self.core.read_logits(1)
     }
 
     /// Runs `token`; returns the most likely next token, chosen on the GPU.
     pub fn step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
-        self.run(token, Output::Greedy)?;
+        self.run(&[token], Output::Greedy)?;
         Ok(self.core.read_tokens(1)?[0])
     }
 
     /// Runs a prompt token (no logits).
     pub fn feed(&mut self, token: u32) -> Result<(), GpuError> {
-        self.run(token, Output::None)
+        self.run(&[token], Output::None)
     }
 
-    /// Feeds `tokens` and returns the logits after the last one.
+    /// Feeds `tokens` and returns the logits after the last one. A decoder built for verify
+    /// passes runs the prompt that many tokens per pass (each pass reads the union of its
+    /// tokens' bundles once).
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], GpuError> {
-        let Some((last, rest)) = tokens.split_last() else {
-            return Err(GpuError::Shape(
-                "the prompt is empty: give at least one token".to_string(),
-            ));
-        };
-        for &t in rest {
-            self.feed(t)?;
-        }
-        self.step(*last)
+        let columns = self.core.columns;
+        prefill_passes(tokens, columns, |chunk, out| self.run(chunk, out))?;
+        self.core.read_logits(1)
     }
 
-    /// Encodes layer `l`'s attention and predictor, and the copy of its list for readback.
-    fn encode_attn(&self, enc: &mut wgpu::CommandEncoder, l: usize, embed: bool) {
+    /// Tokens a verify pass may hold (`GpuFlashOptions::verify_width`).
+    pub fn verify_width(&self) -> usize {
+        self.core.columns
+    }
+
+    /// Runs `tokens` at the next positions in one pass (see the module docs: each bundle of
+    /// the union of their active sets read and uploaded once) and returns every position's
+    /// next-token logits, `tokens.len()` rows of the vocabulary one after another.
+    pub fn verify(&mut self, tokens: &[u32]) -> Result<&[f32], GpuError> {
+        self.run(tokens, Output::Logits)?;
+        self.core.read_logits(tokens.len())
+    }
+
+    /// [`GpuFlashDecoder::verify`] reading back only each position's most likely next token.
+    pub fn verify_greedy(&mut self, tokens: &[u32]) -> Result<&[u32], GpuError> {
+        self.run(tokens, Output::Greedy)?;
+        self.core.read_tokens(tokens.len())
+    }
+
+    /// Cuts the sequence back to its first `len` positions (after a verify pass, to the
+    /// accepted prefix). O(1): later positions' cache rows are overwritten as they come again;
+    /// the windows keep what the pass loaded, as after any token.
+    pub fn truncate(&mut self, len: usize) {
+        self.core.pos = self.core.pos.min(len);
+    }
+
+    /// Encodes layer `l`'s attention and predictor for the `cols` columns of the pass, and the
+    /// copy of their lists for readback.
+    fn encode_attn(&self, enc: &mut wgpu::CommandEncoder, l: usize, embed: bool, cols: usize) {
         {
             let mut pass = self.core.pass(enc, "attention and predictor");
             if embed {
-                self.core.encode_head(&mut pass, 1);
+                self.core.encode_head(&mut pass, cols);
             }
             self.core.layers[l]
                 .attn
                 .iter()
                 .chain(self.layers[l].predictor.iter().flatten())
-                .for_each(|d| d.encode(&mut pass));
+                .for_each(|d| d.encode_columns(&mut pass, cols));
         }
         if self.layers[l].predictor.is_some() {
-            self.list_rb
-                .record(enc, &self.pred_list, 0, ((self.n + 1) * 4) as u64);
+            let bytes = ((self.n + 1) * 4 * cols) as u64;
+            self.list_rb.record(enc, &self.pred_list, 0, bytes);
         }
     }
 
-    /// Reads layer `l`'s active list (or takes every neuron) into `self.active`.
-    fn read_active(&mut self, l: usize) -> Result<(), GpuError> {
+    /// Reads layer `l`'s active lists of `cols` columns (or takes every neuron): their union
+    /// into `self.active`, which columns need each neuron into `self.masks`.
+    fn read_active(&mut self, l: usize, cols: usize) -> Result<(), GpuError> {
         self.active.clear();
         if self.layers[l].predictor.is_none() {
             self.active.extend(0..self.n as u32);
+            self.masks.fill(all_columns(cols));
+            self.needed = self.n * cols;
             return Ok(());
         }
         let t = Instant::now();
-        self.active.resize(self.n + 1, 0);
-        self.list_rb.read(&self.core.ctx, &mut self.active)?;
+        let row = self.n + 1;
+        self.lists.resize(row * cols, 0);
+        self.list_rb.read(&self.core.ctx, &mut self.lists)?;
         self.core.wait += t.elapsed();
-        let count = (self.active[0] as usize).min(self.n);
-        self.active.copy_within(1..=count, 0);
-        self.active.truncate(count);
+        self.masks.fill(0);
+        self.needed = 0;
+        for (c, list) in self.lists.chunks_exact(row).enumerate() {
+            // The kernel writes at most n ids; a count beyond that would be a GPU fault.
+            let count = (list[0] as usize).min(self.n);
+            self.needed += count;
+            for &i in &list[1..=count] {
+                if let Some(m) = self.masks.get_mut(i as usize) {
+                    *m |= 1 << c;
+                }
+            }
+        }
+        let masks = &self.masks;
+        self.active
+            .extend((0..self.n as u32).filter(|&i| masks[i as usize] != 0));
         Ok(())
     }
 
@@ -484,13 +588,14 @@ impl<'a> GpuFlashDecoder<'a> {
         Ok(i)
     }
 
-    /// One token through every layer (see the module docs).
-    fn run(&mut self, token: u32, out: Output) -> Result<(), GpuError> {
-        let mut enc = self.core.begin(&[token])?;
-        self.encode_attn(&mut enc, 0, true);
+    /// One pass of `tokens` (one per column) through every layer (see the module docs).
+    fn run(&mut self, tokens: &[u32], out: Output) -> Result<(), GpuError> {
+        let cols = tokens.len();
+        let mut enc = self.core.begin(tokens)?;
+        self.encode_attn(&mut enc, 0, true, cols);
         self.core.ctx.queue.submit([enc.finish()]);
-        self.read_active(0)?;
-        self.stats.tokens += 1;
+        self.read_active(0, cols)?;
+        self.stats.tokens += cols as u64;
         let n_layers = self.layers.len();
         for l in 0..n_layers {
             let mut enc =
@@ -501,18 +606,18 @@ impl<'a> GpuFlashDecoder<'a> {
                         label: Some("flash layer"),
                     });
             let si = self.acquire_staging()?;
-            self.load_and_compute(l, si, &mut enc)?;
+            self.load_and_compute(l, si, &mut enc, cols)?;
             {
                 let mut pass = self.core.pass(&mut enc, "residual");
                 self.core.layers[l]
                     .post
                     .iter()
-                    .for_each(|d| d.encode(&mut pass));
+                    .for_each(|d| d.encode_columns(&mut pass, cols));
             }
             if l + 1 < n_layers {
-                self.encode_attn(&mut enc, l + 1, false);
+                self.encode_attn(&mut enc, l + 1, false, cols);
             } else {
-                self.core.finish(&mut enc, out, 1);
+                self.core.finish(&mut enc, out, cols);
             }
             self.core.ctx.queue.submit([enc.finish()]);
             let st = &self.staging[si];
@@ -522,20 +627,21 @@ impl<'a> GpuFlashDecoder<'a> {
                 ready.store(r.is_ok(), Ordering::Release);
             });
             if l + 1 < n_layers {
-                self.read_active(l + 1)?;
+                self.read_active(l + 1, cols)?;
             }
         }
         Ok(())
     }
 
     /// Plans layer `l`'s window for `self.active`, reads the missing bundles into staging
-    /// buffer `si`, and encodes the copies and sparse passes into `enc` (leaving the FFN
-    /// output in `out`).
+    /// buffer `si`, and encodes the copies and sparse passes of `cols` columns into `enc`
+    /// (leaving the FFN output in `out`).
     fn load_and_compute(
         &mut self,
         l: usize,
         si: usize,
         enc: &mut wgpu::CommandEncoder,
+        cols: usize,
     ) -> Result<(), GpuError> {
         let t = Instant::now();
         let stride = self.stride;
@@ -546,11 +652,15 @@ impl<'a> GpuFlashDecoder<'a> {
             .plan_into(&self.active, &mut self.plan)
             .map_err(|e| GpuError::Shape(format!("layer {l}: {e}")))?;
         let plan = &self.plan;
-        self.stats.neurons_needed += self.active.len() as u64;
-        self.stats.window_hits += plan.hits as u64;
+        // Positions after the first that need a neuron find it uploaded, as in the CPU's
+        // verify batches: needed = hits + loaded.
+        let shared = self.needed.saturating_sub(self.active.len());
+        self.stats.neurons_needed += self.needed as u64;
+        self.stats.window_hits += (plan.hits + shared) as u64;
         self.stats.neurons_loaded += (plan.loads.len() + plan.overflow.len()) as u64;
 
-        // Staging layout: [window list | window map | per chunk: list, map | bundles].
+        // Staging layout: [window pass | per overflow chunk: its pass | bundles], each pass
+        // [count | ids | slots | column masks].
         let held: Vec<u32> = self
             .active
             .iter()
@@ -559,15 +669,13 @@ impl<'a> GpuFlashDecoder<'a> {
             .collect();
         let mut words: Vec<u32> =
             Vec::with_capacity(list_words(held.len(), plan.overflow.len(), chunk));
-        words.push(held.len() as u32);
-        words.extend_from_slice(&held);
-        words.extend(held.iter().map(|&i| layer.window.slot(i).unwrap_or(0)));
+        let window = &layer.window;
+        let held_slots = held.iter().map(|&i| window.slot(i).unwrap_or(0));
+        push_pass(&mut words, &held, held_slots, &self.masks);
         let mut chunk_at = Vec::new();
         for c in plan.overflow.chunks(chunk) {
             chunk_at.push(words.len());
-            words.push(c.len() as u32);
-            words.extend_from_slice(c);
-            words.extend(0..c.len() as u32);
+            push_pass(&mut words, c, 0..c.len() as u32, &self.masks);
         }
         let bundles_at = (words.len() * 4) as u64;
         let n_bundles = plan.loads.len() + plan.overflow.len();
@@ -657,6 +765,7 @@ impl<'a> GpuFlashDecoder<'a> {
             );
             k = end;
         }
+        // A pass's count and ids into the list, its slots and masks into the map.
         let copy_list = |enc: &mut wgpu::CommandEncoder, at: usize, m: usize| {
             enc.copy_buffer_to_buffer(staging, (at * 4) as u64, &self.list, 0, (1 + m) as u64 * 4);
             if m > 0 {
@@ -665,14 +774,17 @@ impl<'a> GpuFlashDecoder<'a> {
                     ((at + 1 + m) * 4) as u64,
                     &self.map,
                     0,
-                    m as u64 * 4,
+                    2 * m as u64 * 4,
                 );
             }
         };
         copy_list(enc, 0, held.len());
         {
             let mut pass = self.core.pass(enc, "sparse ffn (window)");
-            layer.window_ffn.iter().for_each(|d| d.encode(&mut pass));
+            layer
+                .window_ffn
+                .iter()
+                .for_each(|d| d.encode_columns(&mut pass, cols));
         }
         let first_overflow = plan.loads.len();
         for (j, c) in plan.overflow.chunks(chunk).enumerate() {
@@ -685,8 +797,11 @@ impl<'a> GpuFlashDecoder<'a> {
             );
             copy_list(enc, chunk_at[j], c.len());
             let mut pass = self.core.pass(enc, "sparse ffn (overflow)");
-            layer.overflow_ffn.iter().for_each(|d| d.encode(&mut pass));
-            self.add_out2.encode(&mut pass);
+            layer
+                .overflow_ffn
+                .iter()
+                .for_each(|d| d.encode_columns(&mut pass, cols));
+            self.add_out2.encode_columns(&mut pass, cols);
         }
         self.uploaded += need;
         self.stats.memory += copy + t2.elapsed();

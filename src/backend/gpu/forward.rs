@@ -95,9 +95,10 @@ pub(crate) struct Core {
     pub(crate) config: Config,
     max_ctx: usize,
     /// Columns (tokens) a pass may run at most: 1 for decoding, more for verify passes.
-    columns: usize,
+    pub(crate) columns: usize,
     pub(crate) pos: usize,
-    step: wgpu::Buffer,
+    /// The pass's [`Step`] uniform, bound by every kernel that takes columns.
+    pub(crate) step: wgpu::Buffer,
     embed_gather: Gather,
     /// OPT's learned positions, row `position_offset + pos`.
     positions: Option<(GpuMatrix, Gather)>,
@@ -257,21 +258,8 @@ impl GpuDecoder {
     /// Feeds `tokens` and returns the logits after the last one. A decoder built for verify
     /// passes runs the prompt that many tokens per pass.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], GpuError> {
-        if tokens.is_empty() {
-            return Err(GpuError::Shape(
-                "the prompt is empty: give at least one token".to_string(),
-            ));
-        }
-        let mut chunks = tokens.chunks(self.core.columns).peekable();
-        while let Some(chunk) = chunks.next() {
-            let last = chunks.peek().is_none();
-            let out = if last {
-                Output::LastLogits
-            } else {
-                Output::None
-            };
-            self.core.run(chunk, out)?;
-        }
+        let columns = self.core.columns;
+        prefill_passes(tokens, columns, |chunk, out| self.core.run(chunk, out))?;
         self.core.read_logits(1)
     }
 
@@ -635,6 +623,11 @@ impl Core {
         self.timer.as_ref().map(|t| t.total)
     }
 
+    /// The logits read back last (rows of the vocabulary, one per position of that pass).
+    pub(crate) fn last_logits(&self) -> &[f32] {
+        &self.logits
+    }
+
     /// The context capacity in positions.
     pub(crate) fn capacity(&self) -> usize {
         self.max_ctx
@@ -725,6 +718,30 @@ impl Core {
             g.encode_columns(pass, n);
         }
     }
+}
+
+/// Runs a prompt as passes of up to `columns` tokens through `run`, asking for the last
+/// token's logits only (every GPU decoder's prefill).
+pub(crate) fn prefill_passes(
+    tokens: &[u32],
+    columns: usize,
+    mut run: impl FnMut(&[u32], Output) -> Result<(), GpuError>,
+) -> Result<(), GpuError> {
+    if tokens.is_empty() {
+        return Err(GpuError::Shape(
+            "the prompt is empty: give at least one token".to_string(),
+        ));
+    }
+    let mut chunks = tokens.chunks(columns.max(1)).peekable();
+    while let Some(chunk) = chunks.next() {
+        let out = if chunks.peek().is_none() {
+            Output::LastLogits
+        } else {
+            Output::None
+        };
+        run(chunk, out)?;
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

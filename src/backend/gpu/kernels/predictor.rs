@@ -4,7 +4,7 @@
 //! (`z_i` for the linear form, `|silu(z_i) * z_{n+i}|` for the product form), compacted in
 //! increasing order into `[count, id_0, id_1, ...]`.
 
-use super::{ffn_act::ffn_act, kernel, matvec::matvec, need, Dispatch, Width};
+use super::{ffn_act::ffn_act, kernel, matvec::matvec, need, Columns, Dispatch, Width};
 use crate::backend::gpu::buffers::{storage_bytes, storage_zeroed, uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
@@ -30,7 +30,8 @@ fn form_code(form: Form) -> u32 {
 }
 
 /// `list = [count, ids i < n whose score reaches threshold, in increasing order...]`; `list`
-/// holds `1 + n`, `z` holds `n` (linear) or `2n` (product) heads.
+/// holds `1 + n`, `z` holds `n` (linear) or `2n` (product) heads, per column of the pass (up to
+/// `columns`; column c's list at `c * (n + 1)`).
 pub fn select(
     ctx: &GpuContext,
     n: usize,
@@ -38,9 +39,11 @@ pub fn select(
     threshold: f32,
     z: &wgpu::Buffer,
     list: &wgpu::Buffer,
+    columns: usize,
 ) -> Result<Dispatch, GpuError> {
-    need(z, form.heads() * n, "predictor heads")?;
-    need(list, n + 1, "active list")?;
+    let columns = columns.max(1);
+    need(z, form.heads() * n * columns, "predictor heads")?;
+    need(list, (n + 1) * columns, "active list")?;
     let k = kernel(
         ctx,
         "predictor_select",
@@ -57,7 +60,8 @@ pub fn select(
             _pad: 0,
         },
     );
-    k.dispatch(ctx, &[&p, z, list], [1, 1, 1])
+    Ok(k.dispatch(ctx, &[&p, z, list], [1, 1, 1])?
+        .with_columns(Columns::Each))
 }
 
 /// A predictor's weights on the GPU and its scratch (the rank vector and the heads).
@@ -71,6 +75,8 @@ pub struct GpuPredictor {
     bias: Option<wgpu::Buffer>,
     low: wgpu::Buffer,
     z: wgpu::Buffer,
+    /// Columns the scratch has room for.
+    columns: usize,
 }
 
 impl GpuPredictor {
@@ -111,7 +117,23 @@ impl GpuPredictor {
             bias,
             low,
             z,
+            columns: 1,
         })
+    }
+
+    /// This predictor with scratch for passes of up to `columns` columns (a verify pass's
+    /// positions; see [`GpuPredictor::dispatches`]).
+    pub fn with_columns(
+        mut self,
+        ctx: &GpuContext,
+        columns: usize,
+    ) -> Result<GpuPredictor, GpuError> {
+        self.columns = columns.max(1);
+        let f =
+            |what: &str, rows: usize| storage_zeroed(ctx, what, (rows * 4 * self.columns) as u64);
+        self.low = f("predictor rank", self.a.rows)?;
+        self.z = f("predictor heads", self.b.rows)?;
+        Ok(self)
     }
 
     /// Uploads a calibrated predictor (its f16 A and B as stored, its f32 bias and tau).
@@ -148,14 +170,17 @@ impl GpuPredictor {
         &self.z
     }
 
-    /// Predicts from `h` into `list` (`[count, ids...]`, room for `1 + n`).
+    /// Predicts from `h` into `list` (`[count, ids...]`, room for `1 + n`), for each column of
+    /// the pass (`width`; h_c at `c * d`, column c's list at `c * (n + 1)`).
     pub fn dispatches(
         &self,
         ctx: &GpuContext,
         h: &wgpu::Buffer,
         list: &wgpu::Buffer,
+        width: Width<'_>,
     ) -> Result<Vec<Dispatch>, GpuError> {
-        let mut d = matvec(ctx, &self.a, h, None, &self.low, Width::One, 1)?;
+        let cols = self.columns;
+        let mut d = matvec(ctx, &self.a, h, None, &self.low, width, cols)?;
         if self.form == Form::Mlp {
             // relu(A h) in place: the ReLU FFN activation's kernel (it binds but ignores its
             // gate; `h` stands in, since one buffer cannot be bound read-only and read-write).
@@ -167,8 +192,8 @@ impl GpuPredictor {
             &self.low,
             self.bias.as_ref(),
             &self.z,
-            Width::One,
-            1,
+            width,
+            cols,
         )?);
         d.push(select(
             ctx,
@@ -177,6 +202,7 @@ impl GpuPredictor {
             self.threshold,
             &self.z,
             list,
+            cols,
         )?);
         Ok(d)
     }
@@ -198,7 +224,10 @@ mod tests {
             let z = rng.vec(n, 1.0);
             let bz = storage_f32(ctx, "z", &z).unwrap();
             let list = storage_zeroed(ctx, "list", ((n + 1) * 4) as u64).unwrap();
-            submit(ctx, &[select(ctx, n, Form::Linear, t, &bz, &list).unwrap()]);
+            submit(
+                ctx,
+                &[select(ctx, n, Form::Linear, t, &bz, &list, 1).unwrap()],
+            );
             let got: Vec<u32> = read(ctx, &list, n + 1).unwrap();
             let want: Vec<u32> = (0..n as u32).filter(|&i| z[i as usize] >= t).collect();
             assert_eq!(got[0] as usize, want.len(), "n={n} t={t}: count");
@@ -230,7 +259,7 @@ mod tests {
         let p = GpuPredictor::new(ctx, ga, gb, None, Form::Linear, t).unwrap();
         let bh = storage_f32(ctx, "h", &h).unwrap();
         let list = storage_zeroed(ctx, "list", ((n + 1) * 4) as u64).unwrap();
-        submit(ctx, &p.dispatches(ctx, &bh, &list).unwrap());
+        submit(ctx, &p.dispatches(ctx, &bh, &list, Width::One).unwrap());
         let got: Vec<u32> = read(ctx, &list, n + 1).unwrap();
         let active = &got[1..=got[0] as usize];
         assert!(
@@ -282,7 +311,7 @@ mod tests {
             let gp = GpuPredictor::upload(ctx, &cpu, "test predictor").unwrap();
             let bh = storage_f32(ctx, "h", &h).unwrap();
             let list = storage_zeroed(ctx, "list", ((n + 1) * 4) as u64).unwrap();
-            submit(ctx, &gp.dispatches(ctx, &bh, &list).unwrap());
+            submit(ctx, &gp.dispatches(ctx, &bh, &list, Width::One).unwrap());
             let got: Vec<u32> = read(ctx, &list, n + 1).unwrap();
             let got = &got[1..=got[0] as usize];
             for i in 0..n as u32 {

@@ -1,7 +1,7 @@
 //! The sparse FFN over bundles in window slots (shaders/sparse_ffn.wgsl): the GPU twin of
 //! `backend::cpu::sparse_ffn`, reading the flash image's bundle layout unchanged.
 
-use super::{aligned, code, need, Dispatch};
+use super::{aligned, code, need, Columns, Dispatch, Step, Width};
 use crate::backend::cpu::sparse_ffn::{BundleParts, Part};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::{grid, Binding};
@@ -18,8 +18,11 @@ struct Params {
     d: u32,
     flags: u32,
     groups_x: u32,
-    _pad: u32,
+    act_stride: u32,
 }
+
+/// Columns a sparse FFN workgroup takes (`COLS` in shaders/sparse_ffn.wgsl).
+pub const COLUMNS_PER_GROUP: u32 = 8;
 
 /// The buffers and shape of one layer's sparse FFN.
 pub struct SparseFfnArgs<'a> {
@@ -32,18 +35,26 @@ pub struct SparseFfnArgs<'a> {
     /// The window: `n_slots` bundles back to back.
     pub slots: &'a wgpu::Buffer,
     pub n_slots: usize,
-    /// The normed input h (d values).
+    /// The normed input h (d values per column).
     pub h: &'a wgpu::Buffer,
-    /// `[count, id_0, id_1, ...]` with room for `1 + max_active` values.
+    /// `[count, id_0, id_1, ...]` with room for `1 + max_active` values: one list for every
+    /// column of a pass (a verify pass: the union of its positions' active sets).
     pub active: &'a wgpu::Buffer,
     pub max_active: usize,
     /// `map[k]` = slot of the k-th active neuron; `None`: slot = id (all neurons resident).
     pub map: Option<&'a wgpu::Buffer>,
+    /// The map holds, after its `count` slots, one mask per list entry: bit c set when column c
+    /// computes that neuron (room for `2 * max_active` values). Without masks every column
+    /// computes every listed neuron.
+    pub masked: bool,
+    /// Where the pass's column count comes from, and the most columns it may have.
+    pub width: Width<'a>,
+    pub columns: usize,
     /// Per-neuron bias added to `up . h` (ReLU models), indexed by id.
     pub up_bias: Option<&'a wgpu::Buffer>,
-    /// Scratch for the activations (max_active values).
+    /// Scratch for the activations (max_active values per column).
     pub act: &'a wgpu::Buffer,
-    /// The result (d values).
+    /// The result (d values per column).
     pub out: &'a wgpu::Buffer,
 }
 
@@ -61,8 +72,15 @@ fn check_part(p: &Part, d: usize, stride: usize, role: &str) -> Result<u32, GpuE
     Ok(dt)
 }
 
-/// Two dispatches: the active neurons' activations, then `out = sum_k a_k down_k` in list order.
+/// Two dispatches: the active neurons' activations, then `out = sum_k a_k down_k` in list order,
+/// for each column of the pass.
 pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, GpuError> {
+    let columns = a.columns.max(1);
+    if a.masked && (a.map.is_none() || columns > 32) {
+        return Err(GpuError::Shape(format!(
+            "column masks need a slot map and at most 32 columns (one bit each), got {columns}"
+        )));
+    }
     let p = &a.parts;
     if !a.stride.is_multiple_of(2) {
         return Err(GpuError::Shape(format!(
@@ -82,12 +100,13 @@ pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, 
         (FfnKind::Relu, _) => (1.0, up, 0),
     };
     need(a.slots, a.n_slots * a.stride / 4, "window slots")?;
-    need(a.h, a.d, "sparse FFN input")?;
-    need(a.out, a.d, "sparse FFN output")?;
+    need(a.h, a.d * columns, "sparse FFN input")?;
+    need(a.out, a.d * columns, "sparse FFN output")?;
     need(a.active, 1 + a.max_active, "active list")?;
-    need(a.act, a.max_active, "activation scratch")?;
+    need(a.act, a.max_active * columns, "activation scratch")?;
     if let Some(m) = a.map {
-        need(m, a.max_active, "slot map")?;
+        let per = if a.masked { 2 } else { 1 };
+        need(m, per * a.max_active, "slot map")?;
     }
     let all_aligned = [Some(&p.up), Some(&p.down), p.gate.as_ref()]
         .into_iter()
@@ -102,6 +121,7 @@ pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, 
         Binding::Read,
         Binding::ReadWrite,
         Binding::ReadWrite,
+        Binding::Uniform,
     ];
     let constants = [
         ("GATE_DTYPE", gate as f64),
@@ -126,11 +146,21 @@ pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, 
             up_offset: p.up.offset as u32,
             down_offset: p.down.offset as u32,
             d: a.d as u32,
-            flags: a.map.is_none() as u32 | (a.up_bias.is_some() as u32) << 1,
+            flags: a.map.is_none() as u32
+                | (a.up_bias.is_some() as u32) << 1
+                | (a.masked as u32) << 2,
             groups_x: groups[0],
-            _pad: 0,
+            act_stride: a.max_active as u32,
         },
     );
+    let one;
+    let step = match a.width {
+        Width::One => {
+            one = uniform(ctx, "one column", &Step::default());
+            &one
+        }
+        Width::Step(s) => s,
+    };
     // Unused optional bindings get a stand-in the shader never reads (flags say so).
     let buffers = [
         &params,
@@ -141,10 +171,14 @@ pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, 
         a.up_bias.unwrap_or(a.h),
         a.act,
         a.out,
+        step,
     ];
+    let blocks = Columns::Blocks(COLUMNS_PER_GROUP);
     Ok(vec![
-        act_k.dispatch(ctx, &buffers, groups)?,
-        acc_k.dispatch(ctx, &buffers, [a.d.div_ceil(64).max(1) as u32, 1, 1])?,
+        act_k.dispatch(ctx, &buffers, groups)?.with_columns(blocks),
+        acc_k
+            .dispatch(ctx, &buffers, [a.d.div_ceil(64).max(1) as u32, 1, 1])?
+            .with_columns(blocks),
     ])
 }
 
@@ -253,6 +287,9 @@ mod tests {
             active: &bl,
             max_active: n,
             map: (!identity).then_some(&bm),
+            masked: false,
+            width: Width::One,
+            columns: 1,
             up_bias: with_bias.then_some(&bb),
             act: &act,
             out: &out,
