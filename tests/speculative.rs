@@ -399,7 +399,7 @@ fn smollm2_drafts_keep_greedy_tokens_from_the_command_line() {
 
     let path = common::to_image(&gguf, "spec-smollm2", BundleDtype::Source);
     let image = path.to_str().expect("utf-8 path");
-    let budget = ["--memory-budget", "40MiB", "--dense"];
+    let budget = ["--memory-budget", "64MiB", "--dense"];
     let (want, _) = cli_tokens(image, CODE_PROMPT, &budget);
     for d in ["self", "ngram"] {
         let mut args = budget.to_vec();
@@ -420,7 +420,7 @@ fn smollm2_drafts_keep_greedy_tokens_from_the_command_line() {
     drop(model);
     cal.save(&path).expect("save the calibration");
     for selection in ["--predictor", "--oracle"] {
-        let args = ["--memory-budget", "52MiB", selection];
+        let args = ["--memory-budget", "78MiB", selection];
         let (want, stats) = cli_tokens(image, CODE_PROMPT, &args);
         let name = if selection == "--oracle" {
             "oracle"

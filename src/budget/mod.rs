@@ -8,6 +8,8 @@
 
 use serde::Serialize;
 
+pub mod process;
+
 /// What the model needs, in bytes, apart from the FFN window.
 #[derive(Clone, Debug, Serialize)]
 pub struct Needs {
@@ -26,6 +28,10 @@ pub struct Needs {
     pub scratch: u64,
     /// Bytes of one bundle.
     pub stride: u64,
+    /// What the process holds beside all of the above: code, libraries, tokenizer and
+    /// metadata tables, thread stacks, allocator slack ([`process::overhead`]); 0 for a
+    /// budget of device memory.
+    pub process: u64,
     /// Neurons per layer.
     pub neurons: Vec<usize>,
     /// Expected active neurons per token, per layer (from calibration; `neurons` if unknown).
@@ -77,15 +83,18 @@ impl Plan {
 #[derive(Debug, thiserror::Error)]
 pub enum BudgetError {
     #[error(
-        "a memory budget of {budget} is too small for this model: it needs at least {minimum} \
-         ({resident} resident weights with the embedding and output head streamed, {predictors} \
-         predictors, {kv} KV cache, {scratch} scratch, {window} for one layer's active neurons, read and staged). \
-         Raise --memory-budget or shorten --ctx"
+        "a budget of {budget} is too small for this model: it needs at least {minimum} \
+         ({resident} resident weights{streamable}, {predictors} predictors, {kv} KV cache, \
+         {scratch} scratch, {window} for one layer's active neurons, read and staged, \
+         {process} for the process itself). Give a larger budget or a shorter context"
     )]
     TooSmall {
         budget: Bytes,
         minimum: Bytes,
         resident: Bytes,
+        /// What the resident weights leave out (the tables the plan may stream).
+        streamable: &'static str,
+        process: Bytes,
         predictors: Bytes,
         kv: Bytes,
         scratch: Bytes,
@@ -151,6 +160,7 @@ pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
     // overflow area for neurons the window cannot hold (they are copied from one to the other).
     let one_layer = 2.0 * needs.active.iter().copied().fold(0.0, f64::max) * needs.stride as f64;
     let base = needs.resident
+        + needs.process
         + needs.predictors
         + needs.kv_cache
         + needs.scratch
@@ -162,11 +172,17 @@ pub fn plan(budget: u64, needs: &Needs) -> Result<Plan, BudgetError> {
             budget: Bytes(budget),
             minimum: Bytes(minimum),
             resident: Bytes(needs.resident),
+            streamable: match needs.tables.is_empty() {
+                true => "",
+                false => " with the embedding and output head streamed",
+            },
+            process: Bytes(needs.process),
             predictors: Bytes(needs.predictors),
             kv: Bytes(needs.kv_cache),
             scratch: Bytes(
                 minimum
                     - needs.resident
+                    - needs.process
                     - needs.predictors
                     - needs.kv_cache
                     - one_layer.ceil() as u64,
@@ -230,6 +246,7 @@ mod tests {
             kv_cache: 1 << 20,
             scratch: 1 << 20,
             stride: 1000,
+            process: 0,
             neurons: vec![1000, 1000],
             active: vec![100.0, 300.0],
         }
@@ -252,7 +269,26 @@ mod tests {
         let msg = err.to_string();
         // 30 + 2 + 1 + 1 MiB, 2 x 300 bundles of 1000 bytes, 1 MiB of staging for the table.
         assert!(msg.contains("at least 35.6 MiB"), "{msg}");
-        assert!(msg.contains("--memory-budget"), "{msg}");
+        assert!(msg.contains("streamed"), "{msg}");
+        // The library names no command-line flag: the CLI adds those.
+        assert!(!msg.contains("--"), "{msg}");
+    }
+
+    #[test]
+    fn the_process_overhead_raises_the_minimum_and_shrinks_the_window() {
+        let lean = needs();
+        let heavy = Needs {
+            process: 5 << 20,
+            ..needs()
+        };
+        // Room for part of the window either way (it holds 2 MB in full).
+        let budget = 50 << 20;
+        let (l, h) = (plan(budget, &lean).unwrap(), plan(budget, &heavy).unwrap());
+        assert_eq!(h.minimum, l.minimum + (5 << 20));
+        assert_eq!(h.fixed, l.fixed + (5 << 20));
+        assert!(h.window_bytes < l.window_bytes, "{l:?} {h:?}");
+        let msg = plan(l.minimum, &heavy).unwrap_err().to_string();
+        assert!(msg.contains("5.0 MiB for the process itself"), "{msg}");
     }
 
     #[test]

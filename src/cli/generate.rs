@@ -419,20 +419,12 @@ pub(super) fn plan_vram(
             + 2 * n)
             * 4) as u64,
         stride: image.bundle().stride as u64,
+        // Device memory: the process's own memory is not in it.
+        process: 0,
         neurons: vec![n; c.n_layers],
         active: active.clone(),
     };
-    let plan = budget::plan(budget, &needs).map_err(|e| {
-        // The GPU holds the embedding and output head (they are in `resident`).
-        anyhow::anyhow!(e
-            .to_string()
-            .replace("--memory-budget", "--vram-budget")
-            .replace("a memory budget", "a VRAM budget")
-            .replace(
-                "resident weights with the embedding and output head streamed",
-                "resident weights"
-            ))
-    })?;
+    let plan = budget::plan(budget, &needs).context("--vram-budget")?;
     let reserve = active.iter().copied().fold(1.0, f64::max).ceil() as usize;
     Ok((plan, reserve))
 }

@@ -81,6 +81,9 @@ pub struct Runner {
     /// The embedding and output head were left out of the load: each session reads them
     /// (or streams them) as its memory plan says.
     tables_deferred: bool,
+    /// What the process holds outside any plan (code, tokenizer, threads: see
+    /// [`budget::process`]), taken from every memory budget.
+    process: u64,
     /// Rows of logits a session holds at once: 1 to generate, a scored batch's for perplexity,
     /// a verify pass's when drafting.
     logits_rows: usize,
@@ -120,6 +123,7 @@ impl Runner {
         let defer: &[&str] = if tables_deferred { &TABLES } else { &[] };
         let model = Model::open_with(path, load, defer)
             .with_context(|| format!("loading {}", path.display()))?;
+        let process = process_overhead(&model, args);
         let calibration = match &model.image {
             Some(image) => Calibration::load_stats(image)
                 .with_context(|| format!("reading the calibration of {}", path.display()))?,
@@ -141,6 +145,7 @@ impl Runner {
             predicting: OnceLock::new(),
             synthetic,
             tables_deferred,
+            process,
             logits_rows: 1,
             draft: DraftNeeds::default(),
             draft_neurons: std::cell::Cell::new(None),
@@ -200,9 +205,13 @@ impl Runner {
 
     /// A session over `ctx` positions; for a flash image, with `args`' strategy and budget.
     pub fn session(&self, ctx: usize, args: &FlashArgs) -> anyhow::Result<Session<'_>> {
-        Ok(self
-            .build_session(ctx, args)?
-            .with_kv_type(args.kv_type.unwrap_or_default()))
+        let session =
+            (self.build_session(ctx, args)?).with_kv_type(args.kv_type.unwrap_or_default());
+        // The plan counted the whole cache: hold it from the start.
+        Ok(match args.memory_budget {
+            Some(_) => session.with_resident_kv(),
+            None => session,
+        })
     }
 
     fn build_session(&self, ctx: usize, args: &FlashArgs) -> anyhow::Result<Session<'_>> {
@@ -240,9 +249,11 @@ impl Runner {
         let choice = (args.predictor, !args.no_lookahead);
         let budget = self.target_budget(budget)?;
         let wanted = selection;
-        let (selection, plan) = self.plan_with_draft(image, budget, |b| {
-            self.plan(image, ctx, b, wanted, kv, choice)
-        })?;
+        let (selection, plan) = self
+            .plan_with_draft(image, budget, |b| {
+                self.plan(image, ctx, b, wanted, kv, choice)
+            })
+            .context("--memory-budget")?;
         opts.selection = selection;
         let sparsity = self.sparsity(selection)?;
         log::info!("memory plan: {plan:?}");
@@ -460,6 +471,7 @@ impl Runner {
                 as u64
                 + lookahead_staging,
             stride: image.bundle().stride as u64,
+            process: self.process,
             neurons: vec![n; c.n_layers],
             active: self.expected_active(selection),
         }
@@ -489,6 +501,27 @@ impl Runner {
 
 /// Whose sets a window under `selection` sees: the true ones for oracle runs, so that their
 /// window is planned and pinned as a perfect predictor's would be.
+/// What the process holds beside what a plan counts, measured now that `model` is open (its
+/// code, tokenizer and metadata), with an allowance for the threads a session starts: the
+/// I/O pool's and the compute pool's.
+fn process_overhead(model: &Model, args: &FlashArgs) -> u64 {
+    budget::process::release_freed();
+    let loaded = model.image.as_ref().map_or(0, |i| i.owned_bytes());
+    let threads = args.io_threads + rayon::current_num_threads();
+    match budget::process::overhead(loaded, threads) {
+        Some(bytes) => bytes,
+        None => {
+            let guess = 32 << 20;
+            log::warn!(
+                "cannot read this process's resident set: the memory plan leaves {} to the \
+                 process itself, a guess",
+                budget::Bytes(guess)
+            );
+            guess
+        }
+    }
+}
+
 fn sets(selection: Selection) -> Sets {
     match selection {
         Selection::Oracle => Sets::True,

@@ -30,10 +30,27 @@ enum Rows {
 }
 
 impl Rows {
-    fn new(dtype: KvType) -> Rows {
+    /// Room for `values` values, reserved exactly: the rows never reallocate (a doubling
+    /// `Vec` could hold twice what a memory plan counted), and pages are only resident once
+    /// written (large allocations are mapped lazily).
+    fn new(dtype: KvType, values: usize) -> Rows {
         match dtype {
-            KvType::F16 => Rows::F16(Vec::new()),
-            KvType::F32 => Rows::F32(Vec::new()),
+            KvType::F16 => Rows::F16(Vec::with_capacity(values)),
+            KvType::F32 => Rows::F32(Vec::with_capacity(values)),
+        }
+    }
+
+    /// Writes every reserved value once, so that all of the rows' pages are resident.
+    fn touch(&mut self) {
+        match self {
+            Rows::F16(buf) => {
+                buf.resize(buf.capacity(), f16::ZERO);
+                buf.clear();
+            }
+            Rows::F32(buf) => {
+                buf.resize(buf.capacity(), 0.0);
+                buf.clear();
+            }
         }
     }
 
@@ -78,17 +95,30 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache for `capacity` positions. Memory grows as positions are written, not up front,
-    /// so a large context limit costs nothing until it is used.
+    /// A cache for `capacity` positions. Its memory is reserved, but becomes resident only as
+    /// positions are written, so a large context limit costs nothing until it is used (see
+    /// [`KvCache::make_resident`] for the opposite).
     pub fn new(c: &Config, capacity: usize, dtype: KvType) -> KvCache {
+        let values = capacity * c.kv_dim();
         KvCache {
             kv_dim: c.kv_dim(),
             capacity,
             len: 0,
             dtype,
-            keys: (0..c.n_layers).map(|_| Rows::new(dtype)).collect(),
-            values: (0..c.n_layers).map(|_| Rows::new(dtype)).collect(),
+            keys: (0..c.n_layers).map(|_| Rows::new(dtype, values)).collect(),
+            values: (0..c.n_layers).map(|_| Rows::new(dtype, values)).collect(),
         }
+    }
+
+    /// Makes the whole cache resident now (and forgets every position). Under a memory
+    /// budget the plan counted all of it, so this takes nothing the budget did not grant;
+    /// in exchange a cap too small for the plan fails at the start, not thousands of tokens
+    /// in, and the process's memory stays flat while it decodes.
+    pub fn make_resident(&mut self) {
+        for rows in self.keys.iter_mut().chain(&mut self.values) {
+            rows.touch();
+        }
+        self.len = 0;
     }
 
     /// Bytes a cache of `positions` positions holds when full.
@@ -172,5 +202,49 @@ impl KvCache {
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         self.keys.iter().chain(&self.values).map(Rows::bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        crate::image::SyntheticShape::tiny().config()
+    }
+
+    #[test]
+    fn the_cache_holds_exactly_its_capacity_and_never_reallocates() {
+        let c = config();
+        // 37 positions: a doubling Vec would round each layer up to 64.
+        let mut kv = KvCache::new(&c, 37, KvType::F16);
+        assert_eq!(kv.bytes() as u64, KvCache::bytes_for(&c, 37, KvType::F16));
+        let row = vec![1.0f32; c.kv_dim()];
+        for _ in 0..37 {
+            for l in 0..c.n_layers {
+                kv.write(l, &row, &row);
+            }
+            kv.advance();
+        }
+        assert!(kv.is_full());
+        assert_eq!(kv.bytes() as u64, KvCache::bytes_for(&c, 37, KvType::F16));
+    }
+
+    #[test]
+    fn a_resident_cache_starts_empty_and_stores_as_before() {
+        let c = config();
+        let mut kv = KvCache::new(&c, 8, KvType::F32);
+        let k: Vec<f32> = (0..c.kv_dim()).map(|i| i as f32).collect();
+        kv.write(0, &k, &k);
+        kv.advance();
+        kv.make_resident();
+        assert!(kv.is_empty());
+        assert_eq!(kv.bytes() as u64, KvCache::bytes_for(&c, 8, KvType::F32));
+        kv.write(0, &k, &k);
+        kv.advance();
+        let KvLayer::F32 { keys, .. } = kv.layer(0, 1) else {
+            panic!("an f32 cache gives f32 rows")
+        };
+        assert_eq!(keys, &k[..]);
     }
 }

@@ -107,6 +107,13 @@ impl<'w> Session<'w> {
         self
     }
 
+    /// The KV cache's memory resident from the start ([`KvCache::make_resident`]): what a
+    /// session under a memory budget wants.
+    pub fn with_resident_kv(mut self) -> Session<'w> {
+        self.kv.make_resident();
+        self
+    }
+
     /// Takes the embedding and output head from `rows` instead of the weights.
     pub fn with_rows(mut self, rows: OutputRows) -> Session<'w> {
         self.rows = Some(rows);

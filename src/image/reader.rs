@@ -96,6 +96,11 @@ impl FlashImage {
             action: "cannot map",
             error: source,
         })?;
+        // Only the metadata is read through the map, and the streamed tables row by row:
+        // readahead would fill the page cache (counted against a memory cap) with pages of
+        // tensors that are read directly instead.
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Random);
         let meta = validate(path, &map, false)?;
         let flash = FlashFile::open(path, direct)?;
         let pool = ReadPool::new(Arc::new(flash), 4);
@@ -153,6 +158,14 @@ impl FlashImage {
             map: Arc::new(map),
             owned: Some(owned),
         })
+    }
+
+    /// Bytes of tensors read into process memory by [`FlashImage::open_loaded`] (0 for a
+    /// mapped image).
+    pub fn owned_bytes(&self) -> u64 {
+        (self.owned.iter().flat_map(|o| o.values()))
+            .map(|b| b.len() as u64)
+            .sum()
     }
 
     /// Hashes every FFN section and compares with the recorded checksums.

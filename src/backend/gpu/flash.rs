@@ -239,7 +239,7 @@ impl<'a> GpuFlashDecoder<'a> {
         let c = &w.config;
         if opts.verify_width > MAX_VERIFY_WIDTH {
             return Err(GpuError::Shape(format!(
-                "a flash verify pass holds at most {MAX_VERIFY_WIDTH} positions, {} were asked for; draft fewer tokens (--draft-max)",
+                "a flash verify pass holds at most {MAX_VERIFY_WIDTH} positions, {} were asked for; draft fewer tokens per pass",
                 opts.verify_width
             )));
         }
