@@ -327,3 +327,36 @@ fn probe_disk_needs_a_directory_and_touches_nothing_else() {
     assert!(is_char_device("/dev/null"));
     assert_eq!(s.names(), ["data.bin", "fifo"], "nothing else written");
 }
+
+/// Messages say what the file is and print the OS's reason once (regressions: a damaged image
+/// was reported as "not a GGUF file"; OS errors appeared twice, in the message and again as
+/// its cause).
+#[test]
+fn messages_name_a_damaged_image_and_print_the_os_error_once() {
+    let scratch = Scratch::new("messages");
+    let zeros = scratch.path("zeros.flash");
+    std::fs::write(&zeros, vec![0u8; 8192]).unwrap();
+    let zeros = zeros.to_str().unwrap();
+    for cmd in [
+        &["inspect", zeros][..],
+        &["generate", "-m", zeros, "-p", "hi"][..],
+    ] {
+        let (ok, err) = cli(cmd);
+        assert!(!ok, "{cmd:?}");
+        assert!(err.contains("is not a flash image"), "{cmd:?}: {err}");
+        assert!(err.contains("convert the model again"), "{cmd:?}: {err}");
+        assert!(!err.contains("GGUF"), "{cmd:?}: {err}");
+    }
+    let Some(model) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let out = scratch.path("no-such-dir/out.flash");
+    let (ok, err) = cli(&[
+        "convert",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
+}
