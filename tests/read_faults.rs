@@ -203,10 +203,11 @@ fn a_damaged_bundle_stops_the_gpu_flash_decode() {
     };
     let mut gpu = GpuFlashDecoder::new(ctx, image, &model.weights, None, 64, opts)
         .expect("GPU flash decoder");
-    let err = gpu
-        .prefill(&common::tokens(8, vocab))
-        .expect_err("the damaged bundle was uploaded")
-        .to_string();
+    let err = match gpu.prefill(&common::tokens(8, vocab)) {
+        Err(llmflash::backend::gpu::GpuError::Read(e)) => format!("{e}: {}", e.source),
+        Err(e) => panic!("expected a read error, got {e}"),
+        Ok(_) => panic!("the damaged bundle was uploaded"),
+    };
     assert!(
         err.contains("layer 1") && err.contains(&format!("offset {at}")),
         "{err}"

@@ -25,6 +25,9 @@ pub fn hint(error: &anyhow::Error) -> Option<String> {
     })
 }
 
+const READ: &str = "`llmflash inspect --verify MODEL` checks the whole image; --no-checksums \
+                    skips the per-read checks (only to measure their cost)";
+
 const BUDGET: &str = "--memory-budget (or --vram-budget with --backend gpu) sets the budget";
 
 fn engine(e: &EngineError) -> Option<String> {
@@ -35,11 +38,7 @@ fn engine(e: &EngineError) -> Option<String> {
         EngineError::NonFinite { .. } => {
             Some("`llmflash inspect --verify MODEL` checks every checksum of an image".into())
         }
-        EngineError::Read(_) => Some(
-            "`llmflash inspect --verify MODEL` checks the whole image; --no-checksums skips \
-             the per-read checks (only to measure their cost)"
-                .into(),
-        ),
+        EngineError::Read(_) => Some(READ.into()),
         _ => None,
     }
 }
@@ -73,6 +72,7 @@ fn gpu(e: &GpuError) -> Option<String> {
         GpuError::ContextFull { .. } => {
             Some("--ctx sets the context length (the KV cache's positions)".into())
         }
+        GpuError::Read(_) => Some(READ.into()),
         _ => None,
     }
 }

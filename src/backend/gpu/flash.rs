@@ -47,7 +47,7 @@ use crate::engine::stats::FlashStats;
 use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
 use crate::sparsity::predictor::Predictor;
-use crate::storage::{CoalesceOptions, FlashFile, ReadPool};
+use crate::storage::{CoalesceOptions, FlashFile, ReadError, ReadPool};
 use crate::window::{Plan, Window, WindowConfig};
 
 /// How the GPU flash path holds and fetches bundles.
@@ -186,16 +186,9 @@ fn pin(
             let at = loads[r].1 as u64 * stride as u64;
             ctx.queue.write_buffer(slots, at, bytes);
         })
-        .map_err(|e| {
-            GpuError::Shape(format!(
-                "reading layer {l}'s pinned neurons from {}: {e}",
-                image.file().display()
-            ))
-        })?;
+        .map_err(|e| ReadError::new(format!("layer {l}'s pinned neurons"), e))?;
     if let Some(e) = bad {
-        return Err(GpuError::Shape(format!(
-            "reading layer {l}'s pinned neurons: {e}"
-        )));
+        return Err(ReadError::new(format!("layer {l}'s pinned neurons"), e).into());
     }
     Ok(read.bytes_read)
 }
@@ -728,20 +721,13 @@ impl<'a> GpuFlashDecoder<'a> {
                     view.slice(at..at + bytes.len()).copy_from_slice(bytes);
                     copy += tc.elapsed();
                 })
-                .map_err(|e| {
-                    GpuError::Shape(format!(
-                        "reading layer {l} from {}: {e}",
-                        self.image.file().display()
-                    ))
-                })?;
+                .map_err(|e| ReadError::new(format!("layer {l}'s FFN bundles"), e))?;
             (read, bad)
         };
         staging.unmap();
         let (read, bad) = read;
         if let Some(e) = bad {
-            return Err(GpuError::Shape(format!(
-                "reading layer {l}'s FFN bundles: {e}"
-            )));
+            return Err(ReadError::new(format!("layer {l}'s FFN bundles"), e).into());
         }
         self.stats.bytes_read += read.bytes_read;
         self.stats.read_ops += read.ops as u64;

@@ -60,6 +60,10 @@ pub enum GpuError {
     Shape(String),
     #[error("the GPU rejected {what}: {reason}")]
     Validation { what: String, reason: String },
+    /// A read of weights from the image failed or did not match its checksum: the pass
+    /// stops, nothing from it is used.
+    #[error(transparent)]
+    Read(#[from] crate::storage::ReadError),
     #[error("reading results back from the GPU failed: {0}")]
     Readback(String),
     #[error(
