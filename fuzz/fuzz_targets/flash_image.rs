@@ -8,18 +8,12 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use llmflash::image::{crc32, FlashImage, ALIGN, FORMAT_VERSION, MAGIC};
+use llmflash::image::{FlashImage, Header, ALIGN};
 
 fn image(meta: &[u8], pad_pages: u64) -> Vec<u8> {
     let meta_offset = ALIGN * (1 + pad_pages);
-    let mut h = vec![0u8; meta_offset as usize];
-    h[0..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    h[16..24].copy_from_slice(&meta_offset.to_le_bytes());
-    h[24..32].copy_from_slice(&(meta.len() as u64).to_le_bytes());
-    h[32..36].copy_from_slice(&crc32(meta).to_le_bytes());
-    let hc = crc32(&h[..36]);
-    h[36..40].copy_from_slice(&hc.to_le_bytes());
+    let mut h = Header::for_meta(meta_offset, meta).encode();
+    h.resize(meta_offset as usize, 0);
     h.extend_from_slice(meta);
     h
 }

@@ -17,6 +17,7 @@
 //! [`reorder_neurons`] changes the order of the bundles on disk (hot neurons first).
 
 mod crc;
+mod header;
 mod layout;
 mod reader;
 mod reorder;
@@ -28,6 +29,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use crc::{crc32, Crc32};
+pub use header::Header;
 pub use layout::{
     BlobEntry, BundleDtype, BundleLayout, BundlePart, FfnSection, ImageMeta, PartRole, SourceInfo,
     TensorEntry,
@@ -78,8 +80,6 @@ pub const MAGIC: &[u8; 8] = b"LLMFLASH";
 pub const FORMAT_VERSION: u32 = 2;
 /// Size of the header, and the alignment of every tensor, section and blob.
 pub const ALIGN: u64 = 4096;
-/// Bytes of the header covered by its own checksum.
-const HEADER_CRC_SPAN: usize = 36;
 
 /// Errors reading or writing a flash image. Messages say what was expected, what was found
 /// and what to do about it.
@@ -140,19 +140,6 @@ pub enum ImageError {
 /// Rounds `x` up to a multiple of [`ALIGN`].
 pub(crate) fn align_up(x: u64) -> Option<u64> {
     x.checked_add(ALIGN - 1).map(|v| v / ALIGN * ALIGN)
-}
-
-/// The 4096-byte header pointing at a meta JSON of `meta` bytes stored at `meta_offset`.
-pub(crate) fn encode_header(meta_offset: u64, meta: &[u8]) -> Vec<u8> {
-    let mut h = vec![0u8; ALIGN as usize];
-    h[0..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    h[16..24].copy_from_slice(&meta_offset.to_le_bytes());
-    h[24..32].copy_from_slice(&(meta.len() as u64).to_le_bytes());
-    h[32..36].copy_from_slice(&crc32(meta).to_le_bytes());
-    let hc = crc32(&h[..HEADER_CRC_SPAN]);
-    h[36..40].copy_from_slice(&hc.to_le_bytes());
-    h
 }
 
 /// Whether `path` is a flash image (by its magic bytes or a `.flash` name), so commands can take either a model

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{
     crc32, BlobEntry, BundleLayout, FfnSection, ImageError, ImageMeta, PartRole, TensorEntry,
-    ALIGN, FORMAT_VERSION, HEADER_CRC_SPAN, MAGIC,
+    ALIGN, FORMAT_VERSION,
 };
 use crate::backend::cpu::quant;
 use crate::model::config::FfnKind;
@@ -32,18 +32,6 @@ impl std::fmt::Debug for FlashImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "FlashImage({})", self.path.display())
     }
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 impl FlashImage {
@@ -590,43 +578,8 @@ fn validate(path: &Path, map: &[u8], hash_resident: bool) -> Result<ImageMeta, I
         end,
         len: file_len,
     };
-    if map.len() < MAGIC.len() || &map[..MAGIC.len()] != MAGIC {
-        let n = map.len().min(MAGIC.len());
-        return Err(ImageError::NotAnImage {
-            path: path.to_path_buf(),
-            found: map[..n].to_vec(),
-        });
-    }
-    if file_len < ALIGN {
-        return Err(truncated("the header".into(), ALIGN));
-    }
-    let version = u32_at(map, 8);
-    if version > FORMAT_VERSION {
-        return Err(ImageError::NewerVersion {
-            path: path.to_path_buf(),
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
-    if version < FORMAT_VERSION {
-        return Err(ImageError::OldVersion {
-            path: path.to_path_buf(),
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
-    let stored = u32_at(map, 36);
-    let computed = crc32(&map[..HEADER_CRC_SPAN]);
-    if stored != computed {
-        return Err(ImageError::Checksum {
-            path: path.to_path_buf(),
-            what: "the header".into(),
-            stored,
-            computed,
-        });
-    }
-    let meta_offset = u64_at(map, 16);
-    let meta_len = u64_at(map, 24);
+    let header = super::header::Header::decode(path, map)?;
+    let (meta_offset, meta_len) = (header.meta_offset, header.meta_len);
     let meta_end = meta_offset.saturating_add(meta_len);
     if meta_end > file_len {
         return Err(truncated("the metadata".into(), meta_end));
@@ -637,7 +590,7 @@ fn validate(path: &Path, map: &[u8], hash_resident: bool) -> Result<ImageMeta, I
         )));
     }
     let json = &map[meta_offset as usize..meta_end as usize];
-    let stored = u32_at(map, 32);
+    let stored = header.meta_crc;
     let computed = crc32(json);
     if stored != computed {
         return Err(ImageError::Checksum {

@@ -415,13 +415,13 @@ fn open_err(path: &Path) -> String {
 /// Rewrites the meta JSON (through `edit`) with valid checksums.
 fn rewrite_meta(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let bytes = std::fs::read(path).unwrap();
-    let off = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
-    let len = u64::from_le_bytes(bytes[24..32].try_into().unwrap()) as usize;
+    let h = Header::decode(path, &bytes).unwrap();
+    let (off, len) = (h.meta_offset as usize, h.meta_len as usize);
     let mut v: serde_json::Value = serde_json::from_slice(&bytes[off..off + len]).unwrap();
     edit(&mut v);
     let json = serde_json::to_vec(&v).unwrap();
     let mut out = bytes[..off].to_vec();
-    out[..ALIGN as usize].copy_from_slice(&encode_header(off as u64, &json));
+    out[..ALIGN as usize].copy_from_slice(&Header::for_meta(off as u64, &json).encode());
     out.extend_from_slice(&json);
     std::fs::write(path, out).unwrap();
 }
@@ -489,7 +489,7 @@ fn refuses_bad_meta_crc() {
     let (f, _) = llama_image("mcrc");
     let off = {
         let b = std::fs::read(&f.0).unwrap();
-        u64::from_le_bytes(b[16..24].try_into().unwrap())
+        Header::decode(&f.0, &b).unwrap().meta_offset
     };
     patch(&f.0, off + 2, |b| b[0] ^= 0x20);
     let e = open_err(&f.0);

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use serde_json::{Map, Value};
 
 use super::{
-    align_up, encode_header, BlobEntry, BundleDtype, BundleLayout, Crc32, FfnSection, FlashImage,
+    align_up, BlobEntry, BundleDtype, BundleLayout, Crc32, FfnSection, FlashImage, Header,
     ImageError, ImageMeta, PartRole, SourceInfo, TensorEntry, ALIGN, FORMAT_VERSION,
 };
 use crate::backend::cpu::quant;
@@ -199,7 +199,7 @@ impl Out {
             error: source,
         };
         file.seek(SeekFrom::Start(0)).map_err(io)?;
-        file.write_all(&encode_header(meta_offset, &json))
+        file.write_all(&Header::for_meta(meta_offset, &json).encode())
             .map_err(io)?;
         file.commit()?;
         Ok(())
@@ -586,7 +586,7 @@ pub(crate) fn commit_meta(
     file.set_len(meta_offset + json.len() as u64).map_err(io)?;
     file.sync_all().map_err(io)?;
     file.seek(SeekFrom::Start(0)).map_err(io)?;
-    file.write_all(&encode_header(meta_offset, &json))
+    file.write_all(&Header::for_meta(meta_offset, &json).encode())
         .map_err(io)?;
     file.sync_all().map_err(io)
 }
