@@ -33,7 +33,13 @@ pub fn dtype_code(d: DType) -> Option<u32> {
         DType::Q4_0 => 3,
         DType::Q4_1 => 4,
         DType::Q8_0 => 5,
-        DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q6K => return None,
+        DType::Q5_0
+        | DType::Q5_1
+        | DType::Q2K
+        | DType::Q3K
+        | DType::Q4K
+        | DType::Q5K
+        | DType::Q6K => return None,
     })
 }
 
@@ -127,7 +133,15 @@ mod tests {
     /// and its dtype and points to the CPU backend (no adapter needed to check it).
     #[test]
     fn cpu_only_dtypes_are_refused_by_name() {
-        for d in [DType::Q5_0, DType::Q5_1, DType::Q4K, DType::Q6K] {
+        for d in [
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::Q2K,
+            DType::Q3K,
+            DType::Q4K,
+            DType::Q5K,
+            DType::Q6K,
+        ] {
             assert_eq!(dtype_code(d), None);
             let e = code(d, "tensor `t`").unwrap_err().to_string();
             assert!(
