@@ -5,8 +5,8 @@ formats against an implementation we did not write:
 
 - q5.json: a few blocks of f32 values with their Q5_0 and Q5_1 quantisation and
   dequantisation.
-- k.json: raw K-quant super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) with their dequantisation.
-  gguf-py cannot quantise these formats (its quantisers stop at Q8_0/Q5_1), so the blocks are
+- k.json: raw K-quant super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) with their dequantisation;
+  iq4.json the same for IQ4_NL and IQ4_XS. gguf-py cannot quantise these formats (its quantisers stop at Q8_0/Q5_1), so the blocks are
   pseudo-random bytes with chosen f16 super-block scales: every bit pattern of the packed
   scales and quants is as likely, which covers the unpacking better than a quantiser's output
   would, and dequantisation is defined for any bytes.
@@ -56,6 +56,12 @@ K_TYPES = (
     ("q6_k", GGMLQuantizationType.Q6_K, (208,)),
 )
 
+# The same for IQ4_NL (blocks of 32) and IQ4_XS.
+IQ4_TYPES = (
+    ("iq4_nl", GGMLQuantizationType.IQ4_NL, (0,)),
+    ("iq4_xs", GGMLQuantizationType.IQ4_XS, (0,)),
+)
+
 # Super-block scales, one row per block: ordinary, negative, tiny (an f16 subnormal) and zero.
 K_SCALES = ((0.0123, 0.0041), (-0.5, 0.25), (6.0e-6, -3.0e-6), (0.0, 0.0))
 
@@ -94,15 +100,16 @@ def main() -> None:
         out[name] = {"blocks": hexle(q.reshape(-1)), "dequantized_f32": hexle(y)}
     write("q5.json", out)
 
-    out = {
-        "about": f"tools/make_quant_fixtures.py with gguf {version('gguf')}; all values little-endian hex",
-    }
-    for name, qtype, scale_at in K_TYPES:
-        blocks = k_blocks(qtype, scale_at)
-        y = dequantize(blocks.reshape(-1), qtype).reshape(-1).astype(np.float32)
-        assert np.isfinite(y).all(), name
-        out[name] = {"ggml_type": int(qtype), "blocks": hexle(blocks.reshape(-1)), "dequantized_f32": hexle(y)}
-    write("k.json", out)
+    for file, types in (("k.json", K_TYPES), ("iq4.json", IQ4_TYPES)):
+        out = {
+            "about": f"tools/make_quant_fixtures.py with gguf {version('gguf')}; all values little-endian hex",
+        }
+        for name, qtype, scale_at in types:
+            blocks = k_blocks(qtype, scale_at)
+            y = dequantize(blocks.reshape(-1), qtype).reshape(-1).astype(np.float32)
+            assert np.isfinite(y).all(), name
+            out[name] = {"ggml_type": int(qtype), "blocks": hexle(blocks.reshape(-1)), "dequantized_f32": hexle(y)}
+        write(file, out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 //! Quantised dot products and (de)quantisation, bit-compatible with ggml's CPU path.
 //!
 //! A matvec `y = W x` quantises `x` once ([`ActivationBuffer::quantize_for`]) into the form the
-//! weight dtype's kernel wants (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for
-//! Q2_K/Q3_K/Q4_K/Q5_K/Q6_K, plain f32 for float weights), then calls [`vec_dot`] once per weight row. This is
+//! weight dtype's kernel wants (Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for Q4_1/Q5_1, Q8_K for
+//! Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS, plain f32 for float weights), then calls [`vec_dot`] once per weight row. This is
 //! exactly llama.cpp's scheme, so our logits track its logits closely.
 //!
 //! [`Activations::F32`] (`--activations f32`) instead keeps `x` in f32 for every weight dtype
@@ -14,6 +14,8 @@
 //! kernel picked at run time.
 
 mod float;
+mod iq4_nl;
+mod iq4_xs;
 /// An f16 row dotted with f32 values (the predictors use it directly).
 pub use float::dot_f16;
 mod q2_k;
@@ -92,11 +94,11 @@ pub enum QuantError {
 pub enum QuantizedActivation<'a> {
     /// Plain f32, for F32/F16/BF16 weights.
     F32(&'a [f32]),
-    /// ggml `block_q8_0`, for Q4_0, Q5_0 and Q8_0 weights.
+    /// ggml `block_q8_0`, for Q4_0, Q5_0, Q8_0 and IQ4_NL weights.
     Q8_0(&'a Q8Act),
     /// ggml `block_q8_1` (Q8_0 plus `s = d * sum(qs)`), for Q4_1 and Q5_1 weights.
     Q8_1(&'a Q8Act),
-    /// ggml `block_q8_K`, for the K-quant weights (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
+    /// ggml `block_q8_K`, for the K-quant weights (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_XS.
     Q8K(&'a Q8KAct),
 }
 
@@ -208,9 +210,11 @@ impl ActivationBuffer {
 fn act_kind_for(dtype: DType) -> ActKind {
     match dtype {
         DType::F32 | DType::F16 | DType::BF16 => ActKind::F32,
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => ActKind::Q8_0,
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL => ActKind::Q8_0,
         DType::Q4_1 | DType::Q5_1 => ActKind::Q8_1,
-        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => ActKind::Q8K,
+        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS => {
+            ActKind::Q8K
+        }
     }
 }
 
@@ -240,13 +244,15 @@ pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
         DType::Q4K => q4_k::dot(row, &act.q8k, simd),
         DType::Q5K => q5_k::dot(row, &act.q8k, simd),
         DType::Q6K => q6_k::dot(row, &act.q8k, simd),
+        DType::IQ4NL => iq4_nl::dot(row, &act.q8, simd),
+        DType::IQ4XS => iq4_xs::dot(row, &act.q8k, simd),
     }
 }
 
 /// Four dot products `rows[k] · acts[k]` at once, each equal to [`vec_dot`]`(dtype, rows[k],
 /// acts[k])` bit for bit; interleaved where an AVX2 kernel exists (one row with four
-/// activations: Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants; four rows with one activation: Q4_1,
-/// Q5_0, Q5_1), one by one otherwise.
+/// activations: Q4_1, Q5_0, Q5_1, Q8_0, the K-quants and IQ4_XS; four rows with one
+/// activation: Q4_1, Q5_0, Q5_1), one by one otherwise.
 pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if use_simd() && acts.iter().all(|a| a.kind == act_kind_for(dtype)) {
@@ -270,6 +276,9 @@ pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) ->
                 (DType::Q4K, true) => return q4_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
                 (DType::Q5K, true) => return q5_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
                 (DType::Q6K, true) => return q6_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
+                (DType::IQ4XS, true) => {
+                    return iq4_xs::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k))
+                }
                 _ => {}
             }
         }
@@ -396,6 +405,8 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Qua
         DType::Q4K => q4_k::dequantize(bytes, out),
         DType::Q5K => q5_k::dequantize(bytes, out),
         DType::Q6K => q6_k::dequantize(bytes, out),
+        DType::IQ4NL => iq4_nl::dequantize(bytes, out),
+        DType::IQ4XS => iq4_xs::dequantize(bytes, out),
     }
     Ok(())
 }
@@ -448,7 +459,8 @@ pub fn axpy4(dtype: DType, a: [f32; 4], bytes: &[u8], outs: [&mut [f32]; 4]) {
 }
 
 /// Quantises `x` into `dtype` blocks appended to `out` (cleared first), matching ggml's
-/// `quantize_row_*_ref`. The K-quants are not implemented (their quantisers search scales).
+/// `quantize_row_*_ref`. The K-quants and IQ4 formats are not implemented (their quantisers
+/// search scales).
 pub fn quantize(dtype: DType, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
     check_whole_blocks(dtype, x.len())?;
     out.clear();
@@ -462,9 +474,13 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantE
         DType::Q5_0 => q5_0::quantize(x, out),
         DType::Q5_1 => q5_1::quantize(x, out),
         DType::Q8_0 => q8_0::quantize(x, out),
-        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => {
-            return Err(QuantError::Unsupported(dtype))
-        }
+        DType::Q2K
+        | DType::Q3K
+        | DType::Q4K
+        | DType::Q5K
+        | DType::Q6K
+        | DType::IQ4NL
+        | DType::IQ4XS => return Err(QuantError::Unsupported(dtype)),
     }
     Ok(())
 }

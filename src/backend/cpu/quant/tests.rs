@@ -7,7 +7,7 @@
 use super::*;
 use half::{bf16, f16};
 
-const ALL: [DType; 13] = [
+const ALL: [DType; 15] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -21,6 +21,8 @@ const ALL: [DType; 13] = [
     DType::Q4K,
     DType::Q5K,
     DType::Q6K,
+    DType::IQ4NL,
+    DType::IQ4XS,
 ];
 
 /// xorshift64*: deterministic, no dependency.
@@ -70,7 +72,9 @@ fn random_row(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
     for b in row.chunks_exact_mut(bb) {
         let d = 0.001 + 0.05 * rng.f().abs();
         match dtype {
-            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => put_f16(b, 0, d),
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL | DType::IQ4XS => {
+                put_f16(b, 0, d)
+            }
             DType::Q4_1 | DType::Q5_1 => {
                 put_f16(b, 0, d);
                 put_f16(b, 2, -0.4 * rng.f().abs());
@@ -137,8 +141,11 @@ fn reference(dtype: DType, row: &[u8], act: &ActivationBuffer) -> (f64, f64) {
 
 fn lens(dtype: DType) -> Vec<usize> {
     match dtype {
-        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => vec![256, 768, 2048],
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => {
+        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS => {
+            vec![256, 768, 2048]
+        }
+        // 32 and 96: one and three blocks, so IQ4_NL's odd last block is covered.
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL => {
             vec![32, 96, 576, 896, 2048]
         }
         _ => vec![1, 7, 33, 576, 1000],
@@ -180,6 +187,8 @@ fn scalar_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
         DType::Q4K => q4_k::dot_scalar(row, &act.q8k),
         DType::Q5K => q5_k::dot_scalar(row, &act.q8k),
         DType::Q6K => q6_k::dot_scalar(row, &act.q8k),
+        DType::IQ4NL => iq4_nl::dot_scalar(row, &act.q8),
+        DType::IQ4XS => iq4_xs::dot_scalar(row, &act.q8k),
     }
 }
 
@@ -609,6 +618,8 @@ fn f32_activations_dot_the_dequantised_row() {
         DType::Q4K,
         DType::Q5K,
         DType::Q6K,
+        DType::IQ4NL,
+        DType::IQ4XS,
     ] {
         for n in lens(dtype) {
             let row = random_row(&mut rng, dtype, n);
@@ -631,7 +642,7 @@ fn f32_activations_dot_the_dequantised_row() {
     }
 }
 
-/// The Q5 and Q2_K/Q3_K/Q5_K kernels sum in the same lanes and order in scalar and AVX2 code
+/// The Q5, Q2_K/Q3_K/Q5_K and IQ4 kernels sum in the same lanes and order in scalar and AVX2 code
 /// (ggml's AVX2 order), so the two agree to the bit, not just within rounding: a model's
 /// outputs do not depend on the CPU it runs on.
 #[test]
@@ -642,7 +653,15 @@ fn lane_ordered_simd_dots_equal_scalar_to_the_bit() {
     }
     let mut rng = Rng(0x0005_0005);
     let mut act = ActivationBuffer::new();
-    for dtype in [DType::Q5_0, DType::Q5_1, DType::Q2K, DType::Q3K, DType::Q5K] {
+    for dtype in [
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q5K,
+        DType::IQ4NL,
+        DType::IQ4XS,
+    ] {
         for n in lens(dtype) {
             for _ in 0..20 {
                 let mut buf = vec![0u8];
@@ -869,18 +888,12 @@ fn dequantize_known_q2_k_block() {
     assert_eq!(y[96], 0.0); // group 6: scale 0, min 0
 }
 
-/// `tests/fixtures/quant/k.json`, written by `tools/make_quant_fixtures.py`: gguf-py's
-/// dequantisation of pseudo-random K-quant blocks, which ours must equal to the bit; and on
-/// those blocks (which, being random, use every scale and quant bit), the SIMD dot equals the
-/// scalar one to the bit (lane-ordered types) or within f32 rounding, and both are the dot of
-/// the dequantised values within f32 rounding.
-#[test]
-fn k_quants_match_gguf_py() {
-    let fx: serde_json::Value = serde_json::from_str(include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/quant/k.json"
-    )))
-    .unwrap();
+/// A fixture file of gguf-py dequantisations (`tools/make_quant_fixtures.py`): each type's
+/// blocks dequantise to gguf-py's values exactly; and on those blocks (which, being random, use
+/// every scale and quant bit), the SIMD dot equals the scalar one to the bit (lane-ordered
+/// types) and both are the dot of the dequantised values within f32 rounding.
+fn check_gguf_py_dequantisation(fixture: &str, types: &[(DType, &str)]) {
+    let fx: serde_json::Value = serde_json::from_str(fixture).unwrap();
     let hex = |v: &serde_json::Value| -> Vec<u8> {
         let s = v.as_str().unwrap().as_bytes();
         s.chunks(2)
@@ -889,14 +902,7 @@ fn k_quants_match_gguf_py() {
     };
     let mut rng = Rng(0x6767_7566);
     let mut act = ActivationBuffer::new();
-    let mut checked = 0;
-    for (dtype, key) in [
-        (DType::Q2K, "q2_k"),
-        (DType::Q3K, "q3_k"),
-        (DType::Q4K, "q4_k"),
-        (DType::Q5K, "q5_k"),
-        (DType::Q6K, "q6_k"),
-    ] {
+    for &(dtype, key) in types {
         let t = &fx[key];
         assert_eq!(
             t["ggml_type"].as_u64(),
@@ -920,7 +926,7 @@ fn k_quants_match_gguf_py() {
                 g,
                 w,
                 "{dtype}: value {i} (block {}): {} vs gguf-py {}",
-                i / 256,
+                i / dtype.block_len(),
                 f32::from_bits(*g),
                 f32::from_bits(*w)
             );
@@ -941,15 +947,74 @@ fn k_quants_match_gguf_py() {
                     "{dtype} {what}: {v} vs {exact} (mag {mag})"
                 );
             }
-            if matches!(dtype, DType::Q2K | DType::Q3K | DType::Q5K) {
+            if dtype != DType::Q4K && dtype != DType::Q6K {
                 assert_eq!(
                     scalar.to_bits(),
                     simd.to_bits(),
                     "{dtype}: {simd} vs {scalar}"
                 );
             }
-            checked += 1;
         }
     }
-    assert_eq!(checked, 25);
+}
+
+/// `tests/fixtures/quant/k.json`: the K-quants against gguf-py.
+#[test]
+fn k_quants_match_gguf_py() {
+    check_gguf_py_dequantisation(
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/quant/k.json"
+        )),
+        &[
+            (DType::Q2K, "q2_k"),
+            (DType::Q3K, "q3_k"),
+            (DType::Q4K, "q4_k"),
+            (DType::Q5K, "q5_k"),
+            (DType::Q6K, "q6_k"),
+        ],
+    );
+}
+
+/// `tests/fixtures/quant/iq4.json`: IQ4_NL and IQ4_XS against gguf-py.
+#[test]
+fn iq4_formats_match_gguf_py() {
+    check_gguf_py_dequantisation(
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/quant/iq4.json"
+        )),
+        &[(DType::IQ4NL, "iq4_nl"), (DType::IQ4XS, "iq4_xs")],
+    );
+}
+
+#[test]
+fn iq4_dtypes_are_ggml_types_20_and_23() {
+    for (id, dtype, len, bytes) in [(20, DType::IQ4NL, 32, 18), (23, DType::IQ4XS, 256, 136)] {
+        assert_eq!(DType::from_ggml(id), Some(dtype));
+        assert_eq!(dtype.ggml_id(), id);
+        assert_eq!((dtype.block_len(), dtype.block_bytes()), (len, bytes));
+    }
+}
+
+#[test]
+fn dequantize_known_iq4_blocks() {
+    let mut b = vec![0x88u8; 18]; // nibble 8 = level 1
+    put_f16(&mut b, 0, 0.5);
+    b[2] = 0xF0; // value 0: level -127, value 16: level 113
+    let y = deq(DType::IQ4NL, &b);
+    assert_eq!((y[0], y[16], y[1], y[31]), (-63.5, 56.5, 0.5, 0.5));
+
+    let mut b = vec![0x88u8; 136];
+    put_f16(&mut b, 0, 0.25);
+    // Sub-block 0: 33 - 32 = 1 (low 1, top bits 2); sub-block 3: 0xF | 1 << 4 = 31 -> -1.
+    b[2..4].copy_from_slice(&(0b10u16 | 0b01 << 6).to_le_bytes());
+    b[4] = 0x01;
+    b[5] = 0xF0;
+    b[8] = 0x87; // value 0: level -10; value 16: level 1
+    b[8 + 48] = 0x8E; // value 96 (sub-block 3): level 89
+    let y = deq(DType::IQ4XS, &b);
+    assert_eq!((y[0], y[16], y[1]), (0.25 * -10.0, 0.25, 0.25));
+    assert_eq!(y[96], -0.25 * 89.0); // d times scale -1 times level 89
+    assert_eq!(y[32], 0.25 * -32.0); // sub-block 1: scale 0 - 32, level 1
 }
