@@ -97,27 +97,28 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
     for (i, b) in row.chunks_exact(BYTES).enumerate() {
         let ls = scales(b);
         let dw = f16_at(b, 0);
-        // Sub-block s: |levels| (what `maddubs` wants unsigned), the levels themselves (whose
-        // signs move onto the activations), and the scale.
-        let w: [(__m256i, __m256i, __m256i); 8] = std::array::from_fn(|s| {
+        // Sub-blocks outer, activations inner: each is unpacked once and only K integer
+        // accumulators stay live (integer sums are exact, so the order is free).
+        let mut sumi = [_mm256_setzero_si256(); K];
+        for (s, &ls) in ls.iter().enumerate() {
+            // |levels| (what `maddubs` wants unsigned), the levels (whose signs move onto the
+            // activations) and the scale.
             let q = load16(b, QS + 16 * s);
             let w = _mm256_set_m128i(
                 _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16::<4>(q), m4)),
                 _mm_shuffle_epi8(table, _mm_and_si128(q, m4)),
             );
-            (_mm256_sign_epi8(w, w), w, _mm256_set1_epi16(ls[s] as i16))
-        });
-        for k in 0..K {
-            let act = acts[k];
-            let mut sumi = _mm256_setzero_si256();
-            for (s, &(wabs, w, sc)) in w.iter().enumerate() {
+            let (wabs, sc) = (_mm256_sign_epi8(w, w), _mm256_set1_epi16(ls as i16));
+            for (sumi, act) in sumi.iter_mut().zip(acts) {
                 let a = _mm256_sign_epi8(load32_i8(&act.qs, i * QK + 32 * s), w);
                 // At most 2 * 127 * 127 per i16 pair: no saturation.
                 let p = _mm256_maddubs_epi16(wabs, a);
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, sc));
+                *sumi = _mm256_add_epi32(*sumi, _mm256_madd_epi16(p, sc));
             }
-            let d = _mm256_set1_ps(dw * act.d[i]);
-            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc[k]);
+        }
+        for k in 0..K {
+            let d = _mm256_set1_ps(dw * acts[k].d[i]);
+            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[k]), acc[k]);
         }
     }
     acc.map(|a| hsum_ps(a))

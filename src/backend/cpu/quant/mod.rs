@@ -2,8 +2,8 @@
 //!
 //! A matvec `y = W x` quantises `x` once ([`ActivationBuffer::quantize_for`]) into the form the
 //! weight dtype's kernel wants (Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for Q4_1/Q5_1, Q8_K for
-//! Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS, plain f32 for float weights), then calls [`vec_dot`] once per weight row. This is
-//! exactly llama.cpp's scheme, so our logits track its logits closely.
+//! Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS, plain f32 for float weights), then calls [`vec_dot`] once
+//! per weight row. This is exactly llama.cpp's scheme, so our logits track its logits closely.
 //!
 //! [`Activations::F32`] (`--activations f32`) instead keeps `x` in f32 for every weight dtype
 //! and dots it with the dequantised row: the GPU backend's arithmetic, for comparing the two.
@@ -14,10 +14,10 @@
 //! kernel picked at run time.
 
 mod float;
-mod iq4_nl;
-mod iq4_xs;
 /// An f16 row dotted with f32 values (the predictors use it directly).
 pub use float::dot_f16;
+mod iq4_nl;
+mod iq4_xs;
 mod q2_k;
 mod q3_k;
 mod q4_0;

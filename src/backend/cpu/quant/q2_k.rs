@@ -104,9 +104,17 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
         let (dw, dmin) = (f16_at(b, D), f16_at(b, DMIN));
         let packed = load16(b, 0);
         let mins = _mm256_cvtepi8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4));
-        // Run c: its quants 0..3, with the scales of its two groups in the low and high
-        // 128-bit halves.
-        let q: [(__m256i, __m256i); 8] = std::array::from_fn(|c| {
+        for k in 0..K {
+            let (act, da) = (acts[k], acts[k].d[i]);
+            let bs = _mm256_loadu_si256(act.bsums[16 * i..16 * i + 16].as_ptr().cast());
+            let prod = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(-da * dmin), prod, acc[k]);
+        }
+        // Runs outer, activations inner: each run is unpacked once and only K integer
+        // accumulators stay live (integer sums are exact, so the order is free).
+        let mut sumi = [_mm256_setzero_si256(); K];
+        for c in 0..8 {
+            // Run c: its quants 0..3, the scales of its two groups in the low and high halves.
             let (n, k) = (c / 4, c % 4);
             let bits = load32(b, QS + 32 * n);
             let q2 = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * k as i32)), m3);
@@ -114,21 +122,15 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
                 _mm_set1_epi16((b[2 * c + 1] & 0xF) as i16),
                 _mm_set1_epi16((b[2 * c] & 0xF) as i16),
             );
-            (q2, s)
-        });
-        for k in 0..K {
-            let (act, da) = (acts[k], acts[k].d[i]);
-            let bs = _mm256_loadu_si256(act.bsums[16 * i..16 * i + 16].as_ptr().cast());
-            let prod = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
-            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(-da * dmin), prod, acc[k]);
-            let mut sumi = _mm256_setzero_si256();
-            for (c, &(q2, s)) in q.iter().enumerate() {
+            for (sumi, act) in sumi.iter_mut().zip(acts) {
                 let a = load32_i8(&act.qs, i * QK + 32 * c);
                 let p = _mm256_maddubs_epi16(q2, a);
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s, p));
+                *sumi = _mm256_add_epi32(*sumi, _mm256_madd_epi16(s, p));
             }
-            let d = _mm256_set1_ps(da * dw);
-            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc[k]);
+        }
+        for k in 0..K {
+            let d = _mm256_set1_ps(acts[k].d[i] * dw);
+            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[k]), acc[k]);
         }
     }
     acc.map(|a| hsum_ps(a))

@@ -22,14 +22,20 @@ const D: usize = 108;
 
 /// The 16 scales, minus 32 (-32..31). The low 4 bits of scales 0..7 are the low nibbles of
 /// bytes 0..7 and those of 8..15 their high nibbles; the top 2 bits of scale s are bits
-/// 2 (s / 4).. of byte 8 + s % 4 (ggml's `kmask` shuffle in `dequantize_row_q3_K`).
+/// 2 (s / 4).. of byte 8 + s % 4. Four scales per u32 word, as ggml's `kmask` shuffle in
+/// `dequantize_row_q3_K` does it.
 #[inline]
 fn scales(s: &[u8]) -> [i32; 16] {
-    std::array::from_fn(|g| {
-        let low = if g < 8 { s[g] & 0xF } else { s[g - 8] >> 4 };
-        let high = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
-        (low | high << 4) as i32 - 32
-    })
+    let word = |at: usize| u32::from_le_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]]);
+    let (a0, a1, a2) = (word(0), word(4), word(8));
+    let (lo4, hi2) = (0x0F0F_0F0Fu32, 0x0303_0303u32);
+    let w = [
+        (a0 & lo4) | ((a2 & hi2) << 4),
+        (a1 & lo4) | (((a2 >> 2) & hi2) << 4),
+        ((a0 >> 4) & lo4) | (((a2 >> 4) & hi2) << 4),
+        ((a1 >> 4) & lo4) | (((a2 >> 6) & hi2) << 4),
+    ];
+    std::array::from_fn(|g| w[g / 4].to_le_bytes()[g % 4] as i32 - 32)
 }
 
 /// The quants (-4..3) of run `c` of the block `b`.
@@ -119,10 +125,13 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
         let sc = scales(&b[SCALES..SCALES + 12]);
         let dw = f16_at(b, D);
         let hbits = load32(b, 0);
-        // Run c as ggml splits it for `maddubs`, which wants unsigned weights: the low 2 bits
-        // (0..3) and the offset (4 where the high bit is clear, else 0), subtracted after the
-        // products; with the scales of its two groups in the low and high 128-bit halves.
-        let q: [(__m256i, __m256i, __m256i); 8] = std::array::from_fn(|c| {
+        // Runs outer, activations inner: each run is unpacked once and only K integer
+        // accumulators stay live (integer sums are exact, so the order is free).
+        let mut sumi = [_mm256_setzero_si256(); K];
+        for c in 0..8 {
+            // Run c as ggml splits it for `maddubs`, which wants unsigned weights: the low 2
+            // bits (0..3) and the offset (4 where the high bit is clear, else 0), subtracted
+            // after the products; the scales of its two groups in the low and high halves.
             let (n, k) = (c / 4, c % 4);
             let bits = load32(b, QS + 32 * n);
             let low = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * k as i32)), m3);
@@ -132,20 +141,17 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
                 _mm_set1_epi16(sc[2 * c + 1] as i16),
                 _mm_set1_epi16(sc[2 * c] as i16),
             );
-            (low, four, s)
-        });
-        for k in 0..K {
-            let act = acts[k];
-            let mut sumi = _mm256_setzero_si256();
-            for (c, &(low, four, s)) in q.iter().enumerate() {
+            for (sumi, act) in sumi.iter_mut().zip(acts) {
                 let a = load32_i8(&act.qs, i * QK + 32 * c);
                 // Both products are at most 2 * 4 * 127 in an i16 pair sum: no saturation.
                 let p =
                     _mm256_sub_epi16(_mm256_maddubs_epi16(low, a), _mm256_maddubs_epi16(four, a));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s, p));
+                *sumi = _mm256_add_epi32(*sumi, _mm256_madd_epi16(s, p));
             }
-            let d = _mm256_set1_ps(act.d[i] * dw);
-            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc[k]);
+        }
+        for k in 0..K {
+            let d = _mm256_set1_ps(acts[k].d[i] * dw);
+            acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[k]), acc[k]);
         }
     }
     acc.map(|a| hsum_ps(a))
