@@ -111,7 +111,8 @@ pub enum GgufError {
     BadAlignment { detail: String },
     #[error(
         "tensor `{tensor}`: ggml type {type_id} is not supported (supported: F32, F16, BF16, \
-         Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K); re-quantise the model to one of these"
+         Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS); \
+         re-quantise the model to one of these"
     )]
     UnknownTensorType { tensor: String, type_id: u32 },
     #[error("tensor `{tensor}`: bad dimensions: {detail}")]

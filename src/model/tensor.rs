@@ -20,8 +20,13 @@ pub enum DType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
     Q4K,
+    Q5K,
     Q6K,
+    IQ4NL,
+    IQ4XS,
 }
 
 impl DType {
@@ -35,8 +40,13 @@ impl DType {
             6 => DType::Q5_0,
             7 => DType::Q5_1,
             8 => DType::Q8_0,
+            10 => DType::Q2K,
+            11 => DType::Q3K,
             12 => DType::Q4K,
+            13 => DType::Q5K,
             14 => DType::Q6K,
+            20 => DType::IQ4NL,
+            23 => DType::IQ4XS,
             30 => DType::BF16,
             _ => return None,
         })
@@ -51,8 +61,13 @@ impl DType {
             DType::Q5_0 => 6,
             DType::Q5_1 => 7,
             DType::Q8_0 => 8,
+            DType::Q2K => 10,
+            DType::Q3K => 11,
             DType::Q4K => 12,
+            DType::Q5K => 13,
             DType::Q6K => 14,
+            DType::IQ4NL => 20,
+            DType::IQ4XS => 23,
             DType::BF16 => 30,
         }
     }
@@ -61,8 +76,10 @@ impl DType {
     pub fn block_len(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
-            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
-            DType::Q4K | DType::Q6K => 256,
+            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL => {
+                32
+            }
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS => 256,
         }
     }
 
@@ -71,13 +88,18 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::Q4_0 => 18, // f16 scale + 16 bytes of nibbles
-            DType::Q4_1 => 20, // f16 scale, f16 min + 16 bytes of nibbles
-            DType::Q5_0 => 22, // f16 scale, u32 of fifth bits + 16 bytes of nibbles
-            DType::Q5_1 => 24, // f16 scale, f16 min, u32 of fifth bits + 16 bytes of nibbles
-            DType::Q8_0 => 34, // f16 scale + 32 i8
+            DType::Q4_0 => 18,   // f16 scale + 16 bytes of nibbles
+            DType::Q4_1 => 20,   // f16 scale, f16 min + 16 bytes of nibbles
+            DType::Q5_0 => 22,   // f16 scale, u32 of fifth bits + 16 bytes of nibbles
+            DType::Q5_1 => 24,   // f16 scale, f16 min, u32 of fifth bits + 16 bytes of nibbles
+            DType::Q8_0 => 34,   // f16 scale + 32 i8
+            DType::Q2K => 84, // 16 bytes of 4-bit scales and mins, 64 bytes of 2-bit quants, f16 d, f16 dmin
+            DType::Q3K => 110, // 32 bytes of high bits, 64 bytes of 2-bit quants, 12 bytes of 6-bit scales, f16 d
             DType::Q4K => 144, // f16 d, f16 dmin, 12 bytes of 6-bit scales, 128 bytes of nibbles
+            DType::Q5K => 176, // as Q4_K, with 32 bytes of fifth bits before the nibbles
             DType::Q6K => 210, // 128 low nibbles, 64 high 2-bits, 16 i8 scales, f16 d
+            DType::IQ4NL => 18, // f16 scale + 16 bytes of nibbles indexing a 16-level table
+            DType::IQ4XS => 136, // f16 d, u16 + 4 bytes of 6-bit scales, 128 bytes of nibbles
         }
     }
 
@@ -104,8 +126,13 @@ impl DType {
             DType::Q5_0 => "Q5_0",
             DType::Q5_1 => "Q5_1",
             DType::Q8_0 => "Q8_0",
+            DType::Q2K => "Q2_K",
+            DType::Q3K => "Q3_K",
             DType::Q4K => "Q4_K",
+            DType::Q5K => "Q5_K",
             DType::Q6K => "Q6_K",
+            DType::IQ4NL => "IQ4_NL",
+            DType::IQ4XS => "IQ4_XS",
         }
     }
 }

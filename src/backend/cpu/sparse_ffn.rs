@@ -411,8 +411,8 @@ mod tests {
     }
 
     /// K-quant blocks (which this crate only reads) with bytes drawn from `x` and finite,
-    /// small f16 scales: Q4_K is `[d | dmin | 12 scale bytes | 128 quant bytes]`, Q6_K
-    /// `[128 low | 64 high | 16 scales | d]`.
+    /// small f16 scales: Q4_K and Q5_K start `[d | dmin | ...]`, Q2_K ends `[... | d | dmin]`,
+    /// Q3_K and Q6_K end `[... | d]`.
     fn k_quant_blocks(dtype: DType, x: &[f32]) -> Vec<u8> {
         let n = dtype.bytes_for(x.len()).expect("whole blocks");
         let mut b: Vec<u8> = (0..n)
@@ -421,11 +421,15 @@ mod tests {
         let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
         for block in b.chunks_exact_mut(dtype.block_bytes()) {
             match dtype {
-                DType::Q4K => {
+                DType::Q4K | DType::Q5K => {
                     block[0..2].copy_from_slice(&f16(0.01));
                     block[2..4].copy_from_slice(&f16(0.002));
                 }
-                DType::Q6K => {
+                DType::Q2K => {
+                    block[80..82].copy_from_slice(&f16(0.01));
+                    block[82..84].copy_from_slice(&f16(0.002));
+                }
+                DType::Q3K | DType::Q6K => {
                     let end = block.len();
                     block[end - 2..].copy_from_slice(&f16(0.003));
                 }
@@ -443,6 +447,9 @@ mod tests {
             (DType::Q5_0, DType::Q8_0),
             (DType::Q5_1, DType::Q8_0),
             (DType::Q4K, DType::Q8_0),
+            (DType::Q2K, DType::Q8_0),
+            (DType::Q3K, DType::Q8_0),
+            (DType::Q5K, DType::Q8_0),
             (DType::Q6K, DType::F16),
             (DType::F32, DType::F32),
         ] {

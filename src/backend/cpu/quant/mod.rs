@@ -1,9 +1,9 @@
 //! Quantised dot products and (de)quantisation, bit-compatible with ggml's CPU path.
 //!
 //! A matvec `y = W x` quantises `x` once ([`ActivationBuffer::quantize_for`]) into the form the
-//! weight dtype's kernel wants (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for
-//! Q4_K/Q6_K, plain f32 for float weights), then calls [`vec_dot`] once per weight row. This is
-//! exactly llama.cpp's scheme, so our logits track its logits closely.
+//! weight dtype's kernel wants (Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for Q4_1/Q5_1, Q8_K for
+//! Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS, plain f32 for float weights), then calls [`vec_dot`] once
+//! per weight row. This is exactly llama.cpp's scheme, so our logits track its logits closely.
 //!
 //! [`Activations::F32`] (`--activations f32`) instead keeps `x` in f32 for every weight dtype
 //! and dots it with the dequantised row: the GPU backend's arithmetic, for comparing the two.
@@ -16,11 +16,16 @@
 mod float;
 /// An f16 row dotted with f32 values (the predictors use it directly).
 pub use float::dot_f16;
+mod iq4_nl;
+mod iq4_xs;
+mod q2_k;
+mod q3_k;
 mod q4_0;
 mod q4_1;
 mod q4_k;
 mod q5_0;
 mod q5_1;
+mod q5_k;
 mod q6_k;
 mod q8_0;
 mod q8_k;
@@ -89,11 +94,11 @@ pub enum QuantError {
 pub enum QuantizedActivation<'a> {
     /// Plain f32, for F32/F16/BF16 weights.
     F32(&'a [f32]),
-    /// ggml `block_q8_0`, for Q4_0, Q5_0 and Q8_0 weights.
+    /// ggml `block_q8_0`, for Q4_0, Q5_0, Q8_0 and IQ4_NL weights.
     Q8_0(&'a Q8Act),
     /// ggml `block_q8_1` (Q8_0 plus `s = d * sum(qs)`), for Q4_1 and Q5_1 weights.
     Q8_1(&'a Q8Act),
-    /// ggml `block_q8_K`, for Q4_K and Q6_K weights.
+    /// ggml `block_q8_K`, for the K-quant weights (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_XS.
     Q8K(&'a Q8KAct),
 }
 
@@ -205,9 +210,11 @@ impl ActivationBuffer {
 fn act_kind_for(dtype: DType) -> ActKind {
     match dtype {
         DType::F32 | DType::F16 | DType::BF16 => ActKind::F32,
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => ActKind::Q8_0,
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL => ActKind::Q8_0,
         DType::Q4_1 | DType::Q5_1 => ActKind::Q8_1,
-        DType::Q4K | DType::Q6K => ActKind::Q8K,
+        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS => {
+            ActKind::Q8K
+        }
     }
 }
 
@@ -232,15 +239,20 @@ pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
         DType::Q5_0 => q5_0::dot(row, &act.q8, simd),
         DType::Q5_1 => q5_1::dot(row, &act.q8, simd),
         DType::Q8_0 => q8_0::dot(row, &act.q8, simd),
+        DType::Q2K => q2_k::dot(row, &act.q8k, simd),
+        DType::Q3K => q3_k::dot(row, &act.q8k, simd),
         DType::Q4K => q4_k::dot(row, &act.q8k, simd),
+        DType::Q5K => q5_k::dot(row, &act.q8k, simd),
         DType::Q6K => q6_k::dot(row, &act.q8k, simd),
+        DType::IQ4NL => iq4_nl::dot(row, &act.q8, simd),
+        DType::IQ4XS => iq4_xs::dot(row, &act.q8k, simd),
     }
 }
 
 /// Four dot products `rows[k] · acts[k]` at once, each equal to [`vec_dot`]`(dtype, rows[k],
 /// acts[k])` bit for bit; interleaved where an AVX2 kernel exists (one row with four
-/// activations: Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K; four rows with one activation: Q4_1, Q5_0,
-/// Q5_1), one by one otherwise.
+/// activations: Q4_1, Q5_0, Q5_1, Q8_0, the K-quants and IQ4_XS; four rows with one
+/// activation: Q4_1, Q5_0, Q5_1), one by one otherwise.
 pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if use_simd() && acts.iter().all(|a| a.kind == act_kind_for(dtype)) {
@@ -259,8 +271,14 @@ pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) ->
                 (DType::Q5_1, true) => return q5_1::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
                 (DType::Q5_1, false) => return q5_1::dot4_avx2(rows, acts.map(|a| &a.q8)),
                 (DType::Q8_0, true) => return q8_0::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
+                (DType::Q2K, true) => return q2_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
+                (DType::Q3K, true) => return q3_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
                 (DType::Q4K, true) => return q4_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
+                (DType::Q5K, true) => return q5_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
                 (DType::Q6K, true) => return q6_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
+                (DType::IQ4XS, true) => {
+                    return iq4_xs::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k))
+                }
                 _ => {}
             }
         }
@@ -271,7 +289,7 @@ pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) ->
 /// A quantised row dotted with f32 activations: the row dequantised a block at a time
 /// ([`dequantize`], exact), each block's dot summed in f32.
 fn dot_dequantized(dtype: DType, row: &[u8], x: &[f32], simd: bool) -> f32 {
-    // The largest block holds 256 values (Q4_K, Q6_K).
+    // The largest block holds 256 values (the K-quants).
     let mut w = [0f32; 256];
     let (bytes, len) = (dtype.block_bytes(), dtype.block_len());
     let mut acc = 0.0;
@@ -382,8 +400,13 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Qua
         DType::Q5_0 => q5_0::dequantize(bytes, out),
         DType::Q5_1 => q5_1::dequantize(bytes, out),
         DType::Q8_0 => q8_0::dequantize(bytes, out),
+        DType::Q2K => q2_k::dequantize(bytes, out),
+        DType::Q3K => q3_k::dequantize(bytes, out),
         DType::Q4K => q4_k::dequantize(bytes, out),
+        DType::Q5K => q5_k::dequantize(bytes, out),
         DType::Q6K => q6_k::dequantize(bytes, out),
+        DType::IQ4NL => iq4_nl::dequantize(bytes, out),
+        DType::IQ4XS => iq4_xs::dequantize(bytes, out),
     }
     Ok(())
 }
@@ -436,7 +459,8 @@ pub fn axpy4(dtype: DType, a: [f32; 4], bytes: &[u8], outs: [&mut [f32]; 4]) {
 }
 
 /// Quantises `x` into `dtype` blocks appended to `out` (cleared first), matching ggml's
-/// `quantize_row_*_ref`. Q4_K and Q6_K are not implemented (their quantisers search scales).
+/// `quantize_row_*_ref`. The K-quants and IQ4 formats are not implemented (their quantisers
+/// search scales).
 pub fn quantize(dtype: DType, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
     check_whole_blocks(dtype, x.len())?;
     out.clear();
@@ -450,7 +474,13 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantE
         DType::Q5_0 => q5_0::quantize(x, out),
         DType::Q5_1 => q5_1::quantize(x, out),
         DType::Q8_0 => q8_0::quantize(x, out),
-        DType::Q4K | DType::Q6K => return Err(QuantError::Unsupported(dtype)),
+        DType::Q2K
+        | DType::Q3K
+        | DType::Q4K
+        | DType::Q5K
+        | DType::Q6K
+        | DType::IQ4NL
+        | DType::IQ4XS => return Err(QuantError::Unsupported(dtype)),
     }
     Ok(())
 }

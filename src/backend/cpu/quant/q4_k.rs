@@ -53,9 +53,9 @@ pub fn dot(row: &[u8], act: &Q8KAct, simd: bool) -> f32 {
     dot_scalar(row, act)
 }
 
-/// The mins term needs no pass over the values: `sum(m_j * a)` over sub-block j is
+/// The mins term needs no pass over the values (Q5_K's too): `sum(m_j * a)` over sub-block j is
 /// `m_j * (bsums[2j] + bsums[2j+1])`.
-fn mins_dot(mn: &[u8; 8], bsums: &[i16]) -> i32 {
+pub(super) fn mins_dot(mn: &[u8; 8], bsums: &[i16]) -> i32 {
     (0..8)
         .map(|j| mn[j] as i32 * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32))
         .sum()

@@ -55,3 +55,20 @@ fn quantize_act_body(x: &[f32], act: &mut Q8KAct) {
         act.d.push(1.0 / iscale);
     }
 }
+
+/// The eight i32 lanes that ggml's AVX2 K-quant kernels get from 32 weight quants `q` and 32
+/// activation quants `a` with `maddubs` then `madd`: lane `l` is `q[4l..4l + 4] · a[4l..4l +
+/// 4]`. The scalar references of Q2_K, Q3_K and Q5_K build their integer sums from these lanes
+/// so that they add the same numbers in f32 as the AVX2 kernels do (and equal them to the bit).
+#[inline(always)]
+pub(super) fn lanes4(q: &[i8; 32], a: &[i8]) -> [i32; 8] {
+    std::array::from_fn(|l| (4 * l..4 * l + 4).map(|k| q[k] as i32 * a[k] as i32).sum())
+}
+
+/// `acc[l] += d * sumi[l]` with one rounding per lane, as `_mm256_fmadd_ps(d, cvt(sumi), acc)`.
+#[inline(always)]
+pub(super) fn fma_lanes(acc: &mut [f32; 8], d: f32, sumi: &[i32; 8]) {
+    for (a, &s) in acc.iter_mut().zip(sumi) {
+        *a = d.mul_add(s as f32, *a);
+    }
+}

@@ -1,12 +1,13 @@
 //! Tests: hand-computed blocks per format, scalar dots against an f64 reference built from
 //! `dequantize`, SIMD dots against scalar, quantisers against ggml's rules (and the Q5 formats
-//! against gguf-py's, `tests/fixtures/quant/q5.json`), and an ignored timing test
+//! against gguf-py's, `tests/fixtures/quant/q5.json`; the K-quants' dequantisation against
+//! gguf-py's, `tests/fixtures/quant/k.json`), and an ignored timing test
 //! (`cargo test --release --lib quant::tests::timing -- --ignored --nocapture`).
 
 use super::*;
 use half::{bf16, f16};
 
-const ALL: [DType; 10] = [
+const ALL: [DType; 15] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -15,8 +16,13 @@ const ALL: [DType; 10] = [
     DType::Q5_0,
     DType::Q5_1,
     DType::Q8_0,
+    DType::Q2K,
+    DType::Q3K,
     DType::Q4K,
+    DType::Q5K,
     DType::Q6K,
+    DType::IQ4NL,
+    DType::IQ4XS,
 ];
 
 /// xorshift64*: deterministic, no dependency.
@@ -66,15 +72,22 @@ fn random_row(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
     for b in row.chunks_exact_mut(bb) {
         let d = 0.001 + 0.05 * rng.f().abs();
         match dtype {
-            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => put_f16(b, 0, d),
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL | DType::IQ4XS => {
+                put_f16(b, 0, d)
+            }
             DType::Q4_1 | DType::Q5_1 => {
                 put_f16(b, 0, d);
                 put_f16(b, 2, -0.4 * rng.f().abs());
             }
-            DType::Q4K => {
+            DType::Q4K | DType::Q5K => {
                 put_f16(b, 0, d);
                 put_f16(b, 2, 0.5 * d);
             }
+            DType::Q2K => {
+                put_f16(b, 80, d);
+                put_f16(b, 82, 0.5 * d);
+            }
+            DType::Q3K => put_f16(b, 108, d),
             DType::Q6K => put_f16(b, 208, d),
             _ => unreachable!(),
         }
@@ -128,8 +141,11 @@ fn reference(dtype: DType, row: &[u8], act: &ActivationBuffer) -> (f64, f64) {
 
 fn lens(dtype: DType) -> Vec<usize> {
     match dtype {
-        DType::Q4K | DType::Q6K => vec![256, 768, 2048],
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => {
+        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS => {
+            vec![256, 768, 2048]
+        }
+        // 32 and 96: one and three blocks, so IQ4_NL's odd last block is covered.
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL => {
             vec![32, 96, 576, 896, 2048]
         }
         _ => vec![1, 7, 33, 576, 1000],
@@ -166,8 +182,13 @@ fn scalar_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
         DType::Q5_0 => q5_0::dot_scalar(row, &act.q8),
         DType::Q5_1 => q5_1::dot_scalar(row, &act.q8),
         DType::Q8_0 => q8_0::dot_scalar(row, &act.q8),
+        DType::Q2K => q2_k::dot_scalar(row, &act.q8k),
+        DType::Q3K => q3_k::dot_scalar(row, &act.q8k),
         DType::Q4K => q4_k::dot_scalar(row, &act.q8k),
+        DType::Q5K => q5_k::dot_scalar(row, &act.q8k),
         DType::Q6K => q6_k::dot_scalar(row, &act.q8k),
+        DType::IQ4NL => iq4_nl::dot_scalar(row, &act.q8),
+        DType::IQ4XS => iq4_xs::dot_scalar(row, &act.q8k),
     }
 }
 
@@ -532,7 +553,10 @@ fn timing() {
         (DType::Q5_0, 4864, 896),
         (DType::Q5_1, 4864, 896),
         (DType::Q4_1, 96, 9216),
+        (DType::Q2K, 1536, 2048),
+        (DType::Q3K, 1536, 2048),
         (DType::Q4K, 1536, 2048),
+        (DType::Q5K, 1536, 2048),
         (DType::Q6K, 1536, 2048),
         (DType::F16, 1536, 576),
         (DType::F32, 1536, 576),
@@ -589,8 +613,13 @@ fn f32_activations_dot_the_dequantised_row() {
         DType::Q5_0,
         DType::Q5_1,
         DType::Q8_0,
+        DType::Q2K,
+        DType::Q3K,
         DType::Q4K,
+        DType::Q5K,
         DType::Q6K,
+        DType::IQ4NL,
+        DType::IQ4XS,
     ] {
         for n in lens(dtype) {
             let row = random_row(&mut rng, dtype, n);
@@ -613,18 +642,26 @@ fn f32_activations_dot_the_dequantised_row() {
     }
 }
 
-/// The Q5 kernels sum in the same lanes and order in scalar and AVX2 code (ggml's AVX2
-/// order), so the two agree to the bit, not just within rounding: a model's outputs do not
-/// depend on the CPU it runs on.
+/// The Q5, Q2_K/Q3_K/Q5_K and IQ4 kernels sum in the same lanes and order in scalar and AVX2 code
+/// (ggml's AVX2 order), so the two agree to the bit, not just within rounding: a model's
+/// outputs do not depend on the CPU it runs on.
 #[test]
-fn q5_simd_dots_equal_scalar_to_the_bit() {
+fn lane_ordered_simd_dots_equal_scalar_to_the_bit() {
     if !use_simd() {
         eprintln!("no avx2+fma+f16c here: SIMD kernels not tested");
         return;
     }
     let mut rng = Rng(0x0005_0005);
     let mut act = ActivationBuffer::new();
-    for dtype in [DType::Q5_0, DType::Q5_1] {
+    for dtype in [
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q5K,
+        DType::IQ4NL,
+        DType::IQ4XS,
+    ] {
         for n in lens(dtype) {
             for _ in 0..20 {
                 let mut buf = vec![0u8];
@@ -765,4 +802,219 @@ fn q5_formats_match_gguf_py() {
             );
         }
     }
+}
+
+#[test]
+fn k_quant_dtypes_are_ggml_types_10_to_14() {
+    for (id, dtype, bytes) in [
+        (10, DType::Q2K, 84),
+        (11, DType::Q3K, 110),
+        (12, DType::Q4K, 144),
+        (13, DType::Q5K, 176),
+        (14, DType::Q6K, 210),
+    ] {
+        assert_eq!(DType::from_ggml(id), Some(dtype));
+        assert_eq!(dtype.ggml_id(), id);
+        assert_eq!((dtype.block_len(), dtype.block_bytes()), (256, bytes));
+    }
+}
+
+#[test]
+fn dequantize_known_q5_k_block() {
+    let mut b = vec![0u8; 176];
+    put_f16(&mut b, 0, 1.0);
+    put_f16(&mut b, 2, 0.5);
+    // Scales and mins packed as Q4_K's: sub-block 0 scale 2, min 3; sub-block 5 scale 4, min 1
+    // (low 4 bits in byte 8 + 1, top 2 bits zero).
+    b[4] = 2;
+    b[8] = 3;
+    b[4 + 9] = 0x14;
+    // Fifth bits: value 0 (sub-block 0, bit 0), value 32 + 2 (sub-block 1, bit 1) and value
+    // 160 + 1 (sub-block 5, bit 5).
+    b[16] = 0b0000_0001;
+    b[16 + 2] = 0b0000_0010;
+    b[16 + 1] = 0b0010_0000;
+    b[48] = 0x97; // value 0: 7 | 16 = 23; value 32: 9
+    b[48 + 64 + 1] = 0xA0; // value 128 + 1: 0; value 160 + 1: 10 | 16 = 26
+    let y = deq(DType::Q5K, &b);
+    assert_eq!(y[0], 2.0 * 23.0 - 0.5 * 3.0);
+    assert_eq!(y[1], -1.5);
+    assert_eq!(y[34], 0.0); // sub-block 1: scale 0 and min 0, so its fifth bit counts for 0
+    assert_eq!(y[129], 0.0);
+    assert_eq!(y[161], 4.0 * 26.0 - 0.5);
+    assert_eq!(y[160], -0.5);
+}
+
+#[test]
+fn dequantize_known_q3_k_block() {
+    let mut b = vec![0u8; 110];
+    put_f16(&mut b, 108, 0.5);
+    // Scale 0: low nibble 1 (byte 96), top bits 2 (byte 104, bits 0..2) -> 33 - 32 = 1.
+    // Scale 9: high nibble of byte 97 = 3, top bits from byte 105 bits 4..6 = 1 -> 19 - 32.
+    b[96] = 0x01;
+    b[104] = 0x02;
+    b[97] = 0x30;
+    b[105] = 0x10;
+    // Run 0 (values 0..31): bits 0..2 of qs[0..32]; run 4 (values 128..159): bits 0..2 of
+    // qs[32..64]; high bits from hmask bit 0 and bit 4.
+    b[32] = 0b11; // value 0: low 3
+    b[0] = 0b1; // value 0: high bit set, so no offset: 3
+    b[32 + 1] = 0b10; // value 1: low 2, high bit clear: 2 - 4
+    b[64 + 16] = 0b01; // value 128 + 16 (group 9): low 1
+    b[16] = 0b1_0000; // ... high bit (bit 4) set: 1
+    let y = deq(DType::Q3K, &b);
+    assert_eq!(y[0], 0.5 * 1.0 * 3.0);
+    assert_eq!(y[1], 0.5 * 1.0 * -2.0);
+    assert_eq!(y[2], 0.5 * 1.0 * -4.0);
+    assert_eq!(y[144], 0.5 * -13.0 * 1.0);
+    assert_eq!(y[145], 0.5 * -13.0 * -4.0);
+    assert_eq!(y[16], 0.5 * -32.0 * -4.0); // group 1's scale is 0 - 32
+}
+
+#[test]
+fn dequantize_known_q2_k_block() {
+    let mut b = vec![0u8; 84];
+    put_f16(&mut b, 80, 0.5);
+    put_f16(&mut b, 82, 0.25);
+    b[0] = 0x32; // group 0: scale 2, min 3
+    b[3] = 0x05; // group 3: scale 5, min 0
+    b[16] = 0b1110_0011; // value 0: 3 (run 0); value 96: 3 (run 3, bits 6..8), value 32: 0
+    b[16 + 17] = 0b0000_1000; // value 32 + 17 (run 1, group 3): bits 2..4 = 2
+    let y = deq(DType::Q2K, &b);
+    assert_eq!(y[0], 0.5 * 2.0 * 3.0 - 0.25 * 3.0);
+    assert_eq!(y[1], -0.75);
+    assert_eq!(y[32], 0.0);
+    assert_eq!(y[49], 0.5 * 5.0 * 2.0);
+    assert_eq!(y[96], 0.0); // group 6: scale 0, min 0
+}
+
+/// A fixture file of gguf-py dequantisations (`tools/make_quant_fixtures.py`): each type's
+/// blocks dequantise to gguf-py's values exactly; and on those blocks (which, being random, use
+/// every scale and quant bit), the SIMD dot equals the scalar one to the bit (lane-ordered
+/// types) and both are the dot of the dequantised values within f32 rounding.
+fn check_gguf_py_dequantisation(fixture: &str, types: &[(DType, &str)]) {
+    let fx: serde_json::Value = serde_json::from_str(fixture).unwrap();
+    let hex = |v: &serde_json::Value| -> Vec<u8> {
+        let s = v.as_str().unwrap().as_bytes();
+        s.chunks(2)
+            .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
+            .collect()
+    };
+    let mut rng = Rng(0x6767_7566);
+    let mut act = ActivationBuffer::new();
+    for &(dtype, key) in types {
+        let t = &fx[key];
+        assert_eq!(
+            t["ggml_type"].as_u64(),
+            Some(dtype.ggml_id() as u64),
+            "{key}"
+        );
+        let blocks = hex(&t["blocks"]);
+        let want: Vec<u32> = hex(&t["dequantized_f32"])
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert!(
+            blocks.len() >= 4 * dtype.block_bytes(),
+            "{key}: {} bytes",
+            blocks.len()
+        );
+        let got: Vec<u32> = deq(dtype, &blocks).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got.len(), want.len(), "{dtype}: value count");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g,
+                w,
+                "{dtype}: value {i} (block {}): {} vs gguf-py {}",
+                i / dtype.block_len(),
+                f32::from_bits(*g),
+                f32::from_bits(*w)
+            );
+        }
+        let n = want.len();
+        for _ in 0..5 {
+            act.quantize_for(dtype, &rng.vec(n)).unwrap();
+            let (exact, mag) = reference(dtype, &blocks, &act);
+            let scalar = scalar_dot(dtype, &blocks, &act);
+            let simd = vec_dot(dtype, &blocks, &act);
+            // Integer sums are exact; what is left is a few f32 roundings per block (the scale
+            // product, one fused add per lane, the final pairwise sum): far below 1e-5 of the
+            // sum of |terms|, and a wrong scale or quant is off by far more.
+            for (what, v) in [("scalar", scalar), ("simd", simd)] {
+                let err = (v as f64 - exact).abs();
+                assert!(
+                    err <= 1e-5 * mag,
+                    "{dtype} {what}: {v} vs {exact} (mag {mag})"
+                );
+            }
+            if dtype != DType::Q4K && dtype != DType::Q6K {
+                assert_eq!(
+                    scalar.to_bits(),
+                    simd.to_bits(),
+                    "{dtype}: {simd} vs {scalar}"
+                );
+            }
+        }
+    }
+}
+
+/// `tests/fixtures/quant/k.json`: the K-quants against gguf-py.
+#[test]
+fn k_quants_match_gguf_py() {
+    check_gguf_py_dequantisation(
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/quant/k.json"
+        )),
+        &[
+            (DType::Q2K, "q2_k"),
+            (DType::Q3K, "q3_k"),
+            (DType::Q4K, "q4_k"),
+            (DType::Q5K, "q5_k"),
+            (DType::Q6K, "q6_k"),
+        ],
+    );
+}
+
+/// `tests/fixtures/quant/iq4.json`: IQ4_NL and IQ4_XS against gguf-py.
+#[test]
+fn iq4_formats_match_gguf_py() {
+    check_gguf_py_dequantisation(
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/quant/iq4.json"
+        )),
+        &[(DType::IQ4NL, "iq4_nl"), (DType::IQ4XS, "iq4_xs")],
+    );
+}
+
+#[test]
+fn iq4_dtypes_are_ggml_types_20_and_23() {
+    for (id, dtype, len, bytes) in [(20, DType::IQ4NL, 32, 18), (23, DType::IQ4XS, 256, 136)] {
+        assert_eq!(DType::from_ggml(id), Some(dtype));
+        assert_eq!(dtype.ggml_id(), id);
+        assert_eq!((dtype.block_len(), dtype.block_bytes()), (len, bytes));
+    }
+}
+
+#[test]
+fn dequantize_known_iq4_blocks() {
+    let mut b = vec![0x88u8; 18]; // nibble 8 = level 1
+    put_f16(&mut b, 0, 0.5);
+    b[2] = 0xF0; // value 0: level -127, value 16: level 113
+    let y = deq(DType::IQ4NL, &b);
+    assert_eq!((y[0], y[16], y[1], y[31]), (-63.5, 56.5, 0.5, 0.5));
+
+    let mut b = vec![0x88u8; 136];
+    put_f16(&mut b, 0, 0.25);
+    // Sub-block 0: 33 - 32 = 1 (low 1, top bits 2); sub-block 3: 0xF | 1 << 4 = 31 -> -1.
+    b[2..4].copy_from_slice(&(0b10u16 | 0b01 << 6).to_le_bytes());
+    b[4] = 0x01;
+    b[5] = 0xF0;
+    b[8] = 0x87; // value 0: level -10; value 16: level 1
+    b[8 + 48] = 0x8E; // value 96 (sub-block 3): level 89
+    let y = deq(DType::IQ4XS, &b);
+    assert_eq!((y[0], y[16], y[1]), (0.25 * -10.0, 0.25, 0.25));
+    assert_eq!(y[96], -0.25 * 89.0); // d times scale -1 times level 89
+    assert_eq!(y[32], 0.25 * -32.0); // sub-block 1: scale 0 - 32, level 1
 }

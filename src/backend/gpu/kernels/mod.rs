@@ -23,8 +23,8 @@ use crate::model::tensor::DType;
 pub use crate::backend::gpu::pipeline::{Columns, Dispatch};
 
 /// The shaders' code for a dtype (`DT_*` in shaders/lib/quant.wgsl), or `None` for the dtypes
-/// the kernels do not read (the K-quants and the Q5 formats, which only the CPU backend reads:
-/// uploading such a tensor is a [`GpuError::UnsupportedDtype`]).
+/// the kernels do not read (the K-quants, the Q5 and IQ4 formats, which only the CPU backend
+/// reads: uploading such a tensor is a [`GpuError::UnsupportedDtype`]).
 pub fn dtype_code(d: DType) -> Option<u32> {
     Some(match d {
         DType::F32 => 0,
@@ -33,7 +33,15 @@ pub fn dtype_code(d: DType) -> Option<u32> {
         DType::Q4_0 => 3,
         DType::Q4_1 => 4,
         DType::Q8_0 => 5,
-        DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q6K => return None,
+        DType::Q5_0
+        | DType::Q5_1
+        | DType::Q2K
+        | DType::Q3K
+        | DType::Q4K
+        | DType::Q5K
+        | DType::Q6K
+        | DType::IQ4NL
+        | DType::IQ4XS => return None,
     })
 }
 
@@ -127,7 +135,17 @@ mod tests {
     /// and its dtype and points to the CPU backend (no adapter needed to check it).
     #[test]
     fn cpu_only_dtypes_are_refused_by_name() {
-        for d in [DType::Q5_0, DType::Q5_1, DType::Q4K, DType::Q6K] {
+        for d in [
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::Q2K,
+            DType::Q3K,
+            DType::Q4K,
+            DType::Q5K,
+            DType::Q6K,
+            DType::IQ4NL,
+            DType::IQ4XS,
+        ] {
             assert_eq!(dtype_code(d), None);
             let e = code(d, "tensor `t`").unwrap_err().to_string();
             assert!(
