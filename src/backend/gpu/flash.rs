@@ -29,6 +29,11 @@
 //! a mask per neuron saying which columns compute it: each column sums its own neurons in list
 //! order, as its single step would (to the bit, where the window holds the same neurons, e.g.
 //! dense selection over a pinned prefix).
+//!
+//! A draft step ([`GpuFlashDecoder::draft_step`], the self draft) runs one position through
+//! the full attention and KV cache with each layer's window pass over only its pinned
+//! neurons, from lists built at setup: no predictor, no readback but the output's, no reads,
+//! and the windows and flash counters untouched, so one command buffer holds every layer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
