@@ -314,6 +314,53 @@ fn gpu_flash_drafts_keep_the_greedy_tokens() {
     std::fs::remove_file(image).ok();
 }
 
+/// `--draft self` on a flash image (the tiny llama fixture) under a `--vram-budget` that pins
+/// part of each layer: greedy tokens equal `--draft none`'s with the same budget, and it
+/// drafts (`--draft-p-min 0`: the fixture's random weights are never confident). Without a
+/// VRAM budget nothing is pinned, and it is refused with what to add.
+#[test]
+fn gpu_flash_self_draft_keeps_the_greedy_tokens() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let image = common::to_image(
+        &common::fixture("hf/llama"),
+        "gpu-cli-self-draft",
+        BundleDtype::F16,
+    );
+    let ids = ["--token-ids", "1,2,3,4,5,1,2,3,4,5", "-n", "16"];
+    // About half a layer's bundles above the minimum: windows of a quarter or more pinned.
+    let budget = (common::vram_minimum(&image, &ids) + (80 << 10)).to_string();
+    let args = [&ids[..], &["--backend", "gpu", "--vram-budget", &budget]].concat();
+    let (plain, _) = generate(&image, &[&args[..], &["--draft", "none"]].concat());
+    assert_eq!(plain.len(), 16);
+    let with = ["--draft", "self", "--draft-min", "3", "--draft-p-min", "0"];
+    let (got, stats) = generate(&image, &[&args[..], &with].concat());
+    assert_eq!(
+        got, plain,
+        "--draft self on the GPU flash path changed the greedy tokens"
+    );
+    let d = &stats["draft"];
+    assert!(d["drafted"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["verify_passes"].as_u64().unwrap() > 0, "{d}");
+    assert_eq!(stats["strategy"], "gpu-flash", "{stats}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_llmflash"))
+        .args(["generate", "-m"])
+        .arg(&image)
+        .args(ids)
+        .args(["--backend", "gpu", "--draft", "self"])
+        .output()
+        .expect("running llmflash");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "--draft self with nothing pinned ran"
+    );
+    assert!(err.contains("--vram-budget"), "{err}");
+    std::fs::remove_file(image).ok();
+}
+
 /// What the GPU cannot draft with is refused up front, with what to do instead.
 #[test]
 fn gpu_drafts_it_cannot_run_are_refused() {
@@ -339,4 +386,5 @@ fn gpu_drafts_it_cannot_run_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "--draft self on the GPU ran");
     assert!(err.contains("--draft ngram"), "{err}");
+    assert!(err.contains("pins none"), "{err}");
 }

@@ -6,7 +6,7 @@ mod common;
 
 use llmflash::backend::gpu::{GpuDecoder, GpuFlashDecoder, GpuFlashOptions};
 use llmflash::draft::{
-    self, Draft, DraftError, DraftOptions, ModelDraft, NgramDraft, Proposal, Target,
+    self, Draft, DraftError, DraftOptions, ModelDraft, NgramDraft, Proposal, SelfDraft, Target,
 };
 use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
 use llmflash::engine::kv_cache::KvType;
@@ -181,6 +181,142 @@ fn gpu_flash_verify_passes_keep_greedy_tokens() {
             "{what}: the model as its own draft on the GPU flash path"
         );
     }
+    std::fs::remove_file(path).ok();
+}
+
+/// The GPU flash decoder's self draft (each FFN over the neurons its windows pin, a quarter
+/// of each layer in a window of half), with the predictor and with every neuron: greedy tokens
+/// are the plain ones, and it drafts. A decoder that pins nothing refuses to self-draft.
+#[test]
+fn gpu_flash_self_draft_keeps_greedy_tokens() {
+    let Some(ctx) = common::gpu() else { return };
+    let path = common::to_image(
+        &common::fixture("hf/llama"),
+        "spec-gpu-self",
+        BundleDtype::F16,
+    );
+    let model = Model::open(&path).expect("open image");
+    let vocab = model.weights.config.vocab_size;
+    let layers = model.weights.config.n_layers;
+    let slots = model.weights.config.intermediate_size / 2;
+    let cal = common::calibrate(&model, &common::tokens(300, vocab), 0.5, 8);
+    let mut prompt = common::tokens(8, vocab);
+    prompt.extend_from_within(..);
+    let image = model.image.as_ref().expect("an image");
+    for predictors in [Some(cal.predictors.as_slice()), None] {
+        let gpu = |verify_width, pins| {
+            let opts = GpuFlashOptions {
+                window_slots: Some(vec![slots; layers]),
+                pinned: pins,
+                overflow_slots: 7,
+                io_threads: 2,
+                verify_width,
+                ..GpuFlashOptions::default()
+            };
+            GpuFlashDecoder::new(ctx, image, &model.weights, predictors, 64, opts).expect("decoder")
+        };
+        let pins = || Some(common::prefix_pins(&model, slots / 2));
+        let what = if predictors.is_some() {
+            "predictor"
+        } else {
+            "dense"
+        };
+        let want = drafted(&mut gpu(1, pins()), &mut draft::NoDraft, &prompt, 16);
+        let mut target = gpu(6, pins());
+        let mut d = SelfDraft::new(&target, 0.0).expect("a self draft over the pins");
+        let opts = DraftOptions {
+            max: 5,
+            min: 5,
+            ..DraftOptions::default()
+        };
+        let g = draft::generate(
+            &mut target,
+            Some((&mut d, "self")),
+            &opts,
+            &prompt,
+            16,
+            &mut greedy(),
+            |_| false,
+            |_| {},
+        )
+        .expect("self-drafted generate");
+        assert_eq!(g.tokens, want, "{what}: self drafts on the GPU flash path");
+        let stats = g.stats.draft.expect("draft stats");
+        assert!(
+            stats.drafted > 0 && stats.verify_passes > 0,
+            "{what}: {stats:?}"
+        );
+        assert!(target.draft_tokens() >= stats.drafted, "{what}: {stats:?}");
+        let unpinned = gpu(6, None);
+        assert!(!unpinned.can_self_draft());
+        let err = SelfDraft::new(&unpinned, 0.0)
+            .err()
+            .expect("no pins refused");
+        assert!(err.to_string().contains("pins none"), "{err}");
+        assert!(unpinned.draft_neurons().iter().all(|&n| n == 0));
+    }
+    std::fs::remove_file(path).ok();
+}
+
+/// With every neuron pinned, a GPU draft step is the full model: its logits are a step's to
+/// the bit (the same window pass over the same ids in the same order). It reads nothing,
+/// counts in no flash counter, and after a truncate the next step is as if it never ran.
+#[test]
+fn gpu_flash_draft_step_over_every_neuron_is_a_step() {
+    let Some(ctx) = common::gpu() else { return };
+    let path = common::to_image(
+        &common::fixture("hf/llama"),
+        "spec-gpu-draft-step",
+        BundleDtype::F16,
+    );
+    let model = Model::open(&path).expect("open image");
+    let vocab = model.weights.config.vocab_size;
+    let n = model.weights.config.intermediate_size;
+    let image = model.image.as_ref().expect("an image");
+    let gpu = || {
+        let opts = GpuFlashOptions {
+            pinned: Some(common::prefix_pins(&model, n)),
+            io_threads: 2,
+            ..GpuFlashOptions::default()
+        };
+        GpuFlashDecoder::new(ctx, image, &model.weights, None, 64, opts).expect("decoder")
+    };
+    let prompt = common::tokens(6, vocab);
+    let (mut a, mut b) = (gpu(), gpu());
+    a.prefill(&prompt).expect("prefill");
+    b.prefill(&prompt).expect("prefill");
+    let before = a.flash_stats();
+    let uploaded = a.uploaded();
+    let drafted: Vec<f32> = a.draft_step(3).expect("draft step").to_vec();
+    let next = a.draft_step_greedy(5).expect("greedy draft step");
+    let after = a.flash_stats();
+    assert_eq!(
+        (
+            after.tokens,
+            after.bytes_read,
+            after.neurons_needed,
+            after.window_hits
+        ),
+        (
+            before.tokens,
+            before.bytes_read,
+            before.neurons_needed,
+            before.window_hits
+        ),
+        "a draft step moved the flash counters"
+    );
+    assert_eq!((a.uploaded(), a.draft_tokens()), (uploaded, 2));
+    assert_eq!(a.position(), prompt.len() + 2);
+    let stepped = b.step(3).expect("step").to_vec();
+    assert_eq!(
+        drafted, stepped,
+        "a draft step over every neuron differs from a step"
+    );
+    assert_eq!(next, b.step_greedy(5).expect("greedy step"));
+    a.truncate(prompt.len());
+    b.truncate(prompt.len());
+    let x = a.step(7).expect("step after the draft").to_vec();
+    assert_eq!(x, b.step(7).expect("step"), "the draft left a trace");
     std::fs::remove_file(path).ok();
 }
 

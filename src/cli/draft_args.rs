@@ -45,7 +45,8 @@ pub struct DraftArgs {
     /// With --draft self on a flash image: the share of each layer's FFN neurons the draft
     /// computes, chosen as the most active over the prompt and read into memory once after
     /// it (taken from the budget; neurons the window pins are not copied). 0: draft from the
-    /// window's pinned neurons only (the calibration's hottest).
+    /// window's pinned neurons only (the calibration's hottest). CPU only: on --backend gpu
+    /// the self draft computes the neurons pinned in the GPU windows.
     #[arg(long, default_value_t = DEFAULT_DRAFT_NEURONS, value_parser = probability)]
     pub draft_neurons: f64,
 }

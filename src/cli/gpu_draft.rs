@@ -2,12 +2,15 @@
 //! the dense `GpuDecoder` for GGUF and HF models, `GpuFlashDecoder` for flash images (under
 //! --vram-budget too). Their verify passes run every drafted position in one pass over the
 //! weights (on the flash path, each bundle of the union of the positions' active sets read
-//! once); drafts come from prompt lookup or a draft model on the CPU.
+//! once); drafts come from prompt lookup or a draft model on the CPU, or on the flash path
+//! from the target itself over the neurons its GPU windows pin (`--draft self`).
 
 use anyhow::bail;
 
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder};
-use crate::draft::{self, Draft, DraftError, DraftSource, ModelDraft, NgramDraft, Target};
+use crate::draft::{
+    self, Draft, DraftError, DraftSource, ModelDraft, NgramDraft, SelfDraft, SelfTarget, Target,
+};
 use crate::engine::gpu::{gpu_run_stats, GpuCounters, GpuModel};
 use crate::engine::model::Model;
 use crate::engine::sampler::Sampler;
@@ -43,18 +46,35 @@ pub fn generate(
     // Refused before a decoder is built (which uploads the weights).
     match (job.args.source(), job.draft_model) {
         (DraftSource::Ngram, _) | (DraftSource::Model(_), Some(_)) => {}
-        (DraftSource::SelfModel, _) => bail!(
-            "--draft self restricts the target's FFN to its pinned neurons, which the GPU \
-             decoders do not do yet; on --backend gpu use --draft ngram or a draft model, or use \
-             --backend cpu"
+        (DraftSource::SelfModel, _) if model.image.is_none() => bail!(
+            "--draft self restricts the target's FFN to the neurons it pins in memory, and the \
+             dense GPU decoder pins none (it holds every weight); convert the model to a flash \
+             image and run it under --vram-budget, or use --draft ngram or a draft model"
         ),
+        (DraftSource::SelfModel, _) if job.flash.vram_budget.is_none() => bail!(
+            "--draft self on the GPU drafts from the neurons --vram-budget pins in each layer's \
+             GPU window, and without a VRAM budget nothing is pinned; add --vram-budget SIZE, \
+             or use --draft ngram or a draft model"
+        ),
+        (DraftSource::SelfModel, _) => {}
         (DraftSource::Model(p), None) => bail!("the draft model {} was not opened", p.display()),
         (DraftSource::None, _) => bail!("no draft source was chosen"),
     }
     let width = job.args.options().max + 1;
     if model.image.is_some() {
         let dec = open_gpu_flash(gpu, runner, job.ctx, job.flash, width)?;
-        return run(dec, model, job, sampler, is_end, on_token);
+        let draft: Box<dyn Draft<Measured<GpuFlashDecoder>>> = match job.args.source() {
+            DraftSource::SelfModel => {
+                let d = SelfDraft::new(&dec, job.args.options().p_min)?;
+                log::info!(
+                    "self draft over the pinned neurons per layer: {:?}",
+                    dec.draft_neurons()
+                );
+                Box::new(d)
+            }
+            _ => make_draft(model, job)?,
+        };
+        return run(dec, draft, job, sampler, is_end, on_token);
     }
     if job.flash.memory_budget.is_some() || job.flash.vram_budget.is_some() {
         bail!(
@@ -65,7 +85,7 @@ pub fn generate(
     }
     let kv = gpu_kv_type(job.flash);
     let dec = GpuDecoder::with_verify(gpu, &model.weights, job.ctx, kv, width)?;
-    run(dec, model, job, sampler, is_end, on_token)
+    run(dec, make_draft(model, job)?, job, sampler, is_end, on_token)
 }
 
 /// The draft `job` asks for, proposing to target `T`.
@@ -87,16 +107,15 @@ fn make_draft<'a, T: Target + ?Sized>(
     })
 }
 
-/// The speculative loop on GPU decoder `dec`, with its GPU stats.
+/// The speculative loop on GPU decoder `dec` with `draft`, with its GPU stats.
 fn run<D: GpuTarget>(
     dec: D,
-    model: &Model,
+    mut draft: Box<dyn Draft<Measured<D>> + '_>,
     job: &Job<'_>,
     sampler: &mut Sampler,
     is_end: impl Fn(u32) -> bool,
     on_token: impl FnMut(u32),
 ) -> anyhow::Result<Generation> {
-    let mut draft = make_draft::<Measured<D>>(model, job)?;
     let opts = job.args.options();
     let mut target = Measured {
         dec,
@@ -182,5 +201,16 @@ impl<D: GpuTarget> Target for Measured<D> {
     }
     fn flash_stats(&self) -> Option<FlashStats> {
         Target::flash_stats(&self.dec)
+    }
+}
+
+/// The self draft runs the flash decoder restricted to its pinned neurons (the counters
+/// noted after the prompt stay the target's own).
+impl SelfTarget for Measured<GpuFlashDecoder<'_>> {
+    fn can_self_draft(&self) -> bool {
+        self.dec.can_self_draft()
+    }
+    fn draft_step(&mut self, token: u32) -> Result<&[f32], DraftError> {
+        Ok(self.dec.draft_step(token)?)
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! - [`SelfDraft`] (`--draft self`): the target model with each FFN restricted to the neurons
 //!   its window pins (no I/O), and a resident head over the most frequent tokens when the
-//!   full head is streamed.
+//!   full head is streamed; on the CPU session or the GPU flash decoder ([`SelfTarget`]).
 //! - [`NgramDraft`] (`--draft ngram`): prompt lookup, the tokens that followed the latest
 //!   earlier occurrence of the context's last n-gram. No memory; strong on code and edits.
 //! - [`ModelDraft`] (`--draft PATH`): a separate small model with the same vocabulary.
@@ -29,7 +29,7 @@ pub use decode::generate;
 pub use length::DraftLength;
 pub use model::{same_vocabulary, ModelDraft};
 pub use ngram::NgramDraft;
-pub use selfdraft::SelfDraft;
+pub use selfdraft::{SelfDraft, SelfTarget};
 pub use target::Target;
 
 pub use crate::engine::stats::DraftStats;

@@ -461,6 +461,20 @@ impl Window {
         self.n_pinned
     }
 
+    /// The pinned neurons in id order: what stays resident whatever the plans do, so a
+    /// computation over them alone (a self draft) needs no reads and moves nothing.
+    pub fn pinned_neurons(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .neuron_of
+            .iter()
+            .zip(&self.pinned)
+            .filter(|&(&n, &p)| p && n != NONE)
+            .map(|(&n, _)| n)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Whether `neuron` is pinned.
     pub fn is_pinned(&self, neuron: u32) -> bool {
         self.slot(neuron).is_some_and(|s| self.pinned[s as usize])

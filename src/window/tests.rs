@@ -823,3 +823,17 @@ fn plan_cost_is_independent_of_layer_size() {
         }
     }
 }
+
+#[test]
+fn pinned_neurons_are_listed_in_id_order_and_survive_plans() {
+    let mut w = window(10, 4, 1);
+    assert!(w.pinned_neurons().is_empty());
+    w.plan(&[2, 8]).unwrap();
+    w.pin(&[6, 2]).unwrap();
+    assert_eq!(w.pinned_neurons(), vec![2, 6]);
+    // Plans that evict every unpinned neuron leave the pinned list as it was.
+    w.plan(&[0, 1, 3, 4]).unwrap();
+    w.plan(&[5, 7, 9]).unwrap();
+    assert_eq!(w.pinned_neurons(), vec![2, 6]);
+    w.assert_invariants();
+}

@@ -29,6 +29,11 @@
 //! a mask per neuron saying which columns compute it: each column sums its own neurons in list
 //! order, as its single step would (to the bit, where the window holds the same neurons, e.g.
 //! dense selection over a pinned prefix).
+//!
+//! A draft step ([`GpuFlashDecoder::draft_step`], the self draft) runs one position through
+//! the full attention and KV cache with each layer's window pass over only its pinned
+//! neurons, from lists built at setup: no predictor, no readback but the output's, no reads,
+//! and the windows and flash counters untouched, so one command buffer holds every layer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -117,6 +122,9 @@ struct FlashLayer {
     overflow_ffn: Vec<Dispatch>,
     /// The window's bundles on the GPU (`max(capacity, 1)` slots).
     slots: wgpu::Buffer,
+    /// Where this layer's pass over its pinned neurons starts in `draft_lists` (in words),
+    /// and its neuron count.
+    draft: (usize, usize),
 }
 
 /// A flash image decoded on the GPU (see the module docs).
@@ -152,6 +160,12 @@ pub struct GpuFlashDecoder<'a> {
     stats: FlashStats,
     uploaded: u64,
     gpu_bytes: u64,
+    /// Per layer, the window pass of a draft step (count, ids, slots, column masks) over the
+    /// pinned neurons, built once at setup since pins never move; `None` when nothing is
+    /// pinned.
+    draft_lists: Option<wgpu::Buffer>,
+    /// Draft steps run (a self draft's tokens; not in the flash counters).
+    draft_tokens: u64,
 }
 
 /// Pins `ids` in `layer`'s window and uploads their bundles into the slots they got; returns
@@ -344,6 +358,7 @@ impl<'a> GpuFlashDecoder<'a> {
                 window_ffn,
                 overflow_ffn,
                 slots,
+                draft: (0, 0),
             });
         }
         let file = FlashFile::open(image.file(), opts.direct)
@@ -356,6 +371,25 @@ impl<'a> GpuFlashDecoder<'a> {
                 .ok_or_else(|| GpuError::Shape(format!("pins for layer {l} of {}", c.n_layers)))?;
             stats.bytes_read += pin(ctx, image, &pool, &opts, layer, l, ids)?;
         }
+        // A draft step's window pass of each layer: its pinned neurons in id order (as the
+        // window pass of a token sums them), the slots the pins got, and column 0's mask.
+        let mut draft_words: Vec<u32> = Vec::new();
+        for layer in &mut layers {
+            let ids = layer.window.pinned_neurons();
+            layer.draft = (draft_words.len(), ids.len());
+            draft_words.push(ids.len() as u32);
+            draft_words.extend_from_slice(&ids);
+            let window = &layer.window;
+            draft_words.extend(ids.iter().map(|&i| window.slot(i).unwrap_or(0)));
+            draft_words.extend(std::iter::repeat_n(1u32, ids.len()));
+        }
+        let draft_lists = if layers.iter().any(|l| l.draft.1 > 0) {
+            let buf = storage_bytes(ctx, "self-draft lists", bytemuck::cast_slice(&draft_words))?;
+            gpu_bytes += buf.size();
+            Some(buf)
+        } else {
+            None
+        };
         // Room for a whole layer: every neuron is either loaded or overflows at most once.
         let staging_size =
             (n * stride + 4 * list_words(n, n, overflow_slots).max(list_words(0, n, 1))) as u64;
@@ -396,6 +430,8 @@ impl<'a> GpuFlashDecoder<'a> {
             stats,
             uploaded: 0,
             gpu_bytes,
+            draft_lists,
+            draft_tokens: 0,
         })
     }
 
@@ -501,6 +537,88 @@ impl<'a> GpuFlashDecoder<'a> {
     pub fn verify_greedy(&mut self, tokens: &[u32]) -> Result<&[u32], GpuError> {
         self.run(tokens, Output::Greedy)?;
         self.core.read_tokens(tokens.len())
+    }
+
+    /// Whether some layer's window pins neurons: what [`GpuFlashDecoder::draft_step`]
+    /// computes the FFN from.
+    pub fn can_self_draft(&self) -> bool {
+        self.draft_lists.is_some()
+    }
+
+    /// Neurons a draft step computes per layer: each window's pinned neurons.
+    pub fn draft_neurons(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.draft.1).collect()
+    }
+
+    /// Draft steps run since creation.
+    pub fn draft_tokens(&self) -> u64 {
+        self.draft_tokens
+    }
+
+    /// Runs `token` at the next position with the full attention (its keys and values go
+    /// into the cache like a step's) and each layer's FFN computed over only the neurons its
+    /// window pins: a self-speculative draft. It reads nothing from flash, uploads nothing,
+    /// leaves the windows as they were and counts in no flash counter; the caller cuts its
+    /// positions off ([`GpuFlashDecoder::truncate`]) before verifying, and the verify pass
+    /// writes the full model's keys and values over them.
+    pub fn draft_step(&mut self, token: u32) -> Result<&[f32], GpuError> {
+        self.run_draft(token, Output::Logits)?;
+        self.core.read_logits(1)
+    }
+
+    /// [`GpuFlashDecoder::draft_step`] reading back only the most likely next token.
+    pub fn draft_step_greedy(&mut self, token: u32) -> Result<u32, GpuError> {
+        self.run_draft(token, Output::Greedy)?;
+        Ok(self.core.read_tokens(1)?[0])
+    }
+
+    /// One draft position through every layer in one command buffer: with no predictor and
+    /// no reads there is nothing to wait for between layers.
+    fn run_draft(&mut self, token: u32, out: Output) -> Result<(), GpuError> {
+        let Some(lists) = &self.draft_lists else {
+            return Err(GpuError::Shape(
+                "a draft step computes each FFN from the neurons pinned in the GPU windows, \
+                 and no layer of this decoder pins any; pin neurons when building it (a VRAM \
+                 budget pins the hottest) or draft another way"
+                    .into(),
+            ));
+        };
+        let mut enc = self.core.begin(std::slice::from_ref(&token))?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            {
+                let mut pass = self.core.pass(&mut enc, "draft attention");
+                if l == 0 {
+                    self.core.encode_head(&mut pass, 1);
+                }
+                self.core.layers[l]
+                    .attn
+                    .iter()
+                    .for_each(|d| d.encode_columns(&mut pass, 1));
+            }
+            // The layer's pass over its pinned neurons: count and ids into the list, slots
+            // and masks into the map, as `load_and_compute` copies a token's from staging.
+            let (at, m) = layer.draft;
+            enc.copy_buffer_to_buffer(lists, (at * 4) as u64, &self.list, 0, (1 + m) as u64 * 4);
+            if m > 0 {
+                enc.copy_buffer_to_buffer(
+                    lists,
+                    ((at + 1 + m) * 4) as u64,
+                    &self.map,
+                    0,
+                    2 * m as u64 * 4,
+                );
+            }
+            let mut pass = self.core.pass(&mut enc, "draft ffn and residual");
+            layer
+                .window_ffn
+                .iter()
+                .chain(&self.core.layers[l].post)
+                .for_each(|d| d.encode_columns(&mut pass, 1));
+        }
+        self.core.finish(&mut enc, out, 1);
+        self.core.ctx.queue.submit([enc.finish()]);
+        self.draft_tokens += 1;
+        Ok(())
     }
 
     /// Cuts the sequence back to its first `len` positions (after a verify pass, to the
