@@ -256,9 +256,8 @@ impl<'a> FlashFfn<'a> {
                 .iter()
                 .enumerate()
                 .map(|(layer, &s)| {
-                    let section = image.ffn_section(layer);
-                    let start = section.offset + (s * stride) as u64;
-                    (start, (section.n_neurons - s) * stride)
+                    let n = image.ffn_section(layer).n_neurons;
+                    (image.bundle_offset(layer, s), (n - s) * stride)
                 })
                 .collect();
             let layer_bytes = (0..ffn.layers.len())
@@ -395,8 +394,8 @@ impl<'a> FlashFfn<'a> {
     }
 
     fn offset(&self, layer: usize, neuron: u32) -> u64 {
-        let slot = self.layers[layer].disk_slot[neuron as usize] as u64;
-        self.image.ffn_section(layer).offset + slot * self.stride as u64
+        let slot = self.layers[layer].disk_slot[neuron as usize] as usize;
+        self.image.bundle_offset(layer, slot)
     }
 }
 

@@ -350,6 +350,12 @@ impl FlashImage {
         &self.meta.bundle
     }
 
+    /// The file offset of the bundle in `disk_slot` of `layer`'s section: where every reader
+    /// (window, lookahead, naive, GPU staging) finds a neuron.
+    pub fn bundle_offset(&self, layer: usize, disk_slot: usize) -> u64 {
+        self.meta.ffn[layer].offset + disk_slot as u64 * self.meta.bundle.stride as u64
+    }
+
     /// The `stride` bytes of the bundle in `disk_slot` of `layer`'s section. Panics on an
     /// out-of-range layer or slot (a caller bug; sizes were validated at open).
     pub fn bundle_bytes(&self, layer: usize, disk_slot: usize) -> &[u8] {
@@ -360,7 +366,7 @@ impl FlashImage {
             s.n_neurons
         );
         let stride = self.meta.bundle.stride as u64;
-        self.range(s.offset + disk_slot as u64 * stride, stride)
+        self.range(self.bundle_offset(layer, disk_slot), stride)
     }
 
     /// Checks `bytes`, just read from disk slot `disk_slot` of `layer`'s section, against the

@@ -185,8 +185,7 @@ fn pin(
         .window
         .pin(ids)
         .map_err(|e| GpuError::Shape(format!("pinning layer {l}: {e}")))?;
-    let section = image.ffn_section(l).offset;
-    let offset = |n: u32| section + layer.disk_slot[n as usize] as u64 * stride as u64;
+    let offset = |n: u32| image.bundle_offset(l, layer.disk_slot[n as usize] as usize);
     loads.sort_unstable_by_key(|&(n, _)| offset(n));
     let ranges: Vec<(u64, usize)> = loads.iter().map(|&(n, _)| (offset(n), stride)).collect();
     let slots = &layer.slots;
@@ -799,8 +798,9 @@ impl<'a> GpuFlashDecoder<'a> {
         }
         // Bundle k of staging: loads first, then overflow, each in plan order.
         let section = self.image.ffn_section(l).offset;
+        let image = &self.image;
         let offset =
-            |neuron: u32| section + layer.disk_slot[neuron as usize] as u64 * stride as u64;
+            |neuron: u32| image.bundle_offset(l, layer.disk_slot[neuron as usize] as usize);
         let mut order: Vec<(u64, usize)> = plan
             .loads
             .iter()
