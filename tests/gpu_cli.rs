@@ -358,6 +358,18 @@ fn gpu_flash_self_draft_keeps_the_greedy_tokens() {
         "--draft self with nothing pinned ran"
     );
     assert!(err.contains("--vram-budget"), "{err}");
+    // A draft longer than a flash verify pass holds is refused with the longest allowed.
+    let long = ["--draft", "ngram", "--draft-max", "32"];
+    let out = Command::new(env!("CARGO_BIN_EXE_llmflash"))
+        .args(["generate", "-m"])
+        .arg(&image)
+        .args(&args)
+        .args(long)
+        .output()
+        .expect("running llmflash");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a 33-position verify pass ran");
+    assert!(err.contains("--draft-max 31 or less"), "{err}");
     std::fs::remove_file(image).ok();
 }
 

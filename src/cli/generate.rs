@@ -271,6 +271,15 @@ pub(super) fn open_gpu_flash<'r>(
     let Some(image) = &model.image else {
         bail!("{} is not a flash image", model.path.display());
     };
+    let widest = crate::backend::gpu::flash::MAX_VERIFY_WIDTH;
+    if verify_width > widest {
+        bail!(
+            "--draft-max {} makes verify passes of {verify_width} positions, and the GPU flash \
+             path's hold at most {widest}: use --draft-max {} or less",
+            verify_width - 1,
+            widest - 1
+        );
+    }
     let kv = gpu_kv_type(flash);
     if flash.strategy != Strategy::Flash {
         bail!("--backend gpu runs the flash strategy only (bundles streamed into GPU windows); drop --strategy or use --backend cpu");
