@@ -279,3 +279,39 @@ fn configs_with_bad_parameters_are_refused_naming_the_key() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `inspect` lists the matrices' types and says up front which backend can run the file.
+#[test]
+fn inspect_says_which_backend_runs_a_file() {
+    let stdout = |model: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmflash"))
+            .args(["inspect", model])
+            .output()
+            .expect("running llmflash");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let Some(smol) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let text = stdout(smol.to_str().unwrap());
+    assert!(
+        text.contains("matrix types: 210 x Q4_1, 2 x Q8_0"),
+        "{text}"
+    );
+    assert!(text.contains("backends: cpu, gpu"), "{text}");
+    // Qwen2.5-Coder-0.5B has Q4_K, Q5_0 and Q6_K matrices, which the GPU kernels do not read.
+    let Some(qwen) = common::model(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "tools/fetch-model --qwen-0.5b (opt-in)",
+    ) else {
+        return;
+    };
+    let text = stdout(qwen.to_str().unwrap());
+    assert!(text.contains("do not read Q4_K, Q5_0, Q6_K"), "{text}");
+    assert!(text.contains("--backend gpu refuses this file"), "{text}");
+}

@@ -1,6 +1,10 @@
 //! `llmflash inspect`: what a model file holds.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+
+use crate::model::tensor::DType;
+use crate::model::weights::ModelWeights;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,7 +25,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             image.verify_ffn()?;
             println!("FFN sections: checksums OK");
         }
-        print!("{}", image.summary());
+        let summary = image.summary();
+        print!("{summary}");
+        if !summary.ends_with('\n') {
+            println!();
+        }
+        let bundles = image.bundle().parts.iter().map(|p| p.dtype);
+        print_backends(matrix_dtypes(&image.weights()?).chain(bundles));
         return Ok(());
     }
     let m = super::open_model(&a.model)?;
@@ -77,5 +87,49 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         show(&w.lm_head);
     }
     println!("matrices: {:.1} MiB", total as f64 / (1 << 20) as f64);
+    print_backends(matrix_dtypes(w));
     Ok(())
+}
+
+/// The dtype of every weight matrix (the tensors the backends' matvec kernels must read).
+fn matrix_dtypes(w: &ModelWeights) -> impl Iterator<Item = DType> + '_ {
+    let layers = w.layers.iter().flat_map(|l| {
+        let attn = [&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o].map(|lin| lin.weight.dtype);
+        let ffn = l.ffn.iter().flat_map(|f| {
+            [Some(&f.up), Some(&f.down), f.gate.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|t| t.dtype)
+        });
+        attn.into_iter().chain(ffn)
+    });
+    [w.embed.dtype, w.lm_head.dtype].into_iter().chain(layers)
+}
+
+/// The matrices' types, and up front which backend runs the file: the CPU reads every type
+/// a file can load with; the GPU kernels read fewer, and a file with any other is refused
+/// when it is loaded, never at token 40.
+fn print_backends(dtypes: impl Iterator<Item = DType>) {
+    let mut counts: BTreeMap<&'static str, (usize, bool)> = BTreeMap::new();
+    for d in dtypes {
+        let gpu = crate::backend::gpu::kernels::dtype_code(d).is_some();
+        counts.entry(d.name()).or_insert((0, gpu)).0 += 1;
+    }
+    let types: Vec<String> = counts
+        .iter()
+        .map(|(n, (c, _))| format!("{c} x {n}"))
+        .collect();
+    println!("matrix types: {}", types.join(", "));
+    let missing: Vec<&str> = (counts.iter())
+        .filter(|(_, (_, gpu))| !gpu)
+        .map(|(n, _)| *n)
+        .collect();
+    if missing.is_empty() {
+        println!("backends: cpu, gpu");
+    } else {
+        println!(
+            "backends: cpu (the GPU kernels do not read {}: --backend gpu refuses this file)",
+            missing.join(", ")
+        );
+    }
 }
