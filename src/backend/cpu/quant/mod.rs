@@ -122,6 +122,14 @@ pub struct Q8KAct {
     pub bsums: Vec<i16>,
 }
 
+impl Q8KAct {
+    /// Whether it holds `nb` whole blocks (values, scales and run sums): what every K-quant
+    /// kernel checks before its unchecked SIMD loads.
+    pub fn holds(&self, nb: usize) -> bool {
+        self.qs.len() >= nb * q8_k::QK && self.d.len() >= nb && self.bsums.len() >= nb * 16
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ActKind {
     Empty,

@@ -118,7 +118,7 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
     let m3 = _mm256_set1_epi8(3);
     let nb = row.len() / BYTES;
     for act in acts {
-        assert!(act.qs.len() >= nb * QK && act.d.len() >= nb);
+        assert!(act.holds(nb));
     }
     let mut acc = [_mm256_setzero_ps(); K];
     for (i, b) in row.chunks_exact(BYTES).enumerate() {

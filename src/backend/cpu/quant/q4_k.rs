@@ -107,7 +107,7 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
     let m4 = _mm256_set1_epi8(0x0F);
     let nb = row.len() / BYTES;
     for act in acts {
-        assert!(act.qs.len() >= nb * QK && act.d.len() >= nb && act.bsums.len() >= nb * 16);
+        assert!(act.holds(nb));
     }
     let mut acc = [_mm256_setzero_ps(); K];
     // The minimums' term in ggml's four lanes (lane k: sub-blocks 2k and 2k + 1), for the

@@ -100,7 +100,7 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
     let m1 = _mm256_set1_epi8(1);
     let nb = row.len() / BYTES;
     for act in acts {
-        assert!(act.qs.len() >= nb * QK && act.d.len() >= nb && act.bsums.len() >= nb * 16);
+        assert!(act.holds(nb));
     }
     let mut acc = [_mm256_setzero_ps(); K];
     let mut summs = [0.0f32; K];
