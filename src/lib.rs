@@ -4,6 +4,7 @@
 //! `docs/architecture.md` in the repository for the architecture: the per-token data flow,
 //! what each module below owns, and how the modules depend on each other.
 
+pub mod api;
 pub mod backend;
 pub mod budget;
 pub mod cli;

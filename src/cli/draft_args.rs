@@ -10,7 +10,7 @@ use crate::engine::kv_cache::{KvCache, KvType};
 use crate::engine::model::Model;
 use crate::engine::Session;
 
-use super::runner::{DraftNeeds, Runner};
+use crate::api::{DraftNeeds, Runner};
 
 /// Rows of the drafting head a self draft keeps when the output head is streamed.
 pub const DEFAULT_DRAFT_HEAD_ROWS: usize = 8192;

@@ -1,10 +1,10 @@
 //! Options shared by the commands that run a model: KV cache type, and for flash images the
 //! strategy, budget, window and I/O settings.
 
+use crate::api::RunOptions;
 use crate::budget::parse_bytes;
-use crate::engine::flash::{FlashOptions, Selection, Strategy};
+use crate::engine::flash::Strategy;
 use crate::engine::kv_cache::KvType;
-use crate::storage::CoalesceOptions;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct FlashArgs {
@@ -22,7 +22,9 @@ pub struct FlashArgs {
     /// neuron to read less (it then gives the predictors' memory to window slots).
     #[arg(long, conflicts_with_all = ["dense", "oracle"])]
     pub predictor: bool,
-    /// Memory budget for the whole process, e.g. 48MiB or 1.5GiB (flash images only).
+    /// Memory budget for the whole process, e.g. 48MiB or 1.5GiB. A GGUF file or HF directory
+    /// is converted into a flash image first, once: into $LLMFLASH_CACHE (default
+    /// ~/.cache/llmflash), where later runs find it.
     #[arg(long, value_parser = parse_bytes)]
     pub memory_budget: Option<u64>,
     /// GPU memory budget with --backend gpu on a flash image, e.g. 64MiB: planned like
@@ -77,33 +79,29 @@ pub struct FlashArgs {
 }
 
 impl FlashArgs {
-    pub fn selection(&self, calibrated: bool) -> Selection {
-        if self.dense || !calibrated {
-            Selection::All
-        } else if self.oracle {
-            Selection::Oracle
-        } else {
-            Selection::Predictor
-        }
-    }
-
-    pub fn options(&self, selection: Selection) -> FlashOptions {
-        FlashOptions {
+    /// The library's options these flags ask for.
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
             strategy: self.strategy,
-            selection,
-            window_slots: None,
-            window_tokens: self.window,
+            dense: self.dense,
+            oracle: self.oracle,
+            predictor: self.predictor,
+            memory_budget: self.memory_budget,
+            vram_budget: self.vram_budget,
+            kv_type: self.kv_type,
+            window: self.window,
             io_threads: self.io_threads,
-            coalesce: CoalesceOptions {
-                max_read: self.max_read as usize,
-                max_gap: self.max_gap as usize,
-                ..CoalesceOptions::default()
-            },
+            disk_curve: self.disk_curve.clone(),
+            max_read: self.max_read,
+            max_gap: self.max_gap,
             direct: !self.no_direct,
             unbundled: self.unbundled,
-            pinned: None,
             lookahead: !self.no_lookahead,
-            verify: !self.no_checksums,
+            checksums: !self.no_checksums,
+            synthetic_activity: self.synthetic_activity,
+            synthetic_churn: self.synthetic_churn,
+            cache_dir: None,
+            progress: true,
         }
     }
 }

@@ -5,16 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
+use crate::api::gpu::open_gpu_model;
 use crate::backend::gpu::device::F16Mode;
-use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder, GpuFlashOptions, GpuOptions};
-use crate::budget::{self, Needs};
-use crate::engine::flash::{Selection, Strategy};
-use crate::engine::gpu::{generate_gpu, GpuModel};
-use crate::engine::kv_cache::{KvCache, KvType};
+use crate::backend::gpu::{GpuContext, GpuOptions};
+use crate::engine::gpu::generate_gpu;
 use crate::engine::sampler::{Sampler, Sampling};
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::StreamDecoder;
-use crate::sparsity::Sets;
 
 use super::draft_args::BuiltDraft;
 
@@ -79,7 +76,7 @@ pub struct Args {
 }
 
 pub fn run(mut a: Args) -> anyhow::Result<()> {
-    let runner = super::runner::Runner::open(&a.model, &a.flash)?;
+    let runner = super::open_runner(&a.model, &a.flash)?;
     let budgeted_image = runner.model.image.is_some() && a.flash.memory_budget.is_some();
     a.draft.resolve(budgeted_image && a.backend == "cpu");
     let draft_model = a.draft.open_model(&runner.model)?;
@@ -141,14 +138,13 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             let job = super::gpu_draft::Job {
                 draft_model: draft_model.as_ref(),
                 args: &a.draft,
-                flash: &a.flash,
                 ctx,
                 prompt: &prompt,
                 max_new: a.n,
             };
             super::gpu_draft::generate(&gpu, &runner, &job, &mut sampler, is_end, on_token)?
         } else {
-            let mut dec = open_gpu_model(&gpu, &runner, ctx, &a.flash)?;
+            let mut dec = open_gpu_model(&gpu, &runner, ctx)?;
             let greedy = sampling == Sampling::Greedy;
             generate_gpu(
                 dec.as_mut(),
@@ -164,7 +160,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         if a.gpu_adapter.is_some() || a.gpu_f16 != F16Mode::Auto {
             bail!("--gpu-adapter and --gpu-f16 need --backend gpu");
         }
-        let mut session = runner.session(ctx, &a.flash)?;
+        let mut session = runner.session(ctx)?;
         let mut draft = BuiltDraft::new(&a.draft, &runner, &session, draft_model.as_ref(), ctx)?;
         let name = a.draft.source().name();
         crate::draft::generate(
@@ -213,227 +209,4 @@ fn prompt_text(a: &Args, model: &crate::engine::model::Model) -> anyhow::Result<
     };
     t.render(&[msg], true)
         .context("rendering the chat template")
-}
-
-/// The GPU decoder for `runner`'s model: dense for GGUF and HF models; for a flash image, the
-/// flash path (bundles streamed from the SSD into GPU window buffers).
-pub(super) fn open_gpu_model<'r>(
-    gpu: &GpuContext,
-    runner: &'r super::runner::Runner,
-    ctx: usize,
-    flash: &super::flash_args::FlashArgs,
-) -> anyhow::Result<Box<dyn GpuModel + 'r>> {
-    let model = &runner.model;
-    refuse_memory_budget(flash)?;
-    if model.image.is_some() {
-        return Ok(Box::new(open_gpu_flash(gpu, runner, ctx, flash, 1)?));
-    }
-    if flash.vram_budget.is_some() {
-        bail!(
-            "--vram-budget needs a flash image; convert the model first: llmflash convert {} -o MODEL.flash",
-            model.path.display()
-        );
-    }
-    Ok(Box::new(GpuDecoder::with_kv_type(
-        gpu,
-        &model.weights,
-        ctx,
-        gpu_kv_type(flash),
-    )?))
-}
-
-/// The GPU's KV cache type: f32 unless asked. The GPU's attention is f32 arithmetic either way
-/// (not ggml's f16 flash attention, which the CPU's f16 cache reproduces), so f16 only saves
-/// memory there.
-pub(super) fn gpu_kv_type(flash: &super::flash_args::FlashArgs) -> KvType {
-    flash.kv_type.unwrap_or(KvType::F32)
-}
-
-fn refuse_memory_budget(flash: &super::flash_args::FlashArgs) -> anyhow::Result<()> {
-    if flash.memory_budget.is_some() {
-        bail!("--memory-budget plans host memory for --backend cpu; with --backend gpu use --vram-budget");
-    }
-    Ok(())
-}
-
-/// The GPU flash decoder for `runner`'s flash image, with verify passes of up to
-/// `verify_width` positions (1: single steps); under --vram-budget the plan counts the
-/// activations of that many positions.
-pub(super) fn open_gpu_flash<'r>(
-    gpu: &GpuContext,
-    runner: &'r super::runner::Runner,
-    ctx: usize,
-    flash: &super::flash_args::FlashArgs,
-    verify_width: usize,
-) -> anyhow::Result<GpuFlashDecoder<'r>> {
-    let model = &runner.model;
-    refuse_memory_budget(flash)?;
-    let Some(image) = &model.image else {
-        bail!("{} is not a flash image", model.path.display());
-    };
-    let widest = crate::backend::gpu::flash::MAX_VERIFY_WIDTH;
-    if verify_width > widest {
-        bail!(
-            "--draft-max {} makes verify passes of {verify_width} positions, and the GPU flash \
-             path's hold at most {widest}: use --draft-max {} or less",
-            verify_width - 1,
-            widest - 1
-        );
-    }
-    let kv = gpu_kv_type(flash);
-    if flash.strategy != Strategy::Flash {
-        bail!("--backend gpu runs the flash strategy only (bundles streamed into GPU windows); drop --strategy or use --backend cpu");
-    }
-    if flash.synthetic_activity.is_some() {
-        bail!("--synthetic-activity is not supported with --backend gpu; use --backend cpu");
-    }
-    let mut selection = flash.selection(runner.calibration.is_some());
-    let plan = match flash.vram_budget {
-        Some(budget) => {
-            let (sel, plan) = choose_vram_plan(
-                runner,
-                ctx,
-                kv,
-                budget,
-                selection,
-                flash.predictor,
-                verify_width,
-            )?;
-            selection = sel;
-            Some(plan)
-        }
-        None => None,
-    };
-    let predictors = match selection {
-        Selection::All => {
-            if !flash.dense && runner.calibration.is_none() {
-                log::warn!(
-                    "{} is not calibrated: computing every FFN neuron (run `llmflash calibrate`)",
-                    model.path.display()
-                );
-            }
-            None
-        }
-        Selection::Predictor => runner.predicting()?.map(|c| c.predictors.as_slice()),
-        Selection::Oracle => bail!("--oracle is not supported with --backend gpu"),
-    };
-    let base = flash.options(selection);
-    let mut opts = GpuFlashOptions {
-        window_tokens: base.window_tokens,
-        io_threads: base.io_threads,
-        coalesce: base.coalesce,
-        direct: base.direct,
-        kv_type: kv,
-        verify: base.verify,
-        verify_width,
-        ..GpuFlashOptions::default()
-    };
-    if let Some(plan) = plan {
-        log::info!("VRAM plan: {plan:?}");
-        opts.pinned = runner.pins(selection, &plan.0.window_slots);
-        opts.window_slots = Some(plan.0.window_slots);
-        opts.overflow_slots = plan.1;
-    }
-    Ok(GpuFlashDecoder::new(
-        gpu,
-        image,
-        &model.weights,
-        predictors,
-        ctx,
-        opts,
-    )?)
-}
-
-/// The VRAM plan for `budget` and the selection it runs: as under --memory-budget, the
-/// predictor gives way to computing every neuron unless it is expected to read under 3/4 of
-/// the dense bytes (`keep` keeps it). On the GPU, dense selection also needs no readback of
-/// the active set, so the next layer's reads start while this one computes.
-fn choose_vram_plan(
-    runner: &super::runner::Runner,
-    ctx: usize,
-    kv: KvType,
-    budget: u64,
-    selection: Selection,
-    keep: bool,
-    columns: usize,
-) -> anyhow::Result<(Selection, (budget::Plan, usize))> {
-    let cal = match (selection, &runner.calibration) {
-        (Selection::Predictor, Some(cal)) if !keep => cal,
-        _ => {
-            let predicted = selection == Selection::Predictor;
-            let plan = plan_vram(runner, ctx, kv, budget, predicted, columns)?;
-            return Ok((selection, plan));
-        }
-    };
-    let n = runner.model.weights.config.intermediate_size;
-    let stride = runner.model.image.as_ref().map_or(0, |i| i.bundle().stride) as f64;
-    let plans = (
-        plan_vram(runner, ctx, kv, budget, true, columns),
-        plan_vram(runner, ctx, kv, budget, false, columns),
-    );
-    let reads = |(plan, _): &(budget::Plan, usize), selection| -> f64 {
-        let slots = &plan.window_slots;
-        let misses: f64 = match selection {
-            Selection::Predictor => (slots.iter().enumerate())
-                .map(|(l, &s)| cal.expected_misses(Sets::Predicted, l, s))
-                .sum(),
-            _ => slots.iter().map(|&s| n.saturating_sub(s) as f64).sum(),
-        };
-        misses * stride
-    };
-    super::runner::choose_selection(
-        "VRAM plan",
-        plans,
-        super::runner::PREDICTOR_READ_SHARE,
-        reads,
-        |m| eprintln!("{m}"),
-    )
-    .map_err(|(predicted, _)| predicted)
-}
-
-/// The VRAM plan of a flash image on the GPU, and the overflow reserve it counts (one layer's
-/// expected active neurons): the same planner as --memory-budget, with the GPU's buffers.
-pub(super) fn plan_vram(
-    runner: &super::runner::Runner,
-    ctx: usize,
-    kv: KvType,
-    budget: u64,
-    predicted: bool,
-    columns: usize,
-) -> anyhow::Result<(budget::Plan, usize)> {
-    let model = &runner.model;
-    let Some(image) = &model.image else {
-        bail!("--vram-budget needs a flash image");
-    };
-    let c = &model.weights.config;
-    let n = c.intermediate_size;
-    let ctx = ctx.min(c.max_positions).max(1);
-    let cal = runner.calibration.as_ref().filter(|_| predicted);
-    let active = match cal {
-        Some(_) => runner.expected_active(Selection::Predictor),
-        None => runner.expected_active(Selection::All),
-    };
-    let needs = Needs {
-        // The GPU path keeps the embedding and output head in VRAM: nothing is streamed.
-        resident: image.meta.resident_bytes(),
-        tables: Vec::new(),
-        stream_staging: 0,
-        predictors: cal.map_or(0, |c| c.predictor_bytes()),
-        kv_cache: KvCache::bytes_for(c, ctx, kv),
-        // Activations, attention scores, logits and the predicted lists, per position of a pass
-        // (`columns`: a verify pass's), then the active list and the slot map with its masks.
-        scratch: (((10 * c.hidden_size + 2 * n + c.n_heads * ctx + c.vocab_size + 2 * (n + 1))
-            * columns.max(1)
-            + 2 * (n + 1)
-            + 2 * n)
-            * 4) as u64,
-        stride: image.bundle().stride as u64,
-        // Device memory: the process's own memory is not in it.
-        process: 0,
-        neurons: vec![n; c.n_layers],
-        active: active.clone(),
-    };
-    let plan = budget::plan(budget, &needs).context("--vram-budget")?;
-    let reserve = active.iter().copied().fold(1.0, f64::max).ceil() as usize;
-    Ok((plan, reserve))
 }

@@ -7,6 +7,9 @@
 
 use anyhow::bail;
 
+use crate::api::gpu::{gpu_kv_type, open_gpu_flash};
+use crate::api::Runner;
+use crate::backend::gpu::flash::MAX_VERIFY_WIDTH;
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder};
 use crate::draft::{
     self, Draft, DraftError, DraftSource, ModelDraft, NgramDraft, SelfDraft, SelfTarget, Target,
@@ -18,15 +21,11 @@ use crate::engine::stats::FlashStats;
 use crate::engine::Generation;
 
 use super::draft_args::DraftArgs;
-use super::flash_args::FlashArgs;
-use super::generate::{gpu_kv_type, open_gpu_flash};
-use super::runner::Runner;
 
 /// What one speculative decode on the GPU is asked to do.
 pub struct Job<'a> {
     pub draft_model: Option<&'a Model>,
     pub args: &'a DraftArgs,
-    pub flash: &'a FlashArgs,
     pub ctx: usize,
     pub prompt: &'a [u32],
     pub max_new: usize,
@@ -51,7 +50,7 @@ pub fn generate(
              dense GPU decoder pins none (it holds every weight); convert the model to a flash \
              image and run it under --vram-budget, or use --draft ngram or a draft model"
         ),
-        (DraftSource::SelfModel, _) if job.flash.vram_budget.is_none() => bail!(
+        (DraftSource::SelfModel, _) if runner.options().vram_budget.is_none() => bail!(
             "--draft self on the GPU drafts from the neurons --vram-budget pins in each layer's \
              GPU window, and without a VRAM budget nothing is pinned; add --vram-budget SIZE, \
              or use --draft ngram or a draft model"
@@ -62,7 +61,15 @@ pub fn generate(
     }
     let width = job.args.options().max + 1;
     if model.image.is_some() {
-        let dec = open_gpu_flash(gpu, runner, job.ctx, job.flash, width)?;
+        if width > MAX_VERIFY_WIDTH {
+            bail!(
+                "--draft-max {} makes verify passes of {width} positions, and the GPU flash \
+                 path's hold at most {MAX_VERIFY_WIDTH}: use --draft-max {} or less",
+                width - 1,
+                MAX_VERIFY_WIDTH - 1
+            );
+        }
+        let dec = open_gpu_flash(gpu, runner, job.ctx, width)?;
         let draft: Box<dyn Draft<Measured<GpuFlashDecoder>>> = match job.args.source() {
             DraftSource::SelfModel => {
                 let d = SelfDraft::new(&dec, job.args.options().p_min)?;
@@ -76,14 +83,15 @@ pub fn generate(
         };
         return run(dec, draft, job, sampler, is_end, on_token);
     }
-    if job.flash.memory_budget.is_some() || job.flash.vram_budget.is_some() {
+    let flash = runner.options();
+    if flash.memory_budget.is_some() || flash.vram_budget.is_some() {
         bail!(
             "--memory-budget and --vram-budget need a flash image; convert the model first: \
              llmflash convert {} -o MODEL.flash",
             model.path.display()
         );
     }
-    let kv = gpu_kv_type(job.flash);
+    let kv = gpu_kv_type(flash);
     let dec = GpuDecoder::with_verify(gpu, &model.weights, job.ctx, kv, width)?;
     run(dec, make_draft(model, job)?, job, sampler, is_end, on_token)
 }

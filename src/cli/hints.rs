@@ -2,6 +2,7 @@
 //! terms ("a longer context", "the CPU backend"); here a typed error found anywhere in the
 //! chain becomes a hint naming the flag that changes it.
 
+use crate::api::Notice;
 use crate::backend::gpu::GpuError;
 use crate::budget::BudgetError;
 use crate::draft::DraftError;
@@ -40,6 +41,20 @@ fn engine(e: &EngineError) -> Option<String> {
         }
         EngineError::Read(_) => Some(READ.into()),
         _ => None,
+    }
+}
+
+/// `notice` as the command line prints it: with the flag that changes it, if one does.
+pub fn notice(notice: &Notice) -> String {
+    let flag = match notice {
+        Notice::Dense { .. } => Some("--predictor keeps the predictors"),
+        Notice::DraftNeurons { .. } => Some("--draft-neurons"),
+        Notice::DraftHead { .. } => Some("--draft-head-rows"),
+        _ => None,
+    };
+    match flag {
+        Some(flag) => format!("{notice} ({flag})"),
+        None => notice.to_string(),
     }
 }
 

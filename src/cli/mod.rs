@@ -11,7 +11,6 @@ mod hints;
 mod inspect;
 mod perplexity;
 mod reorder;
-mod runner;
 mod values;
 
 use std::path::Path;
@@ -20,6 +19,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::api::Runner;
 use crate::backend::cpu::quant::{set_activations, Activations};
 use crate::model::{load, LoadedModel};
 
@@ -101,6 +101,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn read_text(path: &Path) -> anyhow::Result<String> {
     crate::storage::input::read_text(path, crate::storage::input::MAX_TEXT_BYTES)
         .with_context(|| format!("reading {}", path.display()))
+}
+
+/// Opens a model to run with the flags' options; the planner's notices are printed with the
+/// flag that changes each.
+fn open_runner(path: &Path, flash: &flash_args::FlashArgs) -> anyhow::Result<Runner> {
+    let notices = Box::new(|n: &crate::api::Notice| eprintln!("{}", hints::notice(n)));
+    Runner::open_with(path, flash.run_options(), notices)
 }
 
 /// Loads a model, with the path in any error.

@@ -27,7 +27,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     // The text first: a bad file is refused before the model loads.
     let text = super::read_text(&a.file)?;
-    let runner = super::runner::Runner::open(&a.model, &a.flash)?.scoring();
+    let runner = super::open_runner(&a.model, &a.flash)?.scoring();
     let Some(tok) = runner.model.tokenizer.as_ref() else {
         bail!(
             "{} has no tokenizer; perplexity needs one",
@@ -37,7 +37,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tokens = tok.encode(&text, true, false);
     let bos = if tok.add_bos() { tok.bos() } else { None };
     eprintln!("{} tokens, ctx {}", tokens.len(), a.ctx);
-    let mut session = runner.session(a.ctx, &a.flash)?;
+    let mut session = runner.session(a.ctx)?;
     let result = perplexity(&mut session, &tokens, a.ctx, bos, a.chunks, |i, p| {
         eprint!("[{i}]{p:.4},");
     })?;

@@ -37,6 +37,26 @@ pub fn generate<T: Target + ?Sized>(
     is_end: impl Fn(u32) -> bool,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, DraftError> {
+    let each = |t| {
+        on_token(t);
+        true
+    };
+    generate_while(session, draft, opts, prompt, max_new, sampler, is_end, each)
+}
+
+/// [`generate`], where `on_token` also says whether to go on: the generation ends after a
+/// token for which it returns false (a stop string was completed, the reader went away).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_while<T: Target + ?Sized>(
+    session: &mut T,
+    draft: Option<(&mut dyn Draft<T>, &str)>,
+    opts: &DraftOptions,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    is_end: impl Fn(u32) -> bool,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Generation, DraftError> {
     let plain = draft.is_none();
     let mut none = NoDraft;
     let (draft, source): (&mut dyn Draft<T>, &str) = draft.unwrap_or((&mut none, "none"));
@@ -61,11 +81,11 @@ pub fn generate<T: Target + ?Sized>(
     let mut length = DraftLength::new(opts.min, opts.max);
     'decode: while tokens.len() < max_new && !is_end(next) {
         tokens.push(next);
-        on_token(next);
+        let go_on = on_token(next);
         history.push(next);
         // Positions left in the context: a verify pass runs `next` and the drafts.
         let room = session.capacity().saturating_sub(session.position());
-        if tokens.len() == max_new || room == 0 {
+        if !go_on || tokens.len() == max_new || room == 0 {
             break;
         }
         // Drafts past the last token asked for, or past the context, would be wasted.
@@ -106,9 +126,9 @@ pub fn generate<T: Target + ?Sized>(
                 break 'decode;
             }
             tokens.push(t);
-            on_token(t);
+            let go_on = on_token(t);
             history.push(t);
-            if tokens.len() == max_new {
+            if !go_on || tokens.len() == max_new {
                 break 'decode;
             }
         }

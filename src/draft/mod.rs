@@ -25,7 +25,7 @@ mod selfdraft;
 mod target;
 
 pub use accept::{accept, Accepted};
-pub use decode::generate;
+pub use decode::{generate, generate_while};
 pub use length::DraftLength;
 pub use model::{same_vocabulary, ModelDraft};
 pub use ngram::NgramDraft;

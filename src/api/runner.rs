@@ -1,12 +1,15 @@
-//! Opening a model for the run commands and building sessions under a memory budget.
+//! A model opened to run, and the sessions it plans under a memory budget: which neurons
+//! each token computes, the window's slots and pins, what is streamed from the image, what a
+//! speculative draft may hold.
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context};
 
+use super::notice::{Notice, Notify};
+use super::options::RunOptions;
 use crate::budget::{self, Needs, Table};
-use crate::cli::flash_args::FlashArgs;
 use crate::engine::flash::{lookahead_extra_bytes, Selection, Sparsity, Strategy};
 use crate::engine::kv_cache::{KvCache, KvType};
 use crate::engine::model::Model;
@@ -22,18 +25,18 @@ use crate::storage::DiskCurve;
 /// reads them in the background, in large requests, while the previous layer computes: on
 /// Qwen2.5-1.5B under a 512 MiB cap, dense reads of 772 MB per token ran at 2.36 tokens/s and
 /// predicted reads of 781 MB at 1.04 (docs/benchmarks.md).
-pub(super) const PREDICTOR_READ_SHARE: f64 = 0.75;
+pub const PREDICTOR_READ_SHARE: f64 = 0.75;
 
 /// The choice between a plan with the predictors and one computing every neuron: the
 /// predictor's if it is expected to read under `share` of the dense bytes per token
 /// (`reads(plan, selection)`) or the dense plan does not fit, the dense one otherwise (said
-/// through `say`, prefixed with `label`). Both errors when neither fits.
-pub(super) fn choose_selection<P, E>(
-    label: &str,
+/// through `say`, naming the plan `label`). Both errors when neither fits.
+pub fn choose_selection<P, E>(
+    label: &'static str,
     plans: (Result<P, E>, Result<P, E>),
     share: f64,
     reads: impl Fn(&P, Selection) -> f64,
-    say: impl Fn(&str),
+    say: impl Fn(Notice),
 ) -> Result<(Selection, P), (E, E)> {
     let mb = |b: f64| b / 1e6;
     match plans {
@@ -48,28 +51,30 @@ pub(super) fn choose_selection<P, E>(
             if predicted < share * dense {
                 return Ok((Selection::Predictor, p));
             }
-            say(&format!(
-                "{label}: computing every FFN neuron: at this budget that is expected to read \
-                 {:.1} MB per token, known in advance, against {:.1} MB with the predictors \
-                 (--predictor keeps them)",
-                mb(dense),
-                mb(predicted)
-            ));
+            say(Notice::Dense {
+                plan: label,
+                dense,
+                predicted,
+            });
             Ok((Selection::All, d))
         }
         (Ok(p), Err(_)) => Ok((Selection::Predictor, p)),
         (Err(_), Ok(d)) => {
-            say(&format!(
-                "{label}: computing every FFN neuron: the budget cannot hold the predictors"
-            ));
+            say(Notice::NoRoomForPredictors { plan: label });
             Ok((Selection::All, d))
         }
         (Err(p), Err(d)) => Err((p, d)),
     }
 }
 
+/// A model opened to run with its [`RunOptions`]: it plans and builds the sessions that
+/// decode it (under a memory budget: which neurons, window slots and pins, streamed tables).
 pub struct Runner {
     pub model: Model,
+    /// How the model runs.
+    options: RunOptions,
+    /// Where the planner's notices go.
+    notices: Notify,
     /// The image's calibration without its predictors (thresholds, frequencies), when it has
     /// one: what planning and the oracle need.
     pub calibration: Option<Calibration>,
@@ -85,8 +90,10 @@ pub struct Runner {
     /// [`budget::process`]), taken from every memory budget.
     process: u64,
     /// Rows of logits a session holds at once: 1 to generate, a scored batch's for perplexity,
-    /// a verify pass's when drafting.
+    /// a verify pass's when drafting, one per sequence when serving several.
     logits_rows: usize,
+    /// Sequences decoded together, each with a KV cache of its own (see [`Runner::batch`]).
+    sequences: usize,
     /// What drafting takes from the budget and what it needs from the session.
     draft: DraftNeeds,
     /// The draft neurons per layer the last planned session holds room for (`None` before
@@ -114,16 +121,41 @@ pub struct DraftNeeds {
 }
 
 impl Runner {
-    /// Opens `path`; a flash image's resident tensors are read into memory (direct reads
-    /// unless `args.no_direct`), except for the `mmap` strategy, which maps everything.
-    pub fn open(path: &Path, args: &FlashArgs) -> anyhow::Result<Runner> {
-        let load = (args.strategy != Strategy::Mmap).then_some(!args.no_direct);
+    /// Opens `path` to run with `args`; a flash image's resident tensors are read into memory
+    /// (direct reads unless `args.direct` is off), except for the `mmap` strategy, which maps
+    /// everything.
+    pub fn open(path: &Path, args: RunOptions) -> anyhow::Result<Runner> {
+        Runner::open_with(path, args, super::notice::log_notice())
+    }
+
+    /// [`Runner::open`] with the planner's notices going to `notices`. Under a memory or
+    /// VRAM budget a model file that is not a flash image is opened through the conversion
+    /// cache ([`super::cache`]): converted on first use, reused after.
+    pub fn open_with(path: &Path, args: RunOptions, notices: Notify) -> anyhow::Result<Runner> {
+        let budgeted = args.memory_budget.is_some() || args.vram_budget.is_some();
+        let converted;
+        let path = if budgeted && !is_flash_image(path) {
+            let dir = match &args.cache_dir {
+                Some(dir) => dir.clone(),
+                None => super::cache::cache_dir()?,
+            };
+            let (image, reused) = super::cache::image_for(path, &dir, args.progress)?;
+            notices(&Notice::Converted {
+                path: image.clone(),
+                reused,
+            });
+            converted = image;
+            converted.as_path()
+        } else {
+            path
+        };
+        let load = (args.strategy != Strategy::Mmap).then_some(args.direct);
         let tables_deferred =
             load.is_some() && args.memory_budget.is_some() && is_flash_image(path);
         let defer: &[&str] = if tables_deferred { &TABLES } else { &[] };
         let model = Model::open_with(path, load, defer)
             .with_context(|| format!("loading {}", path.display()))?;
-        let process = process_overhead(&model, args);
+        let process = process_overhead(&model, &args);
         let calibration = match &model.image {
             Some(image) => Calibration::load_stats(image)
                 .with_context(|| format!("reading the calibration of {}", path.display()))?,
@@ -141,12 +173,15 @@ impl Runner {
         });
         Ok(Runner {
             model,
+            options: args,
+            notices,
             calibration,
             predicting: OnceLock::new(),
             synthetic,
             tables_deferred,
             process,
             logits_rows: 1,
+            sequences: 1,
             draft: DraftNeeds::default(),
             draft_neurons: std::cell::Cell::new(None),
             draft_head_rows: std::cell::Cell::new(0),
@@ -154,11 +189,38 @@ impl Runner {
         })
     }
 
+    /// Passes `notice` to where notices go.
+    pub fn notify(&self, notice: &Notice) {
+        (self.notices)(notice)
+    }
+
+    /// The options the model runs with.
+    pub fn options(&self) -> &RunOptions {
+        &self.options
+    }
+
+    /// Tells the user of a choice made for them (unless planning quietly).
+    fn say(&self, notice: Notice) {
+        if !self.quiet.get() {
+            self.notify(&notice)
+        }
+    }
+
     /// For sessions that score every position ([`Session::score`]): under a budget they hold a
     /// batch of logits rows at once, which the plan then counts.
     pub fn scoring(self) -> Runner {
         Runner {
             logits_rows: BUDGET_SCORE_BATCH,
+            ..self
+        }
+    }
+
+    /// For batches of `n` sequences decoded together ([`Runner::batch`]): the plan counts
+    /// their KV caches and a logits row for each.
+    pub fn serving(self, n: usize) -> Runner {
+        Runner {
+            logits_rows: self.logits_rows.max(n),
+            sequences: n.max(1),
             ..self
         }
     }
@@ -203,8 +265,10 @@ impl Runner {
         Ok(self.predicting.get())
     }
 
-    /// A session over `ctx` positions; for a flash image, with `args`' strategy and budget.
-    pub fn session(&self, ctx: usize, args: &FlashArgs) -> anyhow::Result<Session<'_>> {
+    /// A session over `ctx` positions; for a flash image, with the options' strategy and
+    /// budget.
+    pub fn session(&self, ctx: usize) -> anyhow::Result<Session<'_>> {
+        let args = &self.options;
         let session =
             (self.build_session(ctx, args)?).with_kv_type(args.kv_type.unwrap_or_default());
         // The plan counted the whole cache: hold it from the start.
@@ -214,12 +278,12 @@ impl Runner {
         })
     }
 
-    fn build_session(&self, ctx: usize, args: &FlashArgs) -> anyhow::Result<Session<'_>> {
+    fn build_session(&self, ctx: usize, args: &RunOptions) -> anyhow::Result<Session<'_>> {
         let Some(image) = &self.model.image else {
             if args.memory_budget.is_some() {
                 bail!(
-                    "--memory-budget needs a flash image; convert the model first: \
-                     llmflash convert {} -o MODEL.flash",
+                    "a memory budget needs a flash image, and {} is not one: open it through \
+                     the conversion cache (api::cache) or convert it first",
                     self.model.path.display()
                 );
             }
@@ -233,7 +297,7 @@ impl Runner {
                 self.model.path.display()
             );
         }
-        let mut opts = args.options(selection);
+        let mut opts = args.flash_options(selection);
         if let Some(path) = &args.disk_curve {
             let curve = DiskCurve::load(path)
                 .with_context(|| format!("reading the disk curve {}", path.display()))?;
@@ -246,22 +310,21 @@ impl Runner {
                 .session(ctx, Some(opts), self.sparsity(selection)?)?);
         };
         let kv = args.kv_type.unwrap_or_default();
-        let choice = (args.predictor, !args.no_lookahead);
+        let choice = (args.predictor, args.lookahead);
         let budget = self.target_budget(budget)?;
         let wanted = selection;
         let (selection, plan) = self
             .plan_with_draft(image, budget, |b| {
                 self.plan(image, ctx, b, wanted, kv, choice)
             })
-            .context("--memory-budget")?;
+            .context("planning the memory budget")?;
         opts.selection = selection;
         let sparsity = self.sparsity(selection)?;
         log::info!("memory plan: {plan:?}");
         if !plan.streamed.is_empty() {
-            eprintln!(
-                "memory plan: streaming {} from the image (budget below what keeping them needs)",
-                plan.streamed.join(", ")
-            );
+            self.say(Notice::Streaming {
+                tables: plan.streamed.clone(),
+            });
         }
         opts.pinned = self.pins(selection, &plan.window_slots);
         opts.window_slots = Some(plan.window_slots.clone());
@@ -275,7 +338,7 @@ impl Runner {
             return Ok(session);
         }
         let name = output_table(image);
-        let head = RowSource::resident_prefix(image, name, !args.no_direct, rows)?;
+        let head = RowSource::resident_prefix(image, name, args.direct, rows)?;
         Ok(session.with_draft_head(head))
     }
 
@@ -337,21 +400,18 @@ impl Runner {
     }
 
     fn say_draft_plan(&self, n: usize, held: u64, rows: usize) {
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
         if self.draft.neurons > 0 {
-            eprintln!(
-                "memory plan: {:.1} MiB of the budget hold the self draft's {n} neurons per \
-                 layer (of {} asked; --draft-neurons)",
-                mib(held),
-                self.draft.neurons
-            );
+            self.say(Notice::DraftNeurons {
+                held: n,
+                asked: self.draft.neurons,
+                bytes: held,
+            });
         }
         if self.draft.head_rows > 0 && rows < self.draft.head_rows {
-            eprintln!(
-                "memory plan: the drafting head holds {rows} of the {} rows asked \
-                 (--draft-head-rows)",
-                self.draft.head_rows
-            );
+            self.say(Notice::DraftHead {
+                held: rows,
+                asked: self.draft.head_rows,
+            });
         }
     }
 
@@ -369,10 +429,7 @@ impl Runner {
                 budget as f64 / (1 << 20) as f64
             );
         }
-        eprintln!(
-            "memory plan: {:.1} MiB of the budget hold the draft model",
-            reserved as f64 / (1 << 20) as f64
-        );
+        self.say(Notice::DraftModel { bytes: reserved });
         Ok(budget - reserved)
     }
 
@@ -409,12 +466,7 @@ impl Runner {
             _ => plan.expected_reads(&dn, |_, s| n.saturating_sub(s) as f64),
         };
         // Neither fits: report the smaller of the two minimums.
-        let say = |m: &str| {
-            if !self.quiet.get() {
-                eprintln!("{m}")
-            }
-        };
-        choose_selection("memory plan", plans, share, reads, say)
+        choose_selection("memory plan", plans, share, reads, |n| self.say(n))
             .map_err(|(p, d)| if d.minimum() < p.minimum() { d } else { p }.into())
     }
 
@@ -465,7 +517,8 @@ impl Runner {
                 (Selection::Predictor, None, Some(cal)) => cal.predictor_bytes(),
                 _ => 0,
             },
-            kv_cache: KvCache::bytes_for(c, ctx.min(c.max_positions), kv_type),
+            kv_cache: KvCache::bytes_for(c, ctx.min(c.max_positions), kv_type)
+                * self.sequences as u64,
             // Logits, activations, the FFN's per-token vectors.
             scratch: (self.logits_rows * c.vocab_size * 4 + 8 * c.hidden_size * 4 + 4 * n * 4)
                 as u64
@@ -504,7 +557,7 @@ impl Runner {
 /// What the process holds beside what a plan counts, measured now that `model` is open (its
 /// code, tokenizer and metadata), with an allowance for the threads a session starts: the
 /// I/O pool's and the compute pool's.
-fn process_overhead(model: &Model, args: &FlashArgs) -> u64 {
+fn process_overhead(model: &Model, args: &RunOptions) -> u64 {
     budget::process::release_freed();
     let loaded = model.image.as_ref().map_or(0, |i| i.owned_bytes());
     let threads = args.io_threads + rayon::current_num_threads();
@@ -556,10 +609,10 @@ fn output_table(image: &FlashImage) -> &'static str {
 fn output_rows(
     image: &FlashImage,
     plan: &budget::Plan,
-    args: &FlashArgs,
+    args: &RunOptions,
 ) -> anyhow::Result<OutputRows> {
     let source = |name: &str| -> anyhow::Result<RowSource> {
-        let direct = !args.no_direct;
+        let direct = args.direct;
         Ok(if plan.streamed.iter().any(|s| s == name) {
             RowSource::streamed(image, name, direct, args.io_threads)?
         } else {

@@ -1,0 +1,156 @@
+//! The embedding API ([`llmflash::api::Engine`]): it generates what the command line
+//! generates, ends at stop strings without showing them, stops when the reader says so, and
+//! under a memory budget converts a GGUF file into the cache once and reuses it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use llmflash::api::{Engine, FinishReason, GenerateOptions, Prompt, RunOptions};
+
+const PROMPT: &str = "The three primary colors are";
+
+fn smollm2() -> Option<PathBuf> {
+    common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model")
+}
+
+/// `llmflash generate ARGS --json`'s text and tokens, and its stderr.
+fn cli_generate(args: &[&str], cache: Option<&Path>) -> (String, Vec<u32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmflash"));
+    cmd.arg("generate").args(args).arg("--json");
+    if let Some(dir) = cache {
+        cmd.env("LLMFLASH_CACHE", dir);
+    }
+    let out = cmd.output().expect("running llmflash");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "llmflash generate {args:?}: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let text = v["text"].as_str().expect("text").to_string();
+    (text, common::u32s(&v["tokens"]), err)
+}
+
+fn greedy(n: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: n,
+        ..GenerateOptions::default()
+    }
+}
+
+#[test]
+fn the_engine_generates_what_the_command_line_generates() {
+    let Some(model) = smollm2() else { return };
+    let path = model.to_str().expect("a UTF-8 path");
+    let (text, tokens, _) = cli_generate(&["-m", path, "-p", PROMPT, "-n", "24", "--greedy"], None);
+    let engine = Engine::builder(&model).build().expect("opening the model");
+    let mut streamed = String::new();
+    let done = engine
+        .generate(&Prompt::Text(PROMPT), &greedy(24), |piece| {
+            streamed.push_str(piece);
+            true
+        })
+        .expect("generating");
+    assert_eq!(done.tokens, tokens);
+    assert_eq!(done.text, text);
+    assert_eq!(streamed, text, "the callback saw the whole text, once");
+    assert_eq!(
+        done.prompt_tokens,
+        engine.encode(&Prompt::Text(PROMPT)).unwrap().len()
+    );
+    let expected = match tokens.len() {
+        24 => FinishReason::Length,
+        _ => FinishReason::Stop,
+    };
+    assert_eq!(done.finish_reason, expected);
+}
+
+#[test]
+fn a_stop_string_ends_the_text_before_it_and_the_reader_can_stop() {
+    let Some(model) = smollm2() else { return };
+    let engine = Engine::builder(&model).build().expect("opening the model");
+    let full = engine
+        .generate(&Prompt::Text(PROMPT), &greedy(32), |_| true)
+        .expect("generating");
+    // A stop string from the middle of the greedy text: the text ends just before it.
+    let words: Vec<&str> = full.text.split_whitespace().collect();
+    assert!(words.len() > 4, "too short a text to cut: {:?}", full.text);
+    let stop = format!(" {}", words[3]);
+    let at = full
+        .text
+        .find(&stop)
+        .expect("the stop string is in the text");
+    let opts = GenerateOptions {
+        stop: vec![stop.clone()],
+        ..greedy(32)
+    };
+    let mut streamed = String::new();
+    let cut = engine
+        .generate(&Prompt::Text(PROMPT), &opts, |p| {
+            streamed.push_str(p);
+            true
+        })
+        .expect("generating");
+    assert_eq!(cut.text, full.text[..at], "stop string {stop:?}");
+    assert_eq!(streamed, cut.text, "no part of the stop string was shown");
+    assert_eq!(cut.finish_reason, FinishReason::Stop);
+    assert!(cut.tokens.len() < full.tokens.len());
+    // The reader stops after the first piece: one more token at most is decoded.
+    let mut pieces = 0;
+    let stopped = engine
+        .generate(&Prompt::Text(PROMPT), &greedy(32), |_| {
+            pieces += 1;
+            false
+        })
+        .expect("generating");
+    assert_eq!(pieces, 1);
+    assert_eq!(stopped.finish_reason, FinishReason::Cancelled);
+    assert!(stopped.tokens.len() <= 2, "{:?}", stopped.tokens);
+}
+
+#[test]
+fn a_budget_converts_a_gguf_into_the_cache_once_and_reuses_it() {
+    let Some(model) = smollm2() else { return };
+    let cache = common::root()
+        .join("target/test-files")
+        .join(format!("api-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let path = model.to_str().expect("a UTF-8 path");
+    let args = [
+        "-m",
+        path,
+        "-p",
+        PROMPT,
+        "-n",
+        "12",
+        "--greedy",
+        "--memory-budget",
+        "96MiB",
+    ];
+    let (_, first, err) = cli_generate(&args, Some(&cache));
+    assert!(err.contains("converted into a flash image"), "{err}");
+    let (_, again, err) = cli_generate(&args, Some(&cache));
+    assert!(err.contains("converted before"), "{err}");
+    assert_eq!(first, again);
+    let images: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().collect();
+    assert_eq!(images.len(), 1, "one image in the cache: {images:?}");
+    // Every neuron computed from the image gives the resident model's tokens.
+    let (_, resident, _) = cli_generate(&args[..7], None);
+    assert_eq!(first, resident);
+    // The engine finds the same image through its options. (Its budget is for the whole
+    // process, which here holds the other tests' models too: a generous one.)
+    let opts = RunOptions {
+        memory_budget: Some(1 << 30),
+        cache_dir: Some(cache.clone()),
+        ..RunOptions::default()
+    };
+    let engine = Engine::builder(&model)
+        .options(opts)
+        .build()
+        .expect("opening");
+    assert!(engine.model().image.is_some(), "the engine runs the image");
+    let done = engine
+        .generate(&Prompt::Text(PROMPT), &greedy(12), |_| true)
+        .expect("generating");
+    assert_eq!(done.tokens, first);
+    std::fs::remove_dir_all(&cache).ok();
+}
