@@ -307,3 +307,60 @@ fn bad_input_is_refused() {
     assert_eq!(batch.position(c).expect("c"), 1);
     assert_eq!(batch.step(&[]).expect("an empty step").len(), 0);
 }
+
+/// A read that fails mid-step (the image truncated while the batch decodes) is an error that
+/// leaves every sequence where it was; so is a prefill that fails.
+#[test]
+fn a_failed_read_leaves_every_sequence_where_it_was() {
+    let path = common::to_image(
+        &common::fixture("hf/llama"),
+        "batch-faults",
+        BundleDtype::F16,
+    );
+    let model = Model::open(&path).expect("open image");
+    let (layers, vocab) = (
+        model.weights.config.n_layers,
+        model.weights.config.vocab_size,
+    );
+    // A window far smaller than a layer: every step reads bundles.
+    let opts = FlashOptions {
+        selection: Selection::All,
+        window_slots: Some(vec![4; layers]),
+        lookahead: false,
+        io_threads: 2,
+        ..FlashOptions::default()
+    };
+    let mut batch = model
+        .session(64, Some(opts), None)
+        .expect("session")
+        .into_batch(3);
+    let (a, b) = (batch.add().expect("slot"), batch.add().expect("slot"));
+    batch
+        .prefill(a, &common::tokens(5, vocab))
+        .expect("prefill");
+    batch
+        .prefill(b, &common::tokens(3, vocab))
+        .expect("prefill");
+    let cut = model
+        .image
+        .as_ref()
+        .expect("an image")
+        .ffn_section(0)
+        .offset;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    file.set_len(cut).expect("truncate the image");
+    let err = batch
+        .step(&[(a, 1), (b, 2), (a, 3)])
+        .expect_err("a failed read");
+    assert!(matches!(err, EngineError::Read(_)), "{err}");
+    assert_eq!(batch.position(a).expect("a"), 5);
+    assert_eq!(batch.position(b).expect("b"), 3);
+    let c = batch.add().expect("slot");
+    let err = batch.prefill(c, &[1, 2, 3]).expect_err("a failed read");
+    assert!(matches!(err, EngineError::Read(_)), "{err}");
+    assert_eq!(batch.position(c).expect("c"), 0);
+    std::fs::remove_file(path).ok();
+}
