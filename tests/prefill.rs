@@ -4,6 +4,9 @@
 
 mod common;
 
+use llmflash::backend::cpu::forward::{forward, CpuState, DenseFfn};
+use llmflash::backend::cpu::prefill::{forward_columns, BatchState, Logits};
+use llmflash::engine::kv_cache::{KvCache, KvType};
 use llmflash::engine::Session;
 use llmflash::model::load;
 use llmflash::model::weights::ModelWeights;
@@ -78,4 +81,77 @@ fn smollm2_prefills_in_batches_exactly() {
     };
     let model = load(&path).expect("loading SmolLM2");
     check(&model.weights, "SmolLM2");
+}
+
+/// Three sequences (prompts of 5, 2 and 9 tokens fed one at a time) whose next tokens run
+/// interleaved as the columns of one batch, one sequence with two consecutive tokens: each
+/// column's logits are those of `forward` on its own cache, to the bit.
+fn check_columns(w: &ModelWeights, name: &str) {
+    let vocab = w.config.vocab_size;
+    let prompts: Vec<Vec<u32>> = [5, 2, 9].map(|n| common::tokens(n, vocab)).to_vec();
+    let fresh = || -> Vec<KvCache> {
+        let cache = |_| KvCache::new(&w.config, 16, KvType::F16);
+        (0..prompts.len()).map(cache).collect()
+    };
+    let mut s = CpuState::new(&w.config);
+    let mut ffn = DenseFfn::new(w);
+    let mut feed = |caches: &mut [KvCache], cols: &[(usize, u32)]| -> Vec<Vec<f32>> {
+        let step = |&(c, t): &(usize, u32)| {
+            forward(w, &mut caches[c], &mut s, t, true, &mut ffn, None).expect("forward");
+            s.logits.clone()
+        };
+        cols.iter().map(step).collect()
+    };
+    let prompt_cols: Vec<(usize, u32)> = (prompts.iter().enumerate())
+        .flat_map(|(c, p)| p.iter().map(move |&t| (c, t)))
+        .collect();
+    let cols = [(2, 7), (0, 3), (2, 11), (1, 1)];
+    let mut alone = fresh();
+    feed(&mut alone, &prompt_cols);
+    let want = feed(&mut alone, &cols);
+    let mut caches = fresh();
+    feed(&mut caches, &prompt_cols);
+    let mut b = BatchState::default();
+    let mut ffn = DenseFfn::new(w);
+    forward_columns(
+        w,
+        &mut caches,
+        &cols,
+        &mut s,
+        &mut b,
+        Logits::All,
+        &mut ffn,
+        None,
+    )
+    .expect("forward_columns");
+    let got: Vec<Vec<f32>> = (b.logits().chunks_exact(vocab))
+        .map(<[f32]>::to_vec)
+        .collect();
+    assert!(
+        got == want,
+        "{name}: columns of several sequences change the logits"
+    );
+    let lens: Vec<usize> = caches.iter().map(KvCache::len).collect();
+    assert_eq!(
+        lens,
+        [6, 3, 11],
+        "{name}: each cache advances by its columns"
+    );
+}
+
+#[test]
+fn hf_models_run_columns_of_several_sequences_exactly() {
+    for name in ["llama", "llama-tied", "qwen2", "opt", "opt-proj"] {
+        let model = load(&common::fixture(&format!("hf/{name}"))).expect("loading");
+        check_columns(&model.weights, name);
+    }
+}
+
+#[test]
+fn smollm2_runs_columns_of_several_sequences_exactly() {
+    let Some(path) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let model = load(&path).expect("loading SmolLM2");
+    check_columns(&model.weights, "SmolLM2");
 }

@@ -89,6 +89,8 @@ pub struct KvCache {
     capacity: usize,
     len: usize,
     dtype: KvType,
+    /// Whether [`KvCache::make_resident`] was called: what [`KvCache::empty_like`] repeats.
+    resident: bool,
     /// Per layer: up to `capacity x kv_dim` keys, and as many values.
     keys: Vec<Rows>,
     values: Vec<Rows>,
@@ -105,6 +107,7 @@ impl KvCache {
             capacity,
             len: 0,
             dtype,
+            resident: false,
             keys: (0..c.n_layers).map(|_| Rows::new(dtype, values)).collect(),
             values: (0..c.n_layers).map(|_| Rows::new(dtype, values)).collect(),
         }
@@ -118,7 +121,32 @@ impl KvCache {
         for rows in self.keys.iter_mut().chain(&mut self.values) {
             rows.touch();
         }
+        self.resident = true;
         self.len = 0;
+    }
+
+    /// An empty cache of the same shape, capacity and element type, resident from the start
+    /// if this one is: another sequence decoded alongside this one.
+    pub fn empty_like(&self) -> KvCache {
+        let values = self.capacity * self.kv_dim;
+        let rows = || {
+            (0..self.keys.len())
+                .map(|_| Rows::new(self.dtype, values))
+                .collect()
+        };
+        let mut kv = KvCache {
+            kv_dim: self.kv_dim,
+            capacity: self.capacity,
+            len: 0,
+            dtype: self.dtype,
+            resident: false,
+            keys: rows(),
+            values: rows(),
+        };
+        if self.resident {
+            kv.make_resident();
+        }
+        kv
     }
 
     /// Bytes a cache of `positions` positions holds when full.

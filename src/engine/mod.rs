@@ -1,5 +1,6 @@
 //! The decode loop, KV cache, sampler and per-token statistics.
 
+pub mod batch;
 pub mod flash;
 pub mod gpu;
 pub mod kv_cache;
@@ -33,6 +34,9 @@ pub enum EngineError {
     /// stops and commits nothing.
     #[error(transparent)]
     Read(#[from] crate::storage::ReadError),
+    /// A [`batch::SeqId`] that names no sequence of the batch: never added, or removed.
+    #[error("sequence {0} is not in this batch (it was never added, or has been removed)")]
+    UnknownSequence(batch::SeqId),
     #[error("the logits after position {position} are not finite numbers (NaN or infinite): the weights read are damaged or the model overflowed; verify the file's checksums or convert it again")]
     NonFinite { position: usize },
 }
@@ -65,7 +69,7 @@ pub struct Session<'w> {
 
 /// Prompt tokens per prefill batch: enough to read each weight once for many tokens, few
 /// enough that a batch's activations stay small (64 x the FFN width in f32).
-const PREFILL_BATCH: usize = 64;
+pub(crate) const PREFILL_BATCH: usize = 64;
 
 /// Tokens per batch when [`Session::score`] runs under a memory budget (output rows from the
 /// image): every token of a scored batch keeps its vocabulary-sized logits until the batch
@@ -144,21 +148,17 @@ impl<'w> Session<'w> {
         self.weights
     }
 
-    /// Bytes read and time spent streaming the embedding and output head, if they are.
-    fn row_costs(&self) -> (u64, std::time::Duration) {
-        self.rows
-            .as_ref()
-            .map_or((0, std::time::Duration::ZERO), |r| (r.bytes_read(), r.io()))
-    }
-
     /// The flash path's costs so far, with the streamed embedding and head counted as I/O.
     pub fn flash_stats(&self) -> Option<FlashStats> {
-        let mut s = self.ffn.flash_stats()?;
-        let (bytes, io) = self.row_costs();
-        s.bytes_read += bytes;
-        s.io += io;
-        s.memory_bytes += self.rows.as_ref().map_or(0, |r| r.memory_bytes() as u64);
-        Some(s)
+        flash_costs(self.ffn.as_ref(), self.rows.as_ref())
+    }
+
+    /// A batch of `slots` sequences decoded together ([`batch::BatchDecoder`]), taking this
+    /// session's FFN, embedding and head rows, and its KV cache's capacity, element type and
+    /// residency for every slot. A memory plan for one session counted one cache: `slots`
+    /// of them hold `slots` times its bytes.
+    pub fn into_batch(self, slots: usize) -> batch::BatchDecoder<'w> {
+        batch::BatchDecoder::new(self.weights, self.kv, self.ffn, self.rows, slots)
     }
 
     /// The FFN provider, e.g. to read its statistics.
@@ -334,17 +334,40 @@ impl<'w> Session<'w> {
     /// Refuses tokens outside the vocabulary and a prompt that would overflow the context,
     /// before any of it is run.
     fn check(&self, tokens: &[u32]) -> Result<(), EngineError> {
-        let vocab = self.weights.config.vocab_size;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::BadToken { id, vocab });
-        }
-        if self.kv.len() + tokens.len() > self.kv.capacity() {
-            return Err(EngineError::ContextFull {
-                capacity: self.kv.capacity(),
-            });
-        }
-        Ok(())
+        check_vocab(self.weights, tokens)?;
+        check_room(&self.kv, tokens.len())
     }
+}
+
+/// Refuses a token outside `w`'s vocabulary.
+pub(crate) fn check_vocab(w: &ModelWeights, tokens: &[u32]) -> Result<(), EngineError> {
+    let vocab = w.config.vocab_size;
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(&id) => Err(EngineError::BadToken { id, vocab }),
+        None => Ok(()),
+    }
+}
+
+/// Refuses `n` more positions than `kv` has room for.
+pub(crate) fn check_room(kv: &KvCache, n: usize) -> Result<(), EngineError> {
+    match kv.len() + n > kv.capacity() {
+        true => Err(EngineError::ContextFull {
+            capacity: kv.capacity(),
+        }),
+        false => Ok(()),
+    }
+}
+
+/// The flash path's costs so far (`ffn`'s), with the streamed embedding and head of `rows`
+/// counted as I/O and memory: what a session or a batch reports.
+fn flash_costs(ffn: &dyn FfnCompute, rows: Option<&OutputRows>) -> Option<FlashStats> {
+    let mut s = ffn.flash_stats()?;
+    if let Some(r) = rows {
+        s.bytes_read += r.bytes_read();
+        s.io += r.io();
+        s.memory_bytes += r.memory_bytes() as u64;
+    }
+    Some(s)
 }
 
 /// The tokens a generation produced and what it cost.

@@ -8,6 +8,10 @@
 //! cache). Attention still runs token by token over the cache, each token seeing the positions
 //! up to its own. Every product, sum and rounding is the one the single-token path performs, so
 //! the logits are bit-for-bit those of feeding the tokens one at a time (tested).
+//!
+//! The tokens of a batch need not belong to one sequence: [`forward_columns`] takes columns
+//! of several sequences, each with its own KV cache (a server decoding many requests at once,
+//! see [`crate::engine::batch`]). Only attention looks at a column's sequence.
 
 use crate::backend::cpu::attention::{attend, AttnShape};
 use crate::backend::cpu::forward::{embed, output, CpuState, FfnCompute};
@@ -35,6 +39,9 @@ pub struct BatchState {
     scratch: Vec<f32>,
     rope: Vec<[f32; 2]>,
     logits: Vec<f32>,
+    /// Per column: its cache and its position in that cache.
+    cache: Vec<usize>,
+    pos: Vec<usize>,
 }
 
 impl BatchState {
@@ -52,6 +59,18 @@ impl BatchState {
             buf.resize(n * width, 0.0);
         }
         self.acts.resize_with(n, ActivationBuffer::new);
+    }
+
+    /// Each column's cache and position: its cache's length plus the earlier columns of the
+    /// same cache (nothing is committed until the whole batch has run).
+    fn place(&mut self, caches: &[KvCache], cols: &[(usize, u32)]) {
+        self.cache.clear();
+        self.pos.clear();
+        for (i, &(cache, _)) in cols.iter().enumerate() {
+            let earlier = cols[..i].iter().filter(|col| col.0 == cache).count();
+            self.cache.push(cache);
+            self.pos.push(caches[cache].len() + earlier);
+        }
     }
 }
 
@@ -72,7 +91,8 @@ impl BatchState {
 }
 
 /// Runs `tokens` at positions `kv.len()..` through the model, appends their keys and values to
-/// `kv`, and computes `logits`. `ffn` must support batches ([`FfnCompute::batched`]).
+/// `kv`, and computes `logits`: [`forward_columns`] with one sequence. `ffn` must support
+/// batches ([`FfnCompute::batched`]).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_batch(
     w: &ModelWeights,
@@ -82,19 +102,45 @@ pub fn forward_batch(
     tokens: &[u32],
     logits: Logits,
     ffn: &mut dyn FfnCompute,
+    rows: Option<&mut OutputRows>,
+) -> Result<(), ReadError> {
+    let cols: Vec<(usize, u32)> = tokens.iter().map(|&t| (0, t)).collect();
+    let caches = std::slice::from_mut(kv);
+    forward_columns(w, caches, &cols, s, b, logits, ffn, rows)
+}
+
+/// Runs a batch of columns through the model, each column `(cache, token)` a token of the
+/// sequence whose keys and values are `caches[cache]`: several independent sequences share
+/// every weight read (and every flash read of `ffn.ffn_batch`), while each attends over its
+/// own cache only. A column's position is its cache's `len()` plus the number of earlier
+/// columns of the same cache, so a sequence may contribute several consecutive tokens.
+/// After every layer succeeded each cache advances by its columns (a failed read commits
+/// nothing); then `logits` are computed (`Last`: the last column's). Each column's logits
+/// are those of [`forward`](super::forward::forward) on its cache alone, to the bit.
+/// Every cache index must be `< caches.len()`, with room for its columns (the caller checks).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_columns(
+    w: &ModelWeights,
+    caches: &mut [KvCache],
+    cols: &[(usize, u32)],
+    s: &mut CpuState,
+    b: &mut BatchState,
+    logits: Logits,
+    ffn: &mut dyn FfnCompute,
     mut rows: Option<&mut OutputRows>,
 ) -> Result<(), ReadError> {
     let c = &w.config;
-    let (n, d, pos0) = (tokens.len(), c.hidden_size, kv.len());
+    let (n, d) = (cols.len(), c.hidden_size);
     b.resize(c, n);
-    for (i, &t) in tokens.iter().enumerate() {
-        embed(w, s, t, pos0 + i, rows.as_deref_mut())?;
+    b.place(caches, cols);
+    for (i, &(_, t)) in cols.iter().enumerate() {
+        embed(w, s, t, b.pos[i], rows.as_deref_mut())?;
         b.x[i * d..(i + 1) * d].copy_from_slice(&s.x);
     }
     for (l, layer) in w.layers.iter().enumerate() {
         if c.pre_norm {
             norm_rows(&layer.attn_norm, c, &b.x, &mut b.h);
-            attention_batch(c, layer, kv, l, pos0, b);
+            attention_batch(c, layer, caches, l, b);
             add_into(&mut b.x, &b.out);
             norm_rows(&layer.ffn_norm, c, &b.x, &mut b.h);
             ffn.ffn_batch(l, d, &b.h, &mut b.out)?;
@@ -102,7 +148,7 @@ pub fn forward_batch(
         } else {
             // Post-norm (OPT-350m): x = norm(x + block(x)).
             b.h.copy_from_slice(&b.x);
-            attention_batch(c, layer, kv, l, pos0, b);
+            attention_batch(c, layer, caches, l, b);
             add_into(&mut b.x, &b.out);
             norm_rows(&layer.attn_norm, c, &b.x, &mut b.h);
             b.x.copy_from_slice(&b.h);
@@ -113,8 +159,11 @@ pub fn forward_batch(
         }
     }
     // A failed read above returns before this: the positions are never committed.
-    kv.advance_by(n);
+    for &(cache, _) in cols {
+        caches[cache].advance();
+    }
     match logits {
+        Logits::Last if n == 0 => Ok(()),
         Logits::Last => {
             s.x.copy_from_slice(&b.x[(n - 1) * d..]);
             output(w, s, rows)
@@ -171,13 +220,12 @@ fn norm_rows(norm: &crate::model::weights::Norm, c: &Config, xs: &[f32], out: &m
 }
 
 /// Self-attention of the batch's normed inputs `b.h` into `b.out`: the projections batched,
-/// then each token rotated, cached and attending over positions up to its own.
+/// then each column rotated, cached and attending over its own cache up to its position.
 fn attention_batch(
     c: &Config,
     layer: &Layer,
-    kv: &mut KvCache,
+    caches: &mut [KvCache],
     l: usize,
-    pos0: usize,
     b: &mut BatchState,
 ) {
     let a = &layer.attn;
@@ -191,9 +239,8 @@ fn attention_batch(
         head_dim: c.head_dim,
     };
     let scale = 1.0 / (c.head_dim as f32).sqrt();
-    let n = b.acts.len();
-    for i in 0..n {
-        let pos = pos0 + i;
+    for (i, (&pos, &cache)) in b.pos.iter().zip(&b.cache).enumerate() {
+        let kv = &mut caches[cache];
         let q = &mut b.q[i * q_dim..(i + 1) * q_dim];
         let k = &mut b.k[i * kv_dim..(i + 1) * kv_dim];
         if let Some(theta) = c.rope_theta {
@@ -201,6 +248,7 @@ fn attention_batch(
             rope(q, c.head_dim, &b.rope, c.rope_style);
             rope(k, c.head_dim, &b.rope, c.rope_style);
         }
+        // Columns of one cache come in position order, so each sees its predecessors here.
         kv.write_at(l, pos, k, &b.v[i * kv_dim..(i + 1) * kv_dim]);
         let att = &mut b.att[i * q_dim..(i + 1) * q_dim];
         attend(q, kv.layer(l, pos + 1), pos + 1, shape, scale, att);
