@@ -12,6 +12,7 @@ pub mod draft;
 pub mod engine;
 pub mod image;
 pub mod model;
+pub mod serve;
 pub mod sparsity;
 pub mod storage;
 pub mod window;

@@ -89,6 +89,7 @@ pub struct EngineBuilder {
     context: usize,
     notices: Option<Notify>,
     drafts: Option<DraftOptions>,
+    sequences: usize,
 }
 
 impl EngineBuilder {
@@ -124,6 +125,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Plans memory for `n` sequences decoded together (a server's batch: see
+    /// [`crate::engine::batch::BatchDecoder`]), each with a KV cache of its own.
+    pub fn sequences(mut self, n: usize) -> EngineBuilder {
+        self.sequences = n.max(1);
+        self
+    }
+
     /// Opens the model and plans its memory.
     pub fn build(self) -> anyhow::Result<Engine> {
         let notices = self.notices.unwrap_or_else(log_notice);
@@ -131,7 +139,8 @@ impl EngineBuilder {
         let runner = match &self.drafts {
             Some(d) => runner.drafting(d.max, DraftNeeds::default()),
             None => runner,
-        };
+        }
+        .serving(self.sequences);
         Ok(Engine {
             runner,
             context: self.context,
@@ -158,6 +167,7 @@ impl Engine {
             context: DEFAULT_CONTEXT,
             notices: None,
             drafts: None,
+            sequences: 1,
         }
     }
 

@@ -11,6 +11,7 @@ mod hints;
 mod inspect;
 mod perplexity;
 mod reorder;
+mod serve;
 mod values;
 
 use std::path::Path;
@@ -58,6 +59,8 @@ enum Command {
     Reorder(reorder::Args),
     /// Measure decode speed.
     Bench(bench::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API, decoding requests together.
+    Serve(serve::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -94,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Calibrate(a) => calibrate::run(a),
         Command::Reorder(a) => reorder::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
     })
 }
 

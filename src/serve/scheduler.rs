@@ -1,0 +1,281 @@
+//! The decode loop of the server: continuous batching over one [`BatchDecoder`].
+//!
+//! ```text
+//! loop:
+//!   admit: while a slot is free and a request waits, tokenise it, prefill its slot, sample
+//!   step:  one pass over the weights for every active sequence's next token
+//!   emit:  each sequence's new text to its client; finished or abandoned ones free their slot
+//! ```
+//! Each pass reads every bundle once for all active sequences (with a predictor: the union
+//! of their active sets), so under a memory budget throughput grows with the batch until
+//! compute binds. A sequence decodes exactly as it would alone (the batch forward gives the
+//! same logits to the bit), so a greedy request's text does not depend on its neighbours.
+
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::metrics::Metrics;
+use super::openai::{ApiError, RequestPrompt};
+use crate::api::{Engine, FinishReason, GenerateOptions, Prompt, TextStream};
+use crate::engine::batch::{BatchDecoder, SeqId};
+use crate::engine::finite;
+use crate::engine::sampler::Sampler;
+
+/// A request waiting for a slot.
+pub struct Job {
+    pub prompt: RequestPrompt,
+    /// `max_tokens` `None`-free: the HTTP side filled in the default.
+    pub opts: GenerateOptions,
+    /// Where its events go; a send that fails means the client went away.
+    pub events: UnboundedSender<Event>,
+}
+
+/// What a request's client hears, in order: `Started`, any number of `Text`, then `Done`;
+/// or `Failed` alone.
+#[derive(Debug)]
+pub enum Event {
+    Started {
+        prompt_tokens: usize,
+    },
+    Text(String),
+    Done {
+        finish: FinishReason,
+        completion_tokens: usize,
+    },
+    Failed(ApiError),
+}
+
+/// A sequence being decoded.
+struct Active {
+    seq: SeqId,
+    events: UnboundedSender<Event>,
+    sampler: Sampler,
+    text: TextStream,
+    opts: GenerateOptions,
+    /// The token chosen last, not yet run through the model.
+    next: u32,
+    generated: usize,
+}
+
+/// Decodes `jobs` on `batch` until every sender of the queue is gone and the last
+/// sequence finished (how the server drains on shutdown).
+pub fn run(
+    engine: &Engine,
+    mut batch: BatchDecoder<'_>,
+    jobs: Receiver<Job>,
+    metrics: &Arc<Metrics>,
+) {
+    let mut active: Vec<Active> = Vec::new();
+    let mut open = true;
+    let mut read_before = flash_bytes(&batch);
+    loop {
+        while open && active.len() < batch.slots() {
+            let job = match active.is_empty() {
+                true => jobs.recv().map_err(|_| TryRecvError::Disconnected),
+                false => jobs.try_recv(),
+            };
+            let job = match job {
+                Ok(job) => job,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            };
+            Metrics::sub(&metrics.queued, 1);
+            if let Some(a) = start(engine, &mut batch, job, metrics) {
+                active.push(a);
+            }
+        }
+        if active.is_empty() {
+            if !open {
+                return;
+            }
+            continue;
+        }
+        step(engine, &mut batch, &mut active, metrics);
+        let read = flash_bytes(&batch);
+        Metrics::add(&metrics.flash_bytes, read.saturating_sub(read_before));
+        read_before = read;
+        metrics
+            .active
+            .store(active.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn flash_bytes(batch: &BatchDecoder<'_>) -> u64 {
+    batch.flash_stats().map_or(0, |s| s.bytes_read)
+}
+
+/// Tokenises `job`, prefills a slot with it and emits its first token; `None` when it failed
+/// or already finished (its client told either way).
+fn start(
+    engine: &Engine,
+    batch: &mut BatchDecoder<'_>,
+    job: Job,
+    metrics: &Metrics,
+) -> Option<Active> {
+    let fail = |e: ApiError| {
+        let _ = job.events.send(Event::Failed(e));
+        None
+    };
+    let ids = match encode(engine, &job.prompt) {
+        Ok(ids) => ids,
+        Err(e) => return fail(e),
+    };
+    let ctx = batch.capacity();
+    if ids.is_empty() {
+        return fail(ApiError::field("prompt", "the prompt is empty"));
+    }
+    if ids.len() >= ctx {
+        let e = ApiError::invalid(format!(
+            "the prompt has {} tokens and a sequence's context holds {ctx}: shorten it",
+            ids.len()
+        ));
+        return fail(e.with_code("context_length_exceeded"));
+    }
+    let vocab = engine.model().weights.config.vocab_size;
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return fail(ApiError::field(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary (size {vocab})"),
+        ));
+    }
+    let Some(seq) = batch.add() else {
+        return fail(ApiError::server("no free sequence slot (a scheduler bug)"));
+    };
+    let mut sampler = Sampler::new(job.opts.sampling.clone());
+    let first = batch
+        .prefill(seq, &ids)
+        .and_then(|logits| finite(logits, ids.len()).map(|l| sampler.sample(l)));
+    let next = match first {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = batch.remove(seq);
+            return fail(ApiError::server(format!("decoding the prompt failed: {e}")));
+        }
+    };
+    Metrics::add(&metrics.prompt_tokens, ids.len() as u64);
+    let started = job.events.send(Event::Started {
+        prompt_tokens: ids.len(),
+    });
+    let mut a = Active {
+        seq,
+        events: job.events,
+        sampler,
+        text: TextStream::new(&job.opts.stop),
+        opts: job.opts,
+        next,
+        generated: 0,
+    };
+    if started.is_err() || a.emit(engine, batch, metrics) {
+        let _ = batch.remove(seq);
+        return None;
+    }
+    Some(a)
+}
+
+fn encode(engine: &Engine, prompt: &RequestPrompt) -> Result<Vec<u32>, ApiError> {
+    let p = match prompt {
+        RequestPrompt::Chat(m) => Prompt::Chat(m),
+        RequestPrompt::Text(t) => Prompt::Text(t),
+        RequestPrompt::Tokens(ids) => Prompt::Tokens(ids),
+    };
+    engine
+        .encode(&p)
+        .map_err(|e| ApiError::invalid(format!("{e:#}")))
+}
+
+/// One pass for every active sequence, then each one's new token emitted; finished ones
+/// leave the batch. A failed pass fails every sequence in it.
+fn step(
+    engine: &Engine,
+    batch: &mut BatchDecoder<'_>,
+    active: &mut Vec<Active>,
+    metrics: &Metrics,
+) {
+    let inputs: Vec<(SeqId, u32)> = active.iter().map(|a| (a.seq, a.next)).collect();
+    let vocab = engine.model().weights.config.vocab_size;
+    let rows = match batch.step(&inputs) {
+        Ok(rows) => rows.to_vec(),
+        Err(e) => {
+            for a in active.drain(..) {
+                let _ = batch.remove(a.seq);
+                let _ = a.events.send(Event::Failed(ApiError::server(format!(
+                    "decoding failed: {e}"
+                ))));
+            }
+            return;
+        }
+    };
+    Metrics::add(&metrics.passes, 1);
+    Metrics::add(&metrics.pass_tokens, inputs.len() as u64);
+    let mut k = 0;
+    active.retain_mut(|a| {
+        let row = &rows[k * vocab..(k + 1) * vocab];
+        k += 1;
+        let position = batch.position(a.seq).unwrap_or(0);
+        let done = match finite(row, position) {
+            Ok(logits) => {
+                a.next = a.sampler.sample(logits);
+                a.emit(engine, batch, metrics)
+            }
+            Err(e) => {
+                let _ = a
+                    .events
+                    .send(Event::Failed(ApiError::server(e.to_string())));
+                true
+            }
+        };
+        if done {
+            let _ = batch.remove(a.seq);
+        }
+        !done
+    });
+}
+
+impl Active {
+    /// Emits `self.next` (unless it ends the generation); returns whether the sequence is
+    /// done: an end token, a stop string, `max_tokens`, a full context, or its client gone.
+    fn emit(&mut self, engine: &Engine, batch: &BatchDecoder<'_>, metrics: &Metrics) -> bool {
+        let tok = engine.model().tokenizer.as_ref();
+        let end = !self.opts.ignore_eos && tok.is_some_and(|k| k.is_end_of_generation(self.next));
+        if end {
+            return self.finish(FinishReason::Stop);
+        }
+        self.generated += 1;
+        Metrics::add(&metrics.generated_tokens, 1);
+        let piece = match tok {
+            Some(tok) => self.text.push(tok, self.next),
+            None => format!("{} ", self.next),
+        };
+        if !piece.is_empty() && self.events.send(Event::Text(piece)).is_err() {
+            return true;
+        }
+        if self.text.stopped() {
+            return self.finish(FinishReason::Stop);
+        }
+        let full = batch
+            .position(self.seq)
+            .map_or(true, |p| p >= batch.capacity());
+        if self.generated >= self.opts.max_tokens || full {
+            return self.finish(FinishReason::Length);
+        }
+        false
+    }
+
+    /// Sends what the text held back and the end; always done.
+    fn finish(&mut self, finish: FinishReason) -> bool {
+        let tail = self.text.finish();
+        if !tail.is_empty() {
+            let _ = self.events.send(Event::Text(tail));
+        }
+        let _ = self.events.send(Event::Done {
+            finish,
+            completion_tokens: self.generated,
+        });
+        true
+    }
+}
