@@ -154,3 +154,71 @@ fn a_budget_converts_a_gguf_into_the_cache_once_and_reuses_it() {
     assert_eq!(done.tokens, first);
     std::fs::remove_dir_all(&cache).ok();
 }
+
+#[test]
+fn a_conversation_reuses_its_cache_and_replies_as_a_fresh_chat_would() {
+    use llmflash::api::Conversation;
+    use llmflash::model::chat::ChatMessage;
+    let Some(model) = smollm2() else { return };
+    let engine = Engine::builder(&model)
+        .context(1024)
+        .build()
+        .expect("opening");
+    let mut chat = Conversation::new(&engine, Some("You are brief.")).expect("a conversation");
+    let first = chat
+        .reply("What is the capital of France?", &greedy(24), |_| true)
+        .expect("first reply");
+    let second = chat
+        .reply("And of Italy?", &greedy(24), |_| true)
+        .expect("second reply");
+    assert_eq!(second.dropped, 0);
+    // The second turn prefilled only what the first left out of the cache.
+    let history = [
+        ChatMessage::new("system", "You are brief."),
+        ChatMessage::new("user", "What is the capital of France?"),
+        ChatMessage::new("assistant", first.completion.text.clone()),
+        ChatMessage::new("user", "And of Italy?"),
+    ];
+    let whole = engine.encode(&Prompt::Chat(&history)).unwrap().len();
+    assert!(
+        second.completion.prompt_tokens < whole / 2,
+        "{} of {whole} prompt tokens run again",
+        second.completion.prompt_tokens
+    );
+    let fresh = engine
+        .generate(&Prompt::Chat(&history), &greedy(24), |_| true)
+        .expect("a fresh chat");
+    assert_eq!(second.completion.tokens, fresh.tokens);
+    assert_eq!(second.completion.text, fresh.text);
+    assert_eq!(chat.messages().len(), 5);
+    chat.reset();
+    assert_eq!(chat.messages().len(), 1, "the system message stays");
+}
+
+#[test]
+fn a_conversation_longer_than_the_context_drops_its_oldest_exchanges() {
+    use llmflash::api::Conversation;
+    let Some(model) = smollm2() else { return };
+    let engine = Engine::builder(&model)
+        .context(160)
+        .build()
+        .expect("opening");
+    let mut chat = Conversation::new(&engine, None).expect("a conversation");
+    let long = "Tell me about the history of the printing press in Europe.";
+    let mut dropped = 0;
+    for _ in 0..4 {
+        let r = chat.reply(long, &greedy(40), |_| true).expect("a reply");
+        dropped += r.dropped;
+        assert!(chat.messages().len() <= 8);
+    }
+    assert!(dropped > 0, "four long exchanges fit in 160 positions");
+    // A message that cannot fit at all is refused and leaves the history as it was.
+    let before = chat.messages();
+    let huge = "word ".repeat(400);
+    let err = chat
+        .reply(&huge, &greedy(8), |_| true)
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("context"), "{err:#}");
+    assert_eq!(chat.messages(), before);
+}

@@ -259,10 +259,31 @@ impl Engine {
         &self,
         prompt: &Prompt,
         opts: &GenerateOptions,
-        mut on_text: impl FnMut(&str) -> bool,
+        on_text: impl FnMut(&str) -> bool,
     ) -> anyhow::Result<Completion> {
         let ids = self.encode(prompt)?;
         let mut session = self.session(ids.len(), opts.max_tokens)?;
+        self.generate_in(&mut session, &ids, 0, opts, on_text)
+    }
+
+    /// [`Engine::generate`] from token ids `ids` in `session`, whose cache already holds the
+    /// first `cached` of them (a conversation's earlier turns).
+    pub fn generate_in(
+        &self,
+        session: &mut Session<'_>,
+        ids: &[u32],
+        cached: usize,
+        opts: &GenerateOptions,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> anyhow::Result<Completion> {
+        if cached >= ids.len() || session.position() != cached {
+            bail!(
+                "the session holds {} positions and {cached} of the {} prompt tokens are said \
+                 to be cached: at least one prompt token must be new",
+                session.position(),
+                ids.len()
+            );
+        }
         let tok = self.model().tokenizer.as_ref();
         let mut stream = TextStream::new(&opts.stop);
         let (mut text, mut cancelled) = (String::new(), false);
@@ -284,10 +305,10 @@ impl Engine {
             (d, "ngram")
         });
         let gen = generate_while(
-            &mut session,
+            session,
             draft,
             &drafts,
-            &ids,
+            &ids[cached..],
             opts.max_tokens,
             &mut sampler,
             is_end,
@@ -311,7 +332,7 @@ impl Engine {
         Ok(Completion {
             text,
             tokens: gen.tokens,
-            prompt_tokens: ids.len(),
+            prompt_tokens: ids.len() - cached,
             finish_reason,
             stats: gen.stats,
         })

@@ -22,6 +22,7 @@
 //! ```
 
 pub mod cache;
+pub mod chat;
 pub mod engine;
 pub mod gpu;
 pub mod notice;
@@ -29,6 +30,7 @@ pub mod options;
 pub mod runner;
 pub mod text;
 
+pub use chat::Conversation;
 pub use engine::{Completion, Engine, EngineBuilder, FinishReason, GenerateOptions, Prompt};
 pub use notice::Notice;
 pub use options::RunOptions;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod calibrate;
+mod chat;
 mod convert;
 mod draft_args;
 mod flash_args;
@@ -59,6 +60,8 @@ enum Command {
     Reorder(reorder::Args),
     /// Measure decode speed.
     Bench(bench::Args),
+    /// Chat with the model in the terminal.
+    Chat(chat::Args),
     /// Serve the model over an OpenAI-compatible HTTP API, decoding requests together.
     Serve(serve::Args),
 }
@@ -98,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reorder(a) => reorder::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Chat(a) => chat::run(a),
     })
 }
 
