@@ -5,7 +5,8 @@
 struct Params {
     n: u32,
     eps: f32,
-    _pad0: u32,
+    // LayerNorm's bias flag (the Rust Params is shared with layer_norm.wgsl): always 0 here.
+    flags: u32,
     _pad1: u32,
 }
 

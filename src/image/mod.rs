@@ -21,6 +21,7 @@ mod header;
 mod layout;
 mod reader;
 mod reorder;
+mod synthetic;
 mod writer;
 
 #[cfg(test)]
@@ -36,7 +37,8 @@ pub use layout::{
 };
 pub use reader::FlashImage;
 pub use reorder::reorder_neurons;
-pub use writer::{append_extra, convert, write_synthetic, ConvertOptions, SyntheticShape};
+pub use synthetic::{write_synthetic, SyntheticShape};
+pub use writer::{append_extra, convert, ConvertOptions};
 
 impl ImageError {
     /// A maker of [`ImageError::Io`] for `action` on `path`, for `map_err`.

@@ -364,7 +364,7 @@ fn qwen05_gguf_source() {
 fn synthetic_tiny() {
     let out = TempFile::new("synthetic");
     let meta =
-        writer::write_synthetic_with(&out.0, SyntheticShape::tiny(), BundleDtype::Q8_0, false)
+        synthetic::write_synthetic_with(&out.0, SyntheticShape::tiny(), BundleDtype::Q8_0, false)
             .unwrap();
     let image = FlashImage::open(&out.0).unwrap();
     assert_eq!(image.meta, meta);
@@ -376,7 +376,7 @@ fn synthetic_tiny() {
     // Deterministic.
     let out2 = TempFile::new("synthetic2");
     let meta2 =
-        writer::write_synthetic_with(&out2.0, SyntheticShape::tiny(), BundleDtype::Q8_0, false)
+        synthetic::write_synthetic_with(&out2.0, SyntheticShape::tiny(), BundleDtype::Q8_0, false)
             .unwrap();
     assert_eq!(meta.ffn, meta2.ffn);
     assert_eq!(meta.tensors, meta2.tensors);

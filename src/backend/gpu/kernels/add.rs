@@ -1,5 +1,6 @@
 //! Residual add `y += x` (shaders/add.wgsl).
 
+use super::layout::{struct_layout, StructLayout};
 use super::{groups_for, kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
@@ -10,6 +11,11 @@ use crate::backend::gpu::{GpuContext, GpuError};
 struct Params {
     n: u32,
     _pad: [u32; 3],
+}
+
+/// [`Params`] as laid out, checked against `shaders/add.wgsl`'s `Params` by `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params { n, _pad })
 }
 
 /// `y[..n] += x[..n]`.

@@ -1,5 +1,6 @@
 //! Greedy choice on the GPU (shaders/argmax.wgsl): the index of the largest logit.
 
+use super::layout::{struct_layout, StructLayout};
 use super::{kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
@@ -10,6 +11,12 @@ use crate::backend::gpu::{GpuContext, GpuError};
 struct Params {
     n: u32,
     _pad: [u32; 3],
+}
+
+/// [`Params`] as laid out, checked against `shaders/argmax.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params { n, _pad })
 }
 
 /// `out[0] = argmax(x[..n])`, first index on ties (as `sampler::argmax`).

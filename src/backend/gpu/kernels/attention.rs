@@ -1,6 +1,7 @@
 //! One token's attention over the GPU-resident KV cache (shaders/attention.wgsl).
 
 use super::kv_store::cache_words;
+use super::layout::{struct_layout, StructLayout};
 use super::{kernel, need, Columns, Dispatch};
 use crate::backend::cpu::attention::AttnShape;
 use crate::backend::gpu::buffers::uniform;
@@ -17,6 +18,19 @@ struct Params {
     max_ctx: u32,
     scale: f32,
     _pad: [u32; 3],
+}
+
+/// [`Params`] as laid out, checked against `shaders/attention.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        max_ctx,
+        scale,
+        _pad
+    })
 }
 
 /// `out = attend(q, K[..n_pos], V[..n_pos])` with `n_pos = Step::n_pos`. The caches hold

@@ -1,5 +1,6 @@
 //! Embedding gather (shaders/embed.wgsl): a row of a table in the file's dtype, dequantised.
 
+use super::layout::{struct_layout, StructLayout};
 use super::{aligned, code, kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::{uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::Binding;
@@ -14,6 +15,19 @@ struct Params {
     first_row: u32,
     rows: u32,
     _pad: [u32; 3],
+}
+
+/// [`Params`] as laid out, checked against `shaders/embed.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params {
+        cols,
+        row_bytes,
+        flags,
+        first_row,
+        rows,
+        _pad
+    })
 }
 
 /// Where each column's row comes from.

@@ -1,6 +1,7 @@
 //! The FFN's hidden activation in place (shaders/ffn_act.wgsl): SwiGLU `u = u * silu(g)` or
 //! ReLU `u = max(u, 0)`.
 
+use super::layout::{struct_layout, StructLayout};
 use super::{groups_for, kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
@@ -12,6 +13,12 @@ use crate::model::config::FfnKind;
 struct Params {
     n: u32,
     _pad: [u32; 3],
+}
+
+/// [`Params`] as laid out, checked against `shaders/ffn_act.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params { n, _pad })
 }
 
 /// `up[..n] = act(gate, up)`; `gate` is ignored (but must be bound) for ReLU.

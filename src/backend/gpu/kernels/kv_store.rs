@@ -1,5 +1,6 @@
 //! Appends a position's key and value to a layer's GPU-resident KV cache (shaders/kv_store.wgsl).
 
+use super::layout::{struct_layout, StructLayout};
 use super::{groups_for, kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
@@ -11,6 +12,12 @@ use crate::engine::kv_cache::KvType;
 struct Params {
     kv_dim: u32,
     _pad: [u32; 3],
+}
+
+/// [`Params`] as laid out, checked against `shaders/kv_store.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params { kv_dim, _pad })
 }
 
 /// `kc[pos] = k`, `vc[pos] = v` at `Step::pos`; the caches hold `capacity` rows of `kv_dim`

@@ -1,5 +1,6 @@
 //! `y = W x (+ b)` over raw ggml rows (shaders/matvec.wgsl), one dispatch per row chunk.
 
+use super::layout::{struct_layout, StructLayout};
 use super::{aligned, code, kernel, need, Columns, Dispatch, Step, Width};
 use crate::backend::gpu::buffers::{uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::{grid, Binding};
@@ -16,6 +17,21 @@ struct Params {
     groups_x: u32,
     out_stride: u32,
     _pad: u32,
+}
+
+/// [`Params`] as laid out, checked against `shaders/matvec.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params {
+        rows,
+        cols,
+        row_bytes,
+        out_offset,
+        flags,
+        groups_x,
+        out_stride,
+        _pad
+    })
 }
 
 /// Columns a matvec workgroup takes (`COLS` in shaders/matvec.wgsl).

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod embed;
 pub mod ffn_act;
 pub mod kv_store;
+pub mod layout;
 pub mod matvec;
 pub mod norm;
 pub mod predictor;
@@ -19,6 +20,7 @@ pub mod sparse_ffn;
 use crate::backend::gpu::device::GpuContext;
 use crate::backend::gpu::GpuError;
 use crate::model::tensor::DType;
+use layout::{struct_layout, StructLayout};
 
 pub use crate::backend::gpu::pipeline::{Columns, Dispatch};
 
@@ -72,6 +74,16 @@ pub struct Step {
     pub n_cols: u32,
     /// The first position's row within the learned-position table (OPT).
     pub pos_row: u32,
+}
+
+/// [`Step`] as laid out, checked against the shaders' `Step` by `tests/wgsl_layout.rs`.
+fn step_layout() -> StructLayout {
+    struct_layout!(Step {
+        pos,
+        n_pos,
+        n_cols,
+        pos_row
+    })
 }
 
 impl Default for Step {

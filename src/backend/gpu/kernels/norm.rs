@@ -1,5 +1,6 @@
 //! RMSNorm and LayerNorm (shaders/rms_norm.wgsl, shaders/layer_norm.wgsl), one workgroup each.
 
+use super::layout::{struct_layout, StructLayout};
 use super::{kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::{storage_f32, uniform};
 use crate::backend::gpu::pipeline::Binding;
@@ -13,6 +14,17 @@ struct Params {
     eps: f32,
     flags: u32,
     _pad: u32,
+}
+
+/// [`Params`] as laid out, checked against `shaders/rms_norm.wgsl`'s and
+/// `shaders/layer_norm.wgsl`'s `Params` by `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params {
+        n,
+        eps,
+        flags,
+        _pad
+    })
 }
 
 /// A norm's weights on the GPU: LayerNorm when it has a bias (OPT), RMSNorm otherwise, as

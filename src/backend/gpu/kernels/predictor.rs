@@ -4,6 +4,7 @@
 //! (`z_i` for the linear form, `|silu(z_i) * z_{n+i}|` for the product form), compacted in
 //! increasing order into `[count, id_0, id_1, ...]`.
 
+use super::layout::{struct_layout, StructLayout};
 use super::{ffn_act::ffn_act, kernel, matvec::matvec, need, Columns, Dispatch, Width};
 use crate::backend::gpu::buffers::{storage_bytes, storage_zeroed, uniform, GpuMatrix};
 use crate::backend::gpu::pipeline::Binding;
@@ -19,6 +20,17 @@ struct Params {
     threshold: f32,
     form: u32,
     _pad: u32,
+}
+
+/// [`Params`] as laid out, checked against `shaders/predictor_select.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params {
+        n,
+        threshold,
+        form,
+        _pad
+    })
 }
 
 fn form_code(form: Form) -> u32 {

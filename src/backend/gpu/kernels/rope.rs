@@ -1,5 +1,6 @@
 //! Rotary position embedding in place (shaders/rope.wgsl), from a (cos, sin) table.
 
+use super::layout::{struct_layout, StructLayout};
 use super::{kernel, need, Columns, Dispatch};
 use crate::backend::cpu::ops::rope_angles;
 use crate::backend::gpu::buffers::uniform;
@@ -13,6 +14,16 @@ struct Params {
     n_heads: u32,
     head_dim: u32,
     _pad: [u32; 2],
+}
+
+/// [`Params`] as laid out, checked against `shaders/rope.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params {
+        n_heads,
+        head_dim,
+        _pad
+    })
 }
 
 /// `(cos, sin)` for every position below `max_ctx` and every pair of a `head_dim` head, from

@@ -1,6 +1,7 @@
 //! In-place softmax of rows (shaders/softmax.wgsl), e.g. for sampling at a temperature on the
 //! GPU.
 
+use super::layout::{struct_layout, StructLayout};
 use super::{kernel, need, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
@@ -12,6 +13,12 @@ struct Params {
     n: u32,
     stride: u32,
     _pad: [u32; 2],
+}
+
+/// [`Params`] as laid out, checked against `shaders/softmax.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params { n, stride, _pad })
 }
 
 /// Softmax of `rows` rows of `n` values, row r at `r * stride`.

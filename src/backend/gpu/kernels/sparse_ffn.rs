@@ -1,6 +1,7 @@
 //! The sparse FFN over bundles in window slots (shaders/sparse_ffn.wgsl): the GPU twin of
 //! `backend::cpu::sparse_ffn`, reading the flash image's bundle layout unchanged.
 
+use super::layout::{struct_layout, StructLayout};
 use super::{aligned, code, need, Columns, Dispatch, Step, Width};
 use crate::backend::cpu::sparse_ffn::{BundleParts, Part};
 use crate::backend::gpu::buffers::uniform;
@@ -19,6 +20,21 @@ struct Params {
     flags: u32,
     groups_x: u32,
     act_stride: u32,
+}
+
+/// [`Params`] as laid out, checked against `shaders/sparse_ffn.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
+pub(super) fn params_layout() -> StructLayout {
+    struct_layout!(Params {
+        stride,
+        gate_offset,
+        up_offset,
+        down_offset,
+        d,
+        flags,
+        groups_x,
+        act_stride
+    })
 }
 
 /// Columns a sparse FFN workgroup takes (`COLS` in shaders/sparse_ffn.wgsl).

@@ -35,6 +35,12 @@
 //! neurons, from lists built at setup: no predictor, no readback but the output's, no reads,
 //! and the windows and flash counters untouched, so one command buffer holds every layer.
 
+mod options;
+mod pins;
+mod staging;
+
+pub use options::{GpuFlashOptions, MAX_VERIFY_WIDTH};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,69 +53,15 @@ use crate::backend::gpu::kernels::predictor::GpuPredictor;
 use crate::backend::gpu::kernels::sparse_ffn::{sparse_ffn, SparseFfnArgs};
 use crate::backend::gpu::kernels::{Dispatch, Width};
 use crate::backend::gpu::{GpuContext, GpuError};
-use crate::engine::kv_cache::KvType;
 use crate::engine::stats::FlashStats;
 use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
 use crate::sparsity::predictor::Predictor;
-use crate::storage::{CoalesceOptions, FlashFile, ReadError, ReadPool};
+use crate::storage::{FlashFile, ReadError, ReadPool};
 use crate::window::{Plan, Window, WindowConfig};
 
-/// How the GPU flash path holds and fetches bundles.
-#[derive(Clone, Debug)]
-pub struct GpuFlashOptions {
-    /// Window slots per layer (from the VRAM planner); `None`: every neuron.
-    pub window_slots: Option<Vec<usize>>,
-    /// Tokens a neuron stays after its last use (the paper's k).
-    pub window_tokens: usize,
-    /// Slots of the overflow reserve (active neurons the window cannot hold go through it, in
-    /// chunks of this size). At least 1.
-    pub overflow_slots: usize,
-    pub io_threads: usize,
-    pub coalesce: CoalesceOptions,
-    /// Bypass the page cache.
-    pub direct: bool,
-    /// Staging buffers in the ring (at least 2).
-    pub staging_buffers: usize,
-    /// Per layer, neurons given a window slot that is never evicted, uploaded at setup (the
-    /// planner's choice, as on the CPU: hot neurons, or for dense runs each section's first
-    /// bundles on disk, so that what is read per token is one contiguous tail).
-    pub pinned: Option<Vec<Vec<u32>>>,
-    /// The KV cache's value type (f32 by default; f16 halves it).
-    pub kv_type: KvType,
-    /// Check every bundle read from flash against the image's checksum before it is uploaded.
-    pub verify: bool,
-    /// Positions a verify pass may hold (1: single steps only), at most
-    /// [`MAX_VERIFY_WIDTH`]; the activations get room for that many columns.
-    pub verify_width: usize,
-}
-
-/// The widest verify pass of the flash decoder: the sparse passes' column masks are one u32.
-pub const MAX_VERIFY_WIDTH: usize = 32;
-
-impl Default for GpuFlashOptions {
-    fn default() -> Self {
-        GpuFlashOptions {
-            window_slots: None,
-            window_tokens: 5,
-            overflow_slots: 64,
-            io_threads: 8,
-            coalesce: CoalesceOptions::default(),
-            direct: true,
-            staging_buffers: 2,
-            pinned: None,
-            kv_type: KvType::F32,
-            verify: true,
-            verify_width: 1,
-        }
-    }
-}
-
-/// A mapped staging buffer of the ring, and whether its re-mapping has completed.
-struct Staging {
-    buf: wgpu::Buffer,
-    ready: Arc<AtomicBool>,
-}
+use pins::pin;
+use staging::Staging;
 
 struct FlashLayer {
     window: Window,
@@ -166,44 +118,6 @@ pub struct GpuFlashDecoder<'a> {
     draft_lists: Option<wgpu::Buffer>,
     /// Draft steps run (a self draft's tokens; not in the flash counters).
     draft_tokens: u64,
-}
-
-/// Pins `ids` in `layer`'s window and uploads their bundles into the slots they got; returns
-/// the bytes read.
-fn pin(
-    ctx: &GpuContext,
-    image: &FlashImage,
-    pool: &ReadPool,
-    opts: &GpuFlashOptions,
-    layer: &mut FlashLayer,
-    l: usize,
-    ids: &[u32],
-) -> Result<u64, GpuError> {
-    let (coalesce, verify) = (&opts.coalesce, opts.verify);
-    let stride = image.bundle().stride;
-    let mut loads = layer
-        .window
-        .pin(ids)
-        .map_err(|e| GpuError::Shape(format!("pinning layer {l}: {e}")))?;
-    let offset = |n: u32| image.bundle_offset(l, layer.disk_slot[n as usize] as usize);
-    loads.sort_unstable_by_key(|&(n, _)| offset(n));
-    let ranges: Vec<(u64, usize)> = loads.iter().map(|&(n, _)| (offset(n), stride)).collect();
-    let slots = &layer.slots;
-    let mut bad = None;
-    let read = pool
-        .read_ranges(&ranges, coalesce, &mut |r, bytes| {
-            if verify && bad.is_none() {
-                let slot = layer.disk_slot[loads[r].0 as usize] as usize;
-                bad = image.check_bundle(l, slot, bytes).err();
-            }
-            let at = loads[r].1 as u64 * stride as u64;
-            ctx.queue.write_buffer(slots, at, bytes);
-        })
-        .map_err(|e| ReadError::new(format!("layer {l}'s pinned neurons"), e))?;
-    if let Some(e) = bad {
-        return Err(ReadError::new(format!("layer {l}'s pinned neurons"), e).into());
-    }
-    Ok(read.bytes_read)
 }
 
 /// 32-bit words of the lists and slot maps of one layer: the window pass (count, ids, slots,
@@ -678,24 +592,6 @@ impl<'a> GpuFlashDecoder<'a> {
         self.active
             .extend((0..self.n as u32).filter(|&i| masks[i as usize] != 0));
         Ok(())
-    }
-
-    /// Waits until the next staging buffer is mapped and returns its index.
-    fn acquire_staging(&mut self) -> Result<usize, GpuError> {
-        let i = self.next_staging;
-        self.next_staging = (i + 1) % self.staging.len();
-        if !self.staging[i].ready.load(Ordering::Acquire) {
-            let t = Instant::now();
-            while !self.staging[i].ready.load(Ordering::Acquire) {
-                self.core
-                    .ctx
-                    .device
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| GpuError::Readback(e.to_string()))?;
-            }
-            self.core.wait += t.elapsed();
-        }
-        Ok(i)
     }
 
     /// One pass of `tokens` (one per column) through every layer (see the module docs).
