@@ -22,6 +22,7 @@ pub struct Conversation<'e> {
 
 /// One reply and what it cost the history.
 pub struct Reply {
+    /// The reply.
     pub completion: Completion,
     /// Earlier exchanges (a user message and its reply) dropped to make room.
     pub dropped: usize,

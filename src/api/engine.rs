@@ -77,6 +77,7 @@ pub struct Completion {
     pub tokens: Vec<u32>,
     /// Tokens of the prompt.
     pub prompt_tokens: usize,
+    /// Why the generation ended.
     pub finish_reason: FinishReason,
     /// Speeds, reads and memory.
     pub stats: GenerationStats,

@@ -11,27 +11,49 @@ pub enum Notice {
     /// per token against `predicted` with the predictors. `plan` names the plan ("memory
     /// plan", "VRAM plan").
     Dense {
+        /// Which plan: "memory plan" or "VRAM plan".
         plan: &'static str,
+        /// Bytes per token computing every neuron is expected to read.
         dense: f64,
+        /// Bytes per token the predictors are expected to read.
         predicted: f64,
     },
     /// Every FFN neuron is computed because the budget cannot hold the predictors.
-    NoRoomForPredictors { plan: &'static str },
+    NoRoomForPredictors {
+        /// Which plan.
+        plan: &'static str,
+    },
     /// These tables (embedding, output head) are streamed from the image.
-    Streaming { tables: Vec<String> },
+    Streaming {
+        /// The tables' tensor names.
+        tables: Vec<String>,
+    },
     /// A separate draft model takes `bytes` of the budget.
-    DraftModel { bytes: u64 },
+    DraftModel {
+        /// Bytes it holds.
+        bytes: u64,
+    },
     /// A self draft holds `held` of the `asked` neurons per layer, in `bytes`.
     DraftNeurons {
+        /// Neurons per layer it holds.
         held: usize,
+        /// Neurons per layer asked for.
         asked: usize,
+        /// Bytes they take.
         bytes: u64,
     },
     /// The drafting head holds `held` of the `asked` token rows.
-    DraftHead { held: usize, asked: usize },
+    DraftHead {
+        /// Rows it holds.
+        held: usize,
+        /// Rows asked for.
+        asked: usize,
+    },
     /// A model file was converted into a flash image in the cache (`path`), or found there.
     Converted {
+        /// The image.
         path: std::path::PathBuf,
+        /// It was there from an earlier run.
         reused: bool,
     },
 }

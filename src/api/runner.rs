@@ -70,6 +70,7 @@ pub fn choose_selection<P, E>(
 /// A model opened to run with its [`RunOptions`]: it plans and builds the sessions that
 /// decode it (under a memory budget: which neurons, window slots and pins, streamed tables).
 pub struct Runner {
+    /// The model, its tokenizer and (for a flash image) the image.
     pub model: Model,
     /// How the model runs.
     options: RunOptions,
@@ -114,6 +115,7 @@ pub struct DraftNeeds {
     /// each such neuron costs over all layers: the planner gives it fewer when the budget
     /// cannot hold them beside what the model needs.
     pub neurons: usize,
+    /// Bytes one such neuron costs over all layers.
     pub neuron_bytes: u64,
     /// Token rows of the drafting head to keep resident when the plan streams the output
     /// head (a self draft); 0 for none.
@@ -215,7 +217,7 @@ impl Runner {
         }
     }
 
-    /// For batches of `n` sequences decoded together ([`Runner::batch`]): the plan counts
+    /// For batches of `n` sequences decoded together (`Session::into_batch`): the plan counts
     /// their KV caches and a logits row for each.
     pub fn serving(self, n: usize) -> Runner {
         Runner {

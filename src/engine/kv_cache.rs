@@ -7,7 +7,8 @@ use crate::model::config::Config;
 /// The element type of the cache. f16 halves the cache and is what llama.cpp keeps by default,
 /// so its attention numerics (and hence its greedy tokens) are reproduced exactly; f32 is
 /// closer to a float reference such as HF transformers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum KvType {
     #[default]
     F16,
@@ -221,7 +222,7 @@ impl KvCache {
 
     /// Forgets the positions from `len` on (a speculative draft the target rejected), in
     /// O(1): the rows stay allocated and the next write at a forgotten position replaces them
-    /// ([`Rows::write`] drops everything after what it writes). Keeping more positions than
+    /// (`Rows::write` drops everything after what it writes). Keeping more positions than
     /// are stored is a no-op, so the cache never claims rows it does not have.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -19,6 +19,7 @@
 mod crc;
 mod header;
 mod layout;
+mod progress;
 mod reader;
 mod reorder;
 mod synthetic;

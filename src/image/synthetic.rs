@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Map;
 
-use super::writer::{progress_bar, write_section, Out};
+use super::progress::Progress;
+use super::writer::{write_section, Out};
 use super::{
     BundleDtype, BundleLayout, Crc32, ImageError, ImageMeta, PartRole, SourceInfo, TensorEntry,
     ALIGN, FORMAT_VERSION,
@@ -203,7 +204,7 @@ pub(crate) fn write_synthetic_with(
             shape.vocab,
             d,
         )?);
-        let pb = progress_bar(progress, shape.n_layers, "writing synthetic model");
+        let mut pb = Progress::new(progress, shape.n_layers, "writing synthetic model");
         let mut sections = Vec::new();
         for l in 0..shape.n_layers {
             let p = format!("blk.{l}");
@@ -271,7 +272,7 @@ pub(crate) fn write_synthetic_with(
             sections.push(section);
             pb.inc(1);
         }
-        pb.finish_and_clear();
+        pb.finish();
         tensors.push(o.write_tensor("output_norm.weight", DType::F32, 1, d, ones)?);
         tensors.push(matrix(
             &mut o,

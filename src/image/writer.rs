@@ -8,10 +8,10 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
+use super::progress::Progress;
 use super::{
     align_up, BlobEntry, BundleDtype, BundleLayout, Crc32, FfnSection, FlashImage, Header,
     ImageError, ImageMeta, PartRole, SourceInfo, TensorEntry, ALIGN, FORMAT_VERSION,
@@ -207,20 +207,6 @@ impl Out {
         file.commit()?;
         Ok(())
     }
-}
-
-pub(super) fn progress_bar(enabled: bool, n: usize, what: &str) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(n as u64);
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} layers ({elapsed}, eta {eta})")
-    {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(what.to_string());
-    pb
 }
 
 /// How one bundle part is produced from the source.
@@ -434,7 +420,7 @@ pub fn convert(
             tensors.push(entry);
         }
 
-        let pb = progress_bar(opts.progress, ffns.len(), "converting FFN");
+        let mut pb = Progress::new(opts.progress, ffns.len(), "converting FFN");
         let mut sections = Vec::with_capacity(ffns.len());
         let mut down = vec![0f32; 0];
         for (li, x) in ffns.iter().enumerate() {
@@ -481,7 +467,7 @@ pub fn convert(
             sections.push(section);
             pb.inc(1);
         }
-        pb.finish_and_clear();
+        pb.finish();
         drop(down);
 
         let meta = ImageMeta {

@@ -24,11 +24,15 @@ use crate::api::GenerateOptions;
 
 /// What every handler shares.
 pub struct AppState {
+    /// The queue of requests to the decode loop.
     pub jobs: SyncSender<Job>,
+    /// The counters `/metrics` prints.
     pub metrics: Arc<Metrics>,
     /// The one model served, as `/v1/models` names it.
     pub model_id: String,
+    /// When the server started (Unix seconds), as `/v1/models` says.
     pub created: u64,
+    /// When set, the bearer token every request must carry.
     pub api_key: Option<String>,
     /// Positions of context each sequence has.
     pub context: usize,

@@ -6,9 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// What the server has done so far; shared by the HTTP side and the decode loop.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Requests accepted.
     pub requests: AtomicU64,
+    /// Requests refused: bad input, a wrong key, a full queue.
     pub rejected: AtomicU64,
+    /// Prompt tokens prefilled.
     pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
     pub generated_tokens: AtomicU64,
     /// Requests waiting for a sequence slot.
     pub queued: AtomicU64,
@@ -23,10 +27,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Adds `n` to `counter`.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 
+    /// Takes `n` from `counter`, stopping at zero.
     pub fn sub(counter: &AtomicU64, n: u64) {
         let _ = counter.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(n)));
     }

@@ -11,9 +11,11 @@ use crate::model::chat::ChatMessage;
 /// An error as OpenAI's API reports it: an HTTP status and `{"error": {...}}`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: u16,
     /// OpenAI's `type`: `invalid_request_error`, `authentication_error`, `server_error`, ...
     pub kind: &'static str,
+    /// What went wrong and what to do.
     pub message: String,
     /// The request field at fault, if one is.
     pub param: Option<&'static str>,
@@ -41,6 +43,7 @@ impl ApiError {
         }
     }
 
+    /// The same error with a machine-readable `code`.
     pub fn with_code(self, code: &'static str) -> ApiError {
         ApiError {
             code: Some(code),
@@ -48,6 +51,7 @@ impl ApiError {
         }
     }
 
+    /// The same error with another HTTP status and `type`.
     pub fn with_status(self, status: u16, kind: &'static str) -> ApiError {
         ApiError {
             status,
@@ -165,21 +169,30 @@ struct CompletionBody {
 /// What is asked to be continued.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RequestPrompt {
+    /// A conversation, for the chat template.
     Chat(Vec<ChatMessage>),
+    /// Plain text.
     Text(String),
+    /// Token ids.
     Tokens(Vec<u32>),
 }
 
 /// A request, checked and in the engine's terms.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
+    /// What to continue.
     pub prompt: RequestPrompt,
+    /// The model asked for, if named.
     pub model: Option<String>,
+    /// Stream the reply as server-sent events.
     pub stream: bool,
+    /// End a stream with a usage chunk.
     pub include_usage: bool,
     /// `None`: up to the end of the context.
     pub max_tokens: Option<usize>,
+    /// How tokens are chosen (temperature 0: greedy).
     pub sampling: Sampling,
+    /// The text ends before the first of these.
     pub stop: Vec<String>,
 }
 
@@ -322,6 +335,7 @@ fn fresh_seed() -> u64 {
     t ^ (std::process::id() as u64) << 32
 }
 
+/// OpenAI's name for why a generation ended.
 pub fn finish_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
@@ -341,16 +355,22 @@ pub fn usage(prompt: usize, completion: usize) -> Value {
 /// Which endpoint a response is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
+    /// `/v1/chat/completions`.
     Chat,
+    /// `/v1/completions`.
     Completion,
 }
 
 /// The response naming a request `id`, made at `created` (Unix seconds) by `model`.
 #[derive(Clone, Debug)]
 pub struct Reply {
+    /// The endpoint answered.
     pub endpoint: Endpoint,
+    /// The response's id.
     pub id: String,
+    /// When it was made, in Unix seconds.
     pub created: u64,
+    /// The model's id.
     pub model: String,
 }
 

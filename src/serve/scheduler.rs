@@ -25,6 +25,7 @@ use crate::engine::sampler::Sampler;
 
 /// A request waiting for a slot.
 pub struct Job {
+    /// What to continue.
     pub prompt: RequestPrompt,
     /// `max_tokens` `None`-free: the HTTP side filled in the default.
     pub opts: GenerateOptions,
@@ -36,14 +37,21 @@ pub struct Job {
 /// or `Failed` alone.
 #[derive(Debug)]
 pub enum Event {
+    /// The prompt was prefilled.
     Started {
+        /// Its tokens.
         prompt_tokens: usize,
     },
+    /// More of the reply's text.
     Text(String),
+    /// The reply ended.
     Done {
+        /// Why.
         finish: FinishReason,
+        /// Tokens generated.
         completion_tokens: usize,
     },
+    /// The request failed; nothing follows.
     Failed(ApiError),
 }
 

@@ -342,7 +342,7 @@ impl Adam {
     }
 }
 
-/// Fits a predictor to `train`, starting from `w` (n x d; see [`init_from`]). Positives are
+/// Fits a predictor to `train`, starting from `w` (n x d; see `init_from`). Positives are
 /// weighted by negatives/positives so that both classes count equally (the paper's balanced
 /// loss); `tau` is left at 0 for [`set_tau`].
 pub fn fit(w: &[f32], train: &Examples, opts: &FitOptions) -> Result<Predictor, PredictorError> {

@@ -4,7 +4,7 @@
 //!
 //! Decoding one token is bound by memory bandwidth: every weight byte is read for a handful of
 //! multiply-adds. A prompt's tokens are all known up front, so each layer multiplies a whole
-//! batch ([`matmul`]: every weight row dotted with every token's activation while it is in
+//! batch (`matmul`: every weight row dotted with every token's activation while it is in
 //! cache). Attention still runs token by token over the cache, each token seeing the positions
 //! up to its own. Every product, sum and rounding is the one the single-token path performs, so
 //! the logits are bit-for-bit those of feeding the tokens one at a time (tested).

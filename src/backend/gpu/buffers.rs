@@ -34,7 +34,7 @@ fn check_binding(ctx: &GpuContext, what: &str, bytes: u64) -> Result<(), GpuErro
     Ok(())
 }
 
-/// A storage buffer holding `bytes` (padded, see [`TAIL_PAD`]).
+/// A storage buffer holding `bytes` (padded, see `TAIL_PAD`).
 pub fn storage_bytes(ctx: &GpuContext, what: &str, bytes: &[u8]) -> Result<wgpu::Buffer, GpuError> {
     let size = padded(bytes.len() as u64);
     check_binding(ctx, what, size)?;

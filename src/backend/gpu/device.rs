@@ -26,7 +26,8 @@ pub struct GpuOptions {
 }
 
 /// The user's choice of f16 form ([`Half`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum F16Mode {
     /// Native where the adapter offers SHADER_F16, packed where it does not. (On lavapipe the
     /// two measured the same, within noise: docs/benchmarks.md.)

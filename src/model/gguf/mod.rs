@@ -6,7 +6,7 @@
 //! byte range up front, so that [`GgufFile::tensor`] can hand out zero-copy views of the
 //! memory map without further checks that could fail later, mid-generation.
 //!
-//! Everything read from the file is untrusted: every read is bounds-checked by [`Reader`],
+//! Everything read from the file is untrusted: every read is bounds-checked by the reader,
 //! and no allocation is sized from a file-supplied count until that count has been checked
 //! against the bytes that remain (each element needs at least a known number of bytes).
 //!

@@ -39,7 +39,8 @@ use std::sync::OnceLock;
 use crate::model::tensor::DType;
 
 /// How activations meet quantised weights, process-wide.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Activations {
     /// Quantised to Q8 blocks and dotted in integers, as llama.cpp does (its logits, to the
     /// bit).

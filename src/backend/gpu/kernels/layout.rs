@@ -5,7 +5,7 @@
 //! [`uniform_layouts`]).
 //!
 //! Each kernel lists its struct's fields next to the definition (`params_layout`) with
-//! [`struct_layout!`], which destructures the struct without `..`: a field added to the struct
+//! `struct_layout!`, which destructures the struct without `..`: a field added to the struct
 //! and not to the list does not compile, and offsets and sizes come from the compiler
 //! (`offset_of!`, `size_of`), so the list cannot drift from the definition.
 
