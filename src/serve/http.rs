@@ -19,12 +19,16 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::metrics::Metrics;
 use super::openai::{parse_chat, parse_completion, usage, ApiError, Endpoint, Reply};
-use super::scheduler::{Event, Job};
+use super::scheduler::{Event, Job, Permit};
 use crate::api::GenerateOptions;
 
 /// What every handler shares.
 pub struct AppState {
     pub jobs: SyncSender<Job>,
+    /// Requests held (decoding or waiting), of at most `admit` ([`Permit`]).
+    pub held: Arc<std::sync::atomic::AtomicUsize>,
+    /// `parallel + queue`.
+    pub admit: usize,
     pub metrics: Arc<Metrics>,
     /// The one model served, as `/v1/models` names it.
     pub model_id: String,
@@ -158,6 +162,12 @@ async fn accept(s: &Arc<AppState>, body: Body, endpoint: Endpoint) -> Result<Res
             ),
         ));
     }
+    let busy = || {
+        ApiError::unavailable(
+            "the server is busy: every sequence slot and queue place is taken; retry later",
+        )
+    };
+    let permit = Permit::take(&s.held, s.admit).ok_or_else(busy)?;
     let (tx, mut rx) = unbounded_channel();
     let job = Job {
         prompt: req.prompt.clone(),
@@ -168,14 +178,13 @@ async fn accept(s: &Arc<AppState>, body: Body, endpoint: Endpoint) -> Result<Res
             ignore_eos: false,
         },
         events: tx,
+        permit,
     };
     Metrics::add(&s.metrics.queued, 1);
     if let Err(e) = s.jobs.try_send(job) {
         Metrics::sub(&s.metrics.queued, 1);
         return Err(match e {
-            TrySendError::Full(_) => ApiError::unavailable(
-                "the server is busy: every sequence slot and queue place is taken; retry later",
-            ),
+            TrySendError::Full(_) => busy(),
             TrySendError::Disconnected(_) => ApiError::unavailable("the server is shutting down"),
         });
     }
