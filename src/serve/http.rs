@@ -49,6 +49,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
@@ -89,6 +90,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn not_found() -> ApiError {
     ApiError::invalid("no such endpoint: this server has /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics")
         .with_status(404, "invalid_request_error")
+}
+
+/// Without this axum answers a wrong method with an empty 405, which OpenAI clients cannot
+/// read as an error.
+async fn method_not_allowed() -> ApiError {
+    ApiError::invalid(
+        "this endpoint does not take that method: completions take POST, the others GET",
+    )
+    .with_status(405, "invalid_request_error")
 }
 
 async fn health() -> Json<serde_json::Value> {
