@@ -19,13 +19,17 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::metrics::Metrics;
 use super::openai::{parse_chat, parse_completion, usage, ApiError, Endpoint, Reply};
-use super::scheduler::{Event, Job};
+use super::scheduler::{Event, Job, Permit};
 use crate::api::GenerateOptions;
 
 /// What every handler shares.
 pub struct AppState {
     /// The queue of requests to the decode loop.
     pub jobs: SyncSender<Job>,
+    /// Requests held (decoding or waiting), of at most `admit` ([`Permit`]).
+    pub held: Arc<std::sync::atomic::AtomicUsize>,
+    /// `parallel + queue`.
+    pub admit: usize,
     /// The counters `/metrics` prints.
     pub metrics: Arc<Metrics>,
     /// The one model served, as `/v1/models` names it.
@@ -49,6 +53,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
@@ -89,6 +94,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn not_found() -> ApiError {
     ApiError::invalid("no such endpoint: this server has /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics")
         .with_status(404, "invalid_request_error")
+}
+
+/// Without this axum answers a wrong method with an empty 405, which OpenAI clients cannot
+/// read as an error.
+async fn method_not_allowed() -> ApiError {
+    ApiError::invalid(
+        "this endpoint does not take that method: completions take POST, the others GET",
+    )
+    .with_status(405, "invalid_request_error")
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -162,6 +176,12 @@ async fn accept(s: &Arc<AppState>, body: Body, endpoint: Endpoint) -> Result<Res
             ),
         ));
     }
+    let busy = || {
+        ApiError::unavailable(
+            "the server is busy: every sequence slot and queue place is taken; retry later",
+        )
+    };
+    let permit = Permit::take(&s.held, s.admit).ok_or_else(busy)?;
     let (tx, mut rx) = unbounded_channel();
     let job = Job {
         prompt: req.prompt.clone(),
@@ -172,14 +192,13 @@ async fn accept(s: &Arc<AppState>, body: Body, endpoint: Endpoint) -> Result<Res
             ignore_eos: false,
         },
         events: tx,
+        permit,
     };
     Metrics::add(&s.metrics.queued, 1);
     if let Err(e) = s.jobs.try_send(job) {
         Metrics::sub(&s.metrics.queued, 1);
         return Err(match e {
-            TrySendError::Full(_) => ApiError::unavailable(
-                "the server is busy: every sequence slot and queue place is taken; retry later",
-            ),
+            TrySendError::Full(_) => busy(),
             TrySendError::Disconnected(_) => ApiError::unavailable("the server is shutting down"),
         });
     }

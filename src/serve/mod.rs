@@ -81,9 +81,14 @@ pub fn serve(
         .local_addr()
         .context("reading the listening address")?;
     let metrics = Arc::new(Metrics::default());
-    let (jobs, queue) = std::sync::mpsc::sync_channel(opts.queue);
+    // Permits bound the requests held to `parallel + queue`; the channel has room for all of
+    // them, so a request let in never finds it full.
+    let admit = parallel + opts.queue;
+    let (jobs, queue) = std::sync::mpsc::sync_channel(admit);
     let state = Arc::new(http::AppState {
         jobs,
+        held: Arc::default(),
+        admit,
         metrics: metrics.clone(),
         model_id: model_id(&engine),
         created: std::time::SystemTime::now()

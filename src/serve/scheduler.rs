@@ -11,6 +11,7 @@
 //! compute binds. A sequence decodes exactly as it would alone (the batch forward gives the
 //! same logits to the bit), so a greedy request's text does not depend on its neighbours.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
@@ -31,6 +32,33 @@ pub struct Job {
     pub opts: GenerateOptions,
     /// Where its events go; a send that fails means the client went away.
     pub events: UnboundedSender<Event>,
+    /// Its place among the requests the server holds (running or waiting).
+    pub permit: Permit,
+}
+
+/// One of the `parallel + queue` places for requests being decoded or waiting: the HTTP side
+/// takes one before queueing a request (none left: 503) and it comes back when dropped, as
+/// the request's sequence ends. (A channel bounded by the queue alone cannot say this: it
+/// does not know how many slots are free, so with `--queue 0` it refused every request but
+/// the first even while slots were free.)
+#[derive(Debug)]
+pub struct Permit(Arc<AtomicUsize>);
+
+impl Permit {
+    /// A place, when fewer than `limit` of `held` are taken.
+    pub fn take(held: &Arc<AtomicUsize>, limit: usize) -> Option<Permit> {
+        held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Permit(held.clone()))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What a request's client hears, in order: `Started`, any number of `Text`, then `Done`;
@@ -65,6 +93,9 @@ struct Active {
     /// The token chosen last, not yet run through the model.
     next: u32,
     generated: usize,
+    /// Given back just before `Done` is sent, so that a client answered can be let in again
+    /// at once (its slot is freed before the scheduler next admits).
+    permit: Option<Permit>,
 }
 
 /// Decodes `jobs` on `batch` until every sender of the queue is gone and the last
@@ -177,6 +208,7 @@ fn start(
         opts: job.opts,
         next,
         generated: 0,
+        permit: Some(job.permit),
     };
     if started.is_err() || a.emit(engine, batch, metrics) {
         let _ = batch.remove(seq);
@@ -280,6 +312,7 @@ impl Active {
         if !tail.is_empty() {
             let _ = self.events.send(Event::Text(tail));
         }
+        self.permit = None;
         let _ = self.events.send(Event::Done {
             finish,
             completion_tokens: self.generated,
