@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::api::{Conversation, Engine, GenerateOptions};
-use crate::engine::sampler::Sampling;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,18 +18,8 @@ pub struct Args {
     /// Tokens per reply at most.
     #[arg(short, long, default_value_t = 512, value_parser = super::values::tokens)]
     n: usize,
-    /// Sampling temperature (0 or absent: the most likely token).
-    #[arg(long, allow_negative_numbers = true, value_parser = super::values::temperature)]
-    temp: Option<f32>,
-    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true, value_parser = super::values::top_p)]
-    top_p: f32,
-    /// Keep only the K most likely tokens before sampling (0 = all).
-    #[arg(long, default_value_t = 40, allow_negative_numbers = true, value_parser = super::values::top_k)]
-    top_k: usize,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::sampling_args::SamplingArgs,
     /// Context length (positions) the conversation keeps; older turns are dropped past it.
     #[arg(long, default_value_t = 4096, value_parser = super::values::context)]
     ctx: usize,
@@ -76,7 +65,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     let mut chat = Conversation::new(&engine, a.system.as_deref())?;
     let opts = GenerateOptions {
         max_tokens: a.n,
-        sampling: sampling(&a),
+        sampling: a.sampling.sampling(),
         ignore_eos: a.ignore_eos,
         ..GenerateOptions::default()
     };
@@ -138,17 +127,5 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             }
             Err(e) => eprintln!("error: {e:#}"),
         }
-    }
-}
-
-fn sampling(a: &Args) -> Sampling {
-    match a.temp {
-        Some(t) if t > 0.0 => Sampling::Random {
-            temperature: t,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
-        _ => Sampling::Greedy,
     }
 }

@@ -30,21 +30,8 @@ pub struct Args {
     /// Tokens to generate at most.
     #[arg(short, long, default_value_t = 64, value_parser = super::values::tokens)]
     n: usize,
-    /// Always take the most likely token (the default unless --temp is given).
-    #[arg(long, conflicts_with_all = ["temp", "top_p", "top_k", "seed"])]
-    greedy: bool,
-    /// Sampling temperature.
-    #[arg(long, allow_negative_numbers = true, value_parser = super::values::temperature)]
-    temp: Option<f32>,
-    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true, value_parser = super::values::top_p)]
-    top_p: f32,
-    /// Keep only the K most likely tokens before sampling (0 = all).
-    #[arg(long, default_value_t = 40, allow_negative_numbers = true, value_parser = super::values::top_k)]
-    top_k: usize,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::sampling_args::SamplingArgs,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
@@ -93,15 +80,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             a.model.display()
         ),
     };
-    let sampling = match a.temp {
-        Some(t) if !a.greedy => Sampling::Random {
-            temperature: t,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
-        _ => Sampling::Greedy,
-    };
+    let sampling = a.sampling.sampling();
     let mut sampler = Sampler::new(sampling.clone());
     // The KV cache only needs the positions this run can reach.
     let ctx = a.ctx.min(prompt.len() + a.n + 1);

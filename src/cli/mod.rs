@@ -12,6 +12,7 @@ mod hints;
 mod inspect;
 mod perplexity;
 mod reorder;
+mod sampling_args;
 mod serve;
 mod values;
 
