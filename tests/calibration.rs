@@ -389,3 +389,25 @@ fn smollm2_reordered_and_budgeted_from_the_command_line_keeps_its_tokens() {
     assert_eq!(tokens, predicted);
     std::fs::remove_file(path).ok();
 }
+
+/// `calibrate` without `--text` samples its text from the model: a fixed number of tokens,
+/// the same for the same seed, different for another, every one in the vocabulary, and none
+/// of them the beginning-of-sequence token each window starts from.
+#[test]
+fn text_sampled_from_the_model_is_reproducible_and_in_the_vocabulary() {
+    use llmflash::sparsity::calibrate::sample_text;
+    let Some(gguf) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
+        return;
+    };
+    let model = Model::open(&gguf).expect("opening SmolLM2");
+    let a = sample_text(&model, 100, 40, 7).expect("sampling");
+    let b = sample_text(&model, 100, 40, 7).expect("sampling");
+    let c = sample_text(&model, 100, 40, 8).expect("sampling");
+    assert_eq!(a.len(), 100);
+    assert_eq!(a, b, "the same seed gives the same text");
+    assert_ne!(a, c, "another seed gives another text");
+    let vocab = model.weights.config.vocab_size as u32;
+    assert!(a.iter().all(|&t| t < vocab));
+    let text = model.tokenizer.as_ref().unwrap().decode(&a);
+    assert!(text.split_whitespace().count() > 20, "{text:?}");
+}

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::engine::flash::Selection;
 use crate::engine::model::Model;
-use crate::sparsity::calibrate::{evaluate, fit_level, mean_accuracy, LevelOptions};
+use crate::sparsity::calibrate::{evaluate, fit_level, mean_accuracy, sample_text, LevelOptions};
 use crate::sparsity::predictor::{FitOptions, Form};
 use crate::sparsity::record::record;
 use crate::sparsity::{Calibration, QualityRow};
@@ -20,7 +20,9 @@ pub struct Args {
     /// The flash image to calibrate (written by `llmflash convert`).
     image: PathBuf,
     /// Calibration text files (e.g. `tools/fetch-calibration-text` writes data/sotu-calib.txt).
-    #[arg(long, num_args = 1.., required = true)]
+    /// Without any, the model writes its own: --tokens tokens sampled from it unprompted
+    /// (docs/calibration.md compares the two).
+    #[arg(long, num_args = 1..)]
     text: Vec<PathBuf>,
     /// Sparsity to store. Default: the highest of --levels whose predictor perplexity stays
     /// within --max-increase of dense.
@@ -97,6 +99,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut tokens = Vec::new();
     for text in &texts {
         tokens.extend(tok.encode(text, false, false));
+    }
+    if texts.is_empty() {
+        let t = Instant::now();
+        eprintln!(
+            "no --text: sampling {} tokens of calibration text from the model",
+            a.tokens
+        );
+        tokens = sample_text(&model, a.tokens, a.ctx, 0x5eed)
+            .context("sampling calibration text from the model")?;
+        eprintln!("sampled in {:.1} s", t.elapsed().as_secs_f64());
     }
     if tokens.len() < 2 * a.ctx.min(a.tokens) {
         bail!(
