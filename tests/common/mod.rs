@@ -48,7 +48,9 @@ pub fn skipped(why: &str) {
         .append(true)
         .open(log)
     {
-        let _ = writeln!(f, "{why}");
+        // One write of the whole line: tests skip from several threads at once, and
+        // `writeln!` may split a line into writes that interleave with another test's.
+        let _ = f.write_all(format!("{why}\n").as_bytes());
     }
 }
 
