@@ -333,7 +333,8 @@ fn data(v: &serde_json::Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

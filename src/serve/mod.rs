@@ -91,9 +91,7 @@ pub fn serve(
         admit,
         metrics: metrics.clone(),
         model_id: model_id(&engine),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: http::unix_now(),
         api_key: opts.api_key.clone(),
         context,
         body_limit: opts.body_limit,

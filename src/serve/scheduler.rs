@@ -238,8 +238,16 @@ fn step(
 ) {
     let inputs: Vec<(SeqId, u32)> = active.iter().map(|a| (a.seq, a.next)).collect();
     let vocab = engine.model().weights.config.vocab_size;
-    let rows = match batch.step(&inputs) {
-        Ok(rows) => rows.to_vec(),
+    // Each sequence's next token, sampled while the pass's logits are borrowed from the
+    // batch (no copy of them), then emitted once the batch is free again.
+    let chosen: Result<Vec<_>, _> = batch.step(&inputs).map(|rows| {
+        let rows = rows.chunks_exact(vocab);
+        (active.iter_mut().zip(rows))
+            .map(|(a, row)| finite(row, 0).map(|l| a.sampler.sample(l)))
+            .collect()
+    });
+    let chosen = match chosen {
+        Ok(chosen) => chosen,
         Err(e) => {
             for a in active.drain(..) {
                 let _ = batch.remove(a.seq);
@@ -252,17 +260,16 @@ fn step(
     };
     Metrics::add(&metrics.passes, 1);
     Metrics::add(&metrics.pass_tokens, inputs.len() as u64);
-    let mut k = 0;
+    let mut chosen = chosen.into_iter();
     active.retain_mut(|a| {
-        let row = &rows[k * vocab..(k + 1) * vocab];
-        k += 1;
-        let position = batch.position(a.seq).unwrap_or(0);
-        let done = match finite(row, position) {
-            Ok(logits) => {
-                a.next = a.sampler.sample(logits);
+        let done = match chosen.next() {
+            Some(Ok(next)) => {
+                a.next = next;
                 a.emit(engine, batch, metrics)
             }
-            Err(e) => {
+            Some(Err(_)) | None => {
+                let at = batch.position(a.seq).unwrap_or(0);
+                let e = crate::engine::EngineError::NonFinite { position: at };
                 let _ = a
                     .events
                     .send(Event::Failed(ApiError::server(e.to_string())));
