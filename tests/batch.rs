@@ -147,6 +147,111 @@ fn check<'m>(what: &str, session: impl Fn() -> Session<'m>) {
     }
 }
 
+/// Prompts of several lengths, one longer than a prefill batch (64 columns) so that the
+/// shared passes cut through prompts.
+fn mixed_prompts(vocab: usize) -> Vec<Vec<u32>> {
+    let all = common::tokens(120, vocab);
+    vec![
+        all[..70].to_vec(),
+        all[70..75].to_vec(),
+        all[75..76].to_vec(),
+        all[76..109].to_vec(),
+    ]
+}
+
+/// Prompts prefilled together (`prefill_many`) give each one's logits as prefilled alone, to
+/// the bit, and leave each cache as alone (the next step's logits agree too); returns the
+/// flash bytes read together and one after another.
+fn check_prefill_many<'m>(what: &str, session: impl Fn() -> Session<'m>) -> (u64, u64) {
+    let vocab = session().weights().config.vocab_size;
+    let prompts = mixed_prompts(vocab);
+    let mut batch = session().into_batch(prompts.len());
+    let ids: Vec<SeqId> = prompts.iter().map(|_| batch.add().expect("slot")).collect();
+    let together: Vec<(SeqId, &[u32])> = (ids.iter().copied())
+        .zip(prompts.iter().map(Vec::as_slice))
+        .collect();
+    let read = |b: &BatchDecoder| b.flash_stats().map_or(0, |s| s.bytes_read);
+    let before = read(&batch);
+    let rows = batch
+        .prefill_many(&together)
+        .expect("prefill_many")
+        .to_vec();
+    let shared = read(&batch) - before;
+    assert_eq!(
+        rows.len(),
+        prompts.len() * vocab,
+        "{what}: one row per prompt"
+    );
+    let firsts: Vec<(SeqId, u32)> = (ids.iter().copied())
+        .zip(rows.chunks_exact(vocab).map(greedy))
+        .collect();
+    let next = batch.step(&firsts).expect("step").to_vec();
+    let mut apart = session().into_batch(1);
+    let mut separate = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        let (tokens, logits) = alone(session(), p, 2);
+        assert!(
+            rows[i * vocab..(i + 1) * vocab] == logits[0][..],
+            "{what}: prompt {i}'s logits prefilled together"
+        );
+        assert_eq!(firsts[i].1, tokens[0], "{what}: prompt {i}'s first token");
+        assert!(
+            next[i * vocab..(i + 1) * vocab] == logits[1][..],
+            "{what}: prompt {i}'s next step after prefilling together"
+        );
+        let id = apart.add().expect("slot");
+        let before = read(&apart);
+        apart.prefill(id, p).expect("prefill");
+        separate += read(&apart) - before;
+        apart.remove(id).expect("remove");
+    }
+    eprintln!("{what}: prefilled together read {shared} B, one after another {separate} B");
+    (shared, separate)
+}
+
+/// A sequence named twice gets its prompts back to back; a bad prompt anywhere is refused
+/// before anything runs.
+#[test]
+fn prefill_many_checks_everything_first_and_chains_a_repeated_sequence() {
+    let model = Model::open(&common::fixture("hf/llama")).expect("open fixture");
+    let vocab = model.weights.config.vocab_size;
+    let session = || model.session(16, None, None).expect("session");
+    let mut batch = session().into_batch(2);
+    let (a, b) = (batch.add().expect("slot"), batch.add().expect("slot"));
+    let rows = (batch.prefill_many(&[(a, &[1, 2, 3]), (b, &[4]), (a, &[5, 6])]))
+        .expect("prefill_many")
+        .to_vec();
+    assert_eq!(rows.len(), 3 * vocab);
+    assert_eq!(
+        (batch.position(a).unwrap(), batch.position(b).unwrap()),
+        (5, 1)
+    );
+    let (_, chained) = alone(session(), &[1, 2, 3, 5, 6], 1);
+    assert!(
+        rows[2 * vocab..] == chained[0][..],
+        "a's two prompts in a row"
+    );
+    let (_, first) = alone(session(), &[1, 2, 3], 1);
+    assert!(rows[..vocab] == first[0][..], "a's first prompt");
+    for (prompts, what) in [
+        (vec![(b, &[7u32][..]), (a, &[][..])], "an empty prompt"),
+        (vec![(b, &[7][..]), (a, &[vocab as u32][..])], "a bad token"),
+        (vec![(b, &[7][..]), (a, &[1; 12][..])], "a full context"),
+    ] {
+        let err = batch.prefill_many(&prompts).expect_err(what);
+        assert!(
+            matches!(
+                err,
+                EngineError::EmptyPrompt
+                    | EngineError::BadToken { .. }
+                    | EngineError::ContextFull { .. }
+            ),
+            "{what}: {err}"
+        );
+        assert_eq!(batch.position(b).unwrap(), 1, "{what}: nothing ran");
+    }
+}
+
 fn smollm2() -> Option<std::path::PathBuf> {
     common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model")
 }
@@ -157,6 +262,10 @@ fn smollm2_resident_batch_decodes_each_sequence_as_alone() {
     let model = Model::open(&gguf).expect("open SmolLM2");
     check("resident", || {
         model.session(CTX, None, None).expect("session")
+    });
+    let ctx = 2 * CTX;
+    check_prefill_many("resident", || {
+        model.session(ctx, None, None).expect("session")
     });
 }
 
@@ -230,6 +339,16 @@ fn smollm2_flash_batch_decodes_each_sequence_as_alone_and_shares_reads() {
     };
     check("flash, every neuron", dense);
     let ratio = check_reads("flash, every neuron", dense);
+    let long = || {
+        let opts = flash_options(&model, Selection::All);
+        model.session(2 * CTX, Some(opts), None).expect("session")
+    };
+    let (shared, separate) = check_prefill_many("flash, every neuron", long);
+    // Four prompts (109 tokens) in two shared passes, against five passes one by one.
+    assert!(
+        (shared as f64) < 0.6 * separate as f64,
+        "prefilled together {shared} B, apart {separate} B"
+    );
     // Every sequence needs the same bundles: four read what one does.
     assert!(ratio < 1.5, "{ratio}");
 
@@ -241,6 +360,12 @@ fn smollm2_flash_batch_decodes_each_sequence_as_alone_and_shares_reads() {
         model.session(CTX, Some(opts), Some(&cal)).expect("session")
     };
     check("flash, predictor", predictor);
+    check_prefill_many("flash, predictor", || {
+        let opts = flash_options(&model, Selection::Predictor);
+        model
+            .session(2 * CTX, Some(opts), Some(&cal))
+            .expect("session")
+    });
     // SmolLM2's predictor (SwiGLU, a quick calibration) picks most neurons of every token,
     // so four sequences' union is not much more than one's set.
     check_reads("flash, predictor", predictor);

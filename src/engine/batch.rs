@@ -178,6 +178,36 @@ impl<'w> BatchDecoder<'w> {
         Ok(&self.state.logits)
     }
 
+    /// Feeds several prompts together and returns the logits after each one's last token,
+    /// row-major (`prompts.len() x vocab`, in the order given). When the FFN allows
+    /// ([`FfnCompute::batched`]) the prompts' tokens run as the columns of shared passes of up
+    /// to [`PREFILL_BATCH`], so requests arriving together pay one round of weight and flash
+    /// reads per pass instead of one per prompt, and the vocabulary is projected only after
+    /// each prompt's last token; otherwise one prompt after another. A sequence named twice
+    /// gets its prompts back to back. Every prompt is checked before anything runs, and a
+    /// failed read leaves every sequence where it was. The logits are, to the bit, those of
+    /// [`BatchDecoder::prefill`] on each prompt alone.
+    pub fn prefill_many(&mut self, prompts: &[(SeqId, &[u32])]) -> Result<&[f32], EngineError> {
+        let mut counts = vec![0usize; self.slots.len()];
+        for &(id, tokens) in prompts {
+            let slot = self.slot(id)?;
+            if tokens.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+            check_vocab(self.weights, tokens)?;
+            counts[slot] += tokens.len();
+            check_room(&self.caches[slot], counts[slot])?;
+        }
+        let before: Vec<usize> = self.caches.iter().map(KvCache::len).collect();
+        if let Err(e) = self.prefill_prompts(prompts) {
+            for (kv, &len) in self.caches.iter_mut().zip(&before) {
+                kv.truncate(len);
+            }
+            return Err(e.into());
+        }
+        Ok(&self.logits)
+    }
+
     /// Runs one token of each input's sequence and returns the logits after each, row-major
     /// (`inputs.len() x vocab`, in the order of `inputs`). When the FFN verifies in batches
     /// ([`FfnCompute::verify_batched`]) the inputs go through as the columns of one pass (of
@@ -258,11 +288,42 @@ impl<'w> BatchDecoder<'w> {
         Ok(())
     }
 
+    /// The prompts (already checked) through the model; each one's last logits into
+    /// `self.logits`.
+    fn prefill_prompts(&mut self, prompts: &[(SeqId, &[u32])]) -> Result<(), ReadError> {
+        self.logits.clear();
+        if !self.ffn.batched() {
+            for &(id, tokens) in prompts {
+                self.prefill_slot(id.slot(), tokens)?;
+                self.logits.extend_from_slice(&self.state.logits);
+            }
+            return Ok(());
+        }
+        self.cols.clear();
+        let mut ends = Vec::with_capacity(prompts.len());
+        for &(id, tokens) in prompts {
+            self.cols.extend(tokens.iter().map(|&t| (id.slot(), t)));
+            ends.push(self.cols.len() - 1);
+        }
+        for start in (0..self.cols.len()).step_by(PREFILL_BATCH) {
+            let end = (start + PREFILL_BATCH).min(self.cols.len());
+            let picked: Vec<usize> = (ends.iter())
+                .filter(|&&e| (start..end).contains(&e))
+                .map(|&e| e - start)
+                .collect();
+            self.run_columns(start..end, Logits::Of(&picked))?;
+            if !picked.is_empty() {
+                self.logits.extend_from_slice(self.batch.logits());
+            }
+        }
+        Ok(())
+    }
+
     /// Columns `range` of `self.cols` as one pass over every cache.
     fn run_columns(
         &mut self,
         range: std::ops::Range<usize>,
-        logits: Logits,
+        logits: Logits<'_>,
     ) -> Result<(), ReadError> {
         forward_columns(
             self.weights,

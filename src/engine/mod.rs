@@ -318,7 +318,7 @@ impl<'w> Session<'w> {
     }
 
     /// One batch of at most `PREFILL_BATCH` tokens through the model (already `check`ed).
-    fn run_batch(&mut self, batch: &[u32], logits: Logits) -> Result<(), EngineError> {
+    fn run_batch(&mut self, batch: &[u32], logits: Logits<'_>) -> Result<(), EngineError> {
         Ok(forward_batch(
             self.weights,
             &mut self.kv,

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! loop:
-//!   admit: while a slot is free and a request waits, tokenise it, prefill its slot, sample
+//!   admit: take the waiting requests while slots are free, tokenise them, prefill their
+//!          slots together (one batched prefill: each pass's reads serve every new prompt)
 //!   step:  one pass over the weights for every active sequence's next token
 //!   emit:  each sequence's new text to its client; finished or abandoned ones free their slot
 //! ```
@@ -110,24 +111,20 @@ pub fn run(
     let mut open = true;
     let mut read_before = flash_bytes(&batch);
     loop {
-        while open && active.len() < batch.slots() {
-            let job = match active.is_empty() {
+        let mut arrived = Vec::new();
+        while open && active.len() + arrived.len() < batch.slots() {
+            let job = match active.is_empty() && arrived.is_empty() {
                 true => jobs.recv().map_err(|_| TryRecvError::Disconnected),
                 false => jobs.try_recv(),
             };
-            let job = match job {
-                Ok(job) => job,
+            match job {
+                Ok(job) => arrived.push(job),
                 Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            };
-            Metrics::sub(&metrics.queued, 1);
-            if let Some(a) = start(engine, &mut batch, job, metrics) {
-                active.push(a);
+                Err(TryRecvError::Disconnected) => open = false,
             }
         }
+        Metrics::sub(&metrics.queued, arrived.len() as u64);
+        active.extend(start(engine, &mut batch, arrived, metrics));
         if active.is_empty() {
             if !open {
                 return;
@@ -148,14 +145,86 @@ fn flash_bytes(batch: &BatchDecoder<'_>) -> u64 {
     batch.flash_stats().map_or(0, |s| s.bytes_read)
 }
 
-/// Tokenises `job`, prefills a slot with it and emits its first token; `None` when it failed
-/// or already finished (its client told either way).
+/// Tokenises the jobs that arrived together, prefills their slots in one batched prefill
+/// (each pass's reads shared by every new prompt) and emits each one's first token; returns
+/// those still running. A job that fails or finishes at once is told and left out.
 fn start(
     engine: &Engine,
     batch: &mut BatchDecoder<'_>,
-    job: Job,
+    jobs: Vec<Job>,
     metrics: &Metrics,
-) -> Option<Active> {
+) -> Vec<Active> {
+    let admitted: Vec<(Job, Vec<u32>, SeqId)> = (jobs.into_iter())
+        .filter_map(|job| admit(engine, batch, job))
+        .collect();
+    if admitted.is_empty() {
+        return Vec::new();
+    }
+    let prompts: Vec<(SeqId, &[u32])> = (admitted.iter())
+        .map(|(_, ids, seq)| (*seq, ids.as_slice()))
+        .collect();
+    let vocab = engine.model().weights.config.vocab_size;
+    let mut samplers: Vec<Sampler> = (admitted.iter())
+        .map(|(job, ..)| Sampler::new(job.opts.sampling.clone()))
+        .collect();
+    // Each prompt's first token, sampled while the logits are borrowed from the batch.
+    let first: Result<Vec<_>, _> = batch.prefill_many(&prompts).map(|rows| {
+        (rows.chunks_exact(vocab).zip(&mut samplers).zip(&prompts))
+            .map(|((row, sampler), (_, ids))| finite(row, ids.len()).map(|l| sampler.sample(l)))
+            .collect()
+    });
+    let first = match first {
+        Ok(first) => first,
+        Err(e) => {
+            for (job, _, seq) in admitted {
+                let _ = batch.remove(seq);
+                let _ = (job.events).send(Event::Failed(ApiError::server(format!(
+                    "decoding the prompt failed: {e}"
+                ))));
+            }
+            return Vec::new();
+        }
+    };
+    let runs = admitted.into_iter().zip(samplers).zip(first);
+    runs.filter_map(|(((job, ids, seq), sampler), next)| {
+        let next = match next {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = batch.remove(seq);
+                let _ = (job.events).send(Event::Failed(ApiError::server(e.to_string())));
+                return None;
+            }
+        };
+        Metrics::add(&metrics.prompt_tokens, ids.len() as u64);
+        let started = job.events.send(Event::Started {
+            prompt_tokens: ids.len(),
+        });
+        let mut a = Active {
+            seq,
+            events: job.events,
+            sampler,
+            text: TextStream::new(&job.opts.stop),
+            opts: job.opts,
+            next,
+            generated: 0,
+            permit: Some(job.permit),
+        };
+        if started.is_err() || a.emit(engine, batch, metrics) {
+            let _ = batch.remove(seq);
+            return None;
+        }
+        Some(a)
+    })
+    .collect()
+}
+
+/// Tokenises `job`, checks its prompt against the context and vocabulary, and gives it a
+/// slot; `None` (its client told) when it is refused.
+fn admit(
+    engine: &Engine,
+    batch: &mut BatchDecoder<'_>,
+    job: Job,
+) -> Option<(Job, Vec<u32>, SeqId)> {
     let fail = |e: ApiError| {
         let _ = job.events.send(Event::Failed(e));
         None
@@ -182,39 +251,10 @@ fn start(
             format!("token id {bad} is outside the vocabulary (size {vocab})"),
         ));
     }
-    let Some(seq) = batch.add() else {
-        return fail(ApiError::server("no free sequence slot (a scheduler bug)"));
-    };
-    let mut sampler = Sampler::new(job.opts.sampling.clone());
-    let first = batch
-        .prefill(seq, &ids)
-        .and_then(|logits| finite(logits, ids.len()).map(|l| sampler.sample(l)));
-    let next = match first {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = batch.remove(seq);
-            return fail(ApiError::server(format!("decoding the prompt failed: {e}")));
-        }
-    };
-    Metrics::add(&metrics.prompt_tokens, ids.len() as u64);
-    let started = job.events.send(Event::Started {
-        prompt_tokens: ids.len(),
-    });
-    let mut a = Active {
-        seq,
-        events: job.events,
-        sampler,
-        text: TextStream::new(&job.opts.stop),
-        opts: job.opts,
-        next,
-        generated: 0,
-        permit: Some(job.permit),
-    };
-    if started.is_err() || a.emit(engine, batch, metrics) {
-        let _ = batch.remove(seq);
-        return None;
+    match batch.add() {
+        Some(seq) => Some((job, ids, seq)),
+        None => fail(ApiError::server("no free sequence slot (a scheduler bug)")),
     }
-    Some(a)
 }
 
 fn encode(engine: &Engine, prompt: &RequestPrompt) -> Result<Vec<u32>, ApiError> {

@@ -61,6 +61,19 @@ impl BatchState {
         self.acts.resize_with(n, ActivationBuffer::new);
     }
 
+    /// Keeps only the hidden states of columns `picked` (ascending, each `< n`), moved to the
+    /// front in that order, so that [`output_all`] projects just those.
+    fn keep_rows(&mut self, picked: &[usize], d: usize) {
+        for (j, &col) in picked.iter().enumerate() {
+            debug_assert!(j <= col, "picked columns are ascending and distinct");
+            self.x.copy_within(col * d..(col + 1) * d, j * d);
+        }
+        let k = picked.len();
+        self.x.truncate(k * d);
+        self.h.truncate(k * d);
+        self.acts.truncate(k);
+    }
+
     /// Each column's cache and position: its cache's length plus the earlier columns of the
     /// same cache (nothing is committed until the whole batch has run).
     fn place(&mut self, caches: &[KvCache], cols: &[(usize, u32)]) {
@@ -76,15 +89,19 @@ impl BatchState {
 
 /// Which logits a batch computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Logits {
+pub enum Logits<'a> {
     /// After the last token only, into the session's `CpuState::logits`.
     Last,
     /// After every token, into [`BatchState::logits`] (row-major, one vocabulary per token).
     All,
+    /// After the listed columns only (ascending), into [`BatchState::logits`] in that order:
+    /// the last token of each prompt in a batch of several (the vocabulary projection is the
+    /// costliest matrix, and only those rows are sampled).
+    Of(&'a [usize]),
 }
 
 impl BatchState {
-    /// The logits of the last `Logits::All` batch: `tokens x vocab`.
+    /// The logits of the last `Logits::All` or `Logits::Of` batch: `rows x vocab`.
     pub fn logits(&self) -> &[f32] {
         &self.logits
     }
@@ -100,7 +117,7 @@ pub fn forward_batch(
     s: &mut CpuState,
     b: &mut BatchState,
     tokens: &[u32],
-    logits: Logits,
+    logits: Logits<'_>,
     ffn: &mut dyn FfnCompute,
     rows: Option<&mut OutputRows>,
 ) -> Result<(), ReadError> {
@@ -125,7 +142,7 @@ pub fn forward_columns(
     cols: &[(usize, u32)],
     s: &mut CpuState,
     b: &mut BatchState,
-    logits: Logits,
+    logits: Logits<'_>,
     ffn: &mut dyn FfnCompute,
     mut rows: Option<&mut OutputRows>,
 ) -> Result<(), ReadError> {
@@ -169,6 +186,12 @@ pub fn forward_columns(
             output(w, s, rows)
         }
         Logits::All => output_all(w, s, b, rows),
+        // No row wanted: a streamed head is not read for nothing.
+        Logits::Of([]) => Ok(()),
+        Logits::Of(picked) => {
+            b.keep_rows(picked, d);
+            output_all(w, s, b, rows)
+        }
     }
 }
 
