@@ -24,7 +24,8 @@ pub struct Part {
 }
 
 impl Part {
-    fn of<'b>(&self, bundle: &'b [u8]) -> &'b [u8] {
+    /// This part of `bundle`.
+    pub fn of<'b>(&self, bundle: &'b [u8]) -> &'b [u8] {
         &bundle[self.offset..self.offset + self.len]
     }
 }

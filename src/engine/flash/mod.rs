@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use crate::backend::cpu::forward::FfnCompute;
 use crate::backend::cpu::ops::add_into;
+use crate::backend::cpu::quant::dequantize;
 use crate::backend::cpu::sparse_ffn::{activations, BundleParts, Neuron, SparseFfn};
 use crate::engine::stats::FlashStats;
 use crate::image::FlashImage;
@@ -71,6 +72,9 @@ pub struct FlashFfn<'a> {
     /// Per layer, each neuron's activity while recording (the sum over tokens of its share
     /// of the token's squared activations), or `None` when not recording.
     activity: Option<Vec<Vec<f32>>>,
+    /// Per layer and neuron, the norm of its down-projection row (`NaN` until seen while
+    /// recording activity).
+    down_norms: Vec<Vec<f32>>,
     /// Per layer, copies of the draft neurons the window does not pin, in the order of the
     /// draft set's entries marked [`COPIED`].
     draft_copies: Vec<Vec<u8>>,
@@ -140,6 +144,7 @@ impl<'a> FlashFfn<'a> {
             draft: Vec::new(),
             row_sets: Vec::new(),
             activity: None,
+            down_norms: Vec::new(),
             draft_copies: Vec::new(),
             stats: FlashStats::default(),
         };
@@ -457,22 +462,62 @@ impl FlashFfn<'_> {
         Ok(())
     }
 
-    /// Adds the activations just computed for `self.active` to the recorded activity: each
-    /// token's squared activations as shares of their sum, so every token weighs the same.
+    /// Adds the contributions just computed for `self.active` to the recorded activity: each
+    /// neuron's activation times the norm of its down-projection row (what it adds to the
+    /// FFN's output), squared, as shares of the token's sum, so every token weighs the same.
+    /// (Ranking by activation alone, as GRIFFIN does, agreed with the full model less often:
+    /// docs/benchmarks.md, "Choosing the self draft's neurons".)
     fn record(&mut self, layer: usize) {
+        if self.activity.is_none() {
+            return;
+        }
+        self.learn_down_norms(layer);
+        let norms = &self.down_norms[layer];
+        let (acts, tokens) = self.sparse.last_activations();
         let Some(activity) = self.activity.as_mut() else {
             return;
         };
-        let (acts, tokens) = self.sparse.last_activations();
         let scores = &mut activity[layer];
         for t in 0..tokens {
-            let at = |k: usize| acts[k * tokens + t];
+            let at = |k: usize| acts[k * tokens + t] * norms[self.active[k] as usize];
             let total: f32 = (0..self.active.len()).map(|k| at(k) * at(k)).sum();
             if total > 0.0 {
                 for (k, &id) in self.active.iter().enumerate() {
                     scores[id as usize] += at(k) * at(k) / total;
                 }
             }
+        }
+    }
+
+    /// The down-projection row norm of each active neuron of `layer`, computed the first time
+    /// the neuron is seen (its bundle is at hand then) and kept: a recording sees every
+    /// neuron of a dense prefill in its first batch.
+    fn learn_down_norms(&mut self, layer: usize) {
+        if self.down_norms.len() <= layer {
+            self.down_norms.resize_with(layer + 1, Vec::new);
+        }
+        if self.down_norms[layer].is_empty() {
+            self.down_norms[layer] = vec![f32::NAN; self.layers[layer].disk_slot.len()];
+        }
+        let known = &self.down_norms[layer];
+        if self.active.iter().all(|&i| !known[i as usize].is_nan()) {
+            return;
+        }
+        let down = self.parts.down;
+        let mut row = vec![0f32; self.weights.config.hidden_size];
+        let learned: Vec<(u32, f32)> = (self.gather(layer).into_iter())
+            .filter(|&(id, _)| known[id as usize].is_nan())
+            .map(|(id, bundle)| {
+                // A bundle's dtype and length are checked at open; 1 is neutral if not.
+                let norm = match dequantize(down.dtype, down.of(bundle), &mut row) {
+                    Ok(()) => row.iter().map(|x| x * x).sum::<f32>().sqrt(),
+                    Err(_) => 1.0,
+                };
+                (id, norm)
+            })
+            .collect();
+        for (id, norm) in learned {
+            self.down_norms[layer][id as usize] = norm;
         }
     }
 
