@@ -851,3 +851,60 @@ fn sigterm_drains_the_running_request() {
     // It stopped listening.
     assert!(TcpStream::connect(s.addr).is_err());
 }
+
+/// Prompt-lookup drafts riding in the batch's passes (`--draft ngram`, forced to 3 tokens a
+/// pass where the lookup finds them) keep every greedy answer as the same server without
+/// drafts gives it: text, finish reason and usage, with 4 requests at once, one of them
+/// running into its sequence's context. The drafts were used (`/metrics`).
+#[test]
+fn drafts_in_the_batch_keep_greedy_answers() {
+    let Some(model) = smollm2() else { return };
+    let prompts = [
+        "one two three four one two three four one two three four one two",
+        "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+        "The cat sat on the mat. The cat sat on the mat. The cat",
+        "A B C D E F G A B C D E F G A B C",
+    ];
+    // 4 sequences of 64 positions: the third prompt's 40 tokens run out of context.
+    let wants = [24, 24, 40, 24];
+    let ask = |addr: SocketAddr| -> Vec<Answer> {
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = (prompts.iter().zip(wants))
+                .map(|(p, n)| {
+                    sc.spawn(move || {
+                        let body = completion_body(p, n, true).to_string();
+                        streamed(
+                            &request(addr, "POST", "/v1/completions", &[], body.as_bytes()),
+                            false,
+                        )
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let base = ["--parallel", "4", "--ctx", "256"];
+    let plain = ask(Server::start(&model, &[&base[..], &["--draft", "none"]].concat()).addr);
+    let s = Server::start(
+        &model,
+        &[
+            &base[..],
+            &["--draft", "ngram", "--draft-min", "3", "--draft-max", "3"],
+        ]
+        .concat(),
+    );
+    let drafted = ask(s.addr);
+    for (i, (d, p)) in drafted.iter().zip(&plain).enumerate() {
+        assert_eq!(d, p, "prompt {i} {:?}\n{}", prompts[i], s.log());
+    }
+    assert!(
+        plain.iter().any(|a| a.finish == "length" && a.usage.1 < 40),
+        "one request meets its context: {plain:?}"
+    );
+    let (tried, kept) = (
+        s.metric("llmflash_draft_tokens_total"),
+        s.metric("llmflash_draft_accepted_total"),
+    );
+    assert!(tried > 0.0 && kept > 0.0, "{kept} of {tried} drafts kept");
+    assert!(s.metric("llmflash_tokens_per_pass") > 1.0);
+}

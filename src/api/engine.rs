@@ -172,6 +172,13 @@ impl Engine {
         }
     }
 
+    /// The prompt-lookup draft settings, when the engine was built with
+    /// [`EngineBuilder::ngram_drafts`] (the server drafts for every sequence of its batch
+    /// with them).
+    pub fn drafts(&self) -> Option<&DraftOptions> {
+        self.drafts.as_ref()
+    }
+
     /// The model with its tokenizer, chat template and weights.
     pub fn model(&self) -> &Model {
         &self.runner.model

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 
 use crate::api::Engine;
+use crate::draft::DraftSource;
 use crate::serve::{serve, ServeOptions};
 
 #[derive(clap::Args)]
@@ -64,22 +65,25 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
              (generate --backend gpu runs one sequence on the GPU)"
         );
     }
-    a.draft.resolve(false);
-    if a.draft.enabled() {
-        eprintln!(
-            "note: --draft is off when serving: each pass over the weights already serves up \
-             to {} sequences, and drafts would make every sequence's pass as wide as its \
-             draft (the batch's width is the sequences)",
-            a.parallel
-        );
-    }
+    // As for generate: prompt lookup by default where a pass is mostly flash reads.
+    a.draft.resolve(a.flash.memory_budget.is_some());
     let notices = Box::new(|n: &crate::api::Notice| eprintln!("{}", super::hints::notice(n)));
-    let engine = Engine::builder(&a.model)
+    let mut builder = Engine::builder(&a.model)
         .options(a.flash.run_options())
         .notices(notices)
         .context(a.ctx)
-        .sequences(a.parallel)
-        .build()?;
+        .sequences(a.parallel);
+    match a.draft.source() {
+        DraftSource::None => {}
+        DraftSource::Ngram => builder = builder.ngram_drafts(a.draft.options()),
+        other => eprintln!(
+            "note: the server drafts with --draft ngram only (its drafts join the batch's \
+             pass; a self or model draft would run a pass of its own per sequence); --draft {} \
+             is off here",
+            other.name()
+        ),
+    }
+    let engine = builder.build()?;
     let opts = ServeOptions {
         addr: SocketAddr::new(a.host, a.port),
         parallel: a.parallel,

@@ -46,14 +46,23 @@ impl DraftLength {
     /// The draft length for the next pass, at most `limit`. Until a plain step has been timed,
     /// 0 (the first pass measures one) unless a minimum is set.
     pub fn next(&self, limit: usize) -> usize {
-        let limit = limit.min(self.max);
-        self.best(limit).max(self.min).min(limit)
+        self.next_in_batch(limit, 1)
     }
 
-    fn best(&self, limit: usize) -> usize {
+    /// The draft length for each of `sequences` decoded in one pass (a server's batch): the
+    /// plain pass is shared by them all, so each sequence's share of it is what one draft's
+    /// extra positions are weighed against. The measurements are the batch's: a plain pass,
+    /// and each extra column over all sequences.
+    pub fn next_in_batch(&self, limit: usize, sequences: usize) -> usize {
+        let limit = limit.min(self.max);
+        self.best(limit, sequences.max(1)).max(self.min).min(limit)
+    }
+
+    fn best(&self, limit: usize, sequences: usize) -> usize {
         let Some(t1) = self.step_ms else {
             return 0;
         };
+        let t1 = t1 / sequences as f64;
         // The first verify pass measures what an extra position costs: short, since where it
         // costs nearly a step (compute-bound runs) a long first guess loses most.
         let Some(m) = self.extra_ms else {
@@ -123,6 +132,16 @@ mod tests {
             l.verified(6, 0, 40.0); // each extra position costs half a step, none kept
         }
         assert_eq!(l.next(8), 0);
+    }
+
+    #[test]
+    fn a_shared_pass_drafts_less_per_sequence() {
+        let mut l = DraftLength::new(0, 8);
+        l.stepped(60.0);
+        l.verified(4, 2, 76.0); // 4 ms per extra column, half the drafts kept
+        let (alone, in_eight) = (l.next_in_batch(8, 1), l.next_in_batch(8, 8));
+        assert!(alone > in_eight, "{alone} vs {in_eight}");
+        assert_eq!(l.next(8), alone);
     }
 
     #[test]

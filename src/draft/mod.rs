@@ -28,7 +28,7 @@ pub use accept::{accept, Accepted};
 pub use decode::{generate, generate_while};
 pub use length::DraftLength;
 pub use model::{same_vocabulary, ModelDraft};
-pub use ngram::NgramDraft;
+pub use ngram::{lookup as prompt_lookup, NgramDraft};
 pub use selfdraft::{SelfDraft, SelfTarget};
 pub use target::Target;
 

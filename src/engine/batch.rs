@@ -147,6 +147,12 @@ impl<'w> BatchDecoder<'w> {
         self.weights
     }
 
+    /// Columns one pass of [`BatchDecoder::step`] takes; more run as further passes, each
+    /// reading the weights again.
+    pub fn pass_width(&self) -> usize {
+        STEP_BATCH
+    }
+
     /// The shared FFN provider, e.g. to read its statistics.
     pub fn ffn(&self) -> &(dyn FfnCompute + 'w) {
         self.ffn.as_ref()

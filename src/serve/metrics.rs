@@ -24,6 +24,10 @@ pub struct Metrics {
     pub pass_tokens: AtomicU64,
     /// Bytes read from the flash image (bundles and streamed tables).
     pub flash_bytes: AtomicU64,
+    /// Tokens drafted (prompt lookup) and verified in those passes.
+    pub drafted: AtomicU64,
+    /// Drafted tokens the model agreed with (each a token that cost no pass of its own).
+    pub draft_accepted: AtomicU64,
 }
 
 impl Metrics {
@@ -45,7 +49,7 @@ impl Metrics {
             0 => 0.0,
             p => get(&self.pass_tokens) as f64 / p as f64,
         };
-        let rows: [(&str, &str, &str, f64); 9] = [
+        let rows: [(&str, &str, &str, f64); 11] = [
             (
                 "llmflash_requests_total",
                 "counter",
@@ -99,6 +103,18 @@ impl Metrics {
                 "counter",
                 "Bytes read from the flash image.",
                 get(&self.flash_bytes) as f64,
+            ),
+            (
+                "llmflash_draft_tokens_total",
+                "counter",
+                "Tokens drafted by prompt lookup and verified.",
+                get(&self.drafted) as f64,
+            ),
+            (
+                "llmflash_draft_accepted_total",
+                "counter",
+                "Drafted tokens accepted.",
+                get(&self.draft_accepted) as f64,
             ),
         ];
         let mut out = String::new();

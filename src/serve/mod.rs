@@ -7,6 +7,7 @@
 //! a channel of events per request. On Ctrl-C or SIGTERM the HTTP side stops accepting,
 //! running requests finish, and [`serve`] returns.
 
+pub mod drafts;
 pub mod http;
 pub mod metrics;
 pub mod openai;

@@ -15,12 +15,15 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::drafts::{BatchDrafts, Offer};
 use super::metrics::Metrics;
 use super::openai::{ApiError, RequestPrompt};
 use crate::api::{Engine, FinishReason, GenerateOptions, Prompt, TextStream};
+use crate::draft::{accept, Accepted, Proposal};
 use crate::engine::batch::{BatchDecoder, SeqId};
 use crate::engine::finite;
 use crate::engine::sampler::Sampler;
@@ -93,6 +96,8 @@ struct Active {
     opts: GenerateOptions,
     /// The token chosen last, not yet run through the model.
     next: u32,
+    /// The prompt and every token chosen since (`next` last): what drafts are looked up in.
+    history: Vec<u32>,
     generated: usize,
     /// Given back just before `Done` is sent, so that a client answered can be let in again
     /// at once (its slot is freed before the scheduler next admits).
@@ -108,6 +113,7 @@ pub fn run(
     metrics: &Arc<Metrics>,
 ) {
     let mut active: Vec<Active> = Vec::new();
+    let mut drafts = engine.drafts().map(BatchDrafts::new);
     let mut open = true;
     let mut read_before = flash_bytes(&batch);
     loop {
@@ -131,7 +137,7 @@ pub fn run(
             }
             continue;
         }
-        step(engine, &mut batch, &mut active, metrics);
+        step(engine, &mut batch, &mut active, drafts.as_mut(), metrics);
         let read = flash_bytes(&batch);
         Metrics::add(&metrics.flash_bytes, read.saturating_sub(read_before));
         read_before = read;
@@ -199,6 +205,8 @@ fn start(
         let started = job.events.send(Event::Started {
             prompt_tokens: ids.len(),
         });
+        let mut history = ids;
+        history.push(next);
         let mut a = Active {
             seq,
             events: job.events,
@@ -206,10 +214,11 @@ fn start(
             text: TextStream::new(&job.opts.stop),
             opts: job.opts,
             next,
+            history,
             generated: 0,
             permit: Some(job.permit),
         };
-        if started.is_err() || a.emit(engine, batch, metrics) {
+        if started.is_err() || a.emit(engine, batch, metrics, 0) {
             let _ = batch.remove(seq);
             return None;
         }
@@ -268,22 +277,44 @@ fn encode(engine: &Engine, prompt: &RequestPrompt) -> Result<Vec<u32>, ApiError>
         .map_err(|e| ApiError::invalid(format!("{e:#}")))
 }
 
-/// One pass for every active sequence, then each one's new token emitted; finished ones
-/// leave the batch. A failed pass fails every sequence in it.
+/// One pass for every active sequence (its next token, and its drafts when drafting), then
+/// each one's new tokens emitted; finished ones leave the batch. A failed pass fails every
+/// sequence in it.
 fn step(
     engine: &Engine,
     batch: &mut BatchDecoder<'_>,
     active: &mut Vec<Active>,
+    drafts: Option<&mut BatchDrafts>,
     metrics: &Metrics,
 ) {
-    let inputs: Vec<(SeqId, u32)> = active.iter().map(|a| (a.seq, a.next)).collect();
+    let proposals = match &drafts {
+        Some(d) => d.propose(batch, &active.iter().map(Active::offer).collect::<Vec<_>>()),
+        None => vec![Vec::new(); active.len()],
+    };
+    let mut inputs: Vec<(SeqId, u32)> = Vec::new();
+    for (a, p) in active.iter().zip(&proposals) {
+        inputs.push((a.seq, a.next));
+        inputs.extend(p.iter().map(|&t| (a.seq, t)));
+    }
     let vocab = engine.model().weights.config.vocab_size;
-    // Each sequence's next token, sampled while the pass's logits are borrowed from the
-    // batch (no copy of them), then emitted once the batch is free again.
+    let started = Instant::now();
+    // Each sequence's kept drafts and next token, chosen while the pass's logits are
+    // borrowed from the batch (no copy of them), then emitted once the batch is free again.
     let chosen: Result<Vec<_>, _> = batch.step(&inputs).map(|rows| {
-        let rows = rows.chunks_exact(vocab);
-        (active.iter_mut().zip(rows))
-            .map(|(a, row)| finite(row, 0).map(|l| a.sampler.sample(l)))
+        let mut at = 0;
+        (active.iter_mut().zip(&proposals))
+            .map(|(a, p)| {
+                let n = p.len() + 1;
+                let rows = &rows[at * vocab..(at + n) * vocab];
+                at += n;
+                finite(rows, 0).map(|rows| {
+                    let proposal = Proposal {
+                        tokens: p.clone(),
+                        dists: Vec::new(),
+                    };
+                    accept(rows, vocab, &proposal, &mut a.sampler)
+                })
+            })
             .collect()
     });
     let chosen = match chosen {
@@ -298,16 +329,20 @@ fn step(
             return;
         }
     };
+    let drafted: usize = proposals.iter().map(Vec::len).sum();
+    let kept: usize = chosen.iter().flatten().map(|c| c.kept).sum();
+    if let Some(d) = drafts {
+        d.record(drafted, kept, started.elapsed());
+    }
     Metrics::add(&metrics.passes, 1);
-    Metrics::add(&metrics.pass_tokens, inputs.len() as u64);
-    let mut chosen = chosen.into_iter();
+    Metrics::add(&metrics.pass_tokens, (active.len() + kept) as u64);
+    Metrics::add(&metrics.drafted, drafted as u64);
+    Metrics::add(&metrics.draft_accepted, kept as u64);
+    let mut chosen = chosen.into_iter().zip(proposals);
     active.retain_mut(|a| {
         let done = match chosen.next() {
-            Some(Ok(next)) => {
-                a.next = next;
-                a.emit(engine, batch, metrics)
-            }
-            Some(Err(_)) | None => {
+            Some((Ok(c), p)) => a.take(engine, batch, metrics, &p, c),
+            Some((Err(_), _)) | None => {
                 let at = batch.position(a.seq).unwrap_or(0);
                 let e = crate::engine::EngineError::NonFinite { position: at };
                 let _ = a
@@ -324,9 +359,58 @@ fn step(
 }
 
 impl Active {
+    /// What this sequence offers a pass to draft from.
+    fn offer(&self) -> Offer<'_> {
+        Offer {
+            seq: self.seq,
+            history: &self.history,
+            wants: self.opts.max_tokens.saturating_sub(self.generated + 1),
+        }
+    }
+
+    /// Takes a pass's outcome: the cache cut back to the kept drafts, then each kept draft
+    /// and the token after them emitted in turn; returns whether the sequence is done.
+    fn take(
+        &mut self,
+        engine: &Engine,
+        batch: &mut BatchDecoder<'_>,
+        metrics: &Metrics,
+        drafts: &[u32],
+        chosen: Accepted,
+    ) -> bool {
+        let rejected = drafts.len() - chosen.kept;
+        if rejected > 0 {
+            let at = batch.position(self.seq).unwrap_or(0);
+            if batch
+                .truncate(self.seq, at.saturating_sub(rejected))
+                .is_err()
+            {
+                return true;
+            }
+        }
+        let tokens = drafts[..chosen.kept].iter().chain([&chosen.next]);
+        for (i, &t) in tokens.enumerate() {
+            self.next = t;
+            self.history.push(t);
+            // Kept drafts after this one are already in the cache.
+            if self.emit(engine, batch, metrics, chosen.kept - i.min(chosen.kept)) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Emits `self.next` (unless it ends the generation); returns whether the sequence is
     /// done: an end token, a stop string, `max_tokens`, a full context, or its client gone.
-    fn emit(&mut self, engine: &Engine, batch: &BatchDecoder<'_>, metrics: &Metrics) -> bool {
+    /// `ahead`: positions already in the cache beyond `self.next` (kept drafts still to be
+    /// emitted), not counted against the context.
+    fn emit(
+        &mut self,
+        engine: &Engine,
+        batch: &BatchDecoder<'_>,
+        metrics: &Metrics,
+        ahead: usize,
+    ) -> bool {
         let tok = engine.model().tokenizer.as_ref();
         let end = !self.opts.ignore_eos && tok.is_some_and(|k| k.is_end_of_generation(self.next));
         if end {
@@ -346,7 +430,7 @@ impl Active {
         }
         let full = batch
             .position(self.seq)
-            .map_or(true, |p| p >= batch.capacity());
+            .map_or(true, |p| p - ahead.min(p) >= batch.capacity());
         if self.generated >= self.opts.max_tokens || full {
             return self.finish(FinishReason::Length);
         }
