@@ -4,10 +4,12 @@
 //! generation spends per frame under a slice given on the command line.
 //!
 //!     cargo run --release --example gpu_frames -- MODEL [--frames 120] [--slice-ms 8]
-//!         [--prompt "Once upon a time"] [--size 256] [--ppm last-frame.ppm]
+//!         [--prompt "Once upon a time"] [--size 256] [--ppm last-frame.ppm] [--vram-mib 48]
 //!
 //! MODEL is a GGUF file, an HF directory or a flash image (the flash path streams bundles from
-//! the SSD into GPU windows). Scheduling: each frame adds the slice to a credit; tokens run
+//! the SSD into GPU windows, planned under `--vram-mib` when given). The engine comes from the
+//! library's facade (`Engine::builder(..).gpu(..).vram_budget(..)`, then
+//! `Engine::gpu_decoder` for a decoder the frame loop steps). Scheduling: each frame adds the slice to a credit; tokens run
 //! while the credit covers the expected cost of one (a running average of measured token
 //! times, submit to readback), and each token's time is taken from the credit. With a slice
 //! shorter than one token, tokens run every few frames and the average per frame stays under
@@ -19,11 +21,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use llmflash::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder, GpuFlashOptions};
-use llmflash::engine::gpu::GpuModel;
-use llmflash::engine::model::Model;
+use llmflash::api::Engine;
+use llmflash::backend::gpu::GpuContext;
 use llmflash::engine::sampler::argmax;
-use llmflash::sparsity::Calibration;
 
 const SHADER: &str = r#"
 struct Frame { t: f32, size: u32, _p0: u32, _p1: u32 }
@@ -47,6 +47,7 @@ struct Args {
     prompt: String,
     size: u32,
     ppm: Option<PathBuf>,
+    vram_budget: Option<u64>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -58,6 +59,7 @@ fn parse() -> Result<Args, String> {
         prompt: "Once upon a time".into(),
         size: 256,
         ppm: None,
+        vram_budget: None,
     };
     let mut model = None;
     while let Some(arg) = it.next() {
@@ -70,11 +72,15 @@ fn parse() -> Result<Args, String> {
             "--prompt" => a.prompt = value()?,
             "--size" => a.size = value()?.parse().map_err(|e| format!("--size: {e}"))?,
             "--ppm" => a.ppm = Some(value()?.into()),
+            "--vram-mib" => {
+                let mib: u64 = value()?.parse().map_err(|e| format!("--vram-mib: {e}"))?;
+                a.vram_budget = Some(mib << 20);
+            }
             _ if model.is_none() && !arg.starts_with("--") => model = Some(arg.into()),
             _ => return Err(format!("unknown argument {arg}")),
         }
     }
-    a.model = model.ok_or("usage: gpu_frames MODEL [--frames N] [--slice-ms MS] [--prompt TEXT] [--size PX] [--ppm FILE]")?;
+    a.model = model.ok_or("usage: gpu_frames MODEL [--frames N] [--slice-ms MS] [--prompt TEXT] [--size PX] [--ppm FILE] [--vram-mib MIB]")?;
     Ok(a)
 }
 
@@ -232,27 +238,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("note: this adapter is a CPU emulating a GPU: the times below are a CPU's");
     }
 
-    let model = Model::open(&a.model)?;
-    let prompt = match &model.tokenizer {
+    // The engine on the host's device: the facade plans the GPU windows under the VRAM
+    // budget for a flash image (bundles streamed from the SSD), as `generate --backend gpu
+    // --vram-budget` does.
+    let mut builder = Engine::builder(&a.model).gpu(gpu);
+    if let Some(bytes) = a.vram_budget {
+        builder = builder.vram_budget(bytes);
+    }
+    let engine = builder.context(1 << 16).build()?;
+    let prompt = match &engine.model().tokenizer {
         Some(t) => t.encode(&a.prompt, true, false),
         None => vec![1, 2, 3],
     };
     let ctx = prompt.len() + a.frames * 8 + 8;
-    let calibration = match &model.image {
-        Some(image) => Calibration::load(image)?,
-        None => None,
-    };
-    let mut dec: Box<dyn GpuModel + '_> = match &model.image {
-        None => Box::new(GpuDecoder::new(&gpu, &model.weights, ctx)?),
-        Some(image) => Box::new(GpuFlashDecoder::new(
-            &gpu,
-            image,
-            &model.weights,
-            calibration.as_ref().map(|c| c.predictors.as_slice()),
-            ctx,
-            GpuFlashOptions::default(),
-        )?),
-    };
+    let mut target = engine.gpu_decoder(ctx)?;
+    let dec = target.model();
 
     let slice = a.slice_ms;
     let mut credit = 0.0f64;
@@ -294,7 +294,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         gen_max = gen_max.max(spent);
     }
     let wall = t_all.elapsed().as_secs_f64() * 1e3;
-    match &model.tokenizer {
+    match &engine.model().tokenizer {
         Some(t) => println!("{}{}", a.prompt, t.decode(&generated)),
         None => println!("(no tokenizer) prompt ids {prompt:?}, generated ids {generated:?}"),
     }

@@ -222,3 +222,53 @@ fn a_conversation_longer_than_the_context_drops_its_oldest_exchanges() {
     assert!(format!("{err:#}").contains("context"), "{err:#}");
     assert_eq!(chat.messages(), before);
 }
+
+/// An engine given a GPU (here the test's context, as a host would hand over its own device)
+/// generates on it what `generate --backend gpu` does: the dense GGUF, and its flash image
+/// under a VRAM budget; `gpu_decoder` steps the same decoder for a host's own loop; a host
+/// memory budget on the GPU is refused before anything loads.
+#[test]
+fn an_engine_on_a_host_gpu_generates_what_the_gpu_command_line_does() {
+    let Some(model) = smollm2() else { return };
+    let Some(gpu) = common::gpu() else { return };
+    let image = common::to_image(&model, "api-gpu", llmflash::image::BundleDtype::Source);
+    for (file, vram) in [(&model, None), (&image, Some("64MiB"))] {
+        let path = file.to_str().expect("a UTF-8 path");
+        let mut args = vec!["-m", path, "-p", PROMPT, "-n", "8", "--greedy"];
+        args.extend(["--backend", "gpu"]);
+        if let Some(v) = vram {
+            args.extend(["--vram-budget", v]);
+        }
+        let (text, tokens, _) = cli_generate(&args, None);
+        let mut builder = Engine::builder(file).gpu(gpu.clone());
+        if vram.is_some() {
+            builder = builder.vram_budget(64 << 20);
+        }
+        let engine = builder.build().expect("opening the model on the GPU");
+        let done = engine
+            .generate(&Prompt::Text(PROMPT), &greedy(8), |_| true)
+            .expect("generating on the GPU");
+        assert_eq!((&done.tokens, &done.text), (&tokens, &text), "{path}");
+        let ids = engine.encode(&Prompt::Text(PROMPT)).unwrap();
+        let mut target = engine.gpu_decoder(ids.len() + 9).expect("a GPU decoder");
+        let dec = target.model();
+        for &t in &ids[..ids.len() - 1] {
+            dec.feed(t).expect("feed");
+        }
+        let mut next = dec.step_greedy(*ids.last().unwrap()).expect("step");
+        let mut stepped = vec![next];
+        while stepped.len() < tokens.len() {
+            next = dec.step_greedy(next).expect("step");
+            stepped.push(next);
+        }
+        assert_eq!(stepped, tokens, "{path}: stepped by hand");
+    }
+    let err = Engine::builder(&model)
+        .gpu(gpu.clone())
+        .memory_budget(64 << 20)
+        .build()
+        .err()
+        .expect("a host budget on the GPU is refused");
+    assert!(format!("{err:#}").contains("vram_budget"), "{err:#}");
+    std::fs::remove_file(image).ok();
+}

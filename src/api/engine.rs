@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+use super::gpu::{open_gpu_target, GpuTarget};
 use super::notice::{log_notice, Notify};
 use super::options::RunOptions;
 use super::runner::{DraftNeeds, Runner};
 use super::text::TextStream;
-use crate::draft::{generate_while, DraftOptions, NgramDraft};
+use crate::backend::gpu::GpuContext;
+use crate::draft::{generate_while, DraftOptions, NgramDraft, Target};
 use crate::engine::model::Model;
 use crate::engine::sampler::{Sampler, Sampling};
 use crate::engine::stats::GenerationStats;
@@ -91,6 +93,7 @@ pub struct EngineBuilder {
     notices: Option<Notify>,
     drafts: Option<DraftOptions>,
     sequences: usize,
+    gpu: Option<GpuContext>,
 }
 
 impl EngineBuilder {
@@ -98,6 +101,22 @@ impl EngineBuilder {
     /// converted into a flash image once, into the cache ([`super::cache`]).
     pub fn memory_budget(mut self, bytes: u64) -> EngineBuilder {
         self.options.memory_budget = Some(bytes);
+        self
+    }
+
+    /// Generate on this GPU (`wgpu` device and queue: an application's own, through
+    /// [`GpuContext::from_device`], or a new one from [`GpuContext::new`]) instead of the CPU.
+    /// A flash image then streams its bundles into GPU windows, planned under
+    /// [`EngineBuilder::vram_budget`] when one is given; a host memory budget does not apply.
+    pub fn gpu(mut self, gpu: GpuContext) -> EngineBuilder {
+        self.gpu = Some(gpu);
+        self
+    }
+
+    /// A budget of GPU memory, in bytes, for a flash image on [`EngineBuilder::gpu`]: the
+    /// planner sizes the GPU windows, pins and overflow to fit it.
+    pub fn vram_budget(mut self, bytes: u64) -> EngineBuilder {
+        self.options.vram_budget = Some(bytes);
         self
     }
 
@@ -135,6 +154,12 @@ impl EngineBuilder {
 
     /// Opens the model and plans its memory.
     pub fn build(self) -> anyhow::Result<Engine> {
+        if self.gpu.is_some() && self.options.memory_budget.is_some() {
+            bail!(
+                "a memory budget plans host memory for the CPU backend; on the GPU give a VRAM \
+                 budget (EngineBuilder::vram_budget)"
+            );
+        }
         let notices = self.notices.unwrap_or_else(log_notice);
         let runner = Runner::open_with(&self.path, self.options, notices)?;
         let runner = match &self.drafts {
@@ -146,6 +171,7 @@ impl EngineBuilder {
             runner,
             context: self.context,
             drafts: self.drafts,
+            gpu: self.gpu,
         })
     }
 }
@@ -156,6 +182,7 @@ pub struct Engine {
     runner: Runner,
     context: usize,
     drafts: Option<DraftOptions>,
+    gpu: Option<GpuContext>,
 }
 
 impl Engine {
@@ -169,6 +196,7 @@ impl Engine {
             notices: None,
             drafts: None,
             sequences: 1,
+            gpu: None,
         }
     }
 
@@ -270,8 +298,24 @@ impl Engine {
         on_text: impl FnMut(&str) -> bool,
     ) -> anyhow::Result<Completion> {
         let ids = self.encode(prompt)?;
+        if self.gpu.is_some() {
+            let mut gpu = self.gpu_decoder(ids.len() + opts.max_tokens + 1)?;
+            return self.generate_on(&mut gpu, &ids, 0, opts, on_text);
+        }
         let mut session = self.session(ids.len(), opts.max_tokens)?;
         self.generate_in(&mut session, &ids, 0, opts, on_text)
+    }
+
+    /// A decoder on the engine's GPU with `positions` of context (at most the engine's), for
+    /// an application that drives its own loop (e.g. a token between frames, on the device
+    /// it renders with); errs when the engine was built without [`EngineBuilder::gpu`].
+    pub fn gpu_decoder(&self, positions: usize) -> anyhow::Result<GpuTarget<'_>> {
+        let Some(gpu) = &self.gpu else {
+            bail!(
+                "this engine runs on the CPU: build it with EngineBuilder::gpu to decode on a GPU"
+            );
+        };
+        open_gpu_target(gpu, &self.runner, positions.min(self.context()))
     }
 
     /// [`Engine::generate`] from token ids `ids` in `session`, whose cache already holds the
@@ -279,6 +323,18 @@ impl Engine {
     pub fn generate_in(
         &self,
         session: &mut Session<'_>,
+        ids: &[u32],
+        cached: usize,
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> anyhow::Result<Completion> {
+        self.generate_on(session, ids, cached, opts, on_text)
+    }
+
+    /// The generate loop on any target: a CPU session or a GPU decoder.
+    fn generate_on<T: Target + ?Sized>(
+        &self,
+        session: &mut T,
         ids: &[u32],
         cached: usize,
         opts: &GenerateOptions,
@@ -309,7 +365,7 @@ impl Engine {
         let mut ngram = NgramDraft::new();
         let drafts = self.drafts.unwrap_or_default();
         let draft = self.drafts.as_ref().map(|_| {
-            let d: &mut dyn crate::draft::Draft<Session> = &mut ngram;
+            let d: &mut dyn crate::draft::Draft<T> = &mut ngram;
             (d, "ngram")
         });
         let gen = generate_while(

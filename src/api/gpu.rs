@@ -7,23 +7,119 @@ use super::options::RunOptions;
 use super::runner::{choose_selection, Runner, PREDICTOR_READ_SHARE};
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder, GpuFlashOptions};
 use crate::budget::{self, Needs};
+use crate::draft::{DraftError, Target};
 use crate::engine::flash::{Selection, Strategy};
 use crate::engine::gpu::GpuModel;
 use crate::engine::kv_cache::{KvCache, KvType};
+use crate::engine::stats::FlashStats;
 use crate::sparsity::Sets;
 
-/// The GPU decoder for `runner`'s model: dense for GGUF and HF models; for a flash image, the
-/// flash path (bundles streamed from the SSD into GPU window buffers).
+/// A decoder on the GPU: the dense one, or a flash image's. What
+/// [`Engine::generate`](super::Engine::generate) runs on when the engine was given a GPU, and
+/// what [`Engine::gpu_decoder`](super::Engine::gpu_decoder) hands a host application for its
+/// own loop ([`GpuTarget::model`]: single steps between frames).
+pub enum GpuTarget<'r> {
+    /// Every weight in VRAM.
+    Dense(Box<GpuDecoder>),
+    /// A flash image: bundles streamed from the SSD into GPU windows.
+    Flash(Box<GpuFlashDecoder<'r>>),
+}
+
+impl<'r> GpuTarget<'r> {
+    /// The decoder's single-step interface.
+    pub fn model(&mut self) -> &mut (dyn GpuModel + 'r) {
+        match self {
+            GpuTarget::Dense(d) => d.as_mut(),
+            GpuTarget::Flash(f) => f.as_mut(),
+        }
+    }
+}
+
+/// Runs `$body` with `$d` bound to whichever decoder `$target` holds (`mut`: mutably).
+macro_rules! either {
+    ($target:expr, $d:ident => $body:expr) => {
+        match $target {
+            GpuTarget::Dense($d) => {
+                let $d = &**$d;
+                $body
+            }
+            GpuTarget::Flash($d) => {
+                let $d = &**$d;
+                $body
+            }
+        }
+    };
+    ($target:expr, mut $d:ident => $body:expr) => {
+        match $target {
+            GpuTarget::Dense($d) => {
+                let $d = &mut **$d;
+                $body
+            }
+            GpuTarget::Flash($d) => {
+                let $d = &mut **$d;
+                $body
+            }
+        }
+    };
+}
+
+impl Target for GpuTarget<'_> {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<&[f32], DraftError> {
+        either!(self, mut d => Target::prefill(d, prompt))
+    }
+    fn step(&mut self, token: u32) -> Result<&[f32], DraftError> {
+        either!(self, mut d => Target::step(d, token))
+    }
+    fn verify(&mut self, tokens: &[u32]) -> Result<&[f32], DraftError> {
+        either!(self, mut d => Target::verify(d, tokens))
+    }
+    fn truncate(&mut self, len: usize) {
+        either!(self, mut d => Target::truncate(d, len))
+    }
+    fn position(&self) -> usize {
+        either!(self, d => Target::position(d))
+    }
+    fn capacity(&self) -> usize {
+        either!(self, d => Target::capacity(d))
+    }
+    fn vocab(&self) -> usize {
+        either!(self, d => Target::vocab(d))
+    }
+    fn verify_width(&self) -> usize {
+        either!(self, d => Target::verify_width(d))
+    }
+    fn flash_stats(&self) -> Option<FlashStats> {
+        either!(self, d => Target::flash_stats(d))
+    }
+}
+
+/// The GPU decoder for `runner`'s model, boxed: see [`open_gpu_target`].
 pub fn open_gpu_model<'r>(
     gpu: &GpuContext,
     runner: &'r Runner,
     ctx: usize,
 ) -> anyhow::Result<Box<dyn GpuModel + 'r>> {
+    Ok(match open_gpu_target(gpu, runner, ctx)? {
+        GpuTarget::Dense(d) => d,
+        GpuTarget::Flash(f) => f,
+    })
+}
+
+/// The GPU decoder for `runner`'s model: dense for GGUF and HF models; for a flash image, the
+/// flash path (bundles streamed from the SSD into GPU window buffers, under the options'
+/// VRAM budget when there is one).
+pub fn open_gpu_target<'r>(
+    gpu: &GpuContext,
+    runner: &'r Runner,
+    ctx: usize,
+) -> anyhow::Result<GpuTarget<'r>> {
     let model = &runner.model;
     let flash = runner.options();
     refuse_memory_budget(flash)?;
     if model.image.is_some() {
-        return Ok(Box::new(open_gpu_flash(gpu, runner, ctx, 1)?));
+        return Ok(GpuTarget::Flash(Box::new(open_gpu_flash(
+            gpu, runner, ctx, 1,
+        )?)));
     }
     if flash.vram_budget.is_some() {
         bail!(
@@ -31,12 +127,12 @@ pub fn open_gpu_model<'r>(
             model.path.display()
         );
     }
-    Ok(Box::new(GpuDecoder::with_kv_type(
+    Ok(GpuTarget::Dense(Box::new(GpuDecoder::with_kv_type(
         gpu,
         &model.weights,
         ctx,
         gpu_kv_type(flash),
-    )?))
+    )?)))
 }
 
 /// The GPU's KV cache type: f32 unless asked. The GPU's attention is f32 arithmetic either way

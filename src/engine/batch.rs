@@ -187,7 +187,7 @@ impl<'w> BatchDecoder<'w> {
     /// Feeds several prompts together and returns the logits after each one's last token,
     /// row-major (`prompts.len() x vocab`, in the order given). When the FFN allows
     /// ([`FfnCompute::batched`]) the prompts' tokens run as the columns of shared passes of up
-    /// to [`PREFILL_BATCH`], so requests arriving together pay one round of weight and flash
+    /// to 64, so requests arriving together pay one round of weight and flash
     /// reads per pass instead of one per prompt, and the vocabulary is projected only after
     /// each prompt's last token; otherwise one prompt after another. A sequence named twice
     /// gets its prompts back to back. Every prompt is checked before anything runs, and a
