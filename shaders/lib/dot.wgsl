@@ -2,7 +2,7 @@
 // (declared by the including kernel). A row is cut into units: one block for the quantised
 // dtypes, 8 values for the float ones; lanes of a workgroup take units in turn. Activations stay
 // f32 (the CPU quantises them to Q8 first): the GPU result is the exact dot of the dequantised
-// row, to f32 rounding.
+// row, to f32 rounding. A K-quant unit is one sub-block of 32 values (8 per 256-value block).
 
 // Values per unit.
 fn unit_len(dt: u32) -> u32 {
@@ -85,6 +85,47 @@ fn dot_unit(dt: u32, row: u32, u: u32, x0: u32) -> f32 {
                 sx += dot(lo, vec4<f32>(1.0)) + dot(hi, vec4<f32>(1.0));
             }
             return dm.x * qx + dm.y * sx;
+        }
+        case 6u: {
+            // Q4_K sub-block s of block u / 8: sum((d sc q - dmin m) x) = d sc sum(q x)
+            // - dmin m sum(x).
+            let blk = row + (u / 8u) * 144u;
+            let s = u % 8u;
+            let dm = w_f16x2(blk);
+            let sm = q4k_scale_min(blk, s);
+            let qs = blk + 16u + 32u * (s / 2u);
+            let hi = (s & 1u) == 1u;
+            var qx = 0.0;
+            var sx = 0.0;
+            for (var k = 0u; k < 8u; k++) {
+                let x = x4(xs + 4u * k);
+                qx += dot(nib4(w_u32(qs + 4u * k), hi), x);
+                sx += dot(x, vec4<f32>(1.0));
+            }
+            return dm.x * sm.x * qx - dm.y * sm.y * sx;
+        }
+        case 7u: {
+            // Q6_K quarter qq of half n of block u / 8 (see w_value): two scales, one per 16.
+            let blk = row + (u / 8u) * 210u;
+            let n = (u % 8u) / 4u;
+            let qq = u % 4u;
+            let ql = blk + 64u * n + 32u * (qq & 1u);
+            let qh = blk + 128u + 32u * n;
+            var acc = vec2<f32>(0.0);
+            for (var k = 0u; k < 8u; k++) {
+                let lo = nib4(w_u32(ql + 4u * k), qq >= 2u);
+                let h = w_u32(qh + 4u * k) >> (2u * qq);
+                let top = vec4<f32>(f32(h & 3u), f32((h >> 8u) & 3u), f32((h >> 16u) & 3u),
+                                    f32((h >> 24u) & 3u));
+                let d = dot(lo + 16.0 * top - vec4<f32>(32.0), x4(xs + 4u * k));
+                if (k < 4u) {
+                    acc.x += d;
+                } else {
+                    acc.y += d;
+                }
+            }
+            let sc = blk + 192u + 8u * n + 2u * qq;
+            return w_f16(blk + 208u) * (w_i8(sc) * acc.x + w_i8(sc + 1u) * acc.y);
         }
         default: {
             let blk = row + u * 34u;

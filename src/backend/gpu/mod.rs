@@ -54,7 +54,7 @@ pub enum GpuError {
         limit: u64,
         adapter: String,
     },
-    #[error("{what} is {dtype}, which the GPU kernels do not read (they read F32, F16, BF16, Q4_0, Q4_1 and Q8_0); use the CPU backend for this model")]
+    #[error("{what} is {dtype}, which the GPU kernels do not read (they read F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K and Q6_K); use the CPU backend for this model")]
     UnsupportedDtype { what: String, dtype: DType },
     #[error("{0}")]
     Shape(String),

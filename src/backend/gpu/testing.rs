@@ -3,7 +3,9 @@
 
 use std::sync::OnceLock;
 
+use crate::backend::cpu::quant;
 use crate::backend::gpu::shaders::Half;
+use crate::model::tensor::DType;
 use crate::backend::gpu::{GpuContext, GpuError, GpuOptions};
 
 /// The shared context, or `None` (after printing why) when this machine has no adapter.
@@ -77,3 +79,30 @@ pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
     let scale = b.iter().fold(floor, |m, v| m.max(v.abs()));
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
+
+/// `n` values of `dtype`: a random matrix quantised, or for the K-quants (whose scale
+/// searching quantisers only ggml has) random blocks: every bit pattern of the quants and
+/// packed scales is valid, and the f16 super-scales are set to small finite values.
+pub fn random_rows(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
+    let blocks = n / dtype.block_len();
+    let scales: &[usize] = match dtype {
+        DType::Q4K => &[0, 2],
+        DType::Q6K => &[208],
+        _ => {
+            let wf = rng.vec(n, 1.0);
+            let mut bytes = Vec::new();
+            quant::quantize(dtype, &wf, &mut bytes).unwrap();
+            return bytes;
+        }
+    };
+    let size = dtype.block_bytes();
+    let mut bytes: Vec<u8> = (0..blocks * size).map(|_| rng.below(256) as u8).collect();
+    for block in bytes.chunks_exact_mut(size) {
+        for &at in scales {
+            let d = half::f16::from_f32(0.002 + 0.02 * rng.f32().abs());
+            block[at..at + 2].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+    bytes
+}
+

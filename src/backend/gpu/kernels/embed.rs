@@ -133,7 +133,7 @@ mod tests {
     use crate::backend::gpu::buffers::{read, storage_f32, write};
     use crate::backend::gpu::kernels::Step;
     use crate::backend::gpu::pipeline::submit;
-    use crate::backend::gpu::testing::{forms, Rng};
+    use crate::backend::gpu::testing::{forms, random_rows, Rng};
     use crate::backend::gpu::GpuContext;
     use crate::model::tensor::DType;
 
@@ -146,17 +146,18 @@ mod tests {
 
     fn check(ctx: &GpuContext) {
         let mut rng = Rng::new(4);
-        let (rows, cols) = (40, 96);
-        for dtype in [
-            DType::Q8_0,
-            DType::F16,
-            DType::F32,
-            DType::BF16,
-            DType::Q4_1,
-            DType::Q4_0,
+        let rows = 40;
+        for (dtype, cols) in [
+            (DType::Q8_0, 96),
+            (DType::F16, 96),
+            (DType::F32, 96),
+            (DType::BF16, 96),
+            (DType::Q4_1, 96),
+            (DType::Q4_0, 96),
+            (DType::Q4K, 512),
+            (DType::Q6K, 256),
         ] {
-            let mut bytes = Vec::new();
-            quant::quantize(dtype, &rng.vec(rows * cols, 2.0), &mut bytes).unwrap();
+            let bytes = random_rows(&mut rng, dtype, rows * cols);
             let table = GpuMatrix::from_bytes(ctx, "t", dtype, rows, cols, &bytes).unwrap();
             let step = crate::backend::gpu::buffers::uniform(ctx, "step", &Step::default());
             let y = storage_f32(ctx, "y", &vec![1.0; cols]).unwrap();

@@ -117,7 +117,7 @@ mod tests {
     use crate::backend::cpu::quant;
     use crate::backend::gpu::buffers::{read, storage_f32};
     use crate::backend::gpu::pipeline::submit;
-    use crate::backend::gpu::testing::{forms, Rng};
+    use crate::backend::gpu::testing::{forms, random_rows, Rng};
     use crate::backend::gpu::GpuContext;
     use crate::model::tensor::DType;
 
@@ -150,9 +150,7 @@ mod tests {
             ctx.limits.max_storage_buffer_binding_size = m;
         }
         let mut rng = Rng::new(dtype as u64 * 31 + rows as u64);
-        let wf = rng.vec(rows * cols, 1.0);
-        let mut bytes = Vec::new();
-        quant::quantize(dtype, &wf, &mut bytes).unwrap();
+        let bytes = random_rows(&mut rng, dtype, rows * cols);
         let mut deq = vec![0f32; rows * cols];
         quant::dequantize(dtype, &bytes, &mut deq).unwrap();
         let x = rng.vec(cols, 2.0);
@@ -202,6 +200,18 @@ mod tests {
         // SmolLM2's shapes: d = 576 and ffn = 1536 columns.
         check(DType::Q4_1, 64, 576, None);
         check(DType::Q8_0, 32, 1536, None);
+    }
+
+    #[test]
+    fn k_quant_rows_match_cpu_dequantisation() {
+        // 2 blocks per row; Q6_K rows are 420 bytes, so odd rows start 2 mod 4 (spliced loads).
+        for dtype in [DType::Q4K, DType::Q6K] {
+            check(dtype, 19, 512, None);
+        }
+        // Qwen2.5-Coder-1.5B's shapes: d = 1536 and ffn = 8960 columns.
+        check(DType::Q4K, 8, 1536, None);
+        check(DType::Q6K, 4, 8960, None);
+        check(DType::Q6K, 30, 256, Some(2048));
     }
 
     #[test]

@@ -25,8 +25,8 @@ use layout::{struct_layout, StructLayout};
 pub use crate::backend::gpu::pipeline::{Columns, Dispatch};
 
 /// The shaders' code for a dtype (`DT_*` in shaders/lib/quant.wgsl), or `None` for the dtypes
-/// the kernels do not read (the K-quants, the Q5 and IQ4 formats, which only the CPU backend
-/// reads: uploading such a tensor is a [`GpuError::UnsupportedDtype`]).
+/// the kernels do not read (Q2_K, Q3_K, Q5_K, the Q5 and IQ4 formats, which only the CPU
+/// backend reads: uploading such a tensor is a [`GpuError::UnsupportedDtype`]).
 pub fn dtype_code(d: DType) -> Option<u32> {
     Some(match d {
         DType::F32 => 0,
@@ -35,13 +35,13 @@ pub fn dtype_code(d: DType) -> Option<u32> {
         DType::Q4_0 => 3,
         DType::Q4_1 => 4,
         DType::Q8_0 => 5,
+        DType::Q4K => 6,
+        DType::Q6K => 7,
         DType::Q5_0
         | DType::Q5_1
         | DType::Q2K
         | DType::Q3K
-        | DType::Q4K
         | DType::Q5K
-        | DType::Q6K
         | DType::IQ4NL
         | DType::IQ4XS => return None,
     })
@@ -52,7 +52,7 @@ pub fn dtype_code(d: DType) -> Option<u32> {
 /// of shaders/lib/quant.wgsl, which saves a test per load.
 pub fn aligned(dtype: DType, cols: usize, offset: usize, stride: usize) -> bool {
     let blocks_aligned = match dtype {
-        DType::F32 | DType::Q4_1 => true,
+        DType::F32 | DType::Q4_1 | DType::Q4K => true,
         DType::F16 | DType::BF16 => cols.is_multiple_of(2),
         _ => false,
     };
@@ -152,9 +152,7 @@ mod tests {
             DType::Q5_1,
             DType::Q2K,
             DType::Q3K,
-            DType::Q4K,
             DType::Q5K,
-            DType::Q6K,
             DType::IQ4NL,
             DType::IQ4XS,
         ] {
