@@ -307,7 +307,7 @@ impl Core {
         if c.arch == crate::model::config::Arch::Gemma3 {
             return Err(GpuError::Shape(
                 "the GPU backend does not run gemma3 models (GELU gating, q/k and post norms, \
-                 sliding-window layers); use --backend cpu"
+                 sliding-window layers); run it on the CPU backend"
                     .to_string(),
             ));
         }

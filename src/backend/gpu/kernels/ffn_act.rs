@@ -60,7 +60,7 @@ pub fn ffn_act(
 /// load time (`backend::gpu::check_supported`), and here for any caller that skipped that.
 pub(crate) fn geglu_unsupported() -> GpuError {
     GpuError::Shape(
-        "the GPU backend has no GELU-gated FFN (Gemma 3); run it with --backend cpu".to_string(),
+        "the GPU backend has no GELU-gated FFN (Gemma 3); run it on the CPU backend".to_string(),
     )
 }
 
