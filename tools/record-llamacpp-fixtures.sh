@@ -57,7 +57,7 @@ url="http://127.0.0.1:$port"
 # serve MODEL [FLAGS...]: start llama-server in the background and wait until it answers.
 serve() {
   model="$1"; shift
-  export LLAMA_SERVER_FLAGS="-t 2 -c 2048 $*"
+  export LLAMA_SERVER_FLAGS="${GGML_CPU_TILED_MM:+GGML_CPU_TILED_MM=$GGML_CPU_TILED_MM }-t 2 -c 2048 $*"
   "$bin/llama-server" -m "$model" --host 127.0.0.1 --port $port -t 2 -c 2048 --no-webui "$@" \
     >/tmp/llama-server.log 2>&1 &
   server=$!
@@ -169,6 +169,13 @@ if [ -f "$gemma" ] && [ "$only" != qwen ]; then
     "$out/gemma-3-270m-greedy-norepack.json" "$root/tools/llamacpp-prompts.json" 32
   python3 "$root/tools/record_llamacpp_fixtures.py" tokenize "$url" "$gemma" \
     "$out/gemma-3-270m-tokenize.json" "$root/tools/llamacpp-gemma-tokenize-cases.json"
+  stop
+  # Again with llama.cpp's tiled K-quant GEMM off (GGML_CPU_TILED_MM=0): it multiplies prompt
+  # batches of 8 or more tokens by the Q4_K/Q6_K matrices in another summation order than the
+  # row kernels, which are what it decodes with and what we reproduce.
+  GGML_CPU_TILED_MM=0 serve "$gemma" --no-repack
+  python3 "$root/tools/record_llamacpp_fixtures.py" greedy "$url" "$gemma" \
+    "$out/gemma-3-270m-greedy-norepack-notiled.json" "$root/tools/llamacpp-prompts.json" 32
   stop
   text="$root/tests/fixtures/text/python-doc-eval.txt"
   "$bin/llama-perplexity" -m "$gemma" -f "$text" -c 512 -t 2 --no-repack > /tmp/llama-ppl-gemma.log 2>&1
