@@ -4,6 +4,7 @@
 #
 #   tools/record-llamacpp-fixtures.sh [LLAMA_CPP_BUILD_DIR]      (or env LLAMA_CPP_BIN)
 #   LLAMA_FIXTURES=qwen tools/record-llamacpp-fixtures.sh ...    (only the Qwen fixtures)
+#   LLAMA_FIXTURES=gemma tools/record-llamacpp-fixtures.sh ...   (only the Gemma 3 fixtures)
 #
 # LLAMA_CPP_BUILD_DIR is llama.cpp's cmake build dir or its bin/ folder (the one holding
 # llama-server, llama-perplexity, llama-simple, llama-tokenize, llama-bench).
@@ -29,7 +30,8 @@ bin="${1:-${LLAMA_CPP_BIN:-}}"
 only="${LLAMA_FIXTURES:-all}"
 case "$only" in all) tools=(llama-server llama-perplexity llama-simple llama-tokenize llama-bench) ;;
   qwen) tools=(llama-server) ;;
-  *) echo "LLAMA_FIXTURES must be all or qwen, not $only" >&2; exit 2 ;; esac
+  gemma) tools=(llama-server llama-perplexity llama-tokenize) ;;
+  *) echo "LLAMA_FIXTURES must be all, qwen or gemma, not $only" >&2; exit 2 ;; esac
 for t in "${tools[@]}"; do
   [ -x "$bin/$t" ] || { echo "$bin/$t not found: build llama.cpp first (see the header)" >&2; exit 1; }
 done
@@ -55,7 +57,7 @@ url="http://127.0.0.1:$port"
 # serve MODEL [FLAGS...]: start llama-server in the background and wait until it answers.
 serve() {
   model="$1"; shift
-  export LLAMA_SERVER_FLAGS="-t 2 -c 2048 $*"
+  export LLAMA_SERVER_FLAGS="${GGML_CPU_TILED_MM:+GGML_CPU_TILED_MM=$GGML_CPU_TILED_MM }-t 2 -c 2048 $*"
   "$bin/llama-server" -m "$model" --host 127.0.0.1 --port $port -t 2 -c 2048 --no-webui "$@" \
     >/tmp/llama-server.log 2>&1 &
   server=$!
@@ -116,6 +118,7 @@ python3 "$root/tools/record_llamacpp_fixtures.py" perplexity "$out/smollm2-perpl
 
 fi
 
+if [ "$only" != gemma ]; then
 # 3. Qwen2.5-Coder-1.5B (only when fetched: tools/fetch-model --qwen). Twice: with llama.cpp's
 # defaults, and with --no-repack. On AVX2 llama.cpp by default repacks Q4_K weights into 8-row
 # tiles whose kernels sum in another order than its row-by-row dot products (the ones every
@@ -151,6 +154,35 @@ if [ -f "$qwen05" ]; then
   else
     echo "no llama-perplexity/llama-tokenize in $bin: Qwen 0.5B perplexity not recorded" >&2
   fi
+fi
+fi
+
+# 3c. Gemma 3 270M (only when fetched: tools/fetch-model --gemma-270m). With --no-repack, as
+# for the Qwen models: its Q4_K attention outputs and Q6_K down matrices would otherwise go
+# through repacked tiles. Greedy continuations of the SmolLM2 prompts, tokenisations (the
+# SentencePiece tokenizer, with Gemma's turn markers), and perplexity (BOS at each chunk start,
+# since the GGUF says add_bos_token).
+gemma="$("$root/tools/fetch-model" --gemma-270m --print-path)"
+if [ -f "$gemma" ] && [ "$only" != qwen ]; then
+  serve "$gemma" --no-repack
+  python3 "$root/tools/record_llamacpp_fixtures.py" greedy "$url" "$gemma" \
+    "$out/gemma-3-270m-greedy-norepack.json" "$root/tools/llamacpp-prompts.json" 32
+  python3 "$root/tools/record_llamacpp_fixtures.py" tokenize "$url" "$gemma" \
+    "$out/gemma-3-270m-tokenize.json" "$root/tools/llamacpp-gemma-tokenize-cases.json"
+  stop
+  # Again with llama.cpp's tiled K-quant GEMM off (GGML_CPU_TILED_MM=0): it multiplies prompt
+  # batches of 8 or more tokens by the Q4_K/Q6_K matrices in another summation order than the
+  # row kernels, which are what it decodes with and what we reproduce.
+  GGML_CPU_TILED_MM=0 serve "$gemma" --no-repack
+  python3 "$root/tools/record_llamacpp_fixtures.py" greedy "$url" "$gemma" \
+    "$out/gemma-3-270m-greedy-norepack-notiled.json" "$root/tools/llamacpp-prompts.json" 32
+  stop
+  text="$root/tests/fixtures/text/python-doc-eval.txt"
+  "$bin/llama-perplexity" -m "$gemma" -f "$text" -c 512 -t 2 --no-repack > /tmp/llama-ppl-gemma.log 2>&1
+  "$bin/llama-tokenize" -m "$gemma" -f "$text" --ids --log-disable > /tmp/llama-ppl-gemma-tokens.txt 2>/dev/null
+  python3 "$root/tools/record_llamacpp_fixtures.py" perplexity "$out/gemma-3-270m-perplexity.json" \
+    "$gemma" "llama-perplexity -m MODEL -f tests/fixtures/text/python-doc-eval.txt -c 512 -t 2 --no-repack" \
+    /tmp/llama-ppl-gemma.log /tmp/llama-ppl-gemma-tokens.txt
 fi
 [ "$only" = all ] || { echo "fixtures written to $out" >&2; exit 0; }
 

@@ -161,7 +161,7 @@ def perplexity(out, model, command, log_file, tokens_file):
            "running": running, "chunk_ppl": per_chunk,
            "note": "running: llama-perplexity's printed estimate after each chunk ([i] values); "
                    "chunk_ppl: each chunk's own perplexity, derived from running (rounded). "
-                   "Each chunk of ctx tokens starts with BOS-less text (add_bos false) and scores "
+                   "Each chunk of ctx tokens starts with BOS in place of its first token where the GGUF says add_bos_token (Gemma), and with plain text otherwise (SmolLM2, Qwen2.5); it scores "
                    "its second half."}
     json.dump(doc, open(out, "w"), indent=1)
     print({k: v for k, v in doc.items() if k not in ("running", "note")}, file=sys.stderr)

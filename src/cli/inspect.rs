@@ -31,7 +31,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!();
         }
         let bundles = image.bundle().parts.iter().map(|p| p.dtype);
-        print_backends(matrix_dtypes(&image.weights()?).chain(bundles));
+        let weights = image.weights()?;
+        print_backends(&weights.config, matrix_dtypes(&weights).chain(bundles));
         return Ok(());
     }
     let m = super::open_model(&a.model)?;
@@ -87,7 +88,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         show(&w.lm_head);
     }
     println!("matrices: {:.1} MiB", total as f64 / (1 << 20) as f64);
-    print_backends(matrix_dtypes(w));
+    print_backends(&w.config, matrix_dtypes(w));
     Ok(())
 }
 
@@ -109,7 +110,7 @@ fn matrix_dtypes(w: &ModelWeights) -> impl Iterator<Item = DType> + '_ {
 /// The matrices' types, and up front which backend runs the file: the CPU reads every type
 /// a file can load with; the GPU kernels read fewer, and a file with any other is refused
 /// when it is loaded, never at token 40.
-fn print_backends(dtypes: impl Iterator<Item = DType>) {
+fn print_backends(c: &crate::model::config::Config, dtypes: impl Iterator<Item = DType>) {
     let mut counts: BTreeMap<&'static str, (usize, bool)> = BTreeMap::new();
     for d in dtypes {
         let gpu = crate::backend::gpu::kernels::dtype_code(d).is_some();
@@ -124,7 +125,9 @@ fn print_backends(dtypes: impl Iterator<Item = DType>) {
         .filter(|(_, (_, gpu))| !gpu)
         .map(|(n, _)| *n)
         .collect();
-    if missing.is_empty() {
+    if c.arch == crate::model::config::Arch::Gemma3 {
+        println!("backends: cpu (the GPU backend does not run gemma3: --backend gpu refuses it)");
+    } else if missing.is_empty() {
         println!("backends: cpu, gpu");
     } else {
         println!(

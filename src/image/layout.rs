@@ -126,7 +126,7 @@ impl BundleLayout {
     /// `hidden` values, packed back to back.
     pub fn check(&self, kind: FfnKind, hidden: usize) -> Result<(), String> {
         let want: &[PartRole] = match kind {
-            FfnKind::SwiGlu => &[PartRole::Gate, PartRole::Up, PartRole::Down],
+            FfnKind::SwiGlu | FfnKind::GeGlu => &[PartRole::Gate, PartRole::Up, PartRole::Down],
             FfnKind::Relu => &[PartRole::Up, PartRole::Down],
         };
         let roles: Vec<PartRole> = self.parts.iter().map(|p| p.role).collect();

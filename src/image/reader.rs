@@ -12,10 +12,11 @@ use super::{
     ALIGN, FORMAT_VERSION,
 };
 use crate::backend::cpu::quant;
-use crate::model::config::FfnKind;
 use crate::model::loader::TokenizerSource;
 use crate::model::tensor::{Storage, Tensor};
-use crate::model::weights::{Attention, FfnBias, Layer, Linear, ModelWeights, Norm};
+use crate::model::weights::{
+    gguf_extra_norm_names, Attention, ExtraNorms, FfnBias, Layer, Linear, ModelWeights, Norm,
+};
 
 /// An open, validated flash image, memory-mapped.
 #[derive(Clone)]
@@ -311,6 +312,20 @@ impl FlashImage {
                     ffn_bias: FfnBias {
                         up: self.vector(&format!("{p}.ffn_up.bias"), f)?,
                         down: self.vector(&format!("{p}.ffn_down.bias"), d)?,
+                    },
+                    extra_norms: {
+                        let [q, k, pa, pf] = gguf_extra_norm_names(i);
+                        let opt =
+                            |name: &str, len| match self.tensor_entry(&format!("{name}.weight")) {
+                                Some(_) => self.norm(name, len).map(Some),
+                                None => Ok(None),
+                            };
+                        ExtraNorms {
+                            q: opt(&q, c.head_dim)?,
+                            k: opt(&k, c.head_dim)?,
+                            post_attn: opt(&pa, d)?,
+                            post_ffn: opt(&pf, d)?,
+                        }
                     },
                 })
             })
@@ -729,8 +744,10 @@ fn validate(path: &Path, map: &[u8], hash_resident: bool) -> Result<ImageMeta, I
             }
         }
     }
-    if c.ffn_kind() == FfnKind::SwiGlu && meta.bundle.part(PartRole::Gate).is_none() {
-        return Err(meta_err("a SwiGLU model's bundles need a gate part".into()));
+    if c.ffn_kind().gated() && meta.bundle.part(PartRole::Gate).is_none() {
+        return Err(meta_err(
+            "a gated (SwiGLU/GeGLU) model's bundles need a gate part".into(),
+        ));
     }
 
     // Resident tensors are small enough to hash at every open.

@@ -76,6 +76,11 @@ impl SyntheticShape {
             tied_embeddings: false,
             pre_norm: true,
             embed_dim: self.hidden,
+            sliding_window: None,
+            sliding_layers: Vec::new(),
+            rope_theta_sliding: None,
+            attn_scale: None,
+            final_logit_softcap: None,
         }
     }
 }

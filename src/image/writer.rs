@@ -17,7 +17,7 @@ use super::{
     ImageError, ImageMeta, PartRole, SourceInfo, TensorEntry, ALIGN, FORMAT_VERSION,
 };
 use crate::backend::cpu::quant;
-use crate::model::config::{Config, FfnKind};
+use crate::model::config::Config;
 use crate::model::loader::LoadedModel;
 use crate::model::tensor::{DType, Tensor};
 use crate::model::weights::{Ffn, Linear, ModelWeights, Norm};
@@ -96,6 +96,13 @@ pub(crate) fn resident_tensors(w: &ModelWeights) -> Vec<Resident<'_>> {
         linear(&mut out, &format!("{p}.attn_v"), &layer.attn.v);
         linear(&mut out, &format!("{p}.attn_output"), &layer.attn.o);
         norm(&mut out, &format!("{p}.ffn_norm"), &layer.ffn_norm);
+        let x = &layer.extra_norms;
+        let names = crate::model::weights::gguf_extra_norm_names(i);
+        for (name, n) in names.iter().zip([&x.q, &x.k, &x.post_attn, &x.post_ffn]) {
+            if let Some(n) = n {
+                norm(&mut out, name, n);
+            }
+        }
         if let Some(b) = &layer.ffn_bias.up {
             vector(&mut out, format!("{p}.ffn_up.bias"), b);
         }
@@ -238,9 +245,9 @@ fn plan_layout(
     };
     let mut roles: Vec<(PartRole, Option<DType>, DType)> = Vec::new(); // role, uniform src, any src
     let any = |f: &dyn Fn(&Ffn) -> Option<DType>| ffns.iter().find_map(|x| f(x));
-    if config.ffn_kind() == FfnKind::SwiGlu {
+    if config.ffn_kind().gated() {
         let g = |x: &Ffn| x.gate.as_ref().map(|t| t.dtype);
-        let a = any(&g).ok_or("a SwiGLU model without gate matrices")?;
+        let a = any(&g).ok_or("a gated (SwiGLU/GeGLU) model without gate matrices")?;
         roles.push((PartRole::Gate, uniform(&g), a));
     }
     let u = |x: &Ffn| Some(x.up.dtype);

@@ -11,13 +11,27 @@ pub enum Arch {
     Qwen2,
     /// OPT: ReLU FFN with biases, LayerNorm, learned positions.
     Opt,
+    /// Gemma 3: embeddings scaled by sqrt(hidden), RMSNorm on q and k per head, a norm after
+    /// attention and after the FFN as well as before each, GELU-tanh gating, and sliding-window
+    /// layers (their own RoPE base) interleaved with global ones.
+    Gemma3,
 }
 
-/// The FFN's shape: SwiGLU `down(silu(gate x) * up x)` or ReLU `down(relu(up x + b) ) + b`.
+/// The FFN's shape: SwiGLU `down(silu(gate x) * up x)`, GeGLU `down(gelu_tanh(gate x) * up x)`
+/// or ReLU `down(relu(up x + b) ) + b`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FfnKind {
     SwiGlu,
     Relu,
+    /// Gated like SwiGLU, with GELU (tanh approximation) in place of SiLU (Gemma).
+    GeGlu,
+}
+
+impl FfnKind {
+    /// Whether the FFN has a gate matrix (SwiGLU and GeGLU).
+    pub fn gated(self) -> bool {
+        matches!(self, FfnKind::SwiGlu | FfnKind::GeGlu)
+    }
 }
 
 /// How rotary embedding pairs dimensions within a head.
@@ -54,6 +68,24 @@ pub struct Config {
     pub pre_norm: bool,
     /// OPT only: width of the embeddings when `project_in`/`project_out` exist.
     pub embed_dim: usize,
+    /// Sliding-window attention (Gemma 3): a sliding layer's query at position p sees the
+    /// positions `p - window + 1 ..= p`; `None` when every layer is global.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Per layer: whether it attends through the sliding window (empty: none does).
+    #[serde(default)]
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding layers (Gemma 3: 10000, against 1e6 for the global ones);
+    /// `None`: every layer uses `rope_theta`.
+    #[serde(default)]
+    pub rope_theta_sliding: Option<f32>,
+    /// The factor queries are multiplied by before `q·k`; `None`: `1/sqrt(head_dim)`.
+    #[serde(default)]
+    pub attn_scale: Option<f32>,
+    /// Final logits squashed as `c * tanh(logits / c)` (Gemma 2 style); `None`: left as they
+    /// are (Gemma 3).
+    #[serde(default)]
+    pub final_logit_softcap: Option<f32>,
 }
 
 /// Checks that `value` of the parameter `key` is a finite number above 0 (a norm epsilon, a
@@ -73,7 +105,46 @@ impl Config {
         match self.arch {
             Arch::Llama | Arch::Qwen2 => FfnKind::SwiGlu,
             Arch::Opt => FfnKind::Relu,
+            Arch::Gemma3 => FfnKind::GeGlu,
         }
+    }
+
+    /// The factor token embeddings are multiplied by (Gemma: `sqrt(hidden)`, in f32 as
+    /// llama.cpp computes it).
+    pub fn embed_scale(&self) -> Option<f32> {
+        match self.arch {
+            Arch::Gemma3 => Some((self.hidden_size as f32).sqrt()),
+            _ => None,
+        }
+    }
+
+    /// Whether layer `l` attends through the sliding window.
+    pub fn is_sliding(&self, l: usize) -> bool {
+        self.sliding_window.is_some() && self.sliding_layers.get(l).copied().unwrap_or(false)
+    }
+
+    /// The first cache position layer `l`'s query at `pos` attends to: 0 for a global layer,
+    /// `pos + 1 - window` (at least 0) for a sliding one (llama.cpp masks key `p0` from query
+    /// `p1` when `p1 - p0 >= window`).
+    pub fn attn_start(&self, l: usize, pos: usize) -> usize {
+        match self.sliding_window {
+            Some(w) if self.is_sliding(l) => (pos + 1).saturating_sub(w),
+            _ => 0,
+        }
+    }
+
+    /// The RoPE base of layer `l`.
+    pub fn rope_theta_of(&self, l: usize) -> Option<f32> {
+        match self.rope_theta_sliding {
+            Some(local) if self.is_sliding(l) => Some(local),
+            _ => self.rope_theta,
+        }
+    }
+
+    /// The query scale of attention.
+    pub fn query_scale(&self) -> f32 {
+        self.attn_scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
     }
 
     /// Width of the key/value projections.
@@ -113,6 +184,27 @@ impl Config {
                 "head_dim {} is odd; RoPE needs pairs",
                 self.head_dim
             ));
+        }
+        if let Some(theta) = self.rope_theta_sliding {
+            check_positive("rope_theta_sliding", theta)?;
+        }
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window is 0; expected at least 1".into());
+        }
+        if !self.sliding_layers.is_empty() && self.sliding_layers.len() != self.n_layers {
+            return Err(format!(
+                "the sliding-window pattern names {} layers, the model has {}",
+                self.sliding_layers.len(),
+                self.n_layers
+            ));
+        }
+        for (key, v) in [
+            ("attn_scale", self.attn_scale),
+            ("final_logit_softcap", self.final_logit_softcap),
+        ] {
+            if let Some(v) = v {
+                check_positive(key, v)?;
+            }
         }
         if self.hidden_size > 1 << 20 || self.vocab_size > 1 << 24 || self.n_layers > 4096 {
             return Err("implausibly large dimensions".to_string());

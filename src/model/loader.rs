@@ -179,5 +179,24 @@ pub fn tokenizer_spec(f: &GgufFile) -> Result<TokenizerSpec, LoadError> {
         pad: id("tokenizer.ggml.padding_token_id"),
         add_bos: flag("tokenizer.ggml.add_bos_token", false),
         add_eos: flag("tokenizer.ggml.add_eos_token", false),
+        scores: match f.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
+            Some(a) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_f32().ok_or_else(|| {
+                        LoadError::Invalid(format!(
+                            "tokenizer.ggml.scores[{i}] is a {}, expected a number (the file \
+                             is corrupt)",
+                            v.type_name()
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        },
+        add_space_prefix: f
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.as_bool()),
     })
 }

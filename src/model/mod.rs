@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod gemma3;
 pub mod gguf;
 pub mod hf;
 pub mod loader;

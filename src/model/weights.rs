@@ -59,6 +59,18 @@ pub struct Layer {
     /// bundles.
     pub ffn: Option<Ffn>,
     pub ffn_bias: FfnBias,
+    /// Gemma 3's extra norms, `None` elsewhere.
+    pub extra_norms: ExtraNorms,
+}
+
+/// The norms Gemma 3 adds to a layer (all RMSNorm): on each query and key head before RoPE
+/// (`head_dim` weights), and on the attention and FFN outputs before their residual adds.
+#[derive(Clone, Debug, Default)]
+pub struct ExtraNorms {
+    pub q: Option<Norm>,
+    pub k: Option<Norm>,
+    pub post_attn: Option<Norm>,
+    pub post_ffn: Option<Norm>,
 }
 
 #[derive(Clone, Debug)]
@@ -186,6 +198,8 @@ struct LayerNames {
     gate: Option<String>,
     up: String,
     down: String,
+    /// Gemma 3: q norm, k norm, post-attention norm, post-FFN norm.
+    extra: Option<[String; 4]>,
 }
 
 fn bias_of(weight: &str) -> String {
@@ -206,7 +220,19 @@ fn gguf_layer_names(i: usize) -> LayerNames {
         gate: Some(format!("{p}.ffn_gate.weight")),
         up: format!("{p}.ffn_up.weight"),
         down: format!("{p}.ffn_down.weight"),
+        extra: None,
     }
+}
+
+/// GGUF names of Gemma 3's extra norms in layer `i`.
+pub(crate) fn gguf_extra_norm_names(i: usize) -> [String; 4] {
+    let p = format!("blk.{i}");
+    [
+        format!("{p}.attn_q_norm"),
+        format!("{p}.attn_k_norm"),
+        format!("{p}.post_attention_norm"),
+        format!("{p}.post_ffw_norm"),
+    ]
 }
 
 fn hf_llama_layer_names(i: usize) -> LayerNames {
@@ -223,6 +249,7 @@ fn hf_llama_layer_names(i: usize) -> LayerNames {
         gate: Some(format!("{p}.mlp.gate_proj.weight")),
         up: format!("{p}.mlp.up_proj.weight"),
         down: format!("{p}.mlp.down_proj.weight"),
+        extra: None,
     }
 }
 
@@ -240,6 +267,7 @@ fn hf_opt_layer_names(i: usize) -> LayerNames {
         gate: None,
         up: format!("{p}.fc1.weight"),
         down: format!("{p}.fc2.weight"),
+        extra: None,
     }
 }
 
@@ -254,7 +282,25 @@ fn load_layer(src: &impl TensorSource, c: &Config, n: &LayerNames) -> Result<Lay
         Some(g) => Some(src.matrix(g, f, d)?),
         None => None,
     };
+    let extra_norms = match &n.extra {
+        Some([q, k, pa, pf]) => {
+            let norm = |name: &str, len| -> Result<Option<Norm>, LoadError> {
+                Ok(Some(Norm {
+                    weight: src.vector(&format!("{name}.weight"), len)?,
+                    bias: None,
+                }))
+            };
+            ExtraNorms {
+                q: norm(q, c.head_dim)?,
+                k: norm(k, c.head_dim)?,
+                post_attn: norm(pa, d)?,
+                post_ffn: norm(pf, d)?,
+            }
+        }
+        None => ExtraNorms::default(),
+    };
     Ok(Layer {
+        extra_norms,
         attn_norm: src.norm(&n.attn_norm, &n.attn_norm_b, d)?,
         attn: Attention {
             q: src.linear(&n.q, &bias_of(&n.q), q_dim, d)?,
@@ -286,8 +332,15 @@ impl ModelWeights {
         } else {
             file.matrix("output.weight", v, d)?
         };
+        let gemma = config.arch == Arch::Gemma3;
         let layers = (0..config.n_layers)
-            .map(|i| load_layer(file, &config, &gguf_layer_names(i)))
+            .map(|i| {
+                let mut names = gguf_layer_names(i);
+                if gemma {
+                    names.extra = Some(gguf_extra_norm_names(i));
+                }
+                load_layer(file, &config, &names)
+            })
             .collect::<Result<_, _>>()?;
         Ok(ModelWeights {
             final_norm: Some(file.norm("output_norm.weight", "output_norm.bias", d)?),
@@ -307,6 +360,9 @@ impl ModelWeights {
         match model.config.arch {
             Arch::Llama | Arch::Qwen2 => hf_llama(model),
             Arch::Opt => hf_opt(model),
+            Arch::Gemma3 => Err(invalid(
+                "HF gemma3 checkpoints are not supported yet; run the GGUF instead",
+            )),
         }
     }
 }
@@ -406,9 +462,10 @@ pub fn gguf_config(f: &GgufFile) -> Result<Config, LoadError> {
     let (arch, rope_style) = match name.as_str() {
         "llama" => (Arch::Llama, RopeStyle::Adjacent),
         "qwen2" => (Arch::Qwen2, RopeStyle::Halves),
+        "gemma3" => (Arch::Gemma3, RopeStyle::Halves),
         other => {
             return Err(invalid(format!(
-                "GGUF architecture `{other}` is not supported; supported: llama, qwen2"
+                "GGUF architecture `{other}` is not supported; supported: llama, qwen2, gemma3"
             )))
         }
     };
@@ -458,7 +515,7 @@ pub fn gguf_config(f: &GgufFile) -> Result<Config, LoadError> {
             )));
         }
     }
-    let config = Config {
+    let mut config = Config {
         arch,
         vocab_size,
         hidden_size,
@@ -477,7 +534,15 @@ pub fn gguf_config(f: &GgufFile) -> Result<Config, LoadError> {
         tied_embeddings: f.tensor_info("output.weight").is_none(),
         pre_norm: true,
         embed_dim: hidden_size,
+        sliding_window: None,
+        sliding_layers: Vec::new(),
+        rope_theta_sliding: None,
+        attn_scale: None,
+        final_logit_softcap: None,
     };
+    if arch == Arch::Gemma3 {
+        crate::model::gemma3::gguf_params(f, &mut config)?;
+    }
     config
         .validate()
         .map_err(|e| invalid(format!("GGUF config is inconsistent: {e}")))?;

@@ -55,9 +55,12 @@ pub fn fit_level(
     let held = ((tokens as f64 * opts.held_out) as usize).clamp(1.min(tokens), tokens);
     let train = tokens - held;
     let form = opts.form.unwrap_or(match kind {
-        FfnKind::SwiGlu => Form::Mlp,
+        FfnKind::SwiGlu | FfnKind::GeGlu => Form::Mlp,
         FfnKind::Relu => Form::Linear,
     });
+    if form == Form::Product && kind == FfnKind::GeGlu {
+        return Err(CalibrationError::ProductNeedsSilu);
+    }
     let fitted: Vec<_> = (0..c.n_layers)
         .into_par_iter()
         .map(|l| {
@@ -67,7 +70,7 @@ pub fn fit_level(
             let freq = frequencies(&y, n);
             let roles: &[PartRole] = match form {
                 Form::Product => &[PartRole::Gate, PartRole::Up],
-                Form::Linear | Form::Mlp if kind == FfnKind::SwiGlu => &[PartRole::Gate],
+                Form::Linear | Form::Mlp if kind.gated() => &[PartRole::Gate],
                 Form::Linear | Form::Mlp => &[PartRole::Up],
             };
             let w = projection_rows(image, l, roles)?;

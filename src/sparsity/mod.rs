@@ -94,6 +94,8 @@ pub enum CalibrationError {
     Predictor(#[from] PredictorError),
     #[error("the calibration in {path} is unreadable ({detail}); run `llmflash calibrate` again")]
     Damaged { path: String, detail: String },
+    #[error("the `product` predictor scores neurons as |silu(g) u|, which does not fit a GELU-gated model (Gemma 3); fit the mlp form (the default) or the linear one")]
+    ProductNeedsSilu,
 }
 
 impl Calibration {

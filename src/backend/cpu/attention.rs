@@ -45,6 +45,32 @@ pub fn attend(
     }
 }
 
+/// [`attend`] over positions `first..n_pos` only: a sliding-window layer, whose query sees
+/// the last `window` positions (llama.cpp masks the others with -inf, and both of its
+/// attention kernels skip masked positions, so leaving them out is the same arithmetic).
+pub fn attend_window(
+    q: &[f32],
+    kv: KvLayer<'_>,
+    first: usize,
+    n_pos: usize,
+    shape: AttnShape,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let at = first * shape.kv_dim();
+    let kv = match kv {
+        KvLayer::F16 { keys, values } => KvLayer::F16 {
+            keys: &keys[at..],
+            values: &values[at..],
+        },
+        KvLayer::F32 { keys, values } => KvLayer::F32 {
+            keys: &keys[at..],
+            values: &values[at..],
+        },
+    };
+    attend(q, kv, n_pos - first, shape, scale, out)
+}
+
 /// Exact softmax attention over an f32 cache.
 fn attend_f32(
     q: &[f32],

@@ -4,15 +4,17 @@
 //! `Linear`'s optional bias) and OPT (ReLU, LayerNorm with biases, learned positions,
 //! pre- or post-norm).
 
-use crate::backend::cpu::attention::{attend, AttnShape};
+use crate::backend::cpu::attention::{attend_window, AttnShape};
 use crate::backend::cpu::matvec::{linear, matmul_rows, matvec};
-use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles, swiglu};
+use crate::backend::cpu::ops::{
+    add_into, apply_norm, geglu, head_norm, rope, rope_angles, softcap, swiglu,
+};
 use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::streamed::{OutputRows, RowSource};
-use crate::model::config::{Config, FfnKind};
+use crate::model::config::{Arch, Config, FfnKind};
 use crate::model::tensor::Tensor;
-use crate::model::weights::{Ffn, Layer, ModelWeights};
+use crate::model::weights::{Ffn, Layer, ModelWeights, Norm};
 use crate::storage::ReadError;
 
 /// Scratch buffers of one decode step, allocated once per session.
@@ -29,6 +31,10 @@ pub struct CpuState {
     act: ActivationBuffer,
     /// The current position's rotary `(cos, sin)` per pair, shared by every layer.
     rope: Vec<[f32; 2]>,
+    /// The same for the sliding-window layers' RoPE base, when it differs (Gemma 3).
+    rope_sliding: Vec<[f32; 2]>,
+    /// One head, for the per-head q/k norms.
+    head: Vec<f32>,
 }
 
 impl CpuState {
@@ -47,6 +53,8 @@ impl CpuState {
             logits: vec![0.0; c.vocab_size],
             act: ActivationBuffer::new(),
             rope: Vec::with_capacity(c.head_dim / 2),
+            rope_sliding: Vec::with_capacity(c.head_dim / 2),
+            head: Vec::with_capacity(c.head_dim),
         }
     }
 }
@@ -173,6 +181,10 @@ impl<'w> DenseFfn<'w> {
                 act_matvec(gate, h, &mut self.act, &mut self.b);
                 swiglu(&mut self.a, &self.b);
             }
+            (FfnKind::GeGlu, Some(gate)) => {
+                act_matvec(gate, h, &mut self.act, &mut self.b);
+                geglu(&mut self.a, &self.b);
+            }
             _ => self.a.iter_mut().for_each(|u| *u = u.max(0.0)),
         }
         &self.a
@@ -218,12 +230,15 @@ impl FfnCompute for DenseFfn<'_> {
                 .for_each(|u| add_into(u, bias));
         }
         match (c.ffn_kind(), &f.gate) {
-            (FfnKind::SwiGlu, Some(gate)) => {
+            (kind @ (FfnKind::SwiGlu | FfnKind::GeGlu), Some(gate)) => {
                 b.gate.resize(n * c.intermediate_size, 0.0);
                 matmul_rows(gate, hs, &mut b.acts, &mut b.scratch, &mut b.gate);
                 let rows = b.up.chunks_exact_mut(c.intermediate_size);
                 for (u, g) in rows.zip(b.gate.chunks_exact(c.intermediate_size)) {
-                    swiglu(u, g);
+                    match kind {
+                        FfnKind::GeGlu => geglu(u, g),
+                        _ => swiglu(u, g),
+                    }
                 }
             }
             _ => b.up.iter_mut().for_each(|u| *u = u.max(0.0)),
@@ -262,15 +277,18 @@ pub fn forward(
     if let Some(theta) = c.rope_theta {
         rope_angles(pos, c.head_dim, theta, &mut s.rope);
     }
+    if let Some(theta) = c.rope_theta_sliding {
+        rope_angles(pos, c.head_dim, theta, &mut s.rope_sliding);
+    }
     embed(w, s, token, pos, rows.as_deref_mut())?;
     for (l, layer) in w.layers.iter().enumerate() {
         if c.pre_norm {
             apply_norm(&layer.attn_norm, &s.x, c.norm_eps, &mut s.h);
             attention(c, layer, kv, l, pos, s);
-            add_into(&mut s.x, &s.out);
+            residual(&layer.extra_norms.post_attn, c, &mut s.x, &s.out, &mut s.h);
             apply_norm(&layer.ffn_norm, &s.x, c.norm_eps, &mut s.h);
             ffn.ffn(l, &s.h, &mut s.out)?;
-            add_into(&mut s.x, &s.out);
+            residual(&layer.extra_norms.post_ffn, c, &mut s.x, &s.out, &mut s.h);
         } else {
             // Post-norm (OPT-350m): x = norm(x + block(x)).
             s.h.copy_from_slice(&s.x);
@@ -292,6 +310,25 @@ pub fn forward(
     Ok(())
 }
 
+/// `x += block`, or `x += norm(block)` where the model normalises a block's output before its
+/// residual add (Gemma 3's post-attention and post-FFN norms); `scratch` takes the normed
+/// block.
+pub(super) fn residual(
+    post: &Option<Norm>,
+    c: &Config,
+    x: &mut [f32],
+    block: &[f32],
+    scratch: &mut [f32],
+) {
+    match post {
+        Some(n) => {
+            apply_norm(n, block, c.norm_eps, scratch);
+            add_into(x, scratch);
+        }
+        None => add_into(x, block),
+    }
+}
+
 /// Token embedding (plus OPT's projection and learned position) into `s.x`.
 pub(super) fn embed(
     w: &ModelWeights,
@@ -309,6 +346,9 @@ pub(super) fn embed(
         Some(p) => linear(p, &s.embed, &mut s.act, &mut s.x),
         None => s.x.copy_from_slice(&s.embed),
     }
+    if let Some(scale) = w.config.embed_scale() {
+        s.x.iter_mut().for_each(|v| *v *= scale);
+    }
     if let Some(table) = &w.positions {
         let row = table.row(w.position_offset + pos);
         quant::dequantize(table.dtype, row, &mut s.h).expect("position rows are whole blocks");
@@ -323,26 +363,60 @@ fn attention(c: &Config, layer: &Layer, kv: &mut KvCache, l: usize, pos: usize, 
     linear(&a.q, &s.h, &mut s.act, &mut s.q);
     linear(&a.k, &s.h, &mut s.act, &mut s.k);
     linear(&a.v, &s.h, &mut s.act, &mut s.v);
-    if c.rope_theta.is_some() {
-        rope(&mut s.q, c.head_dim, &s.rope, c.rope_style);
-        rope(&mut s.k, c.head_dim, &s.rope, c.rope_style);
-    }
+    let angles = match c.rope_theta_sliding.is_some() && c.is_sliding(l) {
+        true => &s.rope_sliding,
+        false => &s.rope,
+    };
+    let scale = qk_prepare(c, layer, &mut s.q, &mut s.k, angles, &mut s.head);
     kv.write(l, &s.k, &s.v);
     let shape = AttnShape {
         n_heads: c.n_heads,
         n_kv_heads: c.n_kv_heads,
         head_dim: c.head_dim,
     };
-    let scale = 1.0 / (c.head_dim as f32).sqrt();
-    attend(
+    let first = c.attn_start(l, pos);
+    attend_window(
         &s.q,
         kv.layer(l, pos + 1),
+        first,
         pos + 1,
         shape,
         scale,
         &mut s.att,
     );
     linear(&a.o, &s.att, &mut s.act, &mut s.out);
+}
+
+/// One position's projected queries and keys made ready for the cache and `q·k`: Gemma's
+/// per-head norms, RoPE, and Gemma's query scaling. Returns the scale attention applies to
+/// `q·k` itself. llama.cpp scales Gemma's queries in f32 before its attention kernel (which
+/// then scales by 1), the other families' scores inside the kernel; both are kept.
+pub(super) fn qk_prepare(
+    c: &Config,
+    layer: &Layer,
+    q: &mut [f32],
+    k: &mut [f32],
+    angles: &[[f32; 2]],
+    head: &mut Vec<f32>,
+) -> f32 {
+    if let Some(n) = &layer.extra_norms.q {
+        head_norm(n, q, c.head_dim, c.norm_eps, head);
+    }
+    if let Some(n) = &layer.extra_norms.k {
+        head_norm(n, k, c.head_dim, c.norm_eps, head);
+    }
+    if c.rope_theta.is_some() {
+        rope(q, c.head_dim, angles, c.rope_style);
+        rope(k, c.head_dim, angles, c.rope_style);
+    }
+    match c.arch {
+        Arch::Gemma3 => {
+            let scale = c.query_scale();
+            q.iter_mut().for_each(|v| *v *= scale);
+            1.0
+        }
+        _ => c.query_scale(),
+    }
 }
 
 /// Final norm, optional projection, and the vocabulary projection into `s.logits`.
@@ -358,6 +432,9 @@ pub(super) fn output(
         Some(h) => h.matvec(&s.act, &mut s.logits)?,
         None => matvec(&w.lm_head, &s.act, &mut s.logits),
     }
+    if let Some(cap) = w.config.final_logit_softcap {
+        softcap(&mut s.logits, cap);
+    }
     Ok(())
 }
 
@@ -372,6 +449,9 @@ pub fn output_prefix(
     let n = head.rows().min(s.logits.len());
     let (known, rest) = s.logits.split_at_mut(n);
     head.matvec(&s.act, known)?;
+    if let Some(cap) = w.config.final_logit_softcap {
+        softcap(known, cap);
+    }
     rest.fill(f32::NEG_INFINITY);
     Ok(())
 }

@@ -109,6 +109,79 @@ unsafe fn silu_fma(x: f32) -> f32 {
     silu_lane(x)
 }
 
+/// GELU, tanh approximation, as ggml's CPU backend computes it on f32 rows (GGML_GELU_FP16,
+/// its default): 0 below -10, the identity above 10, and in between a table indexed by the
+/// input rounded to f16, holding `gelu(x)` rounded to f16. So Gemma's activations equal
+/// llama.cpp's to the bit.
+pub fn gelu(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        gelu_table()[half::f16::from_f32(x).to_bits() as usize]
+    }
+}
+
+/// One neuron of GeGLU: `gelu(g) * u` (exactly 0 below -10, as ggml's `ggml_vec_geglu_f32`).
+pub fn geglu_one(g: f32, u: f32) -> f32 {
+    if g <= -10.0 {
+        0.0
+    } else {
+        gelu(g) * u
+    }
+}
+
+/// `up[i] = gelu(gate[i]) * up[i]`: the GeGLU activation in place.
+pub fn geglu(up: &mut [f32], gate: &[f32]) {
+    for (u, &g) in up.iter_mut().zip(gate) {
+        *u = geglu_one(g, *u);
+    }
+}
+
+/// Gemma's per-head RMSNorm of queries or keys, in place (`scratch` holds one head).
+pub fn head_norm(norm: &Norm, x: &mut [f32], head_dim: usize, eps: f32, scratch: &mut Vec<f32>) {
+    scratch.resize(head_dim, 0.0);
+    for head in x.chunks_exact_mut(head_dim) {
+        apply_norm(norm, head, eps, scratch);
+        head.copy_from_slice(scratch);
+    }
+}
+
+/// `logits = cap * tanh(logits / cap)` (ggml: scale by `1/cap`, tanh, scale by `cap`).
+pub fn softcap(logits: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    for l in logits {
+        *l = (*l * inv).tanh() * cap;
+    }
+}
+
+/// ggml's `ggml_gelu_f32`, `0.5x(1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))`, with the one
+/// fused multiply-add GCC makes of it in ggml's table setup (`1 + (0.044715 x) x`) and libm's
+/// `tanhf`.
+fn gelu_exact(x: f32) -> f32 {
+    const GELU_COEF_A: f32 = 0.044715;
+    // ggml's 0.79788456080286535587989211986876f, as the f32 it rounds to.
+    let sqrt_2_over_pi = f32::from_bits(0x3f4c_422a);
+    let inner = (GELU_COEF_A * x).mul_add(x, 1.0);
+    let t = (sqrt_2_over_pi * x * inner).tanh();
+    (1.0 + t) * (0.5 * x)
+}
+
+/// `gelu_exact` of every f16 value, rounded to f16 and widened back (ggml's
+/// `ggml_table_gelu_f16`), built on first use.
+fn gelu_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = half::f16::from_bits(bits).to_f32();
+                half::f16::from_f32(gelu_exact(x)).to_f32()
+            })
+            .collect()
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn swiglu_fma(up: &mut [f32], gate: &[f32]) {
@@ -187,6 +260,23 @@ pub fn add_into(acc: &mut [f32], x: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ggml's f16 GELU table, as a hash of its entries: the value a C program with ggml's
+    /// expression and flags (gcc -O3 -mavx2 -mfma -mf16c, which makes the one FMA `gelu_exact`
+    /// has; without FMA the table differs) printed. Hash: h = h * 1000003 + bits, wrapping.
+    #[test]
+    fn gelu_table_is_ggmls() {
+        let h = (0..=u16::MAX).fold(0u64, |h, bits| {
+            let x = half::f16::from_bits(bits).to_f32();
+            let y = half::f16::from_f32(gelu_exact(x)).to_bits();
+            h.wrapping_mul(1_000_003).wrapping_add(y as u64)
+        });
+        assert_eq!(h, 0x7b51_72ac_e782_36c2);
+        assert_eq!(gelu(-10.5), 0.0);
+        assert_eq!(gelu(12.0), 12.0);
+        assert_eq!(geglu_one(-11.0, f32::INFINITY), 0.0);
+        assert!((gelu(1.0) - 0.841_192).abs() < 1e-3);
+    }
 
     #[test]
     fn rms_norm_unit_rms() {

@@ -13,10 +13,10 @@
 //! of several sequences, each with its own KV cache (a server decoding many requests at once,
 //! see [`crate::engine::batch`]). Only attention looks at a column's sequence.
 
-use crate::backend::cpu::attention::{attend, AttnShape};
-use crate::backend::cpu::forward::{embed, output, CpuState, FfnCompute};
+use crate::backend::cpu::attention::{attend_window, AttnShape};
+use crate::backend::cpu::forward::{embed, output, qk_prepare, residual, CpuState, FfnCompute};
 use crate::backend::cpu::matvec::{linear_batch, matmul_rows};
-use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles};
+use crate::backend::cpu::ops::{add_into, apply_norm, rope_angles, softcap};
 use crate::backend::cpu::quant::ActivationBuffer;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::streamed::OutputRows;
@@ -38,6 +38,9 @@ pub struct BatchState {
     acts: Vec<ActivationBuffer>,
     scratch: Vec<f32>,
     rope: Vec<[f32; 2]>,
+    head: Vec<f32>,
+    /// One row of normed block output (Gemma's post-norms).
+    normed: Vec<f32>,
     logits: Vec<f32>,
     /// Per column: its cache and its position in that cache.
     cache: Vec<usize>,
@@ -158,10 +161,10 @@ pub fn forward_columns(
         if c.pre_norm {
             norm_rows(&layer.attn_norm, c, &b.x, &mut b.h);
             attention_batch(c, layer, caches, l, b);
-            add_into(&mut b.x, &b.out);
+            residual_rows(&layer.extra_norms.post_attn, c, b);
             norm_rows(&layer.ffn_norm, c, &b.x, &mut b.h);
             ffn.ffn_batch(l, d, &b.h, &mut b.out)?;
-            add_into(&mut b.x, &b.out);
+            residual_rows(&layer.extra_norms.post_ffn, c, b);
         } else {
             // Post-norm (OPT-350m): x = norm(x + block(x)).
             b.h.copy_from_slice(&b.x);
@@ -217,7 +220,11 @@ fn output_all(
             act.quantize_for(head.dtype(), h)
                 .expect("lm_head columns match the hidden size (checked at load time)");
         }
-        return head.matvecs(&b.acts, &mut b.logits);
+        head.matvecs(&b.acts, &mut b.logits)?;
+        if let Some(cap) = c.final_logit_softcap {
+            softcap(&mut b.logits, cap);
+        }
+        return Ok(());
     }
     if rows.is_some() || w.project_out.is_some() {
         for (x, out) in b.x.chunks_exact(d).zip(b.logits.chunks_exact_mut(vocab)) {
@@ -232,7 +239,19 @@ fn output_all(
         None => b.h.copy_from_slice(&b.x),
     }
     matmul_rows(&w.lm_head, &b.h, &mut b.acts, &mut b.scratch, &mut b.logits);
+    if let Some(cap) = c.final_logit_softcap {
+        softcap(&mut b.logits, cap);
+    }
     Ok(())
+}
+
+/// `x += out` row by row, through the post-norm where the model has one (as `forward`).
+fn residual_rows(post: &Option<crate::model::weights::Norm>, c: &Config, b: &mut BatchState) {
+    let d = c.hidden_size;
+    b.normed.resize(d, 0.0);
+    for (x, o) in b.x.chunks_exact_mut(d).zip(b.out.chunks_exact(d)) {
+        residual(post, c, x, o, &mut b.normed);
+    }
 }
 
 fn norm_rows(norm: &crate::model::weights::Norm, c: &Config, xs: &[f32], out: &mut [f32]) {
@@ -261,20 +280,19 @@ fn attention_batch(
         n_kv_heads: c.n_kv_heads,
         head_dim: c.head_dim,
     };
-    let scale = 1.0 / (c.head_dim as f32).sqrt();
     for (i, (&pos, &cache)) in b.pos.iter().zip(&b.cache).enumerate() {
         let kv = &mut caches[cache];
         let q = &mut b.q[i * q_dim..(i + 1) * q_dim];
         let k = &mut b.k[i * kv_dim..(i + 1) * kv_dim];
-        if let Some(theta) = c.rope_theta {
+        if let Some(theta) = c.rope_theta_of(l) {
             rope_angles(pos, c.head_dim, theta, &mut b.rope);
-            rope(q, c.head_dim, &b.rope, c.rope_style);
-            rope(k, c.head_dim, &b.rope, c.rope_style);
         }
+        let scale = qk_prepare(c, layer, q, k, &b.rope, &mut b.head);
         // Columns of one cache come in position order, so each sees its predecessors here.
         kv.write_at(l, pos, k, &b.v[i * kv_dim..(i + 1) * kv_dim]);
         let att = &mut b.att[i * q_dim..(i + 1) * q_dim];
-        attend(q, kv.layer(l, pos + 1), pos + 1, shape, scale, att);
+        let first = c.attn_start(l, pos);
+        attend_window(q, kv.layer(l, pos + 1), first, pos + 1, shape, scale, att);
     }
     linear_batch(&a.o, &b.att, &mut b.acts, &mut b.scratch, &mut b.out);
 }

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::ops::silu;
+use crate::backend::cpu::ops::{geglu_one, silu};
 use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::image::{FlashImage, PartRole};
 use crate::model::config::FfnKind;
@@ -273,7 +273,8 @@ fn activation(
     combine(parts.kind, gate, up, id, up_bias)
 }
 
-/// `silu(gate) * (up + b)` or `relu(up + b)` from the two dot products.
+/// `silu(gate) * (up + b)`, `gelu(gate) * (up + b)` or `relu(up + b)` from the two dot
+/// products.
 fn combine(kind: FfnKind, gate: Option<f32>, up: f32, id: u32, up_bias: Option<&[f32]>) -> f32 {
     let mut u = up;
     if let Some(b) = up_bias {
@@ -281,6 +282,7 @@ fn combine(kind: FfnKind, gate: Option<f32>, up: f32, id: u32, up_bias: Option<&
     }
     match (kind, gate) {
         (FfnKind::SwiGlu, Some(g)) => silu(g) * u,
+        (FfnKind::GeGlu, Some(g)) => geglu_one(g, u),
         _ => u.max(0.0),
     }
 }

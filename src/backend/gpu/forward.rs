@@ -302,6 +302,15 @@ impl Core {
         columns: usize,
     ) -> Result<Core, GpuError> {
         let c = w.config.clone();
+        // The shaders have neither GELU gating nor Gemma 3's extra norms, embedding scale and
+        // sliding-window layers: refused here, before anything is uploaded.
+        if c.arch == crate::model::config::Arch::Gemma3 {
+            return Err(GpuError::Shape(
+                "the GPU backend does not run gemma3 models (GELU gating, q/k and post norms, \
+                 sliding-window layers); run it on the CPU backend"
+                    .to_string(),
+            ));
+        }
         let max_ctx = max_ctx.min(c.max_positions).max(1);
         let columns = columns.clamp(1, max_ctx);
         let s = Scratch::new(ctx, &c, max_ctx, columns)?;

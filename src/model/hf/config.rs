@@ -32,12 +32,18 @@ pub(super) fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Opt => "opt",
+            Arch::Gemma3 => "gemma3_text",
         },
     };
     let tie = keys.opt_bool("tie_word_embeddings")?;
     let tie_explicit = tie.is_some();
 
     let config = match arch {
+        Arch::Gemma3 => {
+            return Err(HfError::Unsupported {
+                what: "HF gemma3 checkpoints (run the GGUF instead)".into(),
+            })
+        }
         Arch::Llama | Arch::Qwen2 => {
             // transformers < 5 writes `rope_scaling` and a top-level `rope_theta`;
             // transformers >= 5 writes both inside `rope_parameters`.
@@ -120,6 +126,11 @@ pub(super) fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
                 tied_embeddings: tie.unwrap_or(false),
                 pre_norm: true,
                 embed_dim: hidden_size,
+                sliding_window: None,
+                sliding_layers: Vec::new(),
+                rope_theta_sliding: None,
+                attn_scale: None,
+                final_logit_softcap: None,
             }
         }
         Arch::Opt => {
@@ -161,6 +172,11 @@ pub(super) fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
                 embed_dim: keys
                     .opt_usize("word_embed_proj_dim")?
                     .unwrap_or(hidden_size),
+                sliding_window: None,
+                sliding_layers: Vec::new(),
+                rope_theta_sliding: None,
+                attn_scale: None,
+                final_logit_softcap: None,
             }
         }
     };

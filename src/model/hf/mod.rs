@@ -259,7 +259,9 @@ impl HfModel {
     fn check_embeddings(&self) -> Result<(), HfError> {
         let c = &self.config;
         let (name, cols) = match c.arch {
-            Arch::Llama | Arch::Qwen2 => ("model.embed_tokens.weight", c.hidden_size),
+            Arch::Llama | Arch::Qwen2 | Arch::Gemma3 => {
+                ("model.embed_tokens.weight", c.hidden_size)
+            }
             Arch::Opt => ("model.decoder.embed_tokens.weight", c.embed_dim),
         };
         let t = self.tensor(name)?;

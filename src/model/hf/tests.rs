@@ -917,6 +917,7 @@ fn check_fixture(name: &str, arch: Arch, dtype: Option<DType>) -> Option<HfModel
                 (format!("{p}.final_layer_norm.bias"), 1, c.hidden_size),
             ]
         }
+        Arch::Gemma3 => unreachable!("no HF gemma3 fixture"),
     };
     for (t, rows, cols) in shapes {
         let x = m.tensor(&t).unwrap_or_else(|e| panic!("{name}: {e}"));

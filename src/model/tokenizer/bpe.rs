@@ -15,10 +15,20 @@ impl Tokenizer {
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
+        // llama.cpp's SPM path: a fragment gets a leading space (when the model asks for one)
+        // at the start of the text and after a special token.
+        let mut prev_special = true;
         for frag in self.partition(text, parse_special) {
-            match frag {
-                Frag::Token(id) => out.push(id),
-                Frag::Text(s) => self.encode_raw(s, &mut out),
+            match (frag, &self.spm) {
+                (Frag::Token(id), _) => {
+                    out.push(id);
+                    prev_special = true;
+                }
+                (Frag::Text(s), Some(spm)) => {
+                    self.encode_spm(spm, s, spm.add_space_prefix && prev_special, &mut out);
+                    prev_special = false;
+                }
+                (Frag::Text(s), None) => self.encode_raw(s, &mut out),
             }
         }
         if add_special && self.add_eos {

@@ -41,14 +41,25 @@ impl Tokenizer {
         spec: TokenizerSpec,
         ignore_merges: Option<bool>,
     ) -> Result<Tokenizer, TokenizerError> {
-        match spec.model.as_str() {
-            "gpt2" => {}
+        let sentencepiece = match spec.model.as_str() {
+            "gpt2" => false,
+            "llama" => true,
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
-        }
-        let pre = PreTokenizer::from_name(&spec.pre)?;
+        };
+        // SentencePiece does not pre-tokenise (llama.cpp ignores `tokenizer.ggml.pre` for it).
+        let pre = match sentencepiece {
+            true => PreTokenizer::Gpt2,
+            false => PreTokenizer::from_name(&spec.pre)?,
+        };
         let n = spec.tokens.len();
         if n == 0 {
             return Err(TokenizerError::EmptyVocab);
+        }
+        if sentencepiece && spec.scores.len() != n {
+            return Err(TokenizerError::ScoresLength {
+                scores: spec.scores.len(),
+                tokens: n,
+            });
         }
         if n > u32::MAX as usize / 2 {
             return Err(TokenizerError::HfFormat(format!(
@@ -155,6 +166,13 @@ impl Tokenizer {
                 token_type::CONTROL | token_type::USER_DEFINED | token_type::UNKNOWN
             ) {
                 bytes.extend_from_slice(t.as_bytes());
+            } else if sentencepiece {
+                // llama.cpp's `token_to_piece` for SPM: a byte token is its byte, a normal
+                // one its text with `▁` back to spaces.
+                match (ty, super::spm::parse_byte_token(t)) {
+                    (token_type::BYTE, Some(b)) => bytes.push(b),
+                    _ => bytes.extend_from_slice(t.replace('\u{2581}', " ").as_bytes()),
+                }
             } else {
                 for c in t.chars() {
                     match unicode_to_byte(c) {
@@ -187,7 +205,28 @@ impl Tokenizer {
             log::warn!("tokenizer says to add an EOS token but names none; not adding one");
             add_eos = false;
         }
+        let spm = sentencepiece.then(|| {
+            // llama.cpp's `byte_to_token`: the `<0xXX>` token, else the byte's own text.
+            let mut byte_tokens = [None; 256];
+            for (b, slot) in byte_tokens.iter_mut().enumerate() {
+                let b = b as u8;
+                *slot = token_to_id
+                    .get(&super::spm::byte_token_text(b))
+                    .or_else(|| {
+                        (b < 0x80)
+                            .then(|| token_to_id.get(&(b as char).to_string()))
+                            .flatten()
+                    })
+                    .copied();
+            }
+            super::spm::Spm {
+                scores: spec.scores.clone(),
+                byte_tokens,
+                add_space_prefix: spec.add_space_prefix.unwrap_or(true),
+            }
+        });
         Ok(Tokenizer {
+            spm,
             pre,
             tokens,
             types,

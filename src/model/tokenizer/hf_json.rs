@@ -157,6 +157,8 @@ impl Tokenizer {
             pad,
             add_bos,
             add_eos,
+            scores: Vec::new(),
+            add_space_prefix: None,
         };
         Self::build(spec, ignore_merges.map(|b| b || pre == "llama3"))
     }

@@ -1,5 +1,7 @@
 //! Byte-level BPE tokenizer (GPT-2 family: SmolLM, Llama 3, Qwen2, GPT-2), reproducing
-//! llama.cpp's `llm_tokenizer_bpe` token for token.
+//! llama.cpp's `llm_tokenizer_bpe` token for token, and the SentencePiece tokenizer
+//! (`llama` in GGUF: Gemma) reproducing its `llm_tokenizer_spm` (see `spm.rs`; steps 1 and 2
+//! below are shared, then each fragment is merged by token score instead of BPE).
 //!
 //! Pipeline of [`Tokenizer::encode`], mirroring llama.cpp (`src/llama-vocab.cpp`,
 //! `src/unicode.cpp`):
@@ -35,6 +37,7 @@ mod build;
 mod byte_level;
 mod hf_json;
 mod pre;
+mod spm;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -58,7 +61,7 @@ pub mod token_type {
 /// Errors building a tokenizer from model file data.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("tokenizer model `{0}` is not supported: only byte-level BPE (`gpt2`, as in SmolLM, Llama 3, Qwen2, GPT-2) is implemented; sentencepiece (`llama`) models are not yet")]
+    #[error("tokenizer model `{0}` is not supported: implemented are byte-level BPE (`gpt2`, as in SmolLM, Llama 3, Qwen2, GPT-2) and SentencePiece (`llama`, as in Gemma)")]
     UnsupportedModel(String),
     #[error("unknown pre-tokenizer `{0}`: supported are smollm (and starcoder, refact, command-r, codeshell, exaone, minerva-7b), gpt2 (gpt-2, mpt, olmo, jais, phi-2, roberta-bpe, default), llama3 (llama-bpe, llama-v3, falcon3, dbrx, smaug-bpe, pixtral), qwen2 (stablelm2, deepseek-r1-qwen, hunyuan)")]
     UnknownPreTokenizer(String),
@@ -74,6 +77,8 @@ pub enum TokenizerError {
     },
     #[error("merge #{index} `{merge}` is not of the form `left right`")]
     BadMerge { index: usize, merge: String },
+    #[error("score list has {scores} entries but the vocabulary has {tokens} tokens: a SentencePiece (`llama`) tokenizer needs one score per token (tokenizer.ggml.scores)")]
+    ScoresLength { scores: usize, tokens: usize },
     #[error("tokenizer.json is not valid JSON: {0}")]
     Json(String),
     #[error("tokenizer.json: {0}")]
@@ -84,7 +89,7 @@ pub enum TokenizerError {
 /// `tokenizer.ggml.*` keys, or from HF `tokenizer.json` + `tokenizer_config.json`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenizerSpec {
-    /// `"gpt2"` (byte-level BPE). `"llama"` (sentencepiece) is refused for now.
+    /// `"gpt2"` (byte-level BPE) or `"llama"` (SentencePiece).
     pub model: String,
     /// `tokenizer.ggml.pre`: "smollm", "llama3"/"llama-bpe", "qwen2", "gpt2", "default", ...
     pub pre: String,
@@ -101,9 +106,16 @@ pub struct TokenizerSpec {
     pub pad: Option<u32>,
     pub add_bos: bool,
     pub add_eos: bool,
+    /// SentencePiece only: one score per token (`tokenizer.ggml.scores`).
+    #[serde(default)]
+    pub scores: Vec<f32>,
+    /// SentencePiece only: `tokenizer.ggml.add_space_prefix`; `None` = llama.cpp's default
+    /// (true).
+    #[serde(default)]
+    pub add_space_prefix: Option<bool>,
 }
 
-/// A byte-level BPE tokenizer. Cheap to share (`&Tokenizer` is `Sync`); encoding allocates
+/// A byte-level BPE or SentencePiece tokenizer. Cheap to share (`&Tokenizer` is `Sync`); encoding allocates
 /// only per call.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -131,6 +143,8 @@ pub struct Tokenizer {
     add_bos: bool,
     add_eos: bool,
     eog: Vec<u32>,
+    /// Set for a SentencePiece vocabulary: encoding merges by score instead of BPE ranks.
+    spm: Option<spm::Spm>,
 }
 
 impl Tokenizer {

@@ -251,11 +251,11 @@ fn errors_are_reported() {
         ..Default::default()
     };
     let e = Tokenizer::new(TokenizerSpec {
-        model: "llama".into(),
+        model: "ugm".into(),
         ..base()
     })
     .unwrap_err();
-    assert!(e.to_string().contains("sentencepiece"), "{e}");
+    assert!(e.to_string().contains("`ugm` is not supported"), "{e}");
     assert!(matches!(
         Tokenizer::new(TokenizerSpec {
             pre: "nope".into(),
@@ -346,4 +346,100 @@ fn from_hf_json_detects_llama3_and_qwen2() {
     assert_eq!(t.encode("a1", true, false), [2, 0, 1]);
     let t = Tokenizer::from_hf_json(&mk(q2), None).unwrap();
     assert_eq!(t.pre_tokenizer(), PreTokenizer::Qwen2);
+}
+
+/// A SentencePiece vocabulary: byte-fallback tokens, a few pieces with scores, a control and a
+/// user-defined token.
+fn tiny_spm(add_space_prefix: Option<bool>) -> Tokenizer {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut token_types = vec![
+        token_type::UNKNOWN,
+        token_type::CONTROL,
+        token_type::CONTROL,
+    ];
+    let mut scores = vec![0.0, 0.0, 0.0];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        token_types.push(token_type::BYTE);
+        scores.push(0.0);
+    }
+    // Higher score merges first: "▁he" (-1) beats "ll" (-2), which beats "he" (-3).
+    for (piece, score) in [
+        ("h", -10.0),
+        ("e", -10.0),
+        ("l", -10.0),
+        ("o", -10.0),
+        ("▁", -10.0),
+        ("he", -3.0),
+        ("ll", -2.0),
+        ("▁h", -4.0),
+        ("▁he", -1.0),
+        ("llo", -1.5),
+        ("▁hello", -0.5),
+        ("▁hell", -6.0),
+    ] {
+        tokens.push(piece.into());
+        token_types.push(token_type::NORMAL);
+        scores.push(score);
+    }
+    tokens.push("<tag>".into());
+    token_types.push(token_type::USER_DEFINED);
+    scores.push(0.0);
+    Tokenizer::new(TokenizerSpec {
+        model: "llama".into(),
+        tokens,
+        token_types,
+        scores,
+        bos: Some(1),
+        eos: Some(2),
+        add_bos: true,
+        add_space_prefix,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn sentencepiece_merges_by_score_and_falls_back_to_bytes() {
+    let t = tiny_spm(Some(false));
+    let id = |s: &str| t.token_id(s).unwrap();
+    // " hello" is ▁ h e l l o: "ll" (-2) merges first (the best pair present), then "llo"
+    // (-1.5), "he" (-3), "▁he" (-1) and "▁hello" (-0.5); "▁h" (-4) went stale on the way.
+    assert_eq!(t.encode(" hello", false, false), [id("▁hello")]);
+    // "hex": "he" merges, "x" is not a piece: its byte token.
+    assert_eq!(t.encode("hex", false, false), [id("he"), id("<0x78>")]);
+    // A character outside the vocabulary becomes its UTF-8 bytes.
+    assert_eq!(t.encode("é", false, false), [id("<0xC3>"), id("<0xA9>")]);
+    // BOS, user-defined tokens split out, control texts only with parse_special.
+    assert_eq!(
+        t.encode("he<tag>he", true, false),
+        [1, id("he"), id("<tag>"), id("he")]
+    );
+    assert_eq!(t.encode("</s>", false, true), [2]);
+    assert_ne!(t.encode("</s>", false, false), [2]);
+    // Decoding: ▁ back to a space, byte tokens to their bytes, control tokens hidden.
+    let ids = t.encode("<s> hello é", false, true);
+    assert_eq!(t.decode(&ids), " hello é");
+}
+
+#[test]
+fn sentencepiece_space_prefix_follows_the_file() {
+    let id = |t: &Tokenizer, s: &str| t.token_id(s).unwrap();
+    // llama.cpp's default: a space before the text and after every special token.
+    let t = tiny_spm(None);
+    assert_eq!(t.encode("hello", false, false), [id(&t, "▁hello")]);
+    let t = tiny_spm(Some(false));
+    assert_ne!(t.encode("hello", false, false), [id(&t, "▁hello")]);
+}
+
+#[test]
+fn sentencepiece_needs_one_score_per_token() {
+    let e = Tokenizer::new(TokenizerSpec {
+        model: "llama".into(),
+        tokens: vec!["a".into(), "b".into()],
+        scores: vec![0.0],
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("one score per token"), "{e}");
 }

@@ -36,6 +36,7 @@ pub fn ffn_act(
             0.0
         }
         FfnKind::Relu => 1.0,
+        FfnKind::GeGlu => return Err(geglu_unsupported()),
     };
     let k = kernel(
         ctx,
@@ -53,6 +54,14 @@ pub fn ffn_act(
     );
     k.dispatch(ctx, &[&p, gate, up], groups_for(n, 64))
         .map(|d| d.with_columns(Columns::Each))
+}
+
+/// The GPU kernels compute SiLU and ReLU only; GELU-gated models (Gemma 3) are refused at
+/// load time (`backend::gpu::check_supported`), and here for any caller that skipped that.
+pub(crate) fn geglu_unsupported() -> GpuError {
+    GpuError::Shape(
+        "the GPU backend has no GELU-gated FFN (Gemma 3); run it on the CPU backend".to_string(),
+    )
 }
 
 #[cfg(test)]
@@ -79,6 +88,7 @@ mod tests {
             let want: Vec<f32> = match kind {
                 FfnKind::SwiGlu => u.iter().zip(&g).map(|(&u, &g)| u * silu(g)).collect(),
                 FfnKind::Relu => u.iter().map(|&u| u.max(0.0)).collect(),
+                FfnKind::GeGlu => unreachable!("only SwiGLU and ReLU are tested here"),
             };
             // The GPU's exp may differ from Rust's by a few ulps (Vulkan allows 3 + 2|x| ulp).
             let err = max_rel_err(&got, &want, 1e-3);

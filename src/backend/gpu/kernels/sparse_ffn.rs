@@ -114,6 +114,7 @@ pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, 
             ))
         }
         (FfnKind::Relu, _) => (1.0, up, 0),
+        (FfnKind::GeGlu, _) => return Err(super::ffn_act::geglu_unsupported()),
     };
     need(a.slots, a.n_slots * a.stride / 4, "window slots")?;
     need(a.h, a.d * columns, "sparse FFN input")?;
@@ -246,6 +247,7 @@ mod tests {
         let roles: Vec<PartRole> = match kind {
             FfnKind::SwiGlu => vec![PartRole::Gate, PartRole::Up, PartRole::Down],
             FfnKind::Relu => vec![PartRole::Up, PartRole::Down],
+            FfnKind::GeGlu => unreachable!("the GPU kernels refuse GeGLU"),
         };
         let spec: Vec<(PartRole, DType)> =
             roles.iter().copied().zip(dtypes.iter().copied()).collect();
@@ -326,6 +328,7 @@ mod tests {
                     let g = dot(&v[0]);
                     g / (1.0 + (-g).exp()) * dot(&v[1])
                 }
+                FfnKind::GeGlu => unreachable!("the GPU kernels refuse GeGLU"),
                 FfnKind::Relu => {
                     let b = if with_bias {
                         bias[i as usize] as f64
