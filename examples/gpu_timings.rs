@@ -155,7 +155,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             return flash_timings(&ctx, &model, slots);
         }
-        let kv = llmflash::engine::kv_cache::KvType::F32;
+        let kv = llmflash::backend::kv_cache::KvType::F32;
         let mut dec = GpuDecoder::with_verify(&ctx, &model.weights, 512, kv, 16)?;
         dec.step(1)?;
         let n = 16;

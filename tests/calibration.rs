@@ -4,8 +4,8 @@
 
 mod common;
 
+use llmflash::backend::kv_cache::KvType;
 use llmflash::engine::flash::{FlashOptions, Selection, Sparsity, Strategy};
-use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::model::Model;
 use llmflash::image::{reorder_neurons, BundleDtype};
 use llmflash::sparsity::{Calibration, Sets};

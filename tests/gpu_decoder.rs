@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use llmflash::backend::cpu::quant;
 use llmflash::backend::gpu::GpuDecoder;
-use llmflash::engine::kv_cache::KvType;
+use llmflash::backend::kv_cache::KvType;
 use llmflash::engine::sampler::argmax;
 use llmflash::engine::Session;
 use llmflash::model::load;

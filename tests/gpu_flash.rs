@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use llmflash::backend::gpu::{GpuFlashDecoder, GpuFlashOptions};
+use llmflash::backend::kv_cache::KvType;
 use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
-use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::model::Model;
 use llmflash::image::BundleDtype;
 use llmflash::sparsity::calibrate::{fit_level, LevelOptions};

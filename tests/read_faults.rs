@@ -138,7 +138,7 @@ fn a_damaged_bundle_stops_the_decode_with_its_offset() {
 #[test]
 fn a_damaged_streamed_row_is_an_error() {
     use llmflash::backend::cpu::quant::ActivationBuffer;
-    use llmflash::engine::streamed::RowSource;
+    use llmflash::backend::streamed::RowSource;
     let source = common::to_image(
         &common::fixture("hf/llama"),
         "damage-rows",

@@ -40,7 +40,7 @@ impl Model {
     /// Like [`Model::open`]; for a flash image with `load_direct = Some(direct)`, the
     /// resident tensors are read into process memory (direct reads when `direct`) instead of
     /// being mapped, so that a memory cap cannot evict them.
-    /// Tensors named in `stream` stay mapped and untouched (see [`crate::engine::streamed`]).
+    /// Tensors named in `stream` stay mapped and untouched (see [`crate::backend::streamed`]).
     pub fn open_with(
         path: &Path,
         load_direct: Option<bool>,

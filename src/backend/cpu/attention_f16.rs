@@ -233,7 +233,7 @@ fn load_f16x8(v: &[f16], at: usize) -> std::arch::x86_64::__m128i {
 mod tests {
     use super::*;
     use crate::backend::cpu::attention::attend;
-    use crate::engine::kv_cache::KvLayer;
+    use crate::backend::kv_cache::KvLayer;
     use crate::sparsity::rng::Rng;
 
     fn rng_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {

@@ -8,8 +8,8 @@ use crate::backend::cpu::attention::{attend, AttnShape};
 use crate::backend::cpu::matvec::{linear, matmul_rows, matvec};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles, swiglu};
 use crate::backend::cpu::quant::{self, ActivationBuffer};
-use crate::engine::kv_cache::KvCache;
-use crate::engine::streamed::{OutputRows, RowSource};
+use crate::backend::kv_cache::KvCache;
+use crate::backend::streamed::{OutputRows, RowSource};
 use crate::model::config::{Config, FfnKind};
 use crate::model::tensor::Tensor;
 use crate::model::weights::{Ffn, Layer, ModelWeights};
@@ -113,7 +113,7 @@ pub trait FfnCompute {
     }
 
     /// I/O, memory and compute costs so far, for FFNs that read from flash.
-    fn flash_stats(&self) -> Option<crate::engine::stats::FlashStats> {
+    fn flash_stats(&self) -> Option<crate::backend::stats::FlashStats> {
         None
     }
 }
