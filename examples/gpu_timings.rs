@@ -11,7 +11,6 @@
 
 use std::time::Instant;
 
-use llmflash::backend::cpu::quant;
 use llmflash::backend::gpu::buffers::{read, storage_f32, GpuMatrix};
 use llmflash::backend::gpu::kernels::matvec::matvec;
 use llmflash::backend::gpu::kernels::Width;
@@ -21,7 +20,8 @@ use llmflash::backend::gpu::{
 };
 use llmflash::draft::Target;
 use llmflash::engine::model::Model;
-use llmflash::model::tensor::DType;
+use llmflash::quant;
+use llmflash::quant::DType;
 
 /// The median of `t`.
 fn median(mut t: Vec<f64>) -> f64 {

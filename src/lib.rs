@@ -38,6 +38,7 @@ pub mod draft;
 pub mod engine;
 pub mod image;
 pub mod model;
+pub mod quant;
 #[cfg(feature = "serve")]
 #[warn(missing_docs)]
 pub mod serve;

@@ -7,7 +7,6 @@ mod common;
 
 use std::time::Instant;
 
-use llmflash::backend::cpu::quant;
 use llmflash::backend::gpu::GpuDecoder;
 use llmflash::backend::kv_cache::KvType;
 use llmflash::engine::sampler::argmax;
@@ -15,6 +14,7 @@ use llmflash::engine::Session;
 use llmflash::model::load;
 use llmflash::model::tensor::Tensor;
 use llmflash::model::weights::ModelWeights;
+use llmflash::quant;
 
 /// Largest |ours - theirs| relative to the largest |theirs|.
 fn relative_error(ours: &[f32], theirs: &[f32]) -> f32 {

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::image::{FlashImage, TensorEntry};
-use crate::model::tensor::DType;
+use crate::quant::DType;
+use crate::quant::{self, ActivationBuffer};
 use crate::storage::{
     buffer_bytes, AlignedBuf, CoalesceOptions, FlashFile, Prefetcher, ReadPool, ALIGN,
 };

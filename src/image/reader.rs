@@ -11,11 +11,11 @@ use super::{
     crc32, BlobEntry, BundleLayout, FfnSection, ImageError, ImageMeta, PartRole, TensorEntry,
     ALIGN, FORMAT_VERSION,
 };
-use crate::backend::cpu::quant;
 use crate::model::config::FfnKind;
 use crate::model::loader::TokenizerSource;
 use crate::model::tensor::{Storage, Tensor};
 use crate::model::weights::{Attention, FfnBias, Layer, Linear, ModelWeights, Norm};
+use crate::quant;
 
 /// An open, validated flash image, memory-mapped.
 #[derive(Clone)]

@@ -9,12 +9,12 @@ use super::predictor::{
 use super::record::Records;
 use super::thresholds::{frequencies, labels, threshold};
 use super::{Calibration, CalibrationError, CalibrationMeta, LayerMeta, FORMAT};
-use crate::backend::cpu::quant;
 use crate::engine::flash::{FlashOptions, Selection, Sparsity, Strategy};
 use crate::engine::model::Model;
 use crate::engine::perplexity::{perplexity, Perplexity, PerplexityError};
 use crate::image::{FlashImage, PartRole};
 use crate::model::config::FfnKind;
+use crate::quant;
 
 /// How to fit one calibration.
 #[derive(Clone, Debug)]

@@ -31,7 +31,7 @@ pub fn attend_f16(
     out: &mut [f32],
 ) {
     let head_dim = shape.head_dim;
-    let simd = crate::backend::cpu::quant::use_simd();
+    let simd = crate::quant::use_simd();
     out.par_chunks_mut(head_dim).enumerate().for_each_init(
         || Scratch::new(head_dim),
         |scratch, (h, out_h)| {

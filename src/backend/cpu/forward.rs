@@ -7,12 +7,12 @@
 use crate::backend::cpu::attention::{attend, AttnShape};
 use crate::backend::cpu::matvec::{linear, matmul_rows, matvec};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope, rope_angles, swiglu};
-use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::backend::kv_cache::KvCache;
 use crate::backend::streamed::{OutputRows, RowSource};
 use crate::model::config::{Config, FfnKind};
 use crate::model::tensor::Tensor;
 use crate::model::weights::{Ffn, Layer, ModelWeights};
+use crate::quant::{self, ActivationBuffer};
 use crate::storage::ReadError;
 
 /// Scratch buffers of one decode step, allocated once per session.
@@ -378,7 +378,7 @@ pub fn output_prefix(
 
 /// The vocabulary projection's input (final norm, OPT's projection) quantised for `dtype`
 /// into `s.act`.
-fn head_input(w: &ModelWeights, s: &mut CpuState, dtype: crate::model::tensor::DType) {
+fn head_input(w: &ModelWeights, s: &mut CpuState, dtype: crate::quant::DType) {
     let c = &w.config;
     match &w.final_norm {
         Some(n) => apply_norm(n, &s.x, c.norm_eps, &mut s.h),

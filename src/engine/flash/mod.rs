@@ -24,11 +24,11 @@ use std::time::Instant;
 
 use crate::backend::cpu::forward::FfnCompute;
 use crate::backend::cpu::ops::add_into;
-use crate::backend::cpu::quant::dequantize;
 use crate::backend::cpu::sparse_ffn::{activations, BundleParts, Neuron, SparseFfn};
 use crate::backend::stats::FlashStats;
 use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
+use crate::quant::dequantize;
 use crate::storage::{AlignedBuf, FlashFile, ReadError, ReadPool, StorageError};
 use crate::window::Window;
 

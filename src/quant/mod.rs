@@ -13,6 +13,8 @@
 //! Each format lives in its own file with a scalar reference and, on x86_64, an AVX2+FMA+F16C
 //! kernel picked at run time.
 
+mod dtype;
+pub use dtype::DType;
 mod float;
 /// An f16 row dotted with f32 values (the predictors use it directly).
 pub use float::dot_f16;
@@ -35,8 +37,6 @@ mod tests;
 mod x86;
 
 use std::sync::OnceLock;
-
-use crate::model::tensor::DType;
 
 /// How activations meet quantised weights, process-wide.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
