@@ -32,6 +32,7 @@
 pub mod api;
 pub mod backend;
 pub mod budget;
+pub mod calibration;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod draft;

@@ -3,12 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::engine::flash::{FlashError, FlashFfn, FlashOptions, Sparsity};
+use crate::engine::flash::{FlashError, FlashFfn, FlashOptions};
 use crate::engine::Session;
 use crate::image::{is_flash_image, FlashImage, ImageError};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{LoadError, ModelWeights};
+use crate::sparsity::Sparsity;
 
 pub struct Model {
     pub path: PathBuf,

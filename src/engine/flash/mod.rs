@@ -17,7 +17,7 @@ mod options;
 mod source;
 
 pub use lookahead::{lookahead_depth, lookahead_extra_bytes, DEEP_LOOKAHEAD_LAYER};
-pub use options::{FlashOptions, Selection, Sparsity, Strategy};
+pub use options::{FlashOptions, Selection, Strategy};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,6 +29,7 @@ use crate::backend::stats::FlashStats;
 use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
 use crate::quant::dequantize;
+use crate::sparsity::Sparsity;
 use crate::storage::{AlignedBuf, FlashFile, ReadError, ReadPool, StorageError};
 use crate::window::Window;
 
