@@ -64,37 +64,6 @@ impl DType {
         }
     }
 
-    /// Elements per block (1 for plain floats).
-    pub fn block_len(self) -> usize {
-        match self {
-            DType::F32 | DType::F16 | DType::BF16 => 1,
-            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL => {
-                32
-            }
-            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS => 256,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-            DType::Q4_0 => 18,   // f16 scale + 16 bytes of nibbles
-            DType::Q4_1 => 20,   // f16 scale, f16 min + 16 bytes of nibbles
-            DType::Q5_0 => 22,   // f16 scale, u32 of fifth bits + 16 bytes of nibbles
-            DType::Q5_1 => 24,   // f16 scale, f16 min, u32 of fifth bits + 16 bytes of nibbles
-            DType::Q8_0 => 34,   // f16 scale + 32 i8
-            DType::Q2K => 84, // 16 bytes of 4-bit scales and mins, 64 bytes of 2-bit quants, f16 d, f16 dmin
-            DType::Q3K => 110, // 32 bytes of high bits, 64 bytes of 2-bit quants, 12 bytes of 6-bit scales, f16 d
-            DType::Q4K => 144, // f16 d, f16 dmin, 12 bytes of 6-bit scales, 128 bytes of nibbles
-            DType::Q5K => 176, // as Q4_K, with 32 bytes of fifth bits before the nibbles
-            DType::Q6K => 210, // 128 low nibbles, 64 high 2-bits, 16 i8 scales, f16 d
-            DType::IQ4NL => 18, // f16 scale + 16 bytes of nibbles indexing a 16-level table
-            DType::IQ4XS => 136, // f16 d, u16 + 4 bytes of 6-bit scales, 128 bytes of nibbles
-        }
-    }
-
     pub fn is_quantized(self) -> bool {
         self.block_len() > 1
     }
