@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use half::f16;
 use llmflash::backend::cpu::attention::{attend, AttnShape};
 use llmflash::backend::cpu::matvec::matvec;
-use llmflash::backend::cpu::quant::ActivationBuffer;
-use llmflash::engine::kv_cache::KvLayer;
+use llmflash::backend::kv_cache::KvLayer;
 use llmflash::engine::sampler::{Sampler, Sampling};
 use llmflash::engine::{generate, Session};
 use llmflash::model::load;
+use llmflash::quant::ActivationBuffer;
 
 const RUNS: usize = 5;
 

@@ -11,7 +11,6 @@
 
 use std::time::Instant;
 
-use llmflash::backend::cpu::quant;
 use llmflash::backend::gpu::buffers::{read, storage_f32, GpuMatrix};
 use llmflash::backend::gpu::kernels::matvec::matvec;
 use llmflash::backend::gpu::kernels::Width;
@@ -21,7 +20,8 @@ use llmflash::backend::gpu::{
 };
 use llmflash::draft::Target;
 use llmflash::engine::model::Model;
-use llmflash::model::tensor::DType;
+use llmflash::quant;
+use llmflash::quant::DType;
 
 /// The median of `t`.
 fn median(mut t: Vec<f64>) -> f64 {
@@ -155,7 +155,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             return flash_timings(&ctx, &model, slots);
         }
-        let kv = llmflash::engine::kv_cache::KvType::F32;
+        let kv = llmflash::backend::kv_cache::KvType::F32;
         let mut dec = GpuDecoder::with_verify(&ctx, &model.weights, 512, kv, 16)?;
         dec.step(1)?;
         let n = 16;

@@ -6,8 +6,10 @@
 //!
 //! The front door is [`api`]: an [`api::Engine`] opens a model (a GGUF file, an HF directory
 //! or a flash image) under a memory budget and generates from it; [`serve`] serves one over
-//! an OpenAI-compatible HTTP API. The other modules are the engine's parts, from the file
-//! formats up (`model`, `image`, `storage`, `window`, `budget`, `backend`, `engine`, `draft`).
+//! an OpenAI-compatible HTTP API. The other modules are the engine's parts, in layers, each
+//! using only those before it here: `budget`, `storage`, `window`, `quant`, `model`, `image`,
+//! `backend` (its shared types, then `backend::cpu`), `sparsity`, `backend::gpu`, `engine`,
+//! `calibration`, `draft` (`tests/layering.rs` checks the order).
 //!
 //! ```no_run
 //! use llmflash::api::{Engine, GenerateOptions, Prompt};
@@ -32,12 +34,14 @@
 pub mod api;
 pub mod backend;
 pub mod budget;
+pub mod calibration;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod draft;
 pub mod engine;
 pub mod image;
 pub mod model;
+pub mod quant;
 #[cfg(feature = "serve")]
 #[warn(missing_docs)]
 pub mod serve;

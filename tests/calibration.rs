@@ -4,11 +4,11 @@
 
 mod common;
 
-use llmflash::engine::flash::{FlashOptions, Selection, Sparsity, Strategy};
-use llmflash::engine::kv_cache::KvType;
+use llmflash::backend::kv_cache::KvType;
+use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
 use llmflash::engine::model::Model;
 use llmflash::image::{reorder_neurons, BundleDtype};
-use llmflash::sparsity::{Calibration, Sets};
+use llmflash::sparsity::{Calibration, Sets, Sparsity};
 
 use common::{calibrate, tokens};
 
@@ -395,7 +395,7 @@ fn smollm2_reordered_and_budgeted_from_the_command_line_keeps_its_tokens() {
 /// of them the beginning-of-sequence token each window starts from.
 #[test]
 fn text_sampled_from_the_model_is_reproducible_and_in_the_vocabulary() {
-    use llmflash::sparsity::calibrate::sample_text;
+    use llmflash::calibration::measure::sample_text;
     let Some(gguf) = common::model("SmolLM2-135M-Instruct.Q4_1.gguf", "tools/fetch-model") else {
         return;
     };

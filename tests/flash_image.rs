@@ -239,7 +239,7 @@ fn corrupted_image_is_refused() {
 /// same logits as taking them from the weights, tied or not.
 #[test]
 fn streamed_embedding_and_head_change_nothing() {
-    use llmflash::engine::streamed::{OutputRows, RowSource, TABLES};
+    use llmflash::backend::streamed::{OutputRows, RowSource, TABLES};
     for fixture in ["hf/llama", "hf/llama-tied"] {
         let dir = common::fixture(fixture);
         let tokens = common::u32s(&common::read_json(&dir.join("reference.json"))["tokens"]);

@@ -6,11 +6,12 @@
 
 mod common;
 
-use llmflash::engine::flash::{FlashOptions, Selection, Sparsity, Strategy};
+use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
 use llmflash::engine::model::Model;
 use llmflash::engine::Session;
 use llmflash::image::BundleDtype;
 use llmflash::model::load;
+use llmflash::sparsity::Sparsity;
 
 const MODEL: &str = "gemma-3-270m-q4_k_m.gguf";
 

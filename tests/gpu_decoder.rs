@@ -7,14 +7,14 @@ mod common;
 
 use std::time::Instant;
 
-use llmflash::backend::cpu::quant;
 use llmflash::backend::gpu::GpuDecoder;
-use llmflash::engine::kv_cache::KvType;
+use llmflash::backend::kv_cache::KvType;
 use llmflash::engine::sampler::argmax;
 use llmflash::engine::Session;
 use llmflash::model::load;
 use llmflash::model::tensor::Tensor;
 use llmflash::model::weights::ModelWeights;
+use llmflash::quant;
 
 /// Largest |ours - theirs| relative to the largest |theirs|.
 fn relative_error(ours: &[f32], theirs: &[f32]) -> f32 {

@@ -9,13 +9,13 @@ use std::path::Path;
 use std::process::Command;
 
 use llmflash::backend::gpu::{GpuFlashDecoder, GpuFlashOptions};
+use llmflash::backend::kv_cache::KvType;
+use llmflash::calibration::fit::{fit_level, LevelOptions};
+use llmflash::calibration::record::record;
 use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
-use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::model::Model;
 use llmflash::image::BundleDtype;
-use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
 use llmflash::sparsity::predictor::FitOptions;
-use llmflash::sparsity::record::record;
 use llmflash::sparsity::{Calibration, Sets};
 
 use common::tokens;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use llmflash::engine::kv_cache::KvType;
+use llmflash::backend::kv_cache::KvType;
 use llmflash::engine::sampler::argmax;
 use llmflash::engine::Session;
 use llmflash::model::load;

@@ -6,7 +6,7 @@ mod common;
 
 use llmflash::backend::cpu::forward::{forward, CpuState, DenseFfn};
 use llmflash::backend::cpu::prefill::{forward_columns, BatchState, Logits};
-use llmflash::engine::kv_cache::{KvCache, KvType};
+use llmflash::backend::kv_cache::{KvCache, KvType};
 use llmflash::engine::Session;
 use llmflash::model::load;
 use llmflash::model::weights::ModelWeights;

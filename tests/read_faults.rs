@@ -137,8 +137,8 @@ fn a_damaged_bundle_stops_the_decode_with_its_offset() {
 /// batches of rows for each token) is an error naming its offset, as a damaged bundle is.
 #[test]
 fn a_damaged_streamed_row_is_an_error() {
-    use llmflash::backend::cpu::quant::ActivationBuffer;
-    use llmflash::engine::streamed::RowSource;
+    use llmflash::backend::streamed::RowSource;
+    use llmflash::quant::ActivationBuffer;
     let source = common::to_image(
         &common::fixture("hf/llama"),
         "damage-rows",

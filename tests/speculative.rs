@@ -5,11 +5,11 @@
 mod common;
 
 use llmflash::backend::gpu::{GpuDecoder, GpuFlashDecoder, GpuFlashOptions};
+use llmflash::backend::kv_cache::KvType;
 use llmflash::draft::{
     self, Draft, DraftError, DraftOptions, ModelDraft, NgramDraft, Proposal, SelfDraft, Target,
 };
 use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
-use llmflash::engine::kv_cache::KvType;
 use llmflash::engine::model::Model;
 use llmflash::engine::sampler::{Sampler, Sampling};
 use llmflash::engine::{self, Session};

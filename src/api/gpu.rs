@@ -6,12 +6,12 @@ use anyhow::{bail, Context};
 use super::options::RunOptions;
 use super::runner::{choose_selection, Runner, PREDICTOR_READ_SHARE};
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder, GpuFlashOptions};
+use crate::backend::kv_cache::{KvCache, KvType};
+use crate::backend::stats::FlashStats;
 use crate::budget::{self, Needs};
 use crate::draft::{DraftError, Target};
 use crate::engine::flash::{Selection, Strategy};
 use crate::engine::gpu::GpuModel;
-use crate::engine::kv_cache::{KvCache, KvType};
-use crate::engine::stats::FlashStats;
 use crate::sparsity::Sets;
 
 /// A decoder on the GPU: the dense one, or a flash image's. What

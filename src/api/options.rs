@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::backend::kv_cache::KvType;
 use crate::engine::flash::{FlashOptions, Selection, Strategy};
-use crate::engine::kv_cache::KvType;
 use crate::storage::CoalesceOptions;
 
 /// Options for running a model; [`RunOptions::default`] is what the command line does with

@@ -9,15 +9,15 @@ use anyhow::{bail, Context};
 
 use super::notice::{Notice, Notify};
 use super::options::RunOptions;
+use crate::backend::kv_cache::{KvCache, KvType};
+use crate::backend::streamed::{OutputRows, RowSource, STREAM_STAGING, TABLES};
 use crate::budget::{self, Needs, Table};
-use crate::engine::flash::{lookahead_extra_bytes, Selection, Sparsity, Strategy};
-use crate::engine::kv_cache::{KvCache, KvType};
+use crate::engine::flash::{lookahead_extra_bytes, Selection, Strategy};
 use crate::engine::model::Model;
-use crate::engine::streamed::{OutputRows, RowSource, STREAM_STAGING, TABLES};
 use crate::engine::{Session, BUDGET_SCORE_BATCH};
 use crate::image::{is_flash_image, FlashImage};
 use crate::sparsity::synthetic::SyntheticActivity;
-use crate::sparsity::{Calibration, Sets};
+use crate::sparsity::{Calibration, Sets, Sparsity};
 use crate::storage::DiskCurve;
 
 /// The predictor is kept under a budget only if it is expected to read less than this share

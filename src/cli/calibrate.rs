@@ -8,12 +8,13 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::engine::flash::Selection;
+use crate::calibration::fit::LevelOptions;
+use crate::calibration::measure::sample_text;
+use crate::calibration::record::record;
+use crate::calibration::sweep::{sweep, Choice, Evaluation, Event, SweepOptions};
 use crate::engine::model::Model;
-use crate::sparsity::calibrate::{evaluate, fit_level, mean_accuracy, sample_text, LevelOptions};
 use crate::sparsity::predictor::{FitOptions, Form};
-use crate::sparsity::record::record;
-use crate::sparsity::{Calibration, QualityRow};
+use crate::sparsity::Calibration;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -82,13 +83,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let eval_text = a.eval.as_deref().map(super::read_text).transpose()?;
     let model = Model::open(&a.image).with_context(|| format!("loading {}", a.image.display()))?;
-    let Some(image) = model.image.as_ref() else {
+    if model.image.is_none() {
         bail!(
             "{} is not a flash image; convert it first: llmflash convert {} -o MODEL.flash",
             a.image.display(),
             a.image.display()
         );
-    };
+    }
     let Some(tok) = model.tokenizer.as_ref() else {
         bail!(
             "{} has no tokenizer; calibration needs one",
@@ -135,7 +136,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    let opts = LevelOptions {
+    let level = LevelOptions {
         fit: FitOptions {
             rank: a.rank,
             epochs: a.epochs,
@@ -152,74 +153,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         ..LevelOptions::default()
     };
-    let sources: Vec<String> = a.text.iter().map(|p| p.display().to_string()).collect();
-    let eval = eval_text.map(|text| tok.encode(&text, true, false));
-    let perplexity = |cal: Option<&Calibration>, sel: Selection| -> anyhow::Result<f64> {
-        let tokens = eval.as_ref().expect("only called with --eval");
-        let cal = cal.map(|c| c as &dyn crate::engine::flash::Sparsity);
-        Ok(evaluate(&model, cal, sel, tokens, a.eval_ctx, a.eval_chunks, bos)?.ppl)
+    let opts = SweepOptions {
+        levels: a.levels.clone(),
+        sparsity: a.sparsity,
+        level,
+        max_increase: a.max_increase,
+        sources: a.text.iter().map(|p| p.display().to_string()).collect(),
     };
-    let dense = match &eval {
-        Some(_) => {
-            let t = Instant::now();
-            let p = perplexity(None, Selection::All)?;
-            eprintln!(
-                "dense perplexity {p:.4} ({:.1} s)",
-                t.elapsed().as_secs_f64()
-            );
-            Some(p)
-        }
-        None => None,
-    };
-
-    let mut levels: Vec<f64> = a.levels.clone();
-    if let Some(s) = a.sparsity {
-        if !levels.iter().any(|&l| (l - s).abs() < 1e-9) {
-            levels.push(s);
-        }
-    }
-    let mut quality = Vec::new();
-    let mut fitted = Vec::new();
-    for &s in &levels {
-        let t = Instant::now();
-        let cal = fit_level(image, &records, s, &opts, sources.clone())?;
-        let acc = mean_accuracy(&cal);
-        eprintln!(
-            "sparsity {s:.2}: fitted in {:.1} s; held-out recall {:.3}, precision {:.3}, predicted {:.1}% of neurons (true {:.1}%)",
-            t.elapsed().as_secs_f64(),
-            acc.recall,
-            acc.precision,
-            100.0 * acc.predicted_density,
-            100.0 * acc.true_density
-        );
-        if let Some(dense_ppl) = dense {
-            let oracle_ppl = perplexity(Some(&cal), Selection::Oracle)?;
-            let predictor_ppl = perplexity(Some(&cal), Selection::Predictor)?;
-            eprintln!("  perplexity: oracle {oracle_ppl:.4}, predictor {predictor_ppl:.4}");
-            quality.push(QualityRow {
-                sparsity: s,
-                dense_ppl,
-                oracle_ppl,
-                predictor_ppl,
-                predicted_density: acc.predicted_density,
-                recall: acc.recall,
-                precision: acc.precision,
-            });
-        }
-        fitted.push(cal);
-    }
-
-    let chosen = choose(a.sparsity, &levels, &quality, a.max_increase)?;
-    let mut cal = fitted.swap_remove(chosen);
-    cal.meta.quality = quality;
-    cal.meta.evaluation = a.eval.as_ref().map(|f| {
-        format!(
-            "{} ctx {} chunks {}",
-            f.display(),
-            a.eval_ctx,
-            a.eval_chunks.map_or("all".into(), |c| c.to_string())
-        )
+    let eval_tokens = eval_text.map(|text| tok.encode(&text, true, false));
+    let eval_source = a.eval.as_ref().map(|f| f.display().to_string());
+    let eval = eval_tokens.as_deref().zip(eval_source.as_deref());
+    let eval = eval.map(|(tokens, source)| Evaluation {
+        tokens,
+        source,
+        ctx: a.eval_ctx,
+        chunks: a.eval_chunks,
+        bos,
     });
+    let swept = sweep(&model, &records, eval.as_ref(), &opts, print_event)?;
+    let cal = swept.calibration;
+    print_choice(swept.choice, &cal, a.max_increase);
     drop(model);
     cal.save(&a.image)
         .with_context(|| format!("writing the calibration into {}", a.image.display()))?;
@@ -230,47 +183,46 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The level to store: the one asked for, else the sparsest whose predictor perplexity is
-/// within `max_increase` of dense, else (no quality table) the middle level.
-fn choose(
-    asked: Option<f64>,
-    levels: &[f64],
-    quality: &[QualityRow],
-    max_increase: f64,
-) -> anyhow::Result<usize> {
-    if let Some(s) = asked {
-        return levels
-            .iter()
-            .position(|&l| (l - s).abs() < 1e-9)
-            .context("the asked sparsity was fitted");
-    }
-    if quality.is_empty() {
-        eprintln!(
-            "no --eval text: storing sparsity {} without a quality check",
-            levels[levels.len() / 2]
-        );
-        return Ok(levels.len() / 2);
-    }
-    let ok = quality
-        .iter()
-        .enumerate()
-        .filter(|(_, q)| q.predictor_ppl <= q.dense_ppl * (1.0 + max_increase))
-        .max_by(|a, b| a.1.sparsity.total_cmp(&b.1.sparsity));
-    match ok {
-        Some((i, _)) => Ok(i),
-        None => {
-            let i = quality
-                .iter()
-                .enumerate()
-                .min_by(|a, b| a.1.sparsity.total_cmp(&b.1.sparsity))
-                .map_or(0, |(i, _)| i);
+fn print_event(e: &Event) {
+    match e {
+        Event::Dense { ppl, elapsed } => {
             eprintln!(
-                "warning: no level keeps the predictor within +{:.0}% of dense; storing the least sparse ({})",
-                100.0 * max_increase,
-                levels[i]
-            );
-            Ok(i)
+                "dense perplexity {ppl:.4} ({:.1} s)",
+                elapsed.as_secs_f64()
+            )
         }
+        Event::Fitted {
+            sparsity,
+            accuracy: acc,
+            elapsed,
+        } => eprintln!(
+            "sparsity {sparsity:.2}: fitted in {:.1} s; held-out recall {:.3}, precision {:.3}, predicted {:.1}% of neurons (true {:.1}%)",
+            elapsed.as_secs_f64(),
+            acc.recall,
+            acc.precision,
+            100.0 * acc.predicted_density,
+            100.0 * acc.true_density
+        ),
+        Event::Measured {
+            oracle_ppl,
+            predictor_ppl,
+            ..
+        } => eprintln!("  perplexity: oracle {oracle_ppl:.4}, predictor {predictor_ppl:.4}"),
+    }
+}
+
+/// Says why the stored level was chosen when it was not asked for or not checked.
+fn print_choice(choice: Choice, cal: &Calibration, max_increase: f64) {
+    let s = cal.meta.sparsity;
+    match choice {
+        Choice::Asked | Choice::WithinIncrease => {}
+        Choice::Unmeasured => {
+            eprintln!("no --eval text: storing sparsity {s} without a quality check")
+        }
+        Choice::NoneWithin => eprintln!(
+            "warning: no level keeps the predictor within +{:.0}% of dense; storing the least sparse ({s})",
+            100.0 * max_increase
+        ),
     }
 }
 

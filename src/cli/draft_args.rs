@@ -2,11 +2,11 @@
 
 use anyhow::{bail, Context};
 
+use crate::backend::kv_cache::{KvCache, KvType};
 use crate::draft::{
     same_vocabulary, Draft, DraftOptions, DraftSource, ModelDraft, NgramDraft, SelfDraft,
     DEFAULT_DRAFT_MAX, DEFAULT_P_MIN,
 };
-use crate::engine::kv_cache::{KvCache, KvType};
 use crate::engine::model::Model;
 use crate::engine::Session;
 

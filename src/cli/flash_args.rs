@@ -2,9 +2,9 @@
 //! strategy, budget, window and I/O settings.
 
 use crate::api::RunOptions;
+use crate::backend::kv_cache::KvType;
 use crate::budget::parse_bytes;
 use crate::engine::flash::Strategy;
-use crate::engine::kv_cache::KvType;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct FlashArgs {

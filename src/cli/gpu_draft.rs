@@ -11,13 +11,13 @@ use crate::api::gpu::{gpu_kv_type, open_gpu_flash};
 use crate::api::Runner;
 use crate::backend::gpu::flash::MAX_VERIFY_WIDTH;
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder};
+use crate::backend::stats::FlashStats;
 use crate::draft::{
     self, Draft, DraftError, DraftSource, ModelDraft, NgramDraft, SelfDraft, SelfTarget, Target,
 };
 use crate::engine::gpu::{gpu_run_stats, GpuCounters, GpuModel};
 use crate::engine::model::Model;
 use crate::engine::sampler::Sampler;
-use crate::engine::stats::FlashStats;
 use crate::engine::Generation;
 
 use super::draft_args::DraftArgs;

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::model::tensor::DType;
 use crate::model::weights::ModelWeights;
+use crate::quant::DType;
 
 #[derive(clap::Args)]
 pub struct Args {

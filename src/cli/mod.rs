@@ -23,8 +23,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::api::Runner;
-use crate::backend::cpu::quant::{set_activations, Activations};
 use crate::model::{load, LoadedModel};
+use crate::quant::{set_activations, Activations};
 
 #[derive(Parser)]
 #[command(

@@ -3,7 +3,7 @@
 
 use super::DraftError;
 use crate::backend::gpu::{GpuDecoder, GpuFlashDecoder};
-use crate::engine::stats::FlashStats;
+use crate::backend::stats::FlashStats;
 use crate::engine::Session;
 
 /// What the speculative loop runs on the target: a prompt, single steps, verify passes of

@@ -13,9 +13,9 @@ use std::fmt;
 
 use crate::backend::cpu::forward::{forward, CpuState, FfnCompute};
 use crate::backend::cpu::prefill::{forward_columns, BatchState, Logits};
-use crate::engine::kv_cache::KvCache;
-use crate::engine::stats::FlashStats;
-use crate::engine::streamed::OutputRows;
+use crate::backend::kv_cache::KvCache;
+use crate::backend::stats::FlashStats;
+use crate::backend::streamed::OutputRows;
 use crate::engine::{check_room, check_vocab, flash_costs, EngineError, PREFILL_BATCH};
 use crate::model::weights::ModelWeights;
 use crate::storage::ReadError;

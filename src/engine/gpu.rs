@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuError, GpuFlashDecoder};
+use crate::backend::stats::FlashStats;
 use crate::engine::sampler::Sampler;
-use crate::engine::stats::FlashStats;
 use crate::engine::{add_flash_costs, summarize, Generation};
 
 /// What a GPU decoder has cost since it was built.

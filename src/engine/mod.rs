@@ -3,12 +3,10 @@
 pub mod batch;
 pub mod flash;
 pub mod gpu;
-pub mod kv_cache;
 pub mod model;
 pub mod perplexity;
 pub mod sampler;
 pub mod stats;
-pub mod streamed;
 
 use std::time::Instant;
 
@@ -16,11 +14,12 @@ use crate::backend::cpu::forward::{
     forward, output_prefix, CpuState, DenseFfn, DraftFfn, FfnCompute,
 };
 use crate::backend::cpu::prefill::{forward_batch, BatchState, Logits};
+use crate::backend::kv_cache::{KvCache, KvType};
+use crate::backend::stats::FlashStats;
+use crate::backend::streamed::{OutputRows, RowSource};
 use crate::model::weights::ModelWeights;
-use kv_cache::{KvCache, KvType};
 use sampler::Sampler;
-use stats::{FlashStats, GenerationStats};
-use streamed::{OutputRows, RowSource};
+use stats::GenerationStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

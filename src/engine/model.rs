@@ -3,12 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::engine::flash::{FlashError, FlashFfn, FlashOptions, Sparsity};
+use crate::engine::flash::{FlashError, FlashFfn, FlashOptions};
 use crate::engine::Session;
 use crate::image::{is_flash_image, FlashImage, ImageError};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{LoadError, ModelWeights};
+use crate::sparsity::Sparsity;
 
 pub struct Model {
     pub path: PathBuf,
@@ -40,7 +41,7 @@ impl Model {
     /// Like [`Model::open`]; for a flash image with `load_direct = Some(direct)`, the
     /// resident tensors are read into process memory (direct reads when `direct`) instead of
     /// being mapped, so that a memory cap cannot evict them.
-    /// Tensors named in `stream` stay mapped and untouched (see [`crate::engine::streamed`]).
+    /// Tensors named in `stream` stay mapped and untouched (see [`crate::backend::streamed`]).
     pub fn open_with(
         path: &Path,
         load_direct: Option<bool>,

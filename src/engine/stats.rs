@@ -1,8 +1,8 @@
 //! Per-run statistics reported by `generate --json` and `bench`.
 
-use std::time::Duration;
-
 use serde::Serialize;
+
+use crate::backend::stats::FlashStats;
 
 /// What one generation cost. Times are wall-clock milliseconds.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -61,27 +61,4 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// Cumulative costs of the FFN blocks, split as in the paper's Table 2.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct FlashStats {
-    pub tokens: u64,
-    pub neurons_needed: u64,
-    pub neurons_loaded: u64,
-    pub window_hits: u64,
-    pub bytes_read: u64,
-    pub read_ops: u64,
-    /// Waiting for reads.
-    pub io: Duration,
-    /// Window bookkeeping and copying bundles into slots.
-    pub memory: Duration,
-    /// Predictor and sparse FFN arithmetic.
-    pub compute: Duration,
-    /// Bytes the FFN holds in memory: window slabs, resident copies, read scratch.
-    pub memory_bytes: u64,
-    /// Which neurons ran: `dense`, `predictor` or `oracle`.
-    pub selection: String,
-    /// Whether the next layer's bundles were read while this one computed.
-    pub lookahead: bool,
 }

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::model::config::{Config, FfnKind};
 use crate::model::loader::TokenizerSource;
-use crate::model::tensor::DType;
+use crate::quant::DType;
 
 /// The dtype of the FFN bundles, chosen at convert time (`--bundle-dtype`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -11,12 +11,12 @@ use super::{
     crc32, BlobEntry, BundleLayout, FfnSection, ImageError, ImageMeta, PartRole, TensorEntry,
     ALIGN, FORMAT_VERSION,
 };
-use crate::backend::cpu::quant;
 use crate::model::loader::TokenizerSource;
 use crate::model::tensor::{Storage, Tensor};
 use crate::model::weights::{
     gguf_extra_norm_names, Attention, ExtraNorms, FfnBias, Layer, Linear, ModelWeights, Norm,
 };
+use crate::quant;
 
 /// An open, validated flash image, memory-mapped.
 #[derive(Clone)]

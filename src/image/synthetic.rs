@@ -11,9 +11,9 @@ use super::{
     BundleDtype, BundleLayout, Crc32, ImageError, ImageMeta, PartRole, SourceInfo, TensorEntry,
     ALIGN, FORMAT_VERSION,
 };
-use crate::backend::cpu::quant;
 use crate::model::config::{Arch, Config, RopeStyle};
-use crate::model::tensor::DType;
+use crate::quant;
+use crate::quant::DType;
 
 /// The shape of a synthetic model for [`write_synthetic`].
 #[derive(Clone, Debug, PartialEq)]

@@ -4,10 +4,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::json;
 
 use super::*;
-use crate::backend::cpu::quant;
-use crate::model::tensor::{DType, Tensor};
+use crate::model::tensor::Tensor;
 use crate::model::weights::{Linear, ModelWeights, Norm};
 use crate::model::LoadedModel;
+use crate::quant;
+use crate::quant::DType;
 
 /// A file in the temp directory, removed (with any temporary file of its writers) on drop.
 struct TempFile(PathBuf);

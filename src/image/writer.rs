@@ -16,11 +16,12 @@ use super::{
     align_up, BlobEntry, BundleDtype, BundleLayout, Crc32, FfnSection, FlashImage, Header,
     ImageError, ImageMeta, PartRole, SourceInfo, TensorEntry, ALIGN, FORMAT_VERSION,
 };
-use crate::backend::cpu::quant;
 use crate::model::config::Config;
 use crate::model::loader::LoadedModel;
-use crate::model::tensor::{DType, Tensor};
+use crate::model::tensor::Tensor;
 use crate::model::weights::{Ffn, Linear, ModelWeights, Norm};
+use crate::quant;
+use crate::quant::DType;
 use crate::storage::AtomicOutput;
 
 /// Options of [`convert`].

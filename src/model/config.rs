@@ -219,8 +219,10 @@ mod tests {
     use crate::model::gguf::{write_gguf, GgufFile, MetaValue};
     use crate::model::weights::gguf_config;
 
+    /// A small valid llama config, from the GGUF metadata below (the image module's
+    /// `SyntheticShape` sits a layer above this one).
     fn config() -> Config {
-        crate::image::SyntheticShape::tiny().config()
+        gguf_with("llama.block_count", MetaValue::U32(2)).expect("a valid config")
     }
 
     #[test]

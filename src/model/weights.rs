@@ -4,11 +4,11 @@
 //! Matrices stay in their file's dtype (quantised blocks are multiplied directly); the small
 //! vectors (norms, biases) are dequantised to f32 once at load time.
 
-use crate::backend::cpu::quant;
 use crate::model::config::{Arch, Config, RopeStyle};
 use crate::model::gguf::GgufFile;
 use crate::model::hf::HfModel;
 use crate::model::tensor::Tensor;
+use crate::quant;
 
 /// A linear layer `y = W x + b`.
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@
 /// `y += a * x`.
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::backend::cpu::quant::use_simd() {
+    if crate::quant::use_simd() {
         // SAFETY: use_simd() checked that the CPU has avx2 and fma.
         return unsafe { axpy_avx2(a, x, y) };
     }
@@ -17,7 +17,7 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// `x . y`.
 pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::backend::cpu::quant::use_simd() {
+    if crate::quant::use_simd() {
         // SAFETY: as in `axpy`.
         return unsafe { dot_avx2(x, y) };
     }

@@ -9,23 +9,31 @@
 //! `|silu(g_i)|` alone does not (see FACTS.md: +28% perplexity at 50% sparsity for the gate
 //! rule, +1.4% for the product rule on SmolLM2).
 
-pub mod calibrate;
 pub mod linalg;
 pub mod predictor;
-pub mod record;
 pub(crate) mod rng;
 pub mod synthetic;
 pub mod thresholds;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::flash::Sparsity;
 use crate::image::{append_extra, FlashImage, ImageError};
 use predictor::{Accuracy, Form, Predictor, PredictorError};
 
+/// What calibration provides to the flash path: per layer, a predicted active set and the
+/// threshold that defines the true one. `engine::flash::FlashFfn` takes one; it is defined
+/// here, with the calibration that implements it, below the backends and the engine.
+pub trait Sparsity {
+    /// The neurons predicted active for FFN input `h` of `layer`, appended to `active`.
+    fn predict(&self, layer: usize, h: &[f32], active: &mut Vec<u32>);
+    /// A neuron is truly active when `|a_i|` reaches this.
+    fn threshold(&self, layer: usize) -> f32;
+}
+
 /// The key of the calibration in the image's metadata.
 pub const EXTRA_KEY: &str = "calibration";
-const FORMAT: u32 = 2;
+/// The version of the stored calibration this build reads and writes.
+pub(crate) const FORMAT: u32 = 2;
 
 /// One layer's calibration, as stored in the image's metadata.
 #[derive(Clone, Debug, Serialize, Deserialize)]

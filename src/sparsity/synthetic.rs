@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 
 use super::rng::Rng;
-use crate::engine::flash::Sparsity;
+use super::Sparsity;
 
 pub struct SyntheticActivity {
     density: f64,

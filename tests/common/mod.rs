@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use llmflash::calibration::fit::{fit_level, LevelOptions};
+use llmflash::calibration::record::record;
 use llmflash::engine::model::Model;
 use llmflash::image::{convert, BundleDtype, ConvertOptions};
-use llmflash::sparsity::calibrate::{fit_level, LevelOptions};
 use llmflash::sparsity::predictor::FitOptions;
-use llmflash::sparsity::record::record;
 use llmflash::sparsity::Calibration;
 
 pub fn root() -> &'static Path {

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::attention_f16::attend_f16;
 use crate::backend::cpu::ops::softmax;
-use crate::engine::kv_cache::KvLayer;
+use crate::backend::kv_cache::KvLayer;
 
 /// Shape of the attention computation.
 #[derive(Clone, Copy, Debug)]

@@ -9,12 +9,12 @@ use crate::backend::cpu::matvec::{linear, matmul_rows, matvec};
 use crate::backend::cpu::ops::{
     add_into, apply_norm, geglu, head_norm, rope, rope_angles, softcap, swiglu,
 };
-use crate::backend::cpu::quant::{self, ActivationBuffer};
-use crate::engine::kv_cache::KvCache;
-use crate::engine::streamed::{OutputRows, RowSource};
+use crate::backend::kv_cache::KvCache;
+use crate::backend::streamed::{OutputRows, RowSource};
 use crate::model::config::{Arch, Config, FfnKind};
 use crate::model::tensor::Tensor;
 use crate::model::weights::{Ffn, Layer, ModelWeights, Norm};
+use crate::quant::{self, ActivationBuffer};
 use crate::storage::ReadError;
 
 /// Scratch buffers of one decode step, allocated once per session.
@@ -121,7 +121,7 @@ pub trait FfnCompute {
     }
 
     /// I/O, memory and compute costs so far, for FFNs that read from flash.
-    fn flash_stats(&self) -> Option<crate::engine::stats::FlashStats> {
+    fn flash_stats(&self) -> Option<crate::backend::stats::FlashStats> {
         None
     }
 }
@@ -458,7 +458,7 @@ pub fn output_prefix(
 
 /// The vocabulary projection's input (final norm, OPT's projection) quantised for `dtype`
 /// into `s.act`.
-fn head_input(w: &ModelWeights, s: &mut CpuState, dtype: crate::model::tensor::DType) {
+fn head_input(w: &ModelWeights, s: &mut CpuState, dtype: crate::quant::DType) {
     let c = &w.config;
     match &w.final_norm {
         Some(n) => apply_norm(n, &s.x, c.norm_eps, &mut s.h),

@@ -2,9 +2,9 @@
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::model::tensor::Tensor;
 use crate::model::weights::Linear;
+use crate::quant::{self, ActivationBuffer};
 
 /// Rows handed to one rayon task: enough to amortise scheduling (a few microseconds) over
 /// dot products of well under a microsecond each, small enough to balance two to sixteen cores.
@@ -109,7 +109,7 @@ pub fn matmul_rows(
 }
 
 /// Quantises each row of `xs` into `acts` for weights of `dtype`.
-fn quantize_rows(dtype: crate::model::tensor::DType, xs: &[f32], acts: &mut [ActivationBuffer]) {
+fn quantize_rows(dtype: crate::quant::DType, xs: &[f32], acts: &mut [ActivationBuffer]) {
     let cols = xs.len() / acts.len();
     acts.par_iter_mut()
         .zip(xs.par_chunks(cols))

@@ -1,5 +1,6 @@
-//! The CPU backend: quantised dot products (SIMD where available), matvec over all cores,
-//! and the elementwise ops of a transformer layer.
+//! The CPU backend: matvec over all cores with the quantised dot products of
+//! [`crate::quant`], attention, the elementwise ops of a transformer layer, one decode step
+//! and batched prefill.
 
 pub mod attention;
 pub mod attention_f16;
@@ -7,5 +8,4 @@ pub mod forward;
 pub mod matvec;
 pub mod ops;
 pub mod prefill;
-pub mod quant;
 pub mod sparse_ffn;

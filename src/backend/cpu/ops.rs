@@ -51,7 +51,7 @@ pub fn rope_angles(pos: usize, head_dim: usize, theta: f32, out: &mut Vec<[f32; 
 /// for bit-equality.
 pub fn rope(x: &mut [f32], head_dim: usize, angles: &[[f32; 2]], style: RopeStyle) {
     #[cfg(target_arch = "x86_64")]
-    if crate::backend::cpu::quant::use_simd() {
+    if crate::quant::use_simd() {
         // SAFETY: use_simd() found avx2, fma and f16c on this CPU.
         return unsafe { rope_fma(x, head_dim, angles, style) };
     }
@@ -86,7 +86,7 @@ fn rope_lanes(x: &mut [f32], head_dim: usize, angles: &[[f32; 2]], style: RopeSt
 /// polynomial `exp`, not libm's), so SwiGLU activations equal llama.cpp's bit for bit.
 pub fn silu(x: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::backend::cpu::quant::use_simd() {
+    if crate::quant::use_simd() {
         // SAFETY: use_simd() found avx2, fma and f16c on this CPU.
         return unsafe { silu_fma(x) };
     }
@@ -96,7 +96,7 @@ pub fn silu(x: f32) -> f32 {
 /// `up[i] *= silu(gate[i])`: the SwiGLU activation in place.
 pub fn swiglu(up: &mut [f32], gate: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::backend::cpu::quant::use_simd() {
+    if crate::quant::use_simd() {
         // SAFETY: as in `silu`.
         return unsafe { swiglu_fma(up, gate) };
     }

@@ -17,11 +17,11 @@ use crate::backend::cpu::attention::{attend_window, AttnShape};
 use crate::backend::cpu::forward::{embed, output, qk_prepare, residual, CpuState, FfnCompute};
 use crate::backend::cpu::matvec::{linear_batch, matmul_rows};
 use crate::backend::cpu::ops::{add_into, apply_norm, rope_angles, softcap};
-use crate::backend::cpu::quant::ActivationBuffer;
-use crate::engine::kv_cache::KvCache;
-use crate::engine::streamed::OutputRows;
+use crate::backend::kv_cache::KvCache;
+use crate::backend::streamed::OutputRows;
 use crate::model::config::Config;
 use crate::model::weights::{Layer, ModelWeights};
+use crate::quant::ActivationBuffer;
 use crate::storage::ReadError;
 
 /// Row-major `tokens x width` activations of one batch, allocated once per session and grown

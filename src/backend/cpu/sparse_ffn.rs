@@ -10,10 +10,10 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::ops::{geglu_one, silu};
-use crate::backend::cpu::quant::{self, ActivationBuffer};
 use crate::image::{FlashImage, PartRole};
 use crate::model::config::FfnKind;
-use crate::model::tensor::DType;
+use crate::quant::DType;
+use crate::quant::{self, ActivationBuffer};
 
 /// Where one weight vector sits inside a bundle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

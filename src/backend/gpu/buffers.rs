@@ -5,7 +5,8 @@ use wgpu::util::DeviceExt;
 use crate::backend::gpu::device::GpuContext;
 use crate::backend::gpu::kernels::dtype_code;
 use crate::backend::gpu::GpuError;
-use crate::model::tensor::{DType, Tensor};
+use crate::model::tensor::Tensor;
+use crate::quant::DType;
 
 /// Bytes added after every storage buffer's data: kernels read raw blocks a `u32` at a time at
 /// offsets that are 2 mod 4 by splicing two words (shaders/lib/quant.wgsl), and the splice of the

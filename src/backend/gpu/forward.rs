@@ -24,7 +24,7 @@ use crate::backend::gpu::kernels::rope::{rope, rope_table};
 use crate::backend::gpu::kernels::{Dispatch, Step, Width};
 use crate::backend::gpu::timer::GpuTimer;
 use crate::backend::gpu::{GpuContext, GpuError};
-use crate::engine::kv_cache::KvType;
+use crate::backend::kv_cache::KvType;
 use crate::model::config::{Config, FfnKind};
 use crate::model::weights::{Linear, ModelWeights};
 use std::time::{Duration, Instant};

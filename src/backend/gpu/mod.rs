@@ -34,7 +34,7 @@ pub use device::{GpuContext, GpuOptions};
 pub use flash::{GpuFlashDecoder, GpuFlashOptions};
 pub use forward::GpuDecoder;
 
-use crate::model::tensor::DType;
+use crate::quant::DType;
 
 /// Errors of the GPU backend. Each says what was expected, what was found, and what to do.
 #[derive(Debug, thiserror::Error)]

@@ -3,10 +3,10 @@
 
 use std::sync::OnceLock;
 
-use crate::backend::cpu::quant;
 use crate::backend::gpu::shaders::Half;
-use crate::model::tensor::DType;
 use crate::backend::gpu::{GpuContext, GpuError, GpuOptions};
+use crate::quant;
+use crate::quant::DType;
 
 /// The shared context, or `None` (after printing why) when this machine has no adapter.
 /// Under `LLMFLASH_REQUIRE_GPU=1` a missing adapter fails the test instead.
@@ -105,4 +105,3 @@ pub fn random_rows(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
     }
     bytes
 }
-

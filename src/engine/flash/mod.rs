@@ -17,18 +17,19 @@ mod options;
 mod source;
 
 pub use lookahead::{lookahead_depth, lookahead_extra_bytes, DEEP_LOOKAHEAD_LAYER};
-pub use options::{FlashOptions, Selection, Sparsity, Strategy};
+pub use options::{FlashOptions, Selection, Strategy};
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::cpu::forward::FfnCompute;
 use crate::backend::cpu::ops::add_into;
-use crate::backend::cpu::quant::dequantize;
 use crate::backend::cpu::sparse_ffn::{activations, BundleParts, Neuron, SparseFfn};
-use crate::engine::stats::FlashStats;
+use crate::backend::stats::FlashStats;
 use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
+use crate::quant::dequantize;
+use crate::sparsity::Sparsity;
 use crate::storage::{AlignedBuf, FlashFile, ReadError, ReadPool, StorageError};
 use crate::window::Window;
 

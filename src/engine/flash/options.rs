@@ -1,6 +1,6 @@
 //! What a [`FlashFfn`](super::FlashFfn) is asked to do: where bundles come from
-//! ([`Strategy`]), which neurons a token computes ([`Selection`]), what calibration
-//! provides ([`Sparsity`]), and the rest of [`FlashOptions`].
+//! ([`Strategy`]), which neurons a token computes ([`Selection`]), and the rest of
+//! [`FlashOptions`]. What calibration provides is [`crate::sparsity::Sparsity`].
 
 use serde::Serialize;
 
@@ -57,15 +57,6 @@ pub enum Selection {
     /// The true active set (|a_i| above the calibrated threshold), found by computing every
     /// neuron from the memory-mapped image: for quality measurements and tests, not speed.
     Oracle,
-}
-
-/// What calibration provides to the flash path: per layer, a predicted active set and the
-/// threshold that defines the true one.
-pub trait Sparsity {
-    /// The neurons predicted active for FFN input `h` of `layer`, appended to `active`.
-    fn predict(&self, layer: usize, h: &[f32], active: &mut Vec<u32>);
-    /// A neuron is truly active when `|a_i|` reaches this.
-    fn threshold(&self, layer: usize) -> f32;
 }
 
 #[derive(Clone, Debug)]

@@ -13,7 +13,8 @@ use super::value::{
     T_U16, T_U32, T_U64, T_U8,
 };
 use super::{GgufError, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS};
-use crate::model::tensor::{DType, Storage, Tensor};
+use crate::model::tensor::{Storage, Tensor};
+use crate::quant::DType;
 
 /// Smallest possible encoded size of one metadata key/value pair: an empty key (8-byte
 /// length), a type (4) and a 1-byte value.

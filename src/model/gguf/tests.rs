@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use super::reader::matrix_shape;
 use super::*;
-use crate::model::tensor::DType;
+use crate::quant::DType;
 
 fn s(v: &str) -> MetaValue {
     MetaValue::String(v.to_string())

@@ -2,7 +2,7 @@
 
 use super::value::{MetaValue, T_U8};
 use super::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC};
-use crate::model::tensor::DType;
+use crate::quant::DType;
 
 /// One tensor queued in a [`GgufWriter`].
 #[derive(Clone, Debug)]

@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{read_small_file, HfError, INDEX_FILE};
-use crate::model::tensor::{DType, Storage, Tensor};
+use crate::model::tensor::{Storage, Tensor};
+use crate::quant::DType;
 
 /// Largest JSON header accepted (the safetensors crate uses the same bound).
 const MAX_HEADER_BYTES: u64 = 100_000_000;

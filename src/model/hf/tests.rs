@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::safetensors::IndexFile;
 use super::*;
 use crate::model::config::RopeStyle;
-use crate::model::tensor::DType;
+use crate::quant::DType;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A temporary directory removed on drop.

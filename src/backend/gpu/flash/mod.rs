@@ -53,7 +53,7 @@ use crate::backend::gpu::kernels::predictor::GpuPredictor;
 use crate::backend::gpu::kernels::sparse_ffn::{sparse_ffn, SparseFfnArgs};
 use crate::backend::gpu::kernels::{Dispatch, Width};
 use crate::backend::gpu::{GpuContext, GpuError};
-use crate::engine::stats::FlashStats;
+use crate::backend::stats::FlashStats;
 use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
 use crate::sparsity::predictor::Predictor;

@@ -1,6 +1,6 @@
 //! [`GpuFlashOptions`]: how the GPU flash path holds and fetches bundles.
 
-use crate::engine::kv_cache::KvType;
+use crate::backend::kv_cache::KvType;
 use crate::storage::CoalesceOptions;
 
 /// How the GPU flash path holds and fetches bundles.

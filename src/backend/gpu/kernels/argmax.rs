@@ -52,7 +52,18 @@ mod tests {
     use crate::backend::gpu::buffers::{read, storage_f32, storage_zeroed};
     use crate::backend::gpu::pipeline::submit;
     use crate::backend::gpu::testing::{ctx, Rng};
-    use crate::engine::sampler::argmax as cpu_argmax;
+
+    /// The greedy sampler's rule (`engine::sampler::argmax`, a layer above this one, so
+    /// restated here): the first of equal maxima wins.
+    fn cpu_argmax(x: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &v) in x.iter().enumerate() {
+            if v > x[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
 
     #[test]
     fn matches_cpu_argmax_including_ties() {

@@ -7,7 +7,7 @@ use crate::backend::cpu::attention::AttnShape;
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
-use crate::engine::kv_cache::KvType;
+use crate::backend::kv_cache::KvType;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -109,7 +109,7 @@ mod tests {
     use crate::backend::gpu::pipeline::submit;
     use crate::backend::gpu::testing::{forms, max_rel_err, Rng};
     use crate::backend::gpu::GpuContext;
-    use crate::engine::kv_cache::KvLayer;
+    use crate::backend::kv_cache::KvLayer;
 
     /// Fills a GPU cache position by position with `kv_store`, then attends at several lengths
     /// and compares with the CPU's `attend` over the same keys and values (rounded to f16 first

@@ -129,13 +129,13 @@ impl Gather {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::quant;
     use crate::backend::gpu::buffers::{read, storage_f32, write};
     use crate::backend::gpu::kernels::Step;
     use crate::backend::gpu::pipeline::submit;
     use crate::backend::gpu::testing::{forms, random_rows, Rng};
     use crate::backend::gpu::GpuContext;
-    use crate::model::tensor::DType;
+    use crate::quant;
+    use crate::quant::DType;
 
     #[test]
     fn rows_match_cpu_dequantisation() {

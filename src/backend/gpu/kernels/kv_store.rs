@@ -5,7 +5,7 @@ use super::{groups_for, kernel, need, Columns, Dispatch};
 use crate::backend::gpu::buffers::uniform;
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
-use crate::engine::kv_cache::KvType;
+use crate::backend::kv_cache::KvType;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

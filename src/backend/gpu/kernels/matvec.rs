@@ -114,12 +114,12 @@ pub fn matvec(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::quant;
     use crate::backend::gpu::buffers::{read, storage_f32};
     use crate::backend::gpu::pipeline::submit;
     use crate::backend::gpu::testing::{forms, random_rows, Rng};
     use crate::backend::gpu::GpuContext;
-    use crate::model::tensor::DType;
+    use crate::quant;
+    use crate::quant::DType;
 
     /// Quantises a random `rows x cols` matrix to `dtype`, runs the GPU matvec (with a bias, and
     /// split into chunks of at most `max_binding` bytes), and compares with the CPU reference:

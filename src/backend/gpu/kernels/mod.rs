@@ -19,7 +19,7 @@ pub mod sparse_ffn;
 
 use crate::backend::gpu::device::GpuContext;
 use crate::backend::gpu::GpuError;
-use crate::model::tensor::DType;
+use crate::quant::DType;
 use layout::{struct_layout, StructLayout};
 
 pub use crate::backend::gpu::pipeline::{Columns, Dispatch};

@@ -10,7 +10,7 @@ use crate::backend::gpu::buffers::{storage_bytes, storage_zeroed, uniform, GpuMa
 use crate::backend::gpu::pipeline::Binding;
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::model::config::FfnKind;
-use crate::model::tensor::DType;
+use crate::quant::DType;
 use crate::sparsity::predictor::{Form, Predictor};
 
 #[repr(C)]
@@ -226,7 +226,7 @@ mod tests {
     use crate::backend::gpu::buffers::{read, storage_f32};
     use crate::backend::gpu::pipeline::submit;
     use crate::backend::gpu::testing::{ctx, Rng};
-    use crate::model::tensor::DType;
+    use crate::quant::DType;
 
     #[test]
     fn selection_is_exact_and_ordered() {

@@ -202,13 +202,13 @@ pub fn sparse_ffn(ctx: &GpuContext, a: &SparseFfnArgs) -> Result<Vec<Dispatch>, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::quant;
     use crate::backend::gpu::buffers::{read, storage_bytes, storage_f32, storage_zeroed};
     use crate::backend::gpu::pipeline::submit;
     use crate::backend::gpu::testing::{forms, max_rel_err, Rng};
     use crate::backend::gpu::GpuContext;
     use crate::image::{BundleLayout, PartRole};
-    use crate::model::tensor::DType;
+    use crate::quant;
+    use crate::quant::DType;
 
     fn part_of(layout: &BundleLayout, role: PartRole) -> Option<Part> {
         layout.part(role).map(|p| Part {

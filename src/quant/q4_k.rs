@@ -3,7 +3,7 @@
 //! Value = d * sc * nibble - dmin * m. Each 32 bytes of `qs` hold two sub-blocks: low nibbles
 //! are the first 32 values, high nibbles the next 32. Dots against Q8_K.
 
-use super::{f16_at, Q8KAct};
+use super::{f16_at, ActKind, ActivationBuffer, DType, Q8KAct};
 
 pub const QK: usize = 256;
 pub const BYTES: usize = 144;
@@ -152,4 +152,28 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
         let m = _mm_add_ss(m, _mm_movehdup_ps(m));
         hsum_ps(acc[k]) + _mm_cvtss_f32(m)
     })
+}
+
+/// The format as [`super::Format`] sees it: what the dispatch in `quant/mod.rs` calls.
+pub struct Q4K;
+
+impl super::Format for Q4K {
+    const DTYPE: DType = DType::Q4K;
+    const BLOCK_LEN: usize = QK;
+    const BLOCK_BYTES: usize = BYTES;
+    const ACT: ActKind = ActKind::Q8K;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot(row, &act.q8k, simd)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_acts4(row: &[u8], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        // SAFETY: the caller's (see `Format::dot_acts4`).
+        Some(unsafe { dot_acts_avx2(row, acts.map(|a| &a.q8k)) })
+    }
 }

@@ -7,10 +7,11 @@ use std::rc::Rc;
 use half::f16;
 
 use crate::backend::cpu::forward::FfnCompute;
-use crate::engine::flash::{FlashFfn, FlashOptions, Selection, Sparsity, Strategy};
+use crate::engine::flash::{FlashFfn, FlashOptions, Selection, Strategy};
 use crate::engine::model::Model;
 use crate::engine::model::ModelError;
 use crate::engine::{EngineError, Session};
+use crate::sparsity::Sparsity;
 
 /// What one layer saw: `inputs` (tokens x d, f32) and `magnitudes` (tokens x n, f16: the
 /// quantiles and labels calibration derives from them need no more precision, and halving

@@ -1,7 +1,7 @@
 //! Q4_0: blocks of 32 values, `{f16 d; u8 qs[16]}` (18 bytes). Value j (0..15) is
 //! `(qs[j] & 0xF) - 8`, value j + 16 is `(qs[j] >> 4) - 8`, times d. Dots against Q8_0.
 
-use super::{f16_at, round_f16, Q8Act};
+use super::{f16_at, round_f16, ActKind, ActivationBuffer, DType, Q8Act, QuantError};
 
 pub const QK: usize = 32;
 pub const BYTES: usize = 18;
@@ -107,4 +107,27 @@ fn block(
     let a = load32_i8(&act.qs, i * QK);
     let d = _mm256_set1_ps(f16_at(b, 0) * act.d[i]);
     _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_i8_i8(w, a)), acc)
+}
+
+/// The format as [`super::Format`] sees it: what the dispatch in `quant/mod.rs` calls.
+pub struct Q4_0;
+
+impl super::Format for Q4_0 {
+    const DTYPE: DType = DType::Q4_0;
+    const BLOCK_LEN: usize = QK;
+    const BLOCK_BYTES: usize = BYTES;
+    const ACT: ActKind = ActKind::Q8_0;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot(row, &act.q8, simd)
+    }
+
+    fn quantize(x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
+        quantize(x, out);
+        Ok(())
+    }
 }

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::quant::{self, ActivationBuffer};
-use crate::engine::flash::FlashError;
 use crate::image::{FlashImage, TensorEntry};
-use crate::model::tensor::DType;
+use crate::quant::DType;
+use crate::quant::{self, ActivationBuffer};
 use crate::storage::{
     buffer_bytes, AlignedBuf, CoalesceOptions, FlashFile, Prefetcher, ReadPool, ALIGN,
 };
@@ -36,6 +35,14 @@ pub const STREAM_STAGING: usize = (STREAM_AHEAD + 1) * buffer_bytes(STREAM_CHUNK
 
 /// The image tensors that may be streamed: the token embedding and the (untied) output head.
 pub use crate::image::STREAMED_TABLES as TABLES;
+
+/// Setting up a table failed: the image lacks it, its file cannot be opened or read, or its
+/// bytes fail their checksum. The message names the table and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Setup(String),
+}
 
 /// One matrix of the image with `rows` rows, either read into memory or streamed.
 pub struct RowSource {
@@ -73,7 +80,11 @@ enum Where {
 
 impl RowSource {
     /// Reads tensor `name` of `image` into memory (direct reads when `direct`).
-    pub fn resident(image: &FlashImage, name: &str, direct: bool) -> Result<RowSource, FlashError> {
+    pub fn resident(
+        image: &FlashImage,
+        name: &str,
+        direct: bool,
+    ) -> Result<RowSource, StreamError> {
         let e = entry(image, name)?;
         let pool = open_pool(image, direct, 4)?;
         // Straight into the table's own buffer: no staging, no copy.
@@ -83,7 +94,7 @@ impl RowSource {
             .read_span(e.offset, len, &CoalesceOptions::default(), &mut buf)
             .map_err(|err| read_error(image, name, err))?;
         if crate::image::crc32(&buf[skip..skip + len]) != e.crc32 {
-            return Err(FlashError::Setup(format!(
+            return Err(StreamError::Setup(format!(
                 "tensor {name} of {} fails its checksum: the image is damaged; convert it again",
                 image.file().display()
             )));
@@ -97,12 +108,12 @@ impl RowSource {
         name: &str,
         direct: bool,
         io_threads: usize,
-    ) -> Result<RowSource, FlashError> {
+    ) -> Result<RowSource, StreamError> {
         let e = entry(image, name)?;
         let pool = Arc::new(open_pool(image, direct, io_threads.max(1))?);
         let opts = CoalesceOptions::default();
         let prefetch = Prefetcher::new(pool.clone(), opts).map_err(|err| {
-            FlashError::Setup(format!("cannot start the reader thread for {name}: {err}"))
+            StreamError::Setup(format!("cannot start the reader thread for {name}: {err}"))
         })?;
         let where_ = Where::Streamed {
             pool,
@@ -124,7 +135,7 @@ impl RowSource {
         name: &str,
         direct: bool,
         rows: usize,
-    ) -> Result<RowSource, FlashError> {
+    ) -> Result<RowSource, StreamError> {
         let e = entry(image, name)?;
         let rows = rows.min(e.rows);
         let row_bytes = (e.len as usize) / e.rows.max(1);
@@ -358,20 +369,20 @@ fn par_matvec(
         .for_each(|(o, w)| quant::matvec(dtype, w, act, o));
 }
 
-fn entry<'i>(image: &'i FlashImage, name: &str) -> Result<&'i TensorEntry, FlashError> {
+fn entry<'i>(image: &'i FlashImage, name: &str) -> Result<&'i TensorEntry, StreamError> {
     image.meta.tensor(name).ok_or_else(|| {
-        FlashError::Setup(format!("{} has no tensor {name}", image.file().display()))
+        StreamError::Setup(format!("{} has no tensor {name}", image.file().display()))
     })
 }
 
-fn open_pool(image: &FlashImage, direct: bool, threads: usize) -> Result<ReadPool, FlashError> {
+fn open_pool(image: &FlashImage, direct: bool, threads: usize) -> Result<ReadPool, StreamError> {
     let file = FlashFile::open(image.file(), direct)
-        .map_err(|e| FlashError::Setup(format!("opening {}: {e}", image.file().display())))?;
+        .map_err(|e| StreamError::Setup(format!("opening {}: {e}", image.file().display())))?;
     Ok(ReadPool::new(Arc::new(file), threads))
 }
 
-fn read_error(image: &FlashImage, name: &str, e: crate::storage::StorageError) -> FlashError {
-    FlashError::Setup(format!(
+fn read_error(image: &FlashImage, name: &str, e: crate::storage::StorageError) -> StreamError {
+    StreamError::Setup(format!(
         "reading {name} from {}: {e}",
         image.file().display()
     ))

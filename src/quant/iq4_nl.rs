@@ -12,7 +12,7 @@
 //! the bit.
 
 use super::q8_k::{fma_lanes, lanes4};
-use super::{f16_at, hsum_lanes, Q8Act};
+use super::{f16_at, hsum_lanes, ActKind, ActivationBuffer, DType, Q8Act};
 
 pub const QK: usize = 32;
 pub const BYTES: usize = 18;
@@ -110,4 +110,22 @@ pub unsafe fn dot_avx2(row: &[u8], act: &Q8Act) -> f32 {
         sum = d.mul_add(lanes.iter().sum::<i32>() as f32, sum);
     }
     sum
+}
+
+/// The format as [`super::Format`] sees it: what the dispatch in `quant/mod.rs` calls.
+pub struct IQ4NL;
+
+impl super::Format for IQ4NL {
+    const DTYPE: DType = DType::IQ4NL;
+    const BLOCK_LEN: usize = QK;
+    const BLOCK_BYTES: usize = BYTES;
+    const ACT: ActKind = ActKind::Q8_0;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot(row, &act.q8, simd)
+    }
 }

@@ -1018,3 +1018,17 @@ fn dequantize_known_iq4_blocks() {
     assert_eq!(y[96], -0.25 * 89.0); // d times scale -1 times level 89
     assert_eq!(y[32], 0.25 * -32.0); // sub-block 1: scale 0 - 32, level 1
 }
+
+/// The dispatch maps each dtype to its own format, and the block sizes the formats declare
+/// are ggml's (a sample: the plain floats, one 32-value and one 256-value format).
+#[test]
+fn every_dtype_dispatches_to_its_own_format() {
+    for dtype in ALL {
+        assert_eq!(format_dtype(dtype), dtype);
+    }
+    let geometry = |d: DType| (d.block_len(), d.block_bytes());
+    assert_eq!(geometry(DType::F32), (1, 4));
+    assert_eq!(geometry(DType::BF16), (1, 2));
+    assert_eq!(geometry(DType::Q4_0), (32, 18));
+    assert_eq!(geometry(DType::Q6K), (256, 210));
+}

@@ -8,7 +8,7 @@
 //! block after block, the two added at the end.
 
 use super::q5_0::{pack, unpack};
-use super::{f16_at, hsum_lanes, round_f16, Q8Act};
+use super::{f16_at, hsum_lanes, round_f16, ActKind, ActivationBuffer, DType, Q8Act, QuantError};
 
 pub const QK: usize = 32;
 pub const BYTES: usize = 24;
@@ -170,4 +170,39 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8Act; K]) -> [f
         }
     }
     std::array::from_fn(|k| hsum_ps(acc[k]) + mins[k])
+}
+
+/// The format as [`super::Format`] sees it: what the dispatch in `quant/mod.rs` calls.
+pub struct Q5_1;
+
+impl super::Format for Q5_1 {
+    const DTYPE: DType = DType::Q5_1;
+    const BLOCK_LEN: usize = QK;
+    const BLOCK_BYTES: usize = BYTES;
+    const ACT: ActKind = ActKind::Q8_1;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot(row, &act.q8, simd)
+    }
+
+    fn quantize(x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
+        quantize(x, out);
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_acts4(row: &[u8], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        // SAFETY: the caller's (see `Format::dot_acts4`).
+        Some(unsafe { dot_acts_avx2(row, acts.map(|a| &a.q8)) })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot4(rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        // SAFETY: the caller's (see `Format::dot4`).
+        Some(unsafe { dot4_avx2(rows, acts.map(|a| &a.q8)) })
+    }
 }

@@ -11,8 +11,13 @@
 //! Weight rows are raw GGUF bytes at any alignment: every block field is read with
 //! `from_le_bytes` (scalar) or unaligned loads (SIMD); nothing casts `&[u8]` to a block type.
 //! Each format lives in its own file with a scalar reference and, on x86_64, an AVX2+FMA+F16C
-//! kernel picked at run time.
+//! kernel picked at run time, and implements [`Format`] there (after candle's `GgmlType`):
+//! its block geometry, activation form, dequantisation and dots. The public functions below
+//! dispatch on the dtype through `by_format!`, the one `match` over the formats, so a new
+//! format is a `DType` variant, its file with one `Format` impl, and one line there.
 
+mod dtype;
+pub use dtype::DType;
 mod float;
 /// An f16 row dotted with f32 values (the predictors use it directly).
 pub use float::dot_f16;
@@ -35,8 +40,6 @@ mod tests;
 mod x86;
 
 use std::sync::OnceLock;
-
-use crate::model::tensor::DType;
 
 /// How activations meet quantised weights, process-wide.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -131,6 +134,96 @@ impl Q8KAct {
     }
 }
 
+/// One block format of a weight row, implemented in the format's own file.
+trait Format {
+    const DTYPE: DType;
+    /// Values per block, and bytes per block: what [`DType::block_len`] and
+    /// [`DType::block_bytes`] return.
+    const BLOCK_LEN: usize;
+    const BLOCK_BYTES: usize;
+    /// The activation form its dot kernel reads.
+    const ACT: ActKind;
+
+    /// Whole blocks to f32 (`out` holds exactly their values).
+    fn dequantize(bytes: &[u8], out: &mut [f32]);
+
+    /// A row of whole blocks dotted with an activation of form [`Self::ACT`], as many values.
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32;
+
+    /// f32 to whole blocks appended to `out`, as ggml's reference quantiser does; the formats
+    /// whose quantisers search scales (the K-quants, IQ4) are not implemented.
+    fn quantize(x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
+        let _ = (x, out);
+        Err(QuantError::Unsupported(Self::DTYPE))
+    }
+
+    /// `row · acts[k]` for four activations at once, interleaved, equal to [`Self::dot`] bit
+    /// for bit; `None` where the format has no such kernel.
+    ///
+    /// # Safety
+    /// avx2, fma and f16c are available, and every activation is of form [`Self::ACT`] with
+    /// as many values as the row.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_acts4(row: &[u8], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        let _ = (row, acts);
+        None
+    }
+
+    /// `rows[k] · acts[k]` for four rows at once, as [`Self::dot_acts4`] does for one row.
+    ///
+    /// # Safety
+    /// As for [`Self::dot_acts4`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot4(rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        let _ = (rows, acts);
+        None
+    }
+}
+
+/// Evaluates `$body` with `$f` naming the [`Format`] of `$dtype`: the one place that maps
+/// dtypes to their formats.
+macro_rules! by_format {
+    ($dtype:expr, $f:ident => $body:expr) => {
+        by_format!(@match $dtype, $f, $body;
+            F32 => float::F32,
+            F16 => float::F16,
+            BF16 => float::BF16,
+            Q4_0 => q4_0::Q4_0,
+            Q4_1 => q4_1::Q4_1,
+            Q5_0 => q5_0::Q5_0,
+            Q5_1 => q5_1::Q5_1,
+            Q8_0 => q8_0::Q8_0,
+            Q2K => q2_k::Q2K,
+            Q3K => q3_k::Q3K,
+            Q4K => q4_k::Q4K,
+            Q5K => q5_k::Q5K,
+            Q6K => q6_k::Q6K,
+            IQ4NL => iq4_nl::IQ4NL,
+            IQ4XS => iq4_xs::IQ4XS,
+        )
+    };
+    (@match $dtype:expr, $f:ident, $body:expr; $($variant:ident => $format:ty,)*) => {
+        match $dtype {
+            $(DType::$variant => {
+                type $f = $format;
+                $body
+            })*
+        }
+    };
+}
+
+impl DType {
+    /// Elements per block (1 for plain floats), as the format declares it.
+    pub fn block_len(self) -> usize {
+        by_format!(self, F => F::BLOCK_LEN)
+    }
+
+    /// Bytes per block, as the format declares it.
+    pub fn block_bytes(self) -> usize {
+        by_format!(self, F => F::BLOCK_BYTES)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ActKind {
     Empty,
@@ -217,14 +310,7 @@ impl ActivationBuffer {
 
 /// The activation form each weight dtype's kernel reads.
 fn act_kind_for(dtype: DType) -> ActKind {
-    match dtype {
-        DType::F32 | DType::F16 | DType::BF16 => ActKind::F32,
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL => ActKind::Q8_0,
-        DType::Q4_1 | DType::Q5_1 => ActKind::Q8_1,
-        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::IQ4XS => {
-            ActKind::Q8K
-        }
-    }
+    by_format!(dtype, F => F::ACT)
 }
 
 /// Dot product of one weight row (raw bytes of whole `dtype` blocks) with the activation in
@@ -239,23 +325,7 @@ pub fn vec_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) -> f32 {
     if act.kind == ActKind::F32 && act_kind_for(dtype) != ActKind::F32 {
         return dot_dequantized(dtype, row, &act.f32, simd);
     }
-    match dtype {
-        DType::F32 => float::dot_f32(row, &act.f32, simd),
-        DType::F16 => float::dot_f16(row, &act.f32, simd),
-        DType::BF16 => float::dot_bf16(row, &act.f32, simd),
-        DType::Q4_0 => q4_0::dot(row, &act.q8, simd),
-        DType::Q4_1 => q4_1::dot(row, &act.q8, simd),
-        DType::Q5_0 => q5_0::dot(row, &act.q8, simd),
-        DType::Q5_1 => q5_1::dot(row, &act.q8, simd),
-        DType::Q8_0 => q8_0::dot(row, &act.q8, simd),
-        DType::Q2K => q2_k::dot(row, &act.q8k, simd),
-        DType::Q3K => q3_k::dot(row, &act.q8k, simd),
-        DType::Q4K => q4_k::dot(row, &act.q8k, simd),
-        DType::Q5K => q5_k::dot(row, &act.q8k, simd),
-        DType::Q6K => q6_k::dot(row, &act.q8k, simd),
-        DType::IQ4NL => iq4_nl::dot(row, &act.q8, simd),
-        DType::IQ4XS => iq4_xs::dot(row, &act.q8k, simd),
-    }
+    by_format!(dtype, F => F::dot(row, act, simd))
 }
 
 /// Four dot products `rows[k] · acts[k]` at once, each equal to [`vec_dot`]`(dtype, rows[k],
@@ -271,25 +341,14 @@ pub fn vec_dot4(dtype: DType, rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) ->
         let one_row = rows.iter().all(|r| std::ptr::eq(*r, rows[0]));
         // SAFETY: use_simd() found avx2, fma and f16c; the activations are of the right kind
         // and length (checked above).
-        unsafe {
-            match (dtype, one_row) {
-                (DType::Q4_1, true) => return q4_1::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
-                (DType::Q4_1, false) => return q4_1::dot4_avx2(rows, acts.map(|a| &a.q8)),
-                (DType::Q5_0, true) => return q5_0::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
-                (DType::Q5_0, false) => return q5_0::dot4_avx2(rows, acts.map(|a| &a.q8)),
-                (DType::Q5_1, true) => return q5_1::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
-                (DType::Q5_1, false) => return q5_1::dot4_avx2(rows, acts.map(|a| &a.q8)),
-                (DType::Q8_0, true) => return q8_0::dot_acts_avx2(rows[0], acts.map(|a| &a.q8)),
-                (DType::Q2K, true) => return q2_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
-                (DType::Q3K, true) => return q3_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
-                (DType::Q4K, true) => return q4_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
-                (DType::Q5K, true) => return q5_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
-                (DType::Q6K, true) => return q6_k::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k)),
-                (DType::IQ4XS, true) => {
-                    return iq4_xs::dot_acts_avx2(rows[0], acts.map(|a| &a.q8k))
-                }
-                _ => {}
+        let four = unsafe {
+            match one_row {
+                true => by_format!(dtype, F => F::dot_acts4(rows[0], acts)),
+                false => by_format!(dtype, F => F::dot4(rows, acts)),
             }
+        };
+        if let Some(four) = four {
+            return four;
         }
     }
     std::array::from_fn(|k| vec_dot(dtype, rows[k], acts[k]))
@@ -400,23 +459,7 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Qua
             found: out.len(),
         });
     }
-    match dtype {
-        DType::F32 => float::dequantize_f32(bytes, out),
-        DType::F16 => float::dequantize_f16(bytes, out),
-        DType::BF16 => float::dequantize_bf16(bytes, out),
-        DType::Q4_0 => q4_0::dequantize(bytes, out),
-        DType::Q4_1 => q4_1::dequantize(bytes, out),
-        DType::Q5_0 => q5_0::dequantize(bytes, out),
-        DType::Q5_1 => q5_1::dequantize(bytes, out),
-        DType::Q8_0 => q8_0::dequantize(bytes, out),
-        DType::Q2K => q2_k::dequantize(bytes, out),
-        DType::Q3K => q3_k::dequantize(bytes, out),
-        DType::Q4K => q4_k::dequantize(bytes, out),
-        DType::Q5K => q5_k::dequantize(bytes, out),
-        DType::Q6K => q6_k::dequantize(bytes, out),
-        DType::IQ4NL => iq4_nl::dequantize(bytes, out),
-        DType::IQ4XS => iq4_xs::dequantize(bytes, out),
-    }
+    by_format!(dtype, F => F::dequantize(bytes, out));
     Ok(())
 }
 
@@ -474,24 +517,7 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantE
     check_whole_blocks(dtype, x.len())?;
     out.clear();
     out.reserve(x.len() / dtype.block_len() * dtype.block_bytes());
-    match dtype {
-        DType::F32 => float::quantize_f32(x, out),
-        DType::F16 => float::quantize_f16(x, out),
-        DType::BF16 => float::quantize_bf16(x, out),
-        DType::Q4_0 => q4_0::quantize(x, out),
-        DType::Q4_1 => q4_1::quantize(x, out),
-        DType::Q5_0 => q5_0::quantize(x, out),
-        DType::Q5_1 => q5_1::quantize(x, out),
-        DType::Q8_0 => q8_0::quantize(x, out),
-        DType::Q2K
-        | DType::Q3K
-        | DType::Q4K
-        | DType::Q5K
-        | DType::Q6K
-        | DType::IQ4NL
-        | DType::IQ4XS => return Err(QuantError::Unsupported(dtype)),
-    }
-    Ok(())
+    by_format!(dtype, F => F::quantize(x, out))
 }
 
 fn check_whole_blocks(dtype: DType, len: usize) -> Result<(), QuantError> {
@@ -538,4 +564,11 @@ fn hsum_lanes(l: [f32; 8]) -> f32 {
 fn round_f16(x: f32) -> (f32, [u8; 2]) {
     let h = half::f16::from_f32(x);
     (h.to_f32(), h.to_le_bytes())
+}
+
+/// The dtype `dtype`'s [`Format`] impl declares (for the test that the dispatch maps each
+/// dtype to its own format; `mod tests` is declared above the dispatch macro).
+#[cfg(test)]
+fn format_dtype(dtype: DType) -> DType {
+    by_format!(dtype, F => F::DTYPE)
 }

@@ -3,6 +3,8 @@
 
 use half::{bf16, f16};
 
+use super::{ActKind, ActivationBuffer, DType, QuantError};
+
 /// Scalar dots keep 8 independent partial sums so the compiler can vectorise them.
 fn dot_lanes(n: usize, x: &[f32], w: impl Fn(usize) -> f32) -> f32 {
     let mut acc = [0.0f32; 8];
@@ -162,4 +164,73 @@ pub fn quantize_f16(x: &[f32], out: &mut Vec<u8>) {
 
 pub fn quantize_bf16(x: &[f32], out: &mut Vec<u8>) {
     out.extend(x.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()));
+}
+
+/// F32 as [`super::Format`] sees it: blocks of one value, dotted with f32 activations.
+pub struct F32;
+
+impl super::Format for F32 {
+    const DTYPE: DType = DType::F32;
+    const BLOCK_LEN: usize = 1;
+    const BLOCK_BYTES: usize = 4;
+    const ACT: ActKind = ActKind::F32;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize_f32(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot_f32(row, &act.f32, simd)
+    }
+
+    fn quantize(x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
+        quantize_f32(x, out);
+        Ok(())
+    }
+}
+
+/// F16 as [`super::Format`] sees it: blocks of one value, dotted with f32 activations.
+pub struct F16;
+
+impl super::Format for F16 {
+    const DTYPE: DType = DType::F16;
+    const BLOCK_LEN: usize = 1;
+    const BLOCK_BYTES: usize = 2;
+    const ACT: ActKind = ActKind::F32;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize_f16(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot_f16(row, &act.f32, simd)
+    }
+
+    fn quantize(x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
+        quantize_f16(x, out);
+        Ok(())
+    }
+}
+
+/// BF16 as [`super::Format`] sees it: blocks of one value, dotted with f32 activations.
+pub struct BF16;
+
+impl super::Format for BF16 {
+    const DTYPE: DType = DType::BF16;
+    const BLOCK_LEN: usize = 1;
+    const BLOCK_BYTES: usize = 2;
+    const ACT: ActKind = ActKind::F32;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize_bf16(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot_bf16(row, &act.f32, simd)
+    }
+
+    fn quantize(x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
+        quantize_bf16(x, out);
+        Ok(())
+    }
 }

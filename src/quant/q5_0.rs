@@ -11,7 +11,7 @@
 //! lanes out instead of summing block after block (ggml's generic order), so that it equals
 //! the AVX2 kernel to the bit and a model's logits do not depend on the CPU.
 
-use super::{f16_at, hsum_lanes, round_f16, Q8Act};
+use super::{f16_at, hsum_lanes, round_f16, ActKind, ActivationBuffer, DType, Q8Act, QuantError};
 
 pub const QK: usize = 32;
 pub const BYTES: usize = 22;
@@ -212,4 +212,39 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8Act; K]) -> [f
         }
     }
     acc.map(|v| hsum_ps(v))
+}
+
+/// The format as [`super::Format`] sees it: what the dispatch in `quant/mod.rs` calls.
+pub struct Q5_0;
+
+impl super::Format for Q5_0 {
+    const DTYPE: DType = DType::Q5_0;
+    const BLOCK_LEN: usize = QK;
+    const BLOCK_BYTES: usize = BYTES;
+    const ACT: ActKind = ActKind::Q8_0;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot(row, &act.q8, simd)
+    }
+
+    fn quantize(x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
+        quantize(x, out);
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_acts4(row: &[u8], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        // SAFETY: the caller's (see `Format::dot_acts4`).
+        Some(unsafe { dot_acts_avx2(row, acts.map(|a| &a.q8)) })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot4(rows: [&[u8]; 4], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        // SAFETY: the caller's (see `Format::dot4`).
+        Some(unsafe { dot4_avx2(rows, acts.map(|a| &a.q8)) })
+    }
 }

@@ -12,7 +12,7 @@
 //! bit.
 
 use super::q8_k::{fma_lanes, lanes4};
-use super::{f16_at, hsum_lanes, Q8KAct};
+use super::{f16_at, hsum_lanes, ActKind, ActivationBuffer, DType, Q8KAct};
 
 pub const QK: usize = 256;
 pub const BYTES: usize = 84;
@@ -134,4 +134,28 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
         }
     }
     acc.map(|a| hsum_ps(a))
+}
+
+/// The format as [`super::Format`] sees it: what the dispatch in `quant/mod.rs` calls.
+pub struct Q2K;
+
+impl super::Format for Q2K {
+    const DTYPE: DType = DType::Q2K;
+    const BLOCK_LEN: usize = QK;
+    const BLOCK_BYTES: usize = BYTES;
+    const ACT: ActKind = ActKind::Q8K;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot(row, &act.q8k, simd)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_acts4(row: &[u8], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        // SAFETY: the caller's (see `Format::dot_acts4`).
+        Some(unsafe { dot_acts_avx2(row, acts.map(|a| &a.q8k)) })
+    }
 }

@@ -14,7 +14,7 @@
 
 use super::q4_k::{mins_dot, scales_mins};
 use super::q8_k::{fma_lanes, lanes4};
-use super::{f16_at, hsum_lanes, Q8KAct};
+use super::{f16_at, hsum_lanes, ActKind, ActivationBuffer, DType, Q8KAct};
 
 pub const QK: usize = 256;
 pub const BYTES: usize = 176;
@@ -144,4 +144,28 @@ pub unsafe fn dot_acts_avx2<const K: usize>(row: &[u8], acts: [&Q8KAct; K]) -> [
         }
     }
     std::array::from_fn(|k| hsum_ps(acc[k]) + summs[k])
+}
+
+/// The format as [`super::Format`] sees it: what the dispatch in `quant/mod.rs` calls.
+pub struct Q5K;
+
+impl super::Format for Q5K {
+    const DTYPE: DType = DType::Q5K;
+    const BLOCK_LEN: usize = QK;
+    const BLOCK_BYTES: usize = BYTES;
+    const ACT: ActKind = ActKind::Q8K;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot(row, &act.q8k, simd)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_acts4(row: &[u8], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        // SAFETY: the caller's (see `Format::dot_acts4`).
+        Some(unsafe { dot_acts_avx2(row, acts.map(|a| &a.q8k)) })
+    }
 }

@@ -1,7 +1,7 @@
 //! Q8_0: blocks of 32 values, `{f16 d; i8 qs[32]}` (34 bytes), value = d * q.
 //! Also the Q8_0 / Q8_1 activation quantiser used by the Q4_0, Q4_1 and Q8_0 kernels.
 
-use super::{f16_at, round_f16, Q8Act};
+use super::{f16_at, round_f16, ActKind, ActivationBuffer, DType, Q8Act, QuantError};
 
 pub const QK: usize = 32;
 pub const BYTES: usize = 34;
@@ -215,5 +215,34 @@ pub unsafe fn axpy_avx2(a: f32, bytes: &[u8], out: &mut [f32]) {
             let sum = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr()), _mm256_mul_ps(av, w));
             _mm256_storeu_ps(o.as_mut_ptr(), sum);
         }
+    }
+}
+
+/// The format as [`super::Format`] sees it: what the dispatch in `quant/mod.rs` calls.
+pub struct Q8_0;
+
+impl super::Format for Q8_0 {
+    const DTYPE: DType = DType::Q8_0;
+    const BLOCK_LEN: usize = QK;
+    const BLOCK_BYTES: usize = BYTES;
+    const ACT: ActKind = ActKind::Q8_0;
+
+    fn dequantize(bytes: &[u8], out: &mut [f32]) {
+        dequantize(bytes, out)
+    }
+
+    fn dot(row: &[u8], act: &ActivationBuffer, simd: bool) -> f32 {
+        dot(row, &act.q8, simd)
+    }
+
+    fn quantize(x: &[f32], out: &mut Vec<u8>) -> Result<(), QuantError> {
+        quantize(x, out);
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_acts4(row: &[u8], acts: [&ActivationBuffer; 4]) -> Option<[f32; 4]> {
+        // SAFETY: the caller's (see `Format::dot_acts4`).
+        Some(unsafe { dot_acts_avx2(row, acts.map(|a| &a.q8)) })
     }
 }
