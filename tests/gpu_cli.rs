@@ -400,3 +400,45 @@ fn gpu_drafts_it_cannot_run_are_refused() {
     assert!(err.contains("--draft ngram"), "{err}");
     assert!(err.contains("pins none"), "{err}");
 }
+
+/// Qwen2.5-Coder-1.5B Q4_K_M on the GPU (its Q4_K and Q6_K blocks dequantised in the shaders):
+/// the CPU's greedy tokens in the GPU's arithmetic (f32 activations, f32 KV cache) on the
+/// recorded prompts, dense from the GGUF and from its flash image under a VRAM budget (the
+/// bundles keep the GGUF's Q4_K gate and up rows). Opt-in: `tools/fetch-model --qwen`; on
+/// lavapipe each token costs seconds, so 8 tokens a prompt.
+#[test]
+fn qwen_gpu_matches_cpu_in_the_same_arithmetic() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let Some(gguf) = common::model(
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "tools/fetch-model --qwen (opt-in)",
+    ) else {
+        return;
+    };
+    let image = common::to_image(&gguf, "gpu-cli-qwen", BundleDtype::Source);
+    let fx = common::read_json(&common::fixture(
+        "llamacpp/qwen2.5-coder-1.5b-greedy-norepack.json",
+    ));
+    let cpu_f32 = ["--activations", "f32", "--kv-type", "f32"];
+    for case in fx["cases"].as_array().expect("cases") {
+        let ids: Vec<String> = common::u32s(&case["prompt_tokens"])
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let ids = ids.join(",");
+        let args = ["--token-ids", ids.as_str(), "-n", "8"];
+        let (cpu, _) = generate(&gguf, &[&args[..], &cpu_f32].concat());
+        let (dense, _) = generate(&gguf, &[&args[..], &["--backend", "gpu"]].concat());
+        assert_eq!(dense, cpu, "dense: {:?}", case["prompt"]);
+        let budget = ["--backend", "gpu", "--vram-budget", "700MiB"];
+        let (flash, stats) = generate(&image, &[&args[..], &budget].concat());
+        assert_eq!(flash, cpu, "flash image: {:?}", case["prompt"]);
+        assert!(
+            stats["flash"]["bytes_read"].as_u64().unwrap_or(0) > 0,
+            "{stats}"
+        );
+    }
+    std::fs::remove_file(image).ok();
+}

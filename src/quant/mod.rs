@@ -11,7 +11,7 @@
 //! Weight rows are raw GGUF bytes at any alignment: every block field is read with
 //! `from_le_bytes` (scalar) or unaligned loads (SIMD); nothing casts `&[u8]` to a block type.
 //! Each format lives in its own file with a scalar reference and, on x86_64, an AVX2+FMA+F16C
-//! kernel picked at run time, and implements [`Format`] there (after candle's `GgmlType`):
+//! kernel picked at run time, and implements `Format` there (after candle's `GgmlType`):
 //! its block geometry, activation form, dequantisation and dots. The public functions below
 //! dispatch on the dtype through `by_format!`, the one `match` over the formats, so a new
 //! format is a `DType` variant, its file with one `Format` impl, and one line there.
