@@ -47,13 +47,8 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         .options(a.flash.run_options())
         .notices(notices)
         .context(a.ctx);
-    match a.draft.source() {
-        crate::draft::DraftSource::None => {}
-        crate::draft::DraftSource::Ngram => builder = builder.ngram_drafts(a.draft.options()),
-        other => eprintln!(
-            "note: chat drafts with --draft ngram only; --draft {} is off here",
-            other.name()
-        ),
+    if let Some(d) = a.draft.ngram_only("chat", "") {
+        builder = builder.ngram_drafts(d);
     }
     let engine = builder.build()?;
     if engine.model().chat_template.is_none() {

@@ -106,6 +106,23 @@ impl DraftArgs {
         }
     }
 
+    /// The prompt-lookup options when the resolved source is `ngram`; `None` for `none`, and
+    /// for `self` or a model path with a note on stderr that `command` drafts with n-grams
+    /// only (`why` says why).
+    pub fn ngram_only(&self, command: &str, why: &str) -> Option<DraftOptions> {
+        match self.source() {
+            DraftSource::None => None,
+            DraftSource::Ngram => Some(self.options()),
+            other => {
+                eprintln!(
+                    "note: {command} drafts with --draft ngram only{why}; --draft {} is off here",
+                    other.name()
+                );
+                None
+            }
+        }
+    }
+
     pub fn enabled(&self) -> bool {
         *self.source() != DraftSource::None
     }

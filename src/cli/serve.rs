@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::bail;
 
 use crate::api::Engine;
-use crate::draft::DraftSource;
 use crate::serve::{serve, ServeOptions};
 
 #[derive(clap::Args)]
@@ -73,15 +72,10 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         .notices(notices)
         .context(a.ctx)
         .sequences(a.parallel);
-    match a.draft.source() {
-        DraftSource::None => {}
-        DraftSource::Ngram => builder = builder.ngram_drafts(a.draft.options()),
-        other => eprintln!(
-            "note: the server drafts with --draft ngram only (its drafts join the batch's \
-             pass; a self or model draft would run a pass of its own per sequence); --draft {} \
-             is off here",
-            other.name()
-        ),
+    let why = " (its drafts join the batch's pass; a self or model draft would run a pass of \
+               its own per sequence)";
+    if let Some(d) = a.draft.ngram_only("the server", why) {
+        builder = builder.ngram_drafts(d);
     }
     let engine = builder.build()?;
     let opts = ServeOptions {

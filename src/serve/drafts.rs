@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use crate::draft::{prompt_lookup, DraftLength, DraftOptions};
+use crate::draft::{prompt_lookup, DraftLength, DraftOptions, Proposal};
 use crate::engine::batch::{BatchDecoder, SeqId};
 
 /// What one sequence offers a pass: where it stands and how much it may still draft.
@@ -47,7 +47,8 @@ impl BatchDrafts {
 
     /// Each offer's drafted tokens (often none), in order: the measured best length, cut to
     /// the pass's width, the sequence's room in its context and what it still wants.
-    pub fn propose(&self, batch: &BatchDecoder<'_>, offers: &[Offer<'_>]) -> Vec<Vec<u32>> {
+    /// Drafts are certain (point masses), so the proposals carry no distributions.
+    pub fn propose(&self, batch: &BatchDecoder<'_>, offers: &[Offer<'_>]) -> Vec<Proposal> {
         let n = offers.len();
         let spare = batch.pass_width().saturating_sub(n) / n.max(1);
         let k = self.length.next_in_batch(spare, n);
@@ -58,9 +59,13 @@ impl BatchDrafts {
                 // The next input takes one position; the drafts follow it.
                 let room = batch.capacity().saturating_sub(at.saturating_add(1));
                 let k = k.min(room).min(o.wants);
-                match k {
+                let tokens = match k {
                     0 => Vec::new(),
                     k => prompt_lookup(o.history, k).to_vec(),
+                };
+                Proposal {
+                    tokens,
+                    dists: Vec::new(),
                 }
             })
             .collect()

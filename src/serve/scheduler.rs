@@ -289,12 +289,12 @@ fn step(
 ) {
     let proposals = match &drafts {
         Some(d) => d.propose(batch, &active.iter().map(Active::offer).collect::<Vec<_>>()),
-        None => vec![Vec::new(); active.len()],
+        None => vec![Proposal::default(); active.len()],
     };
     let mut inputs: Vec<(SeqId, u32)> = Vec::new();
     for (a, p) in active.iter().zip(&proposals) {
         inputs.push((a.seq, a.next));
-        inputs.extend(p.iter().map(|&t| (a.seq, t)));
+        inputs.extend(p.tokens.iter().map(|&t| (a.seq, t)));
     }
     let vocab = engine.model().weights.config.vocab_size;
     let started = Instant::now();
@@ -307,13 +307,7 @@ fn step(
                 let n = p.len() + 1;
                 let rows = &rows[at * vocab..(at + n) * vocab];
                 at += n;
-                finite(rows, 0).map(|rows| {
-                    let proposal = Proposal {
-                        tokens: p.clone(),
-                        dists: Vec::new(),
-                    };
-                    accept(rows, vocab, &proposal, &mut a.sampler)
-                })
+                finite(rows, 0).map(|rows| accept(rows, vocab, p, &mut a.sampler))
             })
             .collect()
     });
@@ -329,7 +323,7 @@ fn step(
             return;
         }
     };
-    let drafted: usize = proposals.iter().map(Vec::len).sum();
+    let drafted: usize = proposals.iter().map(Proposal::len).sum();
     let kept: usize = chosen.iter().flatten().map(|c| c.kept).sum();
     if let Some(d) = drafts {
         d.record(drafted, kept, started.elapsed());
@@ -341,7 +335,7 @@ fn step(
     let mut chosen = chosen.into_iter().zip(proposals);
     active.retain_mut(|a| {
         let done = match chosen.next() {
-            Some((Ok(c), p)) => a.take(engine, batch, metrics, &p, c),
+            Some((Ok(c), p)) => a.take(engine, batch, metrics, &p.tokens, c),
             Some((Err(_), _)) | None => {
                 let at = batch.position(a.seq).unwrap_or(0);
                 let e = crate::engine::EngineError::NonFinite { position: at };
