@@ -7,7 +7,7 @@
 //! The front door is [`api`]: an [`api::Engine`] opens a model (a GGUF file, an HF directory
 //! or a flash image) under a memory budget and generates from it; [`serve`] serves one over
 //! an OpenAI-compatible HTTP API. The other modules are the engine's parts, in layers, each
-//! using only those before it here: `budget`, `storage`, `window`, `quant`, `model`, `image`,
+//! using only those before it here: `rng`, `budget`, `storage`, `window`, `quant`, `model`, `image`,
 //! `backend` (its shared types, then `backend::cpu`), `sparsity`, `backend::gpu`, `engine`,
 //! `calibration`, `draft` (`tests/layering.rs` checks the order).
 //!
@@ -42,6 +42,7 @@ pub mod engine;
 pub mod image;
 pub mod model;
 pub mod quant;
+pub mod rng;
 #[cfg(feature = "serve")]
 #[warn(missing_docs)]
 pub mod serve;

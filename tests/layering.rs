@@ -32,6 +32,7 @@ const LAYERS: &[&str] = &[
     "window",
     "storage",
     "budget",
+    "rng",
 ];
 
 fn rank(layer: &str) -> Option<usize> {

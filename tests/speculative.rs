@@ -15,9 +15,10 @@ use llmflash::engine::sampler::{Sampler, Sampling};
 use llmflash::engine::{self, Session};
 use llmflash::image::BundleDtype;
 use llmflash::model::load;
+use llmflash::rng::Rng;
 
 /// A draft that proposes `max` pseudo-random tokens, mostly wrong: every pass rolls back.
-struct Noise(u32, usize);
+struct Noise(Rng, usize);
 
 impl<T: Target + ?Sized> Draft<T> for Noise {
     fn propose(
@@ -29,12 +30,11 @@ impl<T: Target + ?Sized> Draft<T> for Noise {
         out: &mut Proposal,
     ) -> Result<(), DraftError> {
         for _ in 0..max {
-            self.0 = self.0.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-            out.tokens.push((self.0 >> 8) % self.1 as u32);
+            out.tokens.push(self.0.below(self.1) as u32);
         }
         // Sometimes the truth: the last token again, as a repetitive model would say.
         if let (Some(&t), Some(first)) = (history.last(), out.tokens.first_mut()) {
-            if self.0.is_multiple_of(3) {
+            if self.0.below(3) == 0 {
                 *first = t;
             }
         }
@@ -96,7 +96,7 @@ fn every_draft_keeps_greedy_tokens_on_the_hf_fixtures() {
         let got = drafted(&mut s, &mut NgramDraft::new(), &prompt, n);
         assert_eq!(got, want, "{name}: ngram");
         let mut s = Session::new(w, ctx);
-        let got = drafted(&mut s, &mut Noise(7, vocab), &prompt, n);
+        let got = drafted(&mut s, &mut Noise(Rng::new(7), vocab), &prompt, n);
         assert_eq!(got, want, "{name}: noise");
         let mut s = Session::new(w, ctx);
         let mut same = ModelDraft::new(Session::new(w, ctx), 0.0, 0);
@@ -121,7 +121,7 @@ fn gpu_verify_passes_keep_greedy_tokens() {
         let mut dec = gpu(1).expect("decoder");
         let want = drafted(&mut dec, &mut draft::NoDraft, &prompt, 30);
         let mut dec = gpu(6).expect("decoder");
-        let got = drafted(&mut dec, &mut Noise(7, vocab), &prompt, 30);
+        let got = drafted(&mut dec, &mut Noise(Rng::new(7), vocab), &prompt, 30);
         assert_eq!(got, want, "{name}: noise drafts on the GPU");
         let own = model.session(64, None, None).expect("draft session");
         let mut own = ModelDraft::new(own, 0.0, 0);
@@ -170,7 +170,7 @@ fn gpu_flash_verify_passes_keep_greedy_tokens() {
             "dense"
         };
         let want = drafted(&mut gpu(1), &mut draft::NoDraft, &prompt, 20);
-        let got = drafted(&mut gpu(6), &mut Noise(5, vocab), &prompt, 20);
+        let got = drafted(&mut gpu(6), &mut Noise(Rng::new(5), vocab), &prompt, 20);
         assert_eq!(got, want, "{what}: noise drafts on the GPU flash path");
         let got = drafted(&mut gpu(6), &mut NgramDraft::new(), &prompt, 20);
         assert_eq!(got, want, "{what}: n-gram drafts on the GPU flash path");
@@ -332,12 +332,11 @@ fn truncated_verify_passes_leave_no_trace() {
         .map(|&t| plain.step(t, true).expect("step").to_vec())
         .collect();
     let mut s = Session::new(w, 64).with_kv_type(KvType::F32);
-    let mut rng = 12345u64;
+    let mut rng = Rng::new(12345);
     let mut pos = 0;
     while pos < seq.len() {
-        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        let n = 1 + (rng >> 33) as usize % 6;
-        let keep = 1 + (rng >> 40) as usize % n;
+        let n = 1 + rng.below(6);
+        let keep = 1 + rng.below(n);
         let end = (pos + n).min(seq.len());
         // Verify real tokens up to `keep`, junk after: the junk is cut off.
         let mut batch = seq[pos..end].to_vec();
@@ -418,7 +417,7 @@ fn flash_image_drafts_keep_greedy_tokens() {
         let got = drafted(&mut s, &mut NgramDraft::new(), &prompt, n);
         assert_eq!(got, want, "{label}: ngram");
         let mut s = session(opts.clone());
-        let got = drafted(&mut s, &mut Noise(3, vocab), &prompt, n);
+        let got = drafted(&mut s, &mut Noise(Rng::new(3), vocab), &prompt, n);
         assert_eq!(got, want, "{label}: noise");
         if strategy == Strategy::Flash {
             let mut s = session(opts);
@@ -464,7 +463,7 @@ fn sparse_selections_verify_through_the_union_of_active_sets() {
             let mut s = session(slots);
             assert_eq!(plain(&mut s, &prompt, n), want, "{label}: plain");
             let mut s = session(slots);
-            let got = drafted(&mut s, &mut Noise(5, vocab), &prompt, n);
+            let got = drafted(&mut s, &mut Noise(Rng::new(5), vocab), &prompt, n);
             assert_eq!(got, want, "{label}: noise");
             let mut s = session(slots);
             let mut d = draft::SelfDraft::from_prompt(0.0, n_ffn / 4);

@@ -1,5 +1,7 @@
 //! Choosing the next token from logits: greedy, or temperature with top-k and top-p.
 
+use crate::rng::Rng;
+
 /// How to pick the next token.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Sampling {
@@ -17,7 +19,7 @@ pub enum Sampling {
 
 pub struct Sampler {
     sampling: Sampling,
-    rng: SplitMix64,
+    rng: Rng,
 }
 
 impl Sampler {
@@ -28,7 +30,7 @@ impl Sampler {
         };
         Sampler {
             sampling,
-            rng: SplitMix64(seed),
+            rng: Rng::new(seed),
         }
     }
 
@@ -48,13 +50,13 @@ impl Sampler {
         if self.is_greedy() {
             return argmax(logits);
         }
-        let u = self.rng.next_f64();
+        let u = self.rng.unit();
         self.distribution(logits).draw(u)
     }
 
     /// A uniform draw in [0, 1) from this sampler's generator (speculative acceptance).
     pub fn uniform(&mut self) -> f64 {
-        self.rng.next_f64()
+        self.rng.unit()
     }
 
     /// The distribution [`Sampler::sample`] draws from: the most likely token alone when
@@ -163,24 +165,6 @@ fn top_p_distribution(logits: &[f32], temperature: f32, top_k: usize, top_p: f32
 #[cfg(test)]
 fn sample_top_p(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, u: f64) -> u32 {
     top_p_distribution(logits, temperature, top_k, top_p).draw(u)
-}
-
-/// A small, fast, seedable generator (Steele et al.'s SplitMix64): sampling needs
-/// reproducibility, not cryptographic quality.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 #[cfg(test)]

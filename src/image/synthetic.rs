@@ -14,6 +14,7 @@ use super::{
 use crate::model::config::{Arch, Config, RopeStyle};
 use crate::quant;
 use crate::quant::DType;
+use crate::rng::Rng;
 
 /// The shape of a synthetic model for [`write_synthetic`].
 #[derive(Clone, Debug, PartialEq)]
@@ -85,29 +86,11 @@ impl SyntheticShape {
     }
 }
 
-/// splitmix64: a small deterministic PRNG.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
-
 /// Fills `row` with `n` random values of `dtype` (scaled to ±`scale`).
 fn random_row(rng: &mut Rng, dtype: DType, n: usize, scale: f32, out: &mut Vec<u8>) {
     let mut x = vec![0f32; n];
     for v in &mut x {
-        *v = rng.unit() * scale;
+        *v = rng.symmetric() * scale;
     }
     if quant::quantize(dtype, &x, out).is_err() {
         // Unreachable for the dtypes used here (shapes are checked up front).
@@ -171,7 +154,7 @@ pub(crate) fn write_synthetic_with(
     {
         let mut o = Out::create(out, &[])?;
         o.write(&vec![0u8; ALIGN as usize])?;
-        let mut rng = Rng(shape.seed);
+        let mut rng = Rng::new(shape.seed);
         let mut tensors = Vec::new();
         let mut row = Vec::new();
         let mut matrix = |o: &mut Out, rng: &mut Rng, name: String, rows: usize, cols: usize| {
@@ -258,7 +241,7 @@ pub(crate) fn write_synthetic_with(
             let seed = shape.seed ^ ((l as u64 + 1) << 32);
             let layout_ref = &layout;
             let section = write_section(&mut o, l, f, layout.stride, |i, bundle| {
-                let mut rng = Rng(seed ^ (i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+                let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
                 let mut q = Vec::new();
                 for part in &layout_ref.parts {
                     let scale = if part.role == PartRole::Down {

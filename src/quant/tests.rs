@@ -5,6 +5,7 @@
 //! (`cargo test --release --lib quant::tests::timing -- --ignored --nocapture`).
 
 use super::*;
+use crate::rng::Rng;
 use half::{bf16, f16};
 
 const ALL: [DType; 15] = [
@@ -25,35 +26,23 @@ const ALL: [DType; 15] = [
     DType::IQ4XS,
 ];
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
+/// A vector with per-32 magnitude changes, like real activations.
+fn activations(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let mut scale = 1.0;
+    (0..n)
+        .map(|i| {
+            if i % 32 == 0 {
+                scale = 0.01 + 4.0 * rng.symmetric().abs();
+            }
+            scale * rng.symmetric()
+        })
+        .collect()
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [-1, 1).
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    /// A vector with per-32 magnitude changes, like real activations.
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        let mut scale = 1.0;
-        (0..n)
-            .map(|i| {
-                if i % 32 == 0 {
-                    scale = 0.01 + 4.0 * self.f().abs();
-                }
-                scale * self.f()
-            })
-            .collect()
-    }
+fn random_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    rng.fill_bytes(&mut out);
+    out
 }
 
 fn put_f16(b: &mut [u8], at: usize, v: f32) {
@@ -64,20 +53,20 @@ fn put_f16(b: &mut [u8], at: usize, v: f32) {
 fn random_row(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
     if !dtype.is_quantized() {
         let mut out = Vec::new();
-        quantize(dtype, &rng.vec(n), &mut out).unwrap();
+        quantize(dtype, &activations(rng, n), &mut out).unwrap();
         return out;
     }
     let bb = dtype.block_bytes();
-    let mut row = rng.bytes(n / dtype.block_len() * bb);
+    let mut row = random_bytes(rng, n / dtype.block_len() * bb);
     for b in row.chunks_exact_mut(bb) {
-        let d = 0.001 + 0.05 * rng.f().abs();
+        let d = 0.001 + 0.05 * rng.symmetric().abs();
         match dtype {
             DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL | DType::IQ4XS => {
                 put_f16(b, 0, d)
             }
             DType::Q4_1 | DType::Q5_1 => {
                 put_f16(b, 0, d);
-                put_f16(b, 2, -0.4 * rng.f().abs());
+                put_f16(b, 2, -0.4 * rng.symmetric().abs());
             }
             DType::Q4K | DType::Q5K => {
                 put_f16(b, 0, d);
@@ -154,13 +143,13 @@ fn lens(dtype: DType) -> Vec<usize> {
 
 #[test]
 fn scalar_dot_matches_dequantized_reference() {
-    let mut rng = Rng(0x1234_5678);
+    let mut rng = Rng::new(0x1234_5678);
     let mut act = ActivationBuffer::new();
     for dtype in ALL {
         for n in lens(dtype) {
             for _ in 0..5 {
                 let row = random_row(&mut rng, dtype, n);
-                act.quantize_for(dtype, &rng.vec(n)).unwrap();
+                act.quantize_for(dtype, &activations(&mut rng, n)).unwrap();
                 let (want, mag) = reference(dtype, &row, &act);
                 let got = scalar_dot(dtype, &row, &act) as f64;
                 assert!(
@@ -198,7 +187,7 @@ fn simd_dot_matches_scalar() {
         eprintln!("no avx2+fma+f16c here: SIMD kernels not tested");
         return;
     }
-    let mut rng = Rng(0xDEAD_BEEF);
+    let mut rng = Rng::new(0xDEAD_BEEF);
     let mut act = ActivationBuffer::new();
     for dtype in ALL {
         for n in lens(dtype) {
@@ -207,7 +196,7 @@ fn simd_dot_matches_scalar() {
                 let mut buf = vec![0u8];
                 buf.extend(random_row(&mut rng, dtype, n));
                 let row = &buf[1..];
-                act.quantize_for(dtype, &rng.vec(n)).unwrap();
+                act.quantize_for(dtype, &activations(&mut rng, n)).unwrap();
                 let (_, mag) = reference(dtype, row, &act);
                 let want = scalar_dot(dtype, row, &act) as f64;
                 let got = vec_dot(dtype, row, &act) as f64;
@@ -222,7 +211,7 @@ fn simd_dot_matches_scalar() {
 
 #[test]
 fn matvec_is_one_dot_per_row() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let mut act = ActivationBuffer::new();
     for dtype in ALL {
         let n = 512;
@@ -230,7 +219,7 @@ fn matvec_is_one_dot_per_row() {
         let w: Vec<u8> = (0..rows)
             .flat_map(|_| random_row(&mut rng, dtype, n))
             .collect();
-        act.quantize_for(dtype, &rng.vec(n)).unwrap();
+        act.quantize_for(dtype, &activations(&mut rng, n)).unwrap();
         let mut out = vec![0.0; rows];
         matvec(dtype, &w, &act, &mut out);
         let rb = w.len() / rows;
@@ -242,14 +231,14 @@ fn matvec_is_one_dot_per_row() {
 
 #[test]
 fn four_dots_at_once_are_the_single_dots() {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     for dtype in ALL {
         let n = 512;
         let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(&mut rng, dtype, n)).collect();
         let acts: Vec<ActivationBuffer> = (0..4)
             .map(|_| {
                 let mut a = ActivationBuffer::new();
-                a.quantize_for(dtype, &rng.vec(n)).unwrap();
+                a.quantize_for(dtype, &activations(&mut rng, n)).unwrap();
                 a
             })
             .collect();
@@ -274,11 +263,11 @@ fn four_dots_at_once_are_the_single_dots() {
 
 #[test]
 fn axpy_is_dequantize_then_multiply_add() {
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     for dtype in ALL {
         let n = 512;
         let col = random_row(&mut rng, dtype, n);
-        let start = rng.vec(n);
+        let start = activations(&mut rng, n);
         let mut got = start.clone();
         axpy(dtype, -0.37, &col, &mut got);
         let w = deq(dtype, &col);
@@ -289,12 +278,12 @@ fn axpy_is_dequantize_then_multiply_add() {
 
 #[test]
 fn axpy4_is_four_axpys_and_skips_zero_weights() {
-    let mut rng = Rng(14);
+    let mut rng = Rng::new(14);
     for dtype in ALL {
         let n = 512;
         let col = random_row(&mut rng, dtype, n);
         // -0.0 in an output stays -0.0 where its weight is zero (an add of 0 * w would not).
-        let mut start: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(n)).collect();
+        let mut start: Vec<Vec<f32>> = (0..4).map(|_| activations(&mut rng, n)).collect();
         start[2][0] = -0.0;
         let a = [0.81, -0.37, 0.0, 2.5];
         let mut want = start.clone();
@@ -413,7 +402,7 @@ fn dequantize_known_float_rows() {
 
 #[test]
 fn quantize_round_trips_within_half_a_step() {
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     for dtype in [
         DType::Q8_0,
         DType::Q4_0,
@@ -421,7 +410,7 @@ fn quantize_round_trips_within_half_a_step() {
         DType::Q5_0,
         DType::Q5_1,
     ] {
-        let x = rng.vec(32 * 20);
+        let x = activations(&mut rng, 32 * 20);
         let mut b = Vec::new();
         quantize(dtype, &x, &mut b).unwrap();
         assert_eq!(b.len(), 20 * dtype.block_bytes());
@@ -480,8 +469,8 @@ fn q8_activations_follow_ggml() {
 
 #[test]
 fn q8_k_activations_follow_ggml() {
-    let mut rng = Rng(5);
-    let mut x = rng.vec(512);
+    let mut rng = Rng::new(5);
+    let mut x = activations(&mut rng, 512);
     // Block 1's signed max is -127, so iscale = -127 / max = 1 exactly and q = x: the max maps
     // to -127 and halves round to even (ggml's nearest_int), unlike roundf.
     x[300] = -127.0;
@@ -542,7 +531,7 @@ fn vec_dot_rejects_the_wrong_activation() {
 #[test]
 #[ignore]
 fn timing() {
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let mut act = ActivationBuffer::new();
     let cases = [
         (DType::Q4_1, 1536, 576),
@@ -565,7 +554,7 @@ fn timing() {
         let w: Vec<u8> = (0..rows)
             .flat_map(|_| random_row(&mut rng, dtype, cols))
             .collect();
-        let x = rng.vec(cols);
+        let x = activations(&mut rng, cols);
         let mut out = vec![0.0; rows];
         let iters = (400_000_000 / w.len()).clamp(3, 400);
         act.quantize_for(dtype, &x).unwrap();
@@ -606,7 +595,7 @@ fn timing() {
 /// setting it here would change every other test's arithmetic).
 #[test]
 fn f32_activations_dot_the_dequantised_row() {
-    let mut rng = Rng(0x5eed_f32a);
+    let mut rng = Rng::new(0x5eed_f32a);
     for dtype in [
         DType::Q4_0,
         DType::Q4_1,
@@ -623,7 +612,7 @@ fn f32_activations_dot_the_dequantised_row() {
     ] {
         for n in lens(dtype) {
             let row = random_row(&mut rng, dtype, n);
-            let x = rng.vec(n);
+            let x = activations(&mut rng, n);
             let w = deq(dtype, &row);
             let want: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
             let mag: f64 = w
@@ -651,7 +640,7 @@ fn lane_ordered_simd_dots_equal_scalar_to_the_bit() {
         eprintln!("no avx2+fma+f16c here: SIMD kernels not tested");
         return;
     }
-    let mut rng = Rng(0x0005_0005);
+    let mut rng = Rng::new(0x0005_0005);
     let mut act = ActivationBuffer::new();
     for dtype in [
         DType::Q5_0,
@@ -667,7 +656,7 @@ fn lane_ordered_simd_dots_equal_scalar_to_the_bit() {
                 let mut buf = vec![0u8];
                 buf.extend(random_row(&mut rng, dtype, n));
                 let row = &buf[1..];
-                act.quantize_for(dtype, &rng.vec(n)).unwrap();
+                act.quantize_for(dtype, &activations(&mut rng, n)).unwrap();
                 let (want, got) = (scalar_dot(dtype, row, &act), vec_dot(dtype, row, &act));
                 assert_eq!(
                     want.to_bits(),
@@ -685,13 +674,13 @@ fn lane_ordered_simd_dots_equal_scalar_to_the_bit() {
 /// `s` in the min term.
 #[test]
 fn q5_dots_are_within_q8_error_of_the_float_dot() {
-    let mut rng = Rng(0x0005_f10a);
+    let mut rng = Rng::new(0x0005_f10a);
     let mut act = ActivationBuffer::new();
     for dtype in [DType::Q5_0, DType::Q5_1] {
         for n in lens(dtype) {
             for _ in 0..5 {
                 let row = random_row(&mut rng, dtype, n);
-                let x = rng.vec(n);
+                let x = activations(&mut rng, n);
                 act.quantize_for(dtype, &x).unwrap();
                 let w = deq(dtype, &row);
                 let exact: f64 = w.iter().zip(&x).map(|(&w, &x)| w as f64 * x as f64).sum();
@@ -900,7 +889,7 @@ fn check_gguf_py_dequantisation(fixture: &str, types: &[(DType, &str)]) {
             .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
             .collect()
     };
-    let mut rng = Rng(0x6767_7566);
+    let mut rng = Rng::new(0x6767_7566);
     let mut act = ActivationBuffer::new();
     for &(dtype, key) in types {
         let t = &fx[key];
@@ -933,7 +922,7 @@ fn check_gguf_py_dequantisation(fixture: &str, types: &[(DType, &str)]) {
         }
         let n = want.len();
         for _ in 0..5 {
-            act.quantize_for(dtype, &rng.vec(n)).unwrap();
+            act.quantize_for(dtype, &activations(&mut rng, n)).unwrap();
             let (exact, mag) = reference(dtype, &blocks, &act);
             let scalar = scalar_dot(dtype, &blocks, &act);
             let simd = vec_dot(dtype, &blocks, &act);

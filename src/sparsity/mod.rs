@@ -11,7 +11,6 @@
 
 pub mod linalg;
 pub mod predictor;
-pub(crate) mod rng;
 pub mod synthetic;
 pub mod thresholds;
 

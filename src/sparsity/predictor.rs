@@ -11,9 +11,9 @@
 use half::f16;
 
 use super::linalg::{axpy, matmul_nn, matmul_nt, matmul_tn_acc, orthonormalize_columns};
-use super::rng::Rng;
 use crate::backend::cpu::ops::silu;
 use crate::quant::{dot_f16, use_simd};
+use crate::rng::Rng;
 
 /// Ranks above this are refused (the predictor's scratch lives on the stack).
 pub const MAX_RANK: usize = 1024;

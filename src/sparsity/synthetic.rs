@@ -9,8 +9,8 @@
 
 use std::cell::RefCell;
 
-use super::rng::Rng;
 use super::Sparsity;
+use crate::rng::Rng;
 
 pub struct SyntheticActivity {
     density: f64,

@@ -184,26 +184,26 @@ pub fn plan_reads(ranges: &[(u64, usize)], opts: &CoalesceOptions) -> Vec<ReadOp
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::Rng;
     use super::*;
+    use crate::rng::Rng;
 
     fn random_ranges(rng: &mut Rng, n: usize, align: u64) -> Vec<(u64, usize)> {
-        let mut off = rng.below(4 * align);
+        let mut off = rng.below_u64(4 * align);
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            let len = match rng.below(10) {
+            let len = match rng.below_u64(10) {
                 0 => 0,
-                1 => rng.below(3 * align + 1) as usize + 200_000, // long
-                2..=5 => 1332,                                    // SmolLM2 bundles
-                _ => rng.below(2 * align) as usize + 1,
+                1 => rng.below_u64(3 * align + 1) as usize + 200_000, // long
+                2..=5 => 1332,                                        // SmolLM2 bundles
+                _ => rng.below_u64(2 * align) as usize + 1,
             };
             out.push((off, len));
-            off += match rng.below(6) {
-                0 => 0,                     // same offset
-                1 => len as u64 / 2,        // overlapping
-                2 => len as u64,            // adjacent
-                3 => rng.below(3 * align),  // small gap
-                _ => rng.below(40 * align), // larger gap
+            off += match rng.below_u64(6) {
+                0 => 0,                         // same offset
+                1 => len as u64 / 2,            // overlapping
+                2 => len as u64,                // adjacent
+                3 => rng.below_u64(3 * align),  // small gap
+                _ => rng.below_u64(40 * align), // larger gap
             };
         }
         out
@@ -265,16 +265,22 @@ mod tests {
 
     #[test]
     fn properties_on_random_inputs() {
-        let mut rng = Rng(0x5eed);
+        let mut rng = Rng::new(0x5eed);
         for case in 0..3000 {
             let align = [4096u64, 4096, 512, 1][case % 4];
             let opts = CoalesceOptions {
                 align: align as usize,
-                max_gap: [0, 4096, 16 << 10, rng.below(100_000) as usize][rng.below(4) as usize],
-                max_read: [0, 4096, 64 << 10, 256 << 10, rng.below(1 << 20) as usize]
-                    [rng.below(5) as usize],
+                max_gap: [0, 4096, 16 << 10, rng.below_u64(100_000) as usize]
+                    [rng.below_u64(4) as usize],
+                max_read: [
+                    0,
+                    4096,
+                    64 << 10,
+                    256 << 10,
+                    rng.below_u64(1 << 20) as usize,
+                ][rng.below_u64(5) as usize],
             };
-            let n = rng.below(80) as usize;
+            let n = rng.below_u64(80) as usize;
             let ranges = random_ranges(&mut rng, n, align);
             let ops = plan_reads(&ranges, &opts);
             check(&ranges, &opts, &ops);

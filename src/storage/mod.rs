@@ -136,21 +136,7 @@ pub(crate) mod test_util {
     use std::io::Write;
     use std::path::PathBuf;
 
-    /// SplitMix64: a small deterministic PRNG for property tests.
-    pub struct Rng(pub u64);
-    impl Rng {
-        pub fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        /// Uniform in `0..n` (`n > 0`).
-        pub fn below(&mut self, n: u64) -> u64 {
-            self.next_u64() % n
-        }
-    }
+    use crate::rng::Rng;
 
     /// A file of random bytes under `target/` (not /tmp, which may be tmpfs), removed on drop.
     pub struct TempFile {
@@ -162,12 +148,13 @@ pub(crate) mod test_util {
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join(format!("{name}-{}-{seed}", std::process::id()));
             let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-            let mut rng = Rng(seed);
+            let mut rng = Rng::new(seed);
+            let mut block = vec![0u8; 1 << 16];
             let mut left = len;
             while left > 0 {
-                let v = rng.next_u64().to_le_bytes();
-                let n = left.min(8) as usize;
-                f.write_all(&v[..n]).unwrap();
+                let n = left.min(block.len() as u64) as usize;
+                rng.fill_bytes(&mut block[..n]);
+                f.write_all(&block[..n]).unwrap();
                 left -= n as u64;
             }
             f.flush().unwrap();

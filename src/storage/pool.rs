@@ -471,19 +471,20 @@ impl std::fmt::Debug for ReadPool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{Rng, TempFile};
+    use super::super::test_util::TempFile;
     use super::*;
+    use crate::rng::Rng;
 
     fn random_sorted_ranges(rng: &mut Rng, file_len: u64, n: usize) -> Vec<(u64, usize)> {
         let mut r: Vec<(u64, usize)> = (0..n)
             .map(|_| {
-                let len = match rng.below(4) {
+                let len = match rng.below_u64(4) {
                     0 => 1332,
-                    1 => rng.below(300_000) as usize,
-                    _ => rng.below(20_000) as usize,
+                    1 => rng.below_u64(300_000) as usize,
+                    _ => rng.below_u64(20_000) as usize,
                 };
                 let len = len.min(file_len as usize);
-                (rng.below(file_len - len as u64 + 1), len)
+                (rng.below_u64(file_len - len as u64 + 1), len)
             })
             .collect();
         r.sort();
@@ -495,7 +496,7 @@ mod tests {
         let len = 8 * 1024 * 1024 + 1234; // not a page multiple: the last page is partial
         let tf = TempFile::random("pool", len, 3);
         let data = std::fs::read(&tf.path).unwrap();
-        let mut rng = Rng(11);
+        let mut rng = Rng::new(11);
         for direct in [true, false] {
             let file = Arc::new(FlashFile::open(&tf.path, direct).unwrap());
             for threads in [1, 3, 8] {
@@ -539,7 +540,7 @@ mod tests {
         let len = 3 * 1024 * 1024 + 777; // the last page is partial
         let tf = TempFile::random("pool-span", len, 4);
         let data = std::fs::read(&tf.path).unwrap();
-        let mut rng = Rng(17);
+        let mut rng = Rng::new(17);
         for direct in [true, false] {
             let file = Arc::new(FlashFile::open(&tf.path, direct).unwrap());
             for threads in [1, 3, 8] {
@@ -548,12 +549,12 @@ mod tests {
                 for case in 0..40 {
                     let n = match case % 4 {
                         0 => 0,
-                        1 => rng.below(5000) as usize,
-                        _ => rng.below(2 << 20) as usize,
+                        1 => rng.below_u64(5000) as usize,
+                        _ => rng.below_u64(2 << 20) as usize,
                     };
                     let off = match case % 5 {
                         0 => len - n as u64, // ends with the file
-                        _ => rng.below(len - n as u64 + 1),
+                        _ => rng.below_u64(len - n as u64 + 1),
                     };
                     let opts = CoalesceOptions {
                         max_read: [128 << 10, 1 << 20][case % 2],

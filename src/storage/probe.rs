@@ -1,6 +1,7 @@
 //! Measuring the disk: random aligned direct reads per (chunk size, concurrency).
 
 use super::{AlignedBuf, FlashFile, StorageError, ALIGN};
+use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -314,11 +315,7 @@ fn write_probe_file(mut f: std::fs::File, path: &Path, size: u64) -> Result<(), 
     };
     // Non-zero data: holes in a sparse file would be read without touching the disk.
     let mut block = vec![0u8; 4 << 20];
-    let mut state = 0x243F_6A88_85A3_08D3u64 ^ size;
-    for chunk in block.chunks_mut(8) {
-        state = splitmix(&mut state);
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
+    Rng::new(0x243F_6A88_85A3_08D3 ^ size).fill_bytes(&mut block);
     let mut left = size;
     while left > 0 {
         let n = left.min(block.len() as u64) as usize;
@@ -327,14 +324,6 @@ fn write_probe_file(mut f: std::fs::File, path: &Path, size: u64) -> Result<(), 
         left -= n as u64;
     }
     f.sync_all().map_err(err)
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 fn measure_point(
@@ -351,10 +340,10 @@ fn measure_point(
             .map(|t| {
                 s.spawn(move || {
                     let mut buf = AlignedBuf::try_new(chunk)?;
-                    let mut rng = 0x1234_5678u64 ^ ((t as u64) << 32) ^ chunk as u64;
+                    let mut rng = Rng::new(0x1234_5678 ^ ((t as u64) << 32) ^ chunk as u64);
                     let (mut reads, mut busy) = (0u64, Duration::ZERO);
                     loop {
-                        let off = splitmix(&mut rng) % slots * ALIGN as u64;
+                        let off = rng.below_u64(slots) * ALIGN as u64;
                         let t0 = Instant::now();
                         file.read_at(off, &mut buf)?;
                         let t1 = Instant::now();

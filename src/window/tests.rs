@@ -1,6 +1,7 @@
 use std::time::Instant;
 
 use super::*;
+use crate::rng::Rng;
 
 fn cfg(n_neurons: usize, capacity: usize, k: usize) -> WindowConfig {
     WindowConfig {
@@ -467,27 +468,6 @@ fn plan_into_reuses_buffers() {
 // ---------------------------------------------------------------------------------------------
 // Property test against a naive reference model.
 
-struct Rng(u64);
-
-impl Rng {
-    /// splitmix64.
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-}
-
 /// The rules applied naively, in O(n_neurons) per token.
 #[derive(Clone)]
 struct Reference {
@@ -662,7 +642,7 @@ fn random_active(rng: &mut Rng, n: usize, cap: usize, hot: &[u32], prev: &[u32])
 fn matches_reference_model() {
     let mut checked = 0usize;
     for seed in 0..1000u64 {
-        let mut rng = Rng(seed * 7919 + 1);
+        let mut rng = Rng::new(seed * 7919 + 1);
         let n = [1, 6, 25, 90][rng.below(4)];
         let cap = match rng.below(6) {
             0 => 0,
@@ -803,7 +783,7 @@ fn plan_cost_is_independent_of_layer_size() {
             k,
         })
         .unwrap();
-        let mut rng = Rng(capacity as u64);
+        let mut rng = Rng::new(capacity as u64);
         let mut plan = Plan::default();
         let mut active = Vec::new();
         let start = Instant::now();

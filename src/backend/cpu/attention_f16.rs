@@ -234,28 +234,10 @@ mod tests {
     use super::*;
     use crate::backend::cpu::attention::attend;
     use crate::backend::kv_cache::KvLayer;
-
-    /// xorshift64*, as `sparsity::rng::Rng` (a layer above this one) draws it, so the cases
-    /// stay those the kernels were checked on.
-    struct Rng(u64);
-
-    impl Rng {
-        fn new(seed: u64) -> Rng {
-            Rng(seed | 1)
-        }
-
-        /// Uniform in [-1, 1).
-        fn symmetric(&mut self) -> f32 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
+    use crate::rng::Rng;
 
     fn rng_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| rng.symmetric() * 0.5 * scale).collect()
+        rng.vec(n, 0.5 * scale)
     }
 
     fn to_f16(v: &[f32]) -> Vec<f16> {

@@ -44,34 +44,7 @@ fn describe(e: GpuError) -> String {
     e.to_string()
 }
 
-/// xorshift64*: reproducible inputs without a dependency.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32() * scale).collect()
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+pub use crate::rng::Rng;
 
 /// Largest |a - b| relative to the largest |b| (at least `floor`).
 pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
@@ -99,7 +72,7 @@ pub fn random_rows(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
     let mut bytes: Vec<u8> = (0..blocks * size).map(|_| rng.below(256) as u8).collect();
     for block in bytes.chunks_exact_mut(size) {
         for &at in scales {
-            let d = half::f16::from_f32(0.002 + 0.02 * rng.f32().abs());
+            let d = half::f16::from_f32(0.002 + 0.02 * rng.symmetric().abs());
             block[at..at + 2].copy_from_slice(&d.to_le_bytes());
         }
     }
