@@ -18,8 +18,9 @@ use half::f16;
 use llmflash::backend::cpu::attention::{attend, AttnShape};
 use llmflash::backend::cpu::matvec::matvec;
 use llmflash::backend::kv_cache::KvLayer;
+use llmflash::draft::{generate, DraftOptions};
 use llmflash::engine::sampler::{Sampler, Sampling};
-use llmflash::engine::{generate, Session};
+use llmflash::engine::Session;
 use llmflash::model::load;
 use llmflash::quant::ActivationBuffer;
 
@@ -54,8 +55,17 @@ fn run() -> anyhow::Result<()> {
     let tps = median(|| {
         let mut session = Session::new(w, 256);
         let mut sampler = Sampler::new(Sampling::Greedy);
-        let g =
-            generate(&mut session, &prompt, 64, &mut sampler, |_| false, |_| {}).expect("decoding");
+        let g = generate(
+            &mut session,
+            None,
+            &DraftOptions::default(),
+            &prompt,
+            64,
+            &mut sampler,
+            |_| false,
+            |_| {},
+        )
+        .expect("decoding");
         Duration::from_secs_f64(g.stats.decode_ms / 1e3 / g.tokens.len() as f64)
     });
     println!(

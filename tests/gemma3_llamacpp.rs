@@ -11,9 +11,10 @@
 mod common;
 
 use llmflash::backend::cpu::ops::log_softmax_at;
+use llmflash::draft::{generate, DraftOptions};
 use llmflash::engine::perplexity::perplexity;
 use llmflash::engine::sampler::{Sampler, Sampling};
-use llmflash::engine::{generate, Session};
+use llmflash::engine::Session;
 use llmflash::model::{load, LoadedModel};
 
 const MODEL: &str = "gemma-3-270m-q4_k_m.gguf";
@@ -83,6 +84,8 @@ fn continuations(model: &LoadedModel, fixture: &str) -> Vec<(usize, Vec<u32>, Ve
         let mut sampler = Sampler::new(Sampling::Greedy);
         let gen = generate(
             &mut session,
+            None,
+            &DraftOptions::default(),
             &tokens,
             want.len(),
             &mut sampler,

@@ -11,9 +11,10 @@
 mod common;
 
 use llmflash::backend::cpu::ops::log_softmax_at;
+use llmflash::draft::{generate, DraftOptions};
 use llmflash::engine::perplexity::perplexity;
 use llmflash::engine::sampler::{Sampler, Sampling};
-use llmflash::engine::{generate, Session};
+use llmflash::engine::Session;
 use llmflash::model::{load, LoadedModel};
 
 const MODEL: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
@@ -58,6 +59,8 @@ fn greedy_continuations_are_stable() {
         let mut sampler = Sampler::new(Sampling::Greedy);
         let gen = generate(
             &mut session,
+            None,
+            &DraftOptions::default(),
             &tokens,
             32,
             &mut sampler,
@@ -112,6 +115,8 @@ fn greedy_continuations_match_llamacpp() {
         let mut sampler = Sampler::new(Sampling::Greedy);
         let gen = generate(
             &mut session,
+            None,
+            &DraftOptions::default(),
             &tokens,
             want.len(),
             &mut sampler,

@@ -11,8 +11,9 @@
 mod common;
 
 use llmflash::backend::cpu::ops::log_softmax_at;
+use llmflash::draft::{generate, DraftOptions};
 use llmflash::engine::sampler::{Sampler, Sampling};
-use llmflash::engine::{generate, Session};
+use llmflash::engine::Session;
 use llmflash::model::{load, LoadedModel};
 
 const MODEL: &str = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
@@ -76,6 +77,8 @@ fn greedy_continuations_match_llamacpp() {
         let is_end = |t| tok.is_end_of_generation(t);
         let gen = generate(
             &mut session,
+            None,
+            &DraftOptions::default(),
             &tokens,
             want.len(),
             &mut sampler,

@@ -7,9 +7,10 @@ mod common;
 use std::path::PathBuf;
 
 use llmflash::backend::cpu::ops::log_softmax_at;
+use llmflash::draft::{generate, DraftOptions};
 use llmflash::engine::perplexity::perplexity;
 use llmflash::engine::sampler::{argmax, Sampler, Sampling};
-use llmflash::engine::{generate, Session};
+use llmflash::engine::Session;
 use llmflash::model::{load, LoadedModel};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -149,6 +150,8 @@ fn greedy_continuations_match_llamacpp() {
         let is_end = |t| tok.is_end_of_generation(t);
         let gen = generate(
             &mut session,
+            None,
+            &DraftOptions::default(),
             &tokens,
             want.len(),
             &mut sampler,

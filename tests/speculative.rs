@@ -11,8 +11,8 @@ use llmflash::draft::{
 };
 use llmflash::engine::flash::{FlashOptions, Selection, Strategy};
 use llmflash::engine::model::Model;
-use llmflash::engine::sampler::{Sampler, Sampling};
-use llmflash::engine::{self, Session};
+use llmflash::engine::sampler::{argmax, Sampler, Sampling};
+use llmflash::engine::Session;
 use llmflash::image::BundleDtype;
 use llmflash::model::load;
 use llmflash::rng::Rng;
@@ -46,10 +46,15 @@ fn greedy() -> Sampler {
     Sampler::new(Sampling::Greedy)
 }
 
+/// Greedy decoding one step at a time, written out here as the reference the loop must match.
 fn plain(session: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
-    engine::generate(session, prompt, n, &mut greedy(), |_| false, |_| {})
-        .expect("generate")
-        .tokens
+    let mut next = argmax(session.prefill(prompt).expect("prefill"));
+    let mut out = vec![next];
+    while out.len() < n {
+        next = argmax(session.step(next, true).expect("step"));
+        out.push(next);
+    }
+    out
 }
 
 fn drafted<T: Target + ?Sized>(

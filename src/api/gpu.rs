@@ -91,18 +91,12 @@ impl Target for GpuTarget<'_> {
     fn flash_stats(&self) -> Option<FlashStats> {
         either!(self, d => Target::flash_stats(d))
     }
-}
-
-/// The GPU decoder for `runner`'s model, boxed: see [`open_gpu_target`].
-pub fn open_gpu_model<'r>(
-    gpu: &GpuContext,
-    runner: &'r Runner,
-    ctx: usize,
-) -> anyhow::Result<Box<dyn GpuModel + 'r>> {
-    Ok(match open_gpu_target(gpu, runner, ctx)? {
-        GpuTarget::Dense(d) => d,
-        GpuTarget::Flash(f) => f,
-    })
+    fn step_greedy(&mut self, token: u32) -> Result<u32, DraftError> {
+        either!(self, mut d => Target::step_greedy(d, token))
+    }
+    fn gpu(&self) -> Option<&dyn GpuModel> {
+        either!(self, d => Target::gpu(d))
+    }
 }
 
 /// The GPU decoder for `runner`'s model: dense for GGUF and HF models; for a flash image, the

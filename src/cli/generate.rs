@@ -5,11 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use crate::api::gpu::open_gpu_model;
+use crate::api::gpu::open_gpu_target;
 use crate::backend::gpu::device::F16Mode;
 use crate::backend::gpu::{GpuContext, GpuOptions};
-use crate::engine::gpu::generate_gpu;
-use crate::engine::sampler::{Sampler, Sampling};
+use crate::engine::sampler::Sampler;
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::StreamDecoder;
 
@@ -81,7 +80,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         ),
     };
     let sampling = a.sampling.sampling();
-    let mut sampler = Sampler::new(sampling.clone());
+    let mut sampler = Sampler::new(sampling);
     // The KV cache only needs the positions this run can reach.
     let ctx = a.ctx.min(prompt.len() + a.n + 1);
     let mut stream = StreamDecoder::new();
@@ -123,13 +122,13 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             };
             super::gpu_draft::generate(&gpu, &runner, &job, &mut sampler, is_end, on_token)?
         } else {
-            let mut dec = open_gpu_model(&gpu, &runner, ctx)?;
-            let greedy = sampling == Sampling::Greedy;
-            generate_gpu(
-                dec.as_mut(),
+            let mut target = open_gpu_target(&gpu, &runner, ctx)?;
+            crate::draft::generate(
+                &mut target,
+                None,
+                &a.draft.options(),
                 &prompt,
                 a.n,
-                greedy,
                 &mut sampler,
                 is_end,
                 on_token,

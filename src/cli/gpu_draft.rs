@@ -11,11 +11,7 @@ use crate::api::gpu::{gpu_kv_type, open_gpu_flash};
 use crate::api::Runner;
 use crate::backend::gpu::flash::MAX_VERIFY_WIDTH;
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuFlashDecoder};
-use crate::backend::stats::FlashStats;
-use crate::draft::{
-    self, Draft, DraftError, DraftSource, ModelDraft, NgramDraft, SelfDraft, SelfTarget, Target,
-};
-use crate::engine::gpu::{gpu_run_stats, GpuCounters, GpuModel};
+use crate::draft::{self, Draft, DraftSource, ModelDraft, NgramDraft, SelfDraft, Target};
 use crate::engine::model::Model;
 use crate::engine::sampler::Sampler;
 use crate::engine::Generation;
@@ -70,7 +66,7 @@ pub fn generate(
             );
         }
         let dec = open_gpu_flash(gpu, runner, job.ctx, width)?;
-        let draft: Box<dyn Draft<Measured<GpuFlashDecoder>>> = match job.args.source() {
+        let draft: Box<dyn Draft<GpuFlashDecoder>> = match job.args.source() {
             DraftSource::SelfModel => {
                 let d = SelfDraft::new(&dec, job.args.options().p_min)?;
                 log::info!(
@@ -115,110 +111,24 @@ fn make_draft<'a, T: Target + ?Sized>(
     })
 }
 
-/// The speculative loop on GPU decoder `dec` with `draft`, with its GPU stats.
-fn run<D: GpuTarget>(
-    dec: D,
-    mut draft: Box<dyn Draft<Measured<D>> + '_>,
+/// The speculative loop on GPU decoder `dec` with `draft`.
+fn run<D: Target>(
+    mut dec: D,
+    mut draft: Box<dyn Draft<D> + '_>,
     job: &Job<'_>,
     sampler: &mut Sampler,
     is_end: impl Fn(u32) -> bool,
     on_token: impl FnMut(u32),
 ) -> anyhow::Result<Generation> {
-    let opts = job.args.options();
-    let mut target = Measured {
-        dec,
-        after_prompt: None,
-    };
     let name = job.args.source().name();
-    let mut gen = draft::generate(
-        &mut target,
+    Ok(draft::generate(
+        &mut dec,
         Some((draft.as_mut(), &name)),
-        &opts,
+        &job.args.options(),
         job.prompt,
         job.max_new,
         sampler,
         is_end,
         on_token,
-    )?;
-    let after = target.dec.counters();
-    let before = target.after_prompt.unwrap_or_default();
-    gen.stats.strategy = match after.flash {
-        Some(_) => "gpu-flash",
-        None => "gpu",
-    }
-    .into();
-    gen.stats.gpu = Some(gpu_run_stats(
-        &target.dec,
-        &before,
-        &after,
-        gen.tokens.len(),
-    ));
-    Ok(gen)
-}
-
-/// A GPU decoder that verifies drafts, and whose last logits can be read again.
-trait GpuTarget: Target + GpuModel {
-    fn last_logits(&self) -> &[f32];
-}
-
-impl GpuTarget for GpuDecoder {
-    fn last_logits(&self) -> &[f32] {
-        self.logits()
-    }
-}
-
-impl GpuTarget for GpuFlashDecoder<'_> {
-    fn last_logits(&self) -> &[f32] {
-        self.logits()
-    }
-}
-
-/// A GPU decoder as a draft target, noting its counters when the prompt is done (so the GPU
-/// stats cover decoding only, as on the plain path).
-struct Measured<D> {
-    dec: D,
-    after_prompt: Option<GpuCounters>,
-}
-
-impl<D: GpuTarget> Target for Measured<D> {
-    fn prefill(&mut self, prompt: &[u32]) -> Result<&[f32], DraftError> {
-        Target::prefill(&mut self.dec, prompt)?;
-        self.after_prompt = Some(self.dec.counters());
-        Ok(self.dec.last_logits())
-    }
-    fn step(&mut self, token: u32) -> Result<&[f32], DraftError> {
-        Target::step(&mut self.dec, token)
-    }
-    fn verify(&mut self, tokens: &[u32]) -> Result<&[f32], DraftError> {
-        Target::verify(&mut self.dec, tokens)
-    }
-    fn truncate(&mut self, len: usize) {
-        Target::truncate(&mut self.dec, len)
-    }
-    fn position(&self) -> usize {
-        Target::position(&self.dec)
-    }
-    fn capacity(&self) -> usize {
-        Target::capacity(&self.dec)
-    }
-    fn vocab(&self) -> usize {
-        self.dec.vocab()
-    }
-    fn verify_width(&self) -> usize {
-        Target::verify_width(&self.dec)
-    }
-    fn flash_stats(&self) -> Option<FlashStats> {
-        Target::flash_stats(&self.dec)
-    }
-}
-
-/// The self draft runs the flash decoder restricted to its pinned neurons (the counters
-/// noted after the prompt stay the target's own).
-impl SelfTarget for Measured<GpuFlashDecoder<'_>> {
-    fn can_self_draft(&self) -> bool {
-        self.dec.can_self_draft()
-    }
-    fn draft_step(&mut self, token: u32) -> Result<&[f32], DraftError> {
-        Ok(self.dec.draft_step(token)?)
-    }
+    )?)
 }

@@ -1,4 +1,5 @@
-//! The speculative decode loop: draft, verify in one pass, accept, roll back.
+//! The decode loop, the one both backends run, plain or speculative: draft, verify in one
+//! pass, accept, roll back.
 //!
 //! ```text
 //! prefill(prompt) -> next
@@ -10,10 +11,12 @@
 //!   cut the cache back to history + next + d1..da; emit d1..da; next = the token after
 //! ```
 //! With no draft (an n-gram that does not recur, a draft below its confidence) the pass is a
-//! plain step, so speculation costs nothing where it cannot help.
+//! plain step, so speculation costs nothing where it cannot help. A greedy plain step on the
+//! GPU picks its token there ([`Target::step_greedy`]: 4 bytes read back, not the logits).
 
 use std::time::{Duration, Instant};
 
+use crate::engine::gpu::gpu_run_stats;
 use crate::engine::sampler::Sampler;
 use crate::engine::stats::DraftStats;
 use crate::engine::{add_flash_costs, finite, summarize, Generation};
@@ -21,8 +24,8 @@ use crate::engine::{add_flash_costs, finite, summarize, Generation};
 use super::length::DraftLength;
 use super::{accept, Draft, DraftError, DraftOptions, NoDraft, Proposal, Target};
 
-/// Decodes up to `max_new` tokens after `prompt` as [`crate::engine::generate`] does, with
-/// drafts from `draft` (`None`: plain decoding, one step per token), calling `on_token` for
+/// Decodes up to `max_new` tokens after `prompt` on `session` (the CPU's
+/// [`Session`](crate::engine::Session) or a GPU decoder), with drafts from `draft` (`None`: plain decoding, one step per token), calling `on_token` for
 /// each token as it is accepted and stopping before a token for which `is_end` holds. Greedy
 /// output is the same token for token as without a draft. Drafts never exceed what one verify
 /// pass of `session` holds.
@@ -63,6 +66,8 @@ pub fn generate_while<T: Target + ?Sized>(
     let t0 = Instant::now();
     draft.before_prompt(session);
     let mut next = sampler.sample(finite(session.prefill(prompt)?, prompt.len())?);
+    // The GPU's counters from here cover decoding only, as the flash stats below do.
+    let gpu_before = session.gpu().map(|g| g.counters());
     draft.after_prompt(session, prompt)?;
     let prompt_ms = ms(t0.elapsed());
     let before = session.flash_stats();
@@ -103,8 +108,12 @@ pub fn generate_while<T: Target + ?Sized>(
         let tv = Instant::now();
         ds.passes += 1;
         if proposal.is_empty() {
-            let at = session.position() + 1;
-            next = sampler.sample(finite(session.step(next)?, at)?);
+            next = if sampler.is_greedy() {
+                session.step_greedy(next)?
+            } else {
+                let at = session.position() + 1;
+                sampler.sample(finite(session.step(next)?, at)?)
+            };
             verifying += tv.elapsed();
             length.stepped(ms(tv.elapsed()));
             continue;
@@ -138,6 +147,16 @@ pub fn generate_while<T: Target + ?Sized>(
     let mut stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
     if let (Some(a), Some(b)) = (before, session.flash_stats()) {
         add_flash_costs(&mut stats, &a, &b);
+    }
+    if let (Some(gpu), Some(before)) = (session.gpu(), gpu_before) {
+        let after = gpu.counters();
+        stats.strategy = if after.flash.is_some() {
+            "gpu-flash"
+        } else {
+            "gpu"
+        }
+        .into();
+        stats.gpu = Some(gpu_run_stats(gpu, &before, &after, tokens.len()));
     }
     let per_token = tokens.len().saturating_sub(1).max(1) as f64;
     ds.acceptance_rate = ratio(ds.accepted as f64, ds.drafted as f64);

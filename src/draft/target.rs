@@ -1,10 +1,12 @@
-//! The model a speculative decode verifies with: the CPU [`Session`], or the GPU's
-//! [`GpuDecoder`] or [`GpuFlashDecoder`]. The loop in `decode` needs only this of it.
+//! The model the decode loop runs on: the CPU [`Session`], or the GPU's [`GpuDecoder`] or
+//! [`GpuFlashDecoder`]. The loop in `decode` (plain or speculative) needs only this of it.
 
 use super::DraftError;
 use crate::backend::gpu::{GpuDecoder, GpuFlashDecoder};
 use crate::backend::stats::FlashStats;
-use crate::engine::Session;
+use crate::engine::gpu::GpuModel;
+use crate::engine::sampler::argmax;
+use crate::engine::{finite, Session};
 
 /// What the speculative loop runs on the target: a prompt, single steps, verify passes of
 /// several tokens (each position's logits, one row of the vocabulary after another), and an
@@ -28,6 +30,16 @@ pub trait Target {
     /// Bytes of a resident draft head the target holds for a self draft.
     fn draft_head_bytes(&self) -> usize {
         0
+    }
+    /// Runs `token` and returns the most likely next token (ties: the lowest id). A GPU
+    /// decoder picks it on the GPU and reads back 4 bytes instead of the logits.
+    fn step_greedy(&mut self, token: u32) -> Result<u32, DraftError> {
+        let at = self.position() + 1;
+        Ok(argmax(finite(self.step(token)?, at)?))
+    }
+    /// The GPU decoder behind the target, for the GPU part of the stats; `None` on the CPU.
+    fn gpu(&self) -> Option<&dyn GpuModel> {
+        None
     }
 }
 
@@ -89,6 +101,12 @@ impl Target for GpuDecoder {
     fn verify_width(&self) -> usize {
         GpuDecoder::verify_width(self)
     }
+    fn step_greedy(&mut self, token: u32) -> Result<u32, DraftError> {
+        Ok(GpuDecoder::step_greedy(self, token)?)
+    }
+    fn gpu(&self) -> Option<&dyn GpuModel> {
+        Some(self)
+    }
 }
 
 impl Target for GpuFlashDecoder<'_> {
@@ -118,5 +136,11 @@ impl Target for GpuFlashDecoder<'_> {
     }
     fn flash_stats(&self) -> Option<FlashStats> {
         Some(GpuFlashDecoder::flash_stats(self))
+    }
+    fn step_greedy(&mut self, token: u32) -> Result<u32, DraftError> {
+        Ok(GpuFlashDecoder::step_greedy(self, token)?)
+    }
+    fn gpu(&self) -> Option<&dyn GpuModel> {
+        Some(self)
     }
 }

@@ -1,18 +1,14 @@
-//! The decode loop on the GPU backend (`generate --backend gpu`): the same loop as
-//! [`crate::engine::generate`], over a [`GpuModel`] (the dense [`GpuDecoder`] for GGUF and HF
-//! models, `backend::gpu::flash::GpuFlashDecoder` for flash images).
-//!
-//! Greedy decoding picks the token on the GPU (4 bytes read back per token); sampling reads the
-//! logits back and samples on the CPU with the same [`Sampler`].
+//! The GPU decoders seen from the engine: [`GpuModel`], the single-step interface of the
+//! dense [`GpuDecoder`] (GGUF and HF models) and of [`GpuFlashDecoder`] (flash images), for a
+//! host application's own loop; their counters; and the GPU part of a generation's stats.
+//! `draft::generate` is the decode loop for both backends.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::backend::gpu::{GpuContext, GpuDecoder, GpuError, GpuFlashDecoder};
 use crate::backend::stats::FlashStats;
-use crate::engine::sampler::Sampler;
-use crate::engine::{add_flash_costs, summarize, Generation};
 
 /// What a GPU decoder has cost since it was built.
 #[derive(Clone, Debug, Default)]
@@ -144,57 +140,6 @@ impl GpuRunStats {
             ..GpuRunStats::default()
         }
     }
-}
-
-/// Decodes up to `max_new` tokens after `prompt` on the GPU, as [`crate::engine::generate`]
-/// does on the CPU. With `greedy`, tokens are chosen on the GPU and `sampler` is used only for
-/// the first one (from the prompt's logits).
-pub fn generate_gpu(
-    model: &mut dyn GpuModel,
-    prompt: &[u32],
-    max_new: usize,
-    greedy: bool,
-    sampler: &mut Sampler,
-    is_end: impl Fn(u32) -> bool,
-    mut on_token: impl FnMut(u32),
-) -> Result<Generation, GpuError> {
-    let Some((&last, rest)) = prompt.split_last() else {
-        return Err(GpuError::Shape(
-            "the prompt is empty: give at least one token".to_string(),
-        ));
-    };
-    let t0 = Instant::now();
-    for &t in rest {
-        model.feed(t)?;
-    }
-    let mut next = sampler.sample(model.step(last)?);
-    let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let before = model.counters();
-    let t1 = Instant::now();
-    // No more tokens than the context holds, whatever `max_new` asks.
-    let mut tokens = Vec::with_capacity(max_new.min(model.capacity()));
-    while tokens.len() < max_new && !is_end(next) {
-        tokens.push(next);
-        on_token(next);
-        if tokens.len() == max_new || model.position() >= model.capacity() {
-            break;
-        }
-        next = if greedy {
-            model.step_greedy(next)?
-        } else {
-            sampler.sample(model.step(next)?)
-        };
-    }
-    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-    let after = model.counters();
-    let mut stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
-    stats.strategy = "gpu".into();
-    if let (Some(a), Some(b)) = (&before.flash, &after.flash) {
-        add_flash_costs(&mut stats, a, b);
-        stats.strategy = "gpu-flash".into();
-    }
-    stats.gpu = Some(gpu_run_stats(model, &before, &after, tokens.len()));
-    Ok(Generation { tokens, stats })
 }
 
 /// The GPU part of a decode's stats: `before` and `after` are the decoder's counters at the

@@ -1,4 +1,6 @@
-//! The decode loop, KV cache, sampler and per-token statistics.
+//! The CPU session (decode steps, prefill, verify passes, roll back), the batch decoder, the
+//! sampler and per-token statistics. The decode loop over a session, plain or speculative, is
+//! `draft::generate`, the same for both backends.
 
 pub mod batch;
 pub mod flash;
@@ -8,8 +10,6 @@ pub mod perplexity;
 pub mod sampler;
 pub mod stats;
 
-use std::time::Instant;
-
 use crate::backend::cpu::forward::{
     forward, output_prefix, CpuState, DenseFfn, DraftFfn, FfnCompute,
 };
@@ -18,7 +18,6 @@ use crate::backend::kv_cache::{KvCache, KvType};
 use crate::backend::stats::FlashStats;
 use crate::backend::streamed::{OutputRows, RowSource};
 use crate::model::weights::ModelWeights;
-use sampler::Sampler;
 use stats::GenerationStats;
 
 #[derive(Debug, thiserror::Error)]
@@ -375,40 +374,6 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
-/// Decodes up to `max_new` tokens after `prompt`, calling `on_token` for each as it is chosen,
-/// and stopping early at a token for which `is_end` holds (that token is not returned).
-pub fn generate(
-    session: &mut Session,
-    prompt: &[u32],
-    max_new: usize,
-    sampler: &mut Sampler,
-    is_end: impl Fn(u32) -> bool,
-    mut on_token: impl FnMut(u32),
-) -> Result<Generation, EngineError> {
-    let t0 = Instant::now();
-    let mut next = sampler.sample(finite(session.prefill(prompt)?, prompt.len())?);
-    let prompt_ms = ms_since(t0);
-    let before = session.flash_stats();
-    let t1 = Instant::now();
-    // No more tokens than the context holds, whatever `max_new` asks.
-    let mut tokens = Vec::with_capacity(max_new.min(session.capacity()));
-    while tokens.len() < max_new && !is_end(next) {
-        tokens.push(next);
-        on_token(next);
-        if tokens.len() == max_new || session.kv.is_full() {
-            break;
-        }
-        let at = session.position() + 1;
-        next = sampler.sample(finite(session.step(next, true)?, at)?);
-    }
-    let decode_ms = ms_since(t1);
-    let mut stats = summarize(prompt.len(), tokens.len(), prompt_ms, decode_ms);
-    if let (Some(a), Some(b)) = (before, session.flash_stats()) {
-        add_flash_costs(&mut stats, &a, &b);
-    }
-    Ok(Generation { tokens, stats })
-}
-
 /// Splits decode time into the FFN's I/O and memory management (measured by the flash
 /// path between `before` and `after`) and compute (the rest).
 pub(crate) fn add_flash_costs(
@@ -425,10 +390,6 @@ pub(crate) fn add_flash_costs(
     stats.compute_ms_per_token =
         (stats.compute_ms_per_token - stats.io_ms_per_token - stats.mem_ms_per_token).max(0.0);
     stats.flash = Some(after.clone());
-}
-
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// Rates from counts and times. The first generated token comes from the prompt's logits, so
