@@ -19,7 +19,6 @@ mod source;
 pub use lookahead::{lookahead_depth, lookahead_extra_bytes, DEEP_LOOKAHEAD_LAYER};
 pub use options::{FlashOptions, Selection, Strategy};
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::cpu::forward::FfnCompute;
@@ -30,18 +29,16 @@ use crate::image::FlashImage;
 use crate::model::weights::ModelWeights;
 use crate::quant::dequantize;
 use crate::sparsity::Sparsity;
-use crate::storage::{AlignedBuf, FlashFile, ReadError, ReadPool, StorageError};
+use crate::storage::{ReadError, StorageError};
 use crate::window::Window;
 
 use lookahead::Lookahead;
-use source::layer_state;
+use source::{layer_state, Source};
 
 struct LayerState {
     window: Window,
     /// Model neuron -> position on disk (the image may permute neurons).
     disk_slot: Vec<u32>,
-    /// Resident strategy: the whole section in RAM.
-    resident: Option<Vec<u8>>,
 }
 
 /// The FFN of a flash image (see the module docs).
@@ -53,17 +50,11 @@ pub struct FlashFfn<'a> {
     parts: BundleParts,
     stride: usize,
     layers: Vec<LayerState>,
-    pool: Option<Arc<ReadPool>>,
-    lookahead: Option<Lookahead>,
+    /// Where the bundles come from: the one place the strategy is acted on.
+    source: Source,
     sparse: SparseFfn,
     active: Vec<u32>,
     ranges: Vec<(u64, usize)>,
-    /// Active neurons the window could not hold this token (sorted), and their bundles.
-    overflow_ids: Vec<u32>,
-    overflow: Vec<u8>,
-    /// The naive baseline's layer buffer, and where the layer starts in it.
-    naive: AlignedBuf,
-    naive_skip: usize,
     oracle_acts: Vec<f32>,
     /// Per layer, the pinned neurons and their window slots, sorted by neuron: what a
     /// speculative draft computes from memory ([`FfnCompute::ffn_draft`]).
@@ -105,25 +96,14 @@ impl<'a> FlashFfn<'a> {
         let parts =
             BundleParts::of_image(image, weights.config.ffn_kind()).map_err(FlashError::Setup)?;
         let stride = image.bundle().stride;
-        let layers = (0..weights.config.n_layers)
-            .map(|l| layer_state(image, l, stride, &opts))
+        let n_layers = weights.config.n_layers;
+        let source = Source::open(image, n_layers, stride, &opts)?;
+        // Only the flash source has windows, and so pins.
+        let windowed = source.flash_pool().is_some();
+        let layers = (0..n_layers)
+            .map(|l| layer_state(image, l, stride, &opts, windowed))
             .collect::<Result<_, _>>()?;
-        let needs_reads = matches!(opts.strategy, Strategy::Flash | Strategy::Naive);
-        let pool = if needs_reads {
-            let file = FlashFile::open(image.file(), opts.direct).map_err(|e| {
-                FlashError::Setup(format!("opening {}: {e}", image.file().display()))
-            })?;
-            Some(Arc::new(ReadPool::new(
-                Arc::new(file),
-                opts.io_threads.max(1),
-            )))
-        } else {
-            None
-        };
-        let pinned = match opts.strategy {
-            Strategy::Flash => opts.pinned.clone(),
-            _ => None,
-        };
+        let pinned = opts.pinned.clone().filter(|_| windowed);
         let mut ffn = FlashFfn {
             image,
             weights,
@@ -132,15 +112,10 @@ impl<'a> FlashFfn<'a> {
             parts,
             stride,
             layers,
-            pool,
-            lookahead: None,
+            source,
             sparse: SparseFfn::new(),
             active: Vec::new(),
             ranges: Vec::new(),
-            overflow_ids: Vec::new(),
-            overflow: Vec::new(),
-            naive: AlignedBuf::new(0),
-            naive_skip: 0,
             oracle_acts: Vec::new(),
             draft: Vec::new(),
             row_sets: Vec::new(),
@@ -152,7 +127,7 @@ impl<'a> FlashFfn<'a> {
         for (layer, ids) in pinned.iter().flatten().enumerate() {
             ffn.pin(layer, ids)?;
         }
-        if let (Some(first), Some(pool)) = (ffn.static_tails(), ffn.pool.clone()) {
+        if let (Some(first), Some(pool)) = (ffn.static_tails(), ffn.source.flash_pool().cloned()) {
             let tails = first
                 .iter()
                 .enumerate()
@@ -165,13 +140,16 @@ impl<'a> FlashFfn<'a> {
                 .map(|l| image.ffn_section(l).n_neurons * stride)
                 .max()
                 .unwrap_or(0);
-            ffn.lookahead = Some(Lookahead::new(
+            let la = Lookahead::new(
                 pool,
                 ffn.opts.coalesce,
                 tails,
                 first,
                 lookahead_depth(layer_bytes),
-            )?);
+            )?;
+            if let Source::Flash { lookahead, .. } = &mut ffn.source {
+                *lookahead = Some(Box::new(la));
+            }
         }
         Ok(ffn)
     }
@@ -182,7 +160,7 @@ impl<'a> FlashFfn<'a> {
     fn static_tails(&self) -> Option<Vec<usize>> {
         let pins = self.opts.pinned.as_ref()?;
         if !self.opts.lookahead
-            || self.opts.strategy != Strategy::Flash
+            || self.source.flash_pool().is_none()
             || self.opts.selection != Selection::All
         {
             return None;
@@ -211,10 +189,9 @@ impl<'a> FlashFfn<'a> {
             .iter()
             .map(|&(n, _)| (self.offset(layer, n), self.stride))
             .collect();
-        let pool = self
-            .pool
-            .as_ref()
-            .expect("the flash strategy opens the file");
+        let Some(pool) = self.source.flash_pool() else {
+            return Err(setup("only the flash strategy has windows to pin".into()));
+        };
         let window = &mut self.layers[layer].window;
         let stats = pool
             .read_ranges(&ranges, &self.opts.coalesce, &mut |r, bytes| {
@@ -237,13 +214,8 @@ impl<'a> FlashFfn<'a> {
 
     /// Bytes this FFN holds in memory (window slabs, resident copies, scratch).
     pub fn memory_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| l.window.bytes() + l.resident.as_ref().map_or(0, Vec::len))
-            .sum();
-        let lookahead = self.lookahead.as_ref().map_or(0, Lookahead::bytes);
-        layers + self.overflow.capacity() + self.naive.len() + lookahead
+        let layers: usize = self.layers.iter().map(|l| l.window.bytes()).sum();
+        layers + self.source.bytes()
     }
 
     /// With oracle selection: every neuron's hidden activation from the last `ffn` call, in
@@ -305,7 +277,7 @@ impl FfnCompute for FlashFfn<'_> {
         let mut s = self.stats.clone();
         s.memory_bytes = self.memory_bytes() as u64;
         s.selection = self.opts.selection.name().into();
-        s.lookahead = self.lookahead.is_some();
+        s.lookahead = self.source.lookahead().is_some();
         Some(s)
     }
 
@@ -315,12 +287,7 @@ impl FfnCompute for FlashFfn<'_> {
         self.stats.tokens += (layer == 0) as u64;
         self.stats.neurons_needed += self.active.len() as u64;
         self.stats.compute += t0.elapsed();
-        match self.opts.strategy {
-            Strategy::Naive => self.read_whole_layer(layer)?,
-            Strategy::Flash if self.lookahead.is_some() => self.load_tail(layer)?,
-            Strategy::Flash => self.load_through_window(layer)?,
-            Strategy::Resident | Strategy::Mmap => {}
-        }
+        self.load(layer)?;
         self.compute_rows(layer, h.len(), h, out);
         Ok(())
     }
@@ -328,7 +295,7 @@ impl FfnCompute for FlashFfn<'_> {
     /// Dense runs with lookahead need the same bundles for every token, so a prompt can go
     /// through a batch at a time: each layer's tail is read once per batch, not once per token.
     fn batched(&self) -> bool {
-        self.lookahead.is_some()
+        self.source.lookahead().is_some()
     }
 
     /// Every strategy verifies a few positions at once: with lookahead as a prompt batch,
@@ -380,7 +347,7 @@ impl FfnCompute for FlashFfn<'_> {
             .activity
             .take()
             .ok_or("no activity was recorded: call record_activity(true) before the prompt")?;
-        if self.opts.strategy != Strategy::Flash {
+        if self.source.flash_pool().is_none() {
             return Err("drafting from chosen neurons needs the flash strategy".into());
         }
         let mut bytes = 0;
@@ -397,7 +364,7 @@ impl FfnCompute for FlashFfn<'_> {
         hs: &[f32],
         out: &mut [f32],
     ) -> Result<(), ReadError> {
-        if self.lookahead.is_none() {
+        if self.source.lookahead().is_none() {
             return self.ffn_union(layer, hidden, hs, out);
         }
         let rows = (hs.len() / hidden) as u64;
@@ -409,7 +376,8 @@ impl FfnCompute for FlashFfn<'_> {
         self.stats.tokens += (layer == 0) as u64 * rows;
         self.stats.neurons_needed += self.active.len() as u64 * rows;
         self.stats.compute += t0.elapsed();
-        self.load_tail(layer)?;
+        // With lookahead the source loads this layer's tail.
+        self.load(layer)?;
         // Tokens after the first find the tail in memory.
         self.stats.window_hits += self.active.len() as u64 * (rows - 1);
         self.compute_rows(layer, hidden, hs, out);
@@ -444,12 +412,7 @@ impl FlashFfn<'_> {
         self.active.dedup();
         self.stats.tokens += (layer == 0) as u64 * rows as u64;
         self.stats.compute += t0.elapsed();
-        let loaded = match self.opts.strategy {
-            Strategy::Naive => self.read_whole_layer(layer),
-            Strategy::Flash => self.load_through_window(layer),
-            Strategy::Resident | Strategy::Mmap => Ok(()),
-        };
-        if let Err(e) = loaded {
+        if let Err(e) = self.load(layer) {
             self.row_sets = sets;
             return Err(e);
         }
@@ -556,10 +519,8 @@ impl FlashFfn<'_> {
         let ranges: Vec<(u64, usize)> = (order.iter())
             .map(|&k| (self.offset(layer, copied[k]), stride))
             .collect();
-        let pool = self
-            .pool
-            .as_ref()
-            .ok_or("the flash strategy opens the file")?;
+        let pool = (self.source.flash_pool())
+            .ok_or("drafting from chosen neurons needs the flash strategy")?;
         let stats = pool
             .read_ranges(&ranges, &self.opts.coalesce, &mut |r, bytes| {
                 let k = order[r];

@@ -1,62 +1,184 @@
-//! Where a layer's bundles come from under each [`Strategy`]: the resident copy, the
-//! memory map, a whole-layer read (naive), the lookahead's tail, or the window and its reads.
+//! Where a layer's bundles come from: [`Source`], one variant per [`Strategy`], each holding
+//! what its strategy needs (the resident copies, the naive layer buffer, the flash path's
+//! read pool, lookahead and overflow). `FlashFfn` asks it to `load` a layer's active bundles
+//! and to `gather` them; nothing else matches on the strategy.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
 use crate::backend::cpu::sparse_ffn::Neuron;
 use crate::image::FlashImage;
-use crate::storage::ReadError;
+use crate::storage::{AlignedBuf, FlashFile, ReadError, ReadPool};
 use crate::window::{Window, WindowConfig};
 
+use super::lookahead::Lookahead;
 use super::{FlashError, FlashFfn, FlashOptions, LayerState, Strategy};
 
+/// Where the bundles of every layer come from.
+pub(super) enum Source {
+    /// Every bundle in RAM, loaded once: each layer's section in disk order.
+    Resident(Vec<Vec<u8>>),
+    /// The image memory-mapped, paged in by the OS.
+    Mmap,
+    /// Each layer's whole section read for every token into one buffer; the layer starts at
+    /// `skip` (the aligned read may begin before it).
+    Naive {
+        pool: Arc<ReadPool>,
+        buf: AlignedBuf,
+        skip: usize,
+    },
+    /// The window and its reads: missing bundles read into free slots, or into `overflow`
+    /// (for the sorted `overflow_ids`) when the window cannot hold them; with `lookahead`,
+    /// the same tail of every layer read in the background instead.
+    Flash {
+        pool: Arc<ReadPool>,
+        lookahead: Option<Box<Lookahead>>,
+        overflow_ids: Vec<u32>,
+        overflow: Vec<u8>,
+    },
+}
+
+impl Source {
+    /// The source `opts.strategy` names: the file opened for the strategies that read it,
+    /// every section loaded (and checked) for the resident one.
+    pub(super) fn open(
+        image: &FlashImage,
+        n_layers: usize,
+        stride: usize,
+        opts: &FlashOptions,
+    ) -> Result<Source, FlashError> {
+        let pool = || -> Result<Arc<ReadPool>, FlashError> {
+            let file = FlashFile::open(image.file(), opts.direct).map_err(|e| {
+                FlashError::Setup(format!("opening {}: {e}", image.file().display()))
+            })?;
+            Ok(Arc::new(ReadPool::new(
+                Arc::new(file),
+                opts.io_threads.max(1),
+            )))
+        };
+        Ok(match opts.strategy {
+            Strategy::Resident => Source::Resident(
+                (0..n_layers)
+                    .map(|l| resident_section(image, l, stride, opts.verify))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Strategy::Mmap => Source::Mmap,
+            Strategy::Naive => Source::Naive {
+                pool: pool()?,
+                buf: AlignedBuf::new(0),
+                skip: 0,
+            },
+            Strategy::Flash => Source::Flash {
+                pool: pool()?,
+                lookahead: None,
+                overflow_ids: Vec::new(),
+                overflow: Vec::new(),
+            },
+        })
+    }
+
+    /// The flash path's read pool; `None` for the strategies that own no window.
+    pub(super) fn flash_pool(&self) -> Option<&Arc<ReadPool>> {
+        match self {
+            Source::Flash { pool, .. } => Some(pool),
+            _ => None,
+        }
+    }
+
+    pub(super) fn lookahead(&self) -> Option<&Lookahead> {
+        match self {
+            Source::Flash { lookahead, .. } => lookahead.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Bytes held besides the windows: resident sections, the naive buffer, overflow and
+    /// the lookahead's tails.
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Source::Resident(sections) => sections.iter().map(Vec::len).sum(),
+            Source::Mmap => 0,
+            Source::Naive { buf, .. } => buf.len(),
+            Source::Flash {
+                lookahead,
+                overflow,
+                ..
+            } => overflow.capacity() + lookahead.as_deref().map_or(0, Lookahead::bytes),
+        }
+    }
+}
+
+/// Layer `layer`'s whole section, each bundle checked against the image's checksum when
+/// `verify`.
+fn resident_section(
+    image: &FlashImage,
+    layer: usize,
+    stride: usize,
+    verify: bool,
+) -> Result<Vec<u8>, FlashError> {
+    let n = image.ffn_section(layer).n_neurons;
+    let mut all = Vec::with_capacity(n * stride);
+    for s in 0..n {
+        let bundle = image.bundle_bytes(layer, s);
+        if verify {
+            image
+                .check_bundle(layer, s, bundle)
+                .map_err(|e| FlashError::Setup(format!("loading layer {layer}'s FFN: {e}")))?;
+        }
+        all.extend_from_slice(bundle);
+    }
+    Ok(all)
+}
+
 impl FlashFfn<'_> {
-    /// The active neurons' bundles, wherever this strategy keeps them.
+    /// Brings `layer`'s active bundles (`self.active`) into memory, as the source does.
+    pub(super) fn load(&mut self, layer: usize) -> Result<(), ReadError> {
+        match &self.source {
+            Source::Naive { .. } => self.read_whole_layer(layer),
+            Source::Flash {
+                lookahead: Some(_), ..
+            } => self.load_tail(layer),
+            Source::Flash { .. } => self.load_through_window(layer),
+            Source::Resident(_) | Source::Mmap => Ok(()),
+        }
+    }
+
+    /// The active neurons' bundles, wherever the source keeps them (after [`Self::load`]).
     pub(super) fn gather(&self, layer: usize) -> Vec<Neuron<'_>> {
         let state = &self.layers[layer];
         let stride = self.stride;
-        fn bundle_in(buf: &[u8], slot: u32, stride: usize) -> &[u8] {
-            &buf[slot as usize * stride..(slot as usize + 1) * stride]
+        fn bundle_in(buf: &[u8], slot: usize, stride: usize) -> &[u8] {
+            &buf[slot * stride..(slot + 1) * stride]
         }
-        let slice = |buf, i: u32| bundle_in(buf, state.disk_slot[i as usize], stride);
-        match self.opts.strategy {
-            Strategy::Resident => {
-                let section = state
-                    .resident
-                    .as_deref()
-                    .expect("resident strategy loads every layer");
-                self.active
-                    .iter()
-                    .map(|&i| (i, slice(section, i)))
-                    .collect()
-            }
-            Strategy::Mmap => self
-                .active
-                .iter()
-                .map(|&i| (i, self.mmap_bundle(layer, i)))
+        let disk = |i: u32| state.disk_slot[i as usize] as usize;
+        let active = self.active.iter();
+        match &self.source {
+            Source::Resident(sections) => active
+                .map(|&i| (i, bundle_in(&sections[layer], disk(i), stride)))
                 .collect(),
-            Strategy::Naive => {
-                let buf = &self.naive[self.naive_skip..];
-                self.active.iter().map(|&i| (i, slice(buf, i))).collect()
-            }
-            Strategy::Flash => self
-                .active
-                .iter()
-                .map(|&i| match state.window.slot(i) {
-                    Some(s) => (i, state.window.bundle(s)),
-                    None if self.lookahead.is_some() => {
-                        let la = self.lookahead.as_ref().expect("checked");
-                        let at = state.disk_slot[i as usize] as usize - la.first_slot[layer];
-                        (i, &la.tail()[at * stride..(at + 1) * stride])
+            Source::Mmap => active.map(|&i| (i, self.mmap_bundle(layer, i))).collect(),
+            Source::Naive { buf, skip, .. } => active
+                .map(|&i| (i, bundle_in(&buf[*skip..], disk(i), stride)))
+                .collect(),
+            Source::Flash {
+                lookahead,
+                overflow_ids,
+                overflow,
+                ..
+            } => active
+                .map(|&i| match (state.window.slot(i), lookahead) {
+                    (Some(s), _) => (i, state.window.bundle(s)),
+                    (None, Some(la)) => {
+                        let at = disk(i) - la.first_slot[layer];
+                        (i, bundle_in(la.tail(), at, stride))
                     }
-                    None => {
-                        let k = self
-                            .overflow_ids
+                    (None, None) => {
+                        let k = overflow_ids
                             .binary_search(&i)
-                            .expect("an active neuron is resident or overflowed");
-                        (i, &self.overflow[k * self.stride..(k + 1) * self.stride])
+                            .expect("an active neuron is in the window or overflowed");
+                        (i, bundle_in(overflow, k, stride))
                     }
                 })
                 .collect(),
@@ -64,21 +186,22 @@ impl FlashFfn<'_> {
     }
 
     /// The naive baseline: the whole layer, every token, with direct reads.
-    pub(super) fn read_whole_layer(&mut self, layer: usize) -> Result<(), ReadError> {
+    fn read_whole_layer(&mut self, layer: usize) -> Result<(), ReadError> {
         let t = Instant::now();
         let section = self.image.ffn_section(layer);
         let (offset, len) = (section.offset, section.len as usize);
-        let pool = self.pool.as_ref().expect("naive strategy opens the file");
+        let Source::Naive { pool, buf, skip } = &mut self.source else {
+            return Ok(());
+        };
         // Straight into the layer buffer, as the flash path's tails are read: the baseline
         // pays for no copy that flash does not.
-        let (stats, skip) = pool
-            .read_span(offset, len, &self.opts.coalesce, &mut self.naive)
+        let (stats, at) = pool
+            .read_span(offset, len, &self.opts.coalesce, buf)
             .map_err(|e| ReadError::new(format!("layer {layer}'s FFN"), e))?;
-        self.naive_skip = skip;
+        *skip = at;
         if self.opts.verify {
-            let bytes = &self.naive[skip..skip + len];
             self.image
-                .check_bundles(layer, 0, bytes)
+                .check_bundles(layer, 0, &buf[at..at + len])
                 .map_err(|e| ReadError::new(format!("layer {layer}'s FFN"), e))?;
         }
         self.stats.bytes_read += stats.bytes_read;
@@ -90,10 +213,16 @@ impl FlashFfn<'_> {
 
     /// The flash path when every token reads the same tails: collect this layer's tail (read
     /// in the background since an earlier layer), then queue the next ones.
-    pub(super) fn load_tail(&mut self, layer: usize) -> Result<(), ReadError> {
+    fn load_tail(&mut self, layer: usize) -> Result<(), ReadError> {
         let t = Instant::now();
         let n_layers = self.layers.len();
-        let la = self.lookahead.as_mut().expect("called in lookahead mode");
+        let Source::Flash {
+            lookahead: Some(la),
+            ..
+        } = &mut self.source
+        else {
+            return Ok(());
+        };
         let stats = la
             .collect(layer, n_layers)
             .map_err(|e| ReadError::new(format!("layer {layer}'s FFN bundles"), e))?;
@@ -113,7 +242,7 @@ impl FlashFfn<'_> {
 
     /// The flash path: window bookkeeping, then reads of the missing bundles straight into
     /// their slots (or into the overflow buffer when the window cannot hold them).
-    pub(super) fn load_through_window(&mut self, layer: usize) -> Result<(), ReadError> {
+    fn load_through_window(&mut self, layer: usize) -> Result<(), ReadError> {
         let t = Instant::now();
         let plan = self.layers[layer]
             .window
@@ -121,24 +250,33 @@ impl FlashFfn<'_> {
             .expect("active ids come from this layer's predictor");
         self.stats.window_hits += plan.hits as u64;
         self.stats.neurons_loaded += (plan.loads.len() + plan.overflow.len()) as u64;
-        self.overflow_ids.clear();
-        self.overflow_ids.extend_from_slice(&plan.overflow);
-        self.overflow_ids.sort_unstable();
-        self.overflow
-            .resize(self.overflow_ids.len() * self.stride, 0);
+        let offsets: Vec<u64> = (plan.loads.iter().map(|&(n, _)| n))
+            .chain(plan.overflow.iter().copied())
+            .map(|n| self.offset(layer, n))
+            .collect();
+        let pieces = self.pieces();
+        let Source::Flash {
+            pool,
+            overflow_ids,
+            overflow,
+            ..
+        } = &mut self.source
+        else {
+            return Ok(());
+        };
+        overflow_ids.clear();
+        overflow_ids.extend_from_slice(&plan.overflow);
+        overflow_ids.sort_unstable();
+        let stride = self.stride;
+        overflow.resize(overflow_ids.len() * stride, 0);
         // Destinations in file order: window slots for loads, overflow rows otherwise.
-        let mut targets: Vec<(u64, u32, Option<u32>)> = plan
-            .loads
-            .iter()
-            .map(|&(n, s)| (self.offset(layer, n), n, Some(s)))
-            .chain(
-                self.overflow_ids
-                    .iter()
-                    .map(|&n| (self.offset(layer, n), n, None)),
-            )
+        let mut targets: Vec<(u64, u32, Option<u32>)> = (plan.loads.iter())
+            .map(|&(n, s)| (n, Some(s)))
+            .chain(plan.overflow.iter().map(|&n| (n, None)))
+            .zip(offsets)
+            .map(|((n, s), off)| (off, n, s))
             .collect();
         targets.sort_unstable_by_key(|t| t.0);
-        let pieces = self.pieces();
         self.ranges.clear();
         for &(base, _, _) in &targets {
             for &(off, len) in &pieces {
@@ -148,10 +286,7 @@ impl FlashFfn<'_> {
         self.stats.memory += t.elapsed();
 
         let t_io = Instant::now();
-        let pool = self.pool.as_ref().expect("flash strategy opens the file");
-        let stride = self.stride;
         let window = &mut self.layers[layer].window;
-        let (overflow, overflow_ids) = (&mut self.overflow, &self.overflow_ids);
         let mut copy = Duration::ZERO;
         let stats = pool
             .read_ranges(&self.ranges, &self.opts.coalesce, &mut |r, bytes| {
@@ -175,7 +310,7 @@ impl FlashFfn<'_> {
         self.stats.memory += copy;
         if self.opts.verify {
             let (image, state) = (self.image, &self.layers[layer]);
-            let (overflow, overflow_ids) = (&self.overflow, &self.overflow_ids);
+            let (overflow, overflow_ids) = (&*overflow, &*overflow_ids);
             // On the worker threads, as the reads were.
             targets
                 .par_iter()
@@ -212,11 +347,14 @@ impl FlashFfn<'_> {
     }
 }
 
+/// Layer `layer`'s model-to-disk map and window: a window of the planned slots when `windowed`
+/// (the flash source), of none otherwise.
 pub(super) fn layer_state(
     image: &FlashImage,
     layer: usize,
     stride: usize,
     opts: &FlashOptions,
+    windowed: bool,
 ) -> Result<LayerState, FlashError> {
     let section = image.ffn_section(layer);
     let n = section.n_neurons;
@@ -232,10 +370,10 @@ pub(super) fn layer_state(
             .enumerate()
             .for_each(|(i, s)| *s = i as u32),
     }
-    let capacity = match (&opts.strategy, &opts.window_slots) {
-        (Strategy::Flash, Some(slots)) => slots[layer],
-        (Strategy::Flash, None) => n,
-        _ => 0,
+    let capacity = match (windowed, &opts.window_slots) {
+        (true, Some(slots)) => slots[layer],
+        (true, None) => n,
+        (false, _) => 0,
     };
     let window = Window::new(WindowConfig {
         n_neurons: n,
@@ -244,25 +382,5 @@ pub(super) fn layer_state(
         k: opts.window_tokens,
     })
     .map_err(|e| FlashError::Setup(format!("layer {layer} window: {e}")))?;
-    let resident = match opts.strategy {
-        Strategy::Resident => {
-            let mut all = Vec::with_capacity(n * stride);
-            for s in 0..n {
-                let bundle = image.bundle_bytes(layer, s);
-                if opts.verify {
-                    image.check_bundle(layer, s, bundle).map_err(|e| {
-                        FlashError::Setup(format!("loading layer {layer}'s FFN: {e}"))
-                    })?;
-                }
-                all.extend_from_slice(bundle);
-            }
-            Some(all)
-        }
-        _ => None,
-    };
-    Ok(LayerState {
-        window,
-        disk_slot,
-        resident,
-    })
+    Ok(LayerState { window, disk_slot })
 }
