@@ -76,7 +76,7 @@ fn run() -> anyhow::Result<()> {
     if let Some(ffn) = w.layers[0].ffn.as_ref() {
         let up = &ffn.up;
         let x: Vec<f32> = (0..up.cols).map(|i| (i as f32 * 0.37).sin()).collect();
-        let mut act = ActivationBuffer::new();
+        let mut act = ActivationBuffer::default();
         act.quantize_for(up.dtype, &x)?;
         let mut out = vec![0.0; up.rows];
         let t = median(|| {

@@ -93,7 +93,7 @@ fn check_columns(w: &ModelWeights, name: &str) {
         let cache = |_| KvCache::new(&w.config, 16, KvType::F16);
         (0..prompts.len()).map(cache).collect()
     };
-    let mut s = CpuState::new(&w.config);
+    let mut s = CpuState::new(&w.config, w.activations);
     let mut ffn = DenseFfn::new(w);
     let mut feed = |caches: &mut [KvCache], cols: &[(usize, u32)]| -> Vec<Vec<f32>> {
         let step = |&(c, t): &(usize, u32)| {

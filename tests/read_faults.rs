@@ -167,7 +167,7 @@ fn a_damaged_streamed_row_is_an_error() {
     let e = rows.row(5, &mut out).expect_err("the damaged row");
     let text = format!("{e}: {}", e.source);
     assert!(text.contains(&format!("offset {at}")), "{text}");
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     act.quantize_for(rows.dtype(), &vec![0.5; table.cols])
         .expect("quantise");
     let mut logits = vec![0f32; table.rows];

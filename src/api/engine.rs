@@ -18,6 +18,7 @@ use crate::engine::stats::GenerationStats;
 use crate::engine::Session;
 use crate::model::chat::ChatMessage;
 use crate::model::tokenizer::Tokenizer;
+use crate::quant::Activations;
 
 /// Positions of context an engine allocates unless told otherwise.
 pub const DEFAULT_CONTEXT: usize = 2048;
@@ -117,6 +118,14 @@ impl EngineBuilder {
     /// planner sizes the GPU windows, pins and overflow to fit it.
     pub fn vram_budget(mut self, bytes: u64) -> EngineBuilder {
         self.options.vram_budget = Some(bytes);
+        self
+    }
+
+    /// How the CPU's activations meet quantised weights: [`Activations::Q8`] (llama.cpp's
+    /// arithmetic, the default) or [`Activations::F32`] (the GPU backend's). A setting of this
+    /// engine's model: other engines in the process keep their own.
+    pub fn activations(mut self, activations: Activations) -> EngineBuilder {
+        self.options.activations = activations;
         self
     }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::backend::kv_cache::KvType;
 use crate::engine::flash::{FlashOptions, Selection, Strategy};
+use crate::quant::Activations;
 use crate::storage::CoalesceOptions;
 
 /// Options for running a model; [`RunOptions::default`] is what the command line does with
@@ -28,6 +29,9 @@ pub struct RunOptions {
     /// Element type of the KV cache (`None`: the backend's default, f16 on the CPU, f32 on
     /// the GPU).
     pub kv_type: Option<KvType>,
+    /// How the CPU's activations meet quantised weights: Q8 blocks as llama.cpp (the
+    /// default), or f32 with the dequantised weights, the GPU backend's arithmetic.
+    pub activations: Activations,
     /// Tokens a neuron stays in the window after its last use (the paper's k).
     pub window: usize,
     /// Concurrent reads.
@@ -70,6 +74,7 @@ impl Default for RunOptions {
             memory_budget: None,
             vram_budget: None,
             kv_type: None,
+            activations: Activations::default(),
             window: 5,
             io_threads: 8,
             disk_curve: None,

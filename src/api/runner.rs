@@ -155,8 +155,9 @@ impl Runner {
         let tables_deferred =
             load.is_some() && args.memory_budget.is_some() && is_flash_image(path);
         let defer: &[&str] = if tables_deferred { &TABLES } else { &[] };
-        let model = Model::open_with(path, load, defer)
+        let mut model = Model::open_with(path, load, defer)
             .with_context(|| format!("loading {}", path.display()))?;
+        model.weights.activations = args.activations;
         let process = process_overhead(&model, &args);
         let calibration = match &model.image {
             Some(image) => Calibration::load_stats(image)

@@ -20,6 +20,10 @@ use crate::sparsity::Calibration;
 pub struct Args {
     /// The flash image to calibrate (written by `llmflash convert`).
     image: PathBuf,
+    /// CPU arithmetic of activations against quantised weights while recording and measuring:
+    /// q8 (llama.cpp's) or f32 (the GPU backend's).
+    #[arg(long, value_enum, default_value_t = crate::quant::Activations::Q8)]
+    activations: crate::quant::Activations,
     /// Calibration text files (e.g. `tools/fetch-calibration-text` writes data/sotu-calib.txt).
     /// Without any, the model writes its own: --tokens tokens sampled from it unprompted
     /// (docs/calibration.md compares the two).
@@ -82,7 +86,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|f| super::read_text(f))
         .collect::<Result<_, _>>()?;
     let eval_text = a.eval.as_deref().map(super::read_text).transpose()?;
-    let model = Model::open(&a.image).with_context(|| format!("loading {}", a.image.display()))?;
+    let mut model =
+        Model::open(&a.image).with_context(|| format!("loading {}", a.image.display()))?;
+    model.weights.activations = a.activations;
     if model.image.is_none() {
         bail!(
             "{} is not a flash image; convert it first: llmflash convert {} -o MODEL.flash",

@@ -132,8 +132,10 @@ impl DraftArgs {
         let DraftSource::Model(path) = self.source() else {
             return Ok(None);
         };
-        let draft = Model::open(path)
+        let mut draft = Model::open(path)
             .with_context(|| format!("loading the draft model {}", path.display()))?;
+        // The draft computes in the target's arithmetic.
+        draft.weights.activations = target.weights.activations;
         match (&target.tokenizer, &draft.tokenizer) {
             (Some(t), Some(d)) => same_vocabulary(t, d).map_err(|e| {
                 anyhow::anyhow!(

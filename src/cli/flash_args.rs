@@ -5,6 +5,7 @@ use crate::api::RunOptions;
 use crate::backend::kv_cache::KvType;
 use crate::budget::parse_bytes;
 use crate::engine::flash::Strategy;
+use crate::quant::Activations;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct FlashArgs {
@@ -37,6 +38,11 @@ pub struct FlashArgs {
     /// the cache's VRAM (attention still computes in f32).
     #[arg(long, value_enum)]
     pub kv_type: Option<KvType>,
+    /// CPU arithmetic of activations against quantised weights: q8 (quantised to Q8 blocks,
+    /// llama.cpp's arithmetic) or f32 (dotted with the dequantised weights, the GPU backend's
+    /// arithmetic, for comparing the two; slower).
+    #[arg(long, value_enum, default_value_t = Activations::Q8)]
+    pub activations: Activations,
     /// Tokens a neuron stays in the window after its last use (the paper's k).
     #[arg(long, default_value_t = 5, value_parser = super::values::window)]
     pub window: usize,
@@ -89,6 +95,7 @@ impl FlashArgs {
             memory_budget: self.memory_budget,
             vram_budget: self.vram_budget,
             kv_type: self.kv_type,
+            activations: self.activations,
             window: self.window,
             io_threads: self.io_threads,
             disk_curve: self.disk_curve.clone(),

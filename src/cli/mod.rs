@@ -24,7 +24,6 @@ use clap::{Parser, Subcommand};
 
 use crate::api::Runner;
 use crate::model::{load, LoadedModel};
-use crate::quant::{set_activations, Activations};
 
 #[derive(Parser)]
 #[command(
@@ -36,11 +35,6 @@ struct Cli {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long, global = true, value_parser = values::threads)]
     threads: Option<usize>,
-    /// CPU arithmetic of activations against quantised weights: q8 (quantised to Q8 blocks,
-    /// llama.cpp's arithmetic) or f32 (dotted with the dequantised weights, the GPU backend's
-    /// arithmetic, for comparing the two; slower).
-    #[arg(long, global = true, value_enum, default_value_t = Activations::Q8)]
-    activations: Activations,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,8 +77,6 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    set_activations(cli.activations)
-        .map_err(|was| anyhow::anyhow!("the activation arithmetic was already {was:?}"))?;
     let mut pool = rayon::ThreadPoolBuilder::new();
     if let Some(n) = cli.threads {
         pool = pool.num_threads(n);

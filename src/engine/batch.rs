@@ -79,7 +79,7 @@ impl<'w> BatchDecoder<'w> {
             weights,
             ffn,
             rows,
-            state: CpuState::new(&weights.config),
+            state: CpuState::new(&weights.config, weights.activations),
             batch: BatchState::default(),
             slots: vec![(0, false); caches.len()],
             caches,

@@ -92,7 +92,7 @@ impl<'w> Session<'w> {
         Session {
             weights,
             kv: KvCache::new(c, ctx, KvType::default()),
-            state: CpuState::new(c),
+            state: CpuState::new(c, weights.activations),
             ffn,
             rows: None,
             batch: BatchState::default(),

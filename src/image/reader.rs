@@ -16,7 +16,7 @@ use crate::model::tensor::{Storage, Tensor};
 use crate::model::weights::{
     gguf_extra_norm_names, Attention, ExtraNorms, FfnBias, Layer, Linear, ModelWeights, Norm,
 };
-use crate::quant;
+use crate::quant::{self, Activations};
 
 /// An open, validated flash image, memory-mapped.
 #[derive(Clone)]
@@ -344,6 +344,7 @@ impl FlashImage {
             layers,
             final_norm,
             lm_head,
+            activations: Activations::default(),
         })
     }
 

@@ -8,7 +8,7 @@ use crate::model::config::{Arch, Config, RopeStyle};
 use crate::model::gguf::GgufFile;
 use crate::model::hf::HfModel;
 use crate::model::tensor::Tensor;
-use crate::quant;
+use crate::quant::{self, Activations};
 
 /// A linear layer `y = W x + b`.
 #[derive(Clone, Debug)]
@@ -89,6 +89,9 @@ pub struct ModelWeights {
     pub final_norm: Option<Norm>,
     /// Output projection, `vocab x embed_dim`; the embedding matrix when tied.
     pub lm_head: Tensor,
+    /// How the CPU's activations meet these quantised weights: llama.cpp's Q8 (the default)
+    /// or f32, the GPU backend's arithmetic. Set it before building sessions.
+    pub activations: Activations,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -352,6 +355,7 @@ impl ModelWeights {
             project_out: None,
             layers,
             lm_head,
+            activations: Activations::default(),
         })
     }
 
@@ -389,6 +393,7 @@ fn hf_llama(m: &HfModel) -> Result<ModelWeights, LoadError> {
         project_out: None,
         layers,
         lm_head,
+        activations: Activations::default(),
     })
 }
 
@@ -453,6 +458,7 @@ fn hf_opt(m: &HfModel) -> Result<ModelWeights, LoadError> {
         layers,
         final_norm,
         lm_head,
+        activations: Activations::default(),
     })
 }
 

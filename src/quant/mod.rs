@@ -7,6 +7,8 @@
 //!
 //! [`Activations::F32`] (`--activations f32`) instead keeps `x` in f32 for every weight dtype
 //! and dots it with the dequantised row: the GPU backend's arithmetic, for comparing the two.
+//! The choice belongs to each model's weights and is carried by each [`ActivationBuffer`], so
+//! two engines in one process may compute differently.
 //!
 //! Weight rows are raw GGUF bytes at any alignment: every block field is read with
 //! `from_le_bytes` (scalar) or unaligned loads (SIMD); nothing casts `&[u8]` to a block type.
@@ -39,9 +41,9 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use std::sync::OnceLock;
-
-/// How activations meet quantised weights, process-wide.
+/// How activations meet quantised weights. A setting of each model
+/// ([`ModelWeights::activations`](crate::model::weights::ModelWeights::activations)), carried
+/// by every [`ActivationBuffer`] its compute makes, so two engines in one process may differ.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Activations {
@@ -52,20 +54,6 @@ pub enum Activations {
     /// Kept in f32 and dotted with the dequantised weights, as the GPU backend does (slower:
     /// each row is dequantised on every use).
     F32,
-}
-
-static ACTIVATIONS: OnceLock<Activations> = OnceLock::new();
-
-/// Sets the process's activation arithmetic. Call it before any compute (the CLI does, from
-/// `--activations`); it can be set once, and errs with the value already in force after that
-/// (the default, if anything computed first).
-pub fn set_activations(a: Activations) -> Result<(), Activations> {
-    ACTIVATIONS.set(a).map_err(|_| activations())
-}
-
-/// The process's activation arithmetic ([`Activations::Q8`] unless set).
-pub fn activations() -> Activations {
-    *ACTIVATIONS.get_or_init(Activations::default)
 }
 
 /// Errors from (de)quantisation. Messages say what was expected, what was found, what to do.
@@ -233,10 +221,12 @@ enum ActKind {
     Q8K,
 }
 
-/// Reusable scratch for one quantised activation vector. Each form keeps its own buffers, so
-/// alternating between weight dtypes reuses capacity instead of reallocating.
+/// Reusable scratch for one quantised activation vector, in the arithmetic it was made for.
+/// Each form keeps its own buffers, so alternating between weight dtypes reuses capacity
+/// instead of reallocating.
 #[derive(Clone, Debug)]
 pub struct ActivationBuffer {
+    mode: Activations,
     kind: ActKind,
     f32: Vec<f32>,
     q8: Q8Act,
@@ -244,14 +234,17 @@ pub struct ActivationBuffer {
 }
 
 impl Default for ActivationBuffer {
+    /// A buffer in llama.cpp's arithmetic ([`Activations::Q8`]).
     fn default() -> Self {
-        Self::new()
+        Self::new(Activations::default())
     }
 }
 
 impl ActivationBuffer {
-    pub fn new() -> Self {
+    /// An empty buffer that quantises in `mode`'s arithmetic.
+    pub fn new(mode: Activations) -> Self {
         ActivationBuffer {
+            mode,
             kind: ActKind::Empty,
             f32: Vec::new(),
             q8: Q8Act::default(),
@@ -264,7 +257,7 @@ impl ActivationBuffer {
     pub fn quantize_for(&mut self, weight: DType, x: &[f32]) -> Result<(), QuantError> {
         check_whole_blocks(weight, x.len())?;
         self.kind = ActKind::Empty;
-        let form = match activations() {
+        let form = match self.mode {
             Activations::F32 => ActKind::F32,
             Activations::Q8 => act_kind_for(weight),
         };
@@ -374,7 +367,7 @@ fn dot_dequantized(dtype: DType, row: &[u8], x: &[f32], simd: bool) -> f32 {
 fn check_dot(dtype: DType, row: &[u8], act: &ActivationBuffer) {
     assert!(
         act.kind == act_kind_for(dtype)
-            || (act.kind == ActKind::F32 && activations() == Activations::F32),
+            || (act.kind == ActKind::F32 && act.mode == Activations::F32),
         "vec_dot: activation was not quantised for {dtype}"
     );
     assert!(

@@ -144,7 +144,7 @@ fn lens(dtype: DType) -> Vec<usize> {
 #[test]
 fn scalar_dot_matches_dequantized_reference() {
     let mut rng = Rng::new(0x1234_5678);
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     for dtype in ALL {
         for n in lens(dtype) {
             for _ in 0..5 {
@@ -188,7 +188,7 @@ fn simd_dot_matches_scalar() {
         return;
     }
     let mut rng = Rng::new(0xDEAD_BEEF);
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     for dtype in ALL {
         for n in lens(dtype) {
             for _ in 0..5 {
@@ -212,7 +212,7 @@ fn simd_dot_matches_scalar() {
 #[test]
 fn matvec_is_one_dot_per_row() {
     let mut rng = Rng::new(7);
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     for dtype in ALL {
         let n = 512;
         let rows = 5;
@@ -237,7 +237,7 @@ fn four_dots_at_once_are_the_single_dots() {
         let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(&mut rng, dtype, n)).collect();
         let acts: Vec<ActivationBuffer> = (0..4)
             .map(|_| {
-                let mut a = ActivationBuffer::new();
+                let mut a = ActivationBuffer::default();
                 a.quantize_for(dtype, &activations(&mut rng, n)).unwrap();
                 a
             })
@@ -456,7 +456,7 @@ fn q8_activations_follow_ggml() {
     x[1] = -0.5; // ties to even: 0, where roundf would give -1
     x[2] = 63.5; // ties to even: 64
     x[3] = 2.5; // ties to even: 2
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     act.quantize_for(DType::Q4_1, &x).unwrap();
     let Some(QuantizedActivation::Q8_1(a)) = act.activation() else {
         panic!("not Q8_1")
@@ -476,7 +476,7 @@ fn q8_k_activations_follow_ggml() {
     x[300] = -127.0;
     x[301] = 63.5;
     x[302] = 62.5;
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     act.quantize_for(DType::Q6K, &x).unwrap();
     let Some(QuantizedActivation::Q8K(a)) = act.activation() else {
         panic!("not Q8K")
@@ -500,7 +500,7 @@ fn q8_k_activations_follow_ggml() {
 
 #[test]
 fn bad_lengths_are_errors() {
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     assert!(matches!(
         act.quantize_for(DType::Q4K, &[0.0; 255]),
         Err(QuantError::PartialBlock { .. })
@@ -522,7 +522,7 @@ fn bad_lengths_are_errors() {
 #[test]
 #[should_panic(expected = "not quantised for")]
 fn vec_dot_rejects_the_wrong_activation() {
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     act.quantize_for(DType::Q8_0, &[0.0; 256]).unwrap();
     vec_dot(DType::Q4K, &[0; 144], &act);
 }
@@ -532,7 +532,7 @@ fn vec_dot_rejects_the_wrong_activation() {
 #[ignore]
 fn timing() {
     let mut rng = Rng::new(42);
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     let cases = [
         (DType::Q4_1, 1536, 576),
         (DType::Q4_1, 1536, 576),
@@ -591,8 +591,8 @@ fn timing() {
 }
 
 /// `--activations f32`: a quantised row dotted with f32 activations is the dequantised row's
-/// dot, to f32 rounding (the process-wide switch itself is tested through the CLI, since
-/// setting it here would change every other test's arithmetic).
+/// dot, to f32 rounding (the kernel; `each_buffer_keeps_its_own_arithmetic` goes through the
+/// buffers).
 #[test]
 fn f32_activations_dot_the_dequantised_row() {
     let mut rng = Rng::new(0x5eed_f32a);
@@ -641,7 +641,7 @@ fn lane_ordered_simd_dots_equal_scalar_to_the_bit() {
         return;
     }
     let mut rng = Rng::new(0x0005_0005);
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     for dtype in [
         DType::Q5_0,
         DType::Q5_1,
@@ -675,7 +675,7 @@ fn lane_ordered_simd_dots_equal_scalar_to_the_bit() {
 #[test]
 fn q5_dots_are_within_q8_error_of_the_float_dot() {
     let mut rng = Rng::new(0x0005_f10a);
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     for dtype in [DType::Q5_0, DType::Q5_1] {
         for n in lens(dtype) {
             for _ in 0..5 {
@@ -890,7 +890,7 @@ fn check_gguf_py_dequantisation(fixture: &str, types: &[(DType, &str)]) {
             .collect()
     };
     let mut rng = Rng::new(0x6767_7566);
-    let mut act = ActivationBuffer::new();
+    let mut act = ActivationBuffer::default();
     for &(dtype, key) in types {
         let t = &fx[key];
         assert_eq!(
@@ -1020,4 +1020,35 @@ fn every_dtype_dispatches_to_its_own_format() {
     assert_eq!(geometry(DType::BF16), (1, 2));
     assert_eq!(geometry(DType::Q4_0), (32, 18));
     assert_eq!(geometry(DType::Q6K), (256, 210));
+}
+
+/// The arithmetic is a property of each buffer, not of the process: buffers of both kinds
+/// dot the same row side by side, the f32 one as the dequantised row's f32 dot product, the
+/// Q8 one through its rounded blocks.
+#[test]
+fn each_buffer_keeps_its_own_arithmetic() {
+    let mut rng = Rng::new(0xac7);
+    for dtype in [DType::Q4K, DType::Q8_0, DType::Q4_1, DType::Q6K] {
+        let n = 512;
+        let row = random_row(&mut rng, dtype, n);
+        let x = activations(&mut rng, n);
+        let mut w = vec![0f32; n];
+        dequantize(dtype, &row, &mut w).unwrap();
+        let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let scale: f64 = w.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+        let mut f = ActivationBuffer::new(Activations::F32);
+        let mut q = ActivationBuffer::new(Activations::Q8);
+        f.quantize_for(dtype, &x).unwrap();
+        q.quantize_for(dtype, &x).unwrap();
+        let (df, dq) = (vec_dot(dtype, &row, &f), vec_dot(dtype, &row, &q));
+        assert!(
+            (df as f64 - exact).abs() <= 1e-5 * scale.max(1.0),
+            "{dtype}: f32 arithmetic gave {df}, the f32 dot product is {exact}"
+        );
+        assert_ne!(df, dq, "{dtype}: Q8 activations round, so they differ from f32");
+        assert!(
+            (dq as f64 - exact).abs() <= 2e-2 * scale.max(1.0),
+            "{dtype}: Q8 arithmetic gave {dq}, far from {exact}"
+        );
+    }
 }

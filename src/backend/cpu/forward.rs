@@ -14,7 +14,7 @@ use crate::backend::streamed::{OutputRows, RowSource};
 use crate::model::config::{Arch, Config, FfnKind};
 use crate::model::tensor::Tensor;
 use crate::model::weights::{Ffn, Layer, ModelWeights, Norm};
-use crate::quant::{self, ActivationBuffer};
+use crate::quant::{self, ActivationBuffer, Activations};
 use crate::storage::ReadError;
 
 /// Scratch buffers of one decode step, allocated once per session.
@@ -38,7 +38,8 @@ pub struct CpuState {
 }
 
 impl CpuState {
-    pub fn new(c: &Config) -> CpuState {
+    /// Scratch for one position of a model with config `c`, quantising in `mode`.
+    pub fn new(c: &Config, mode: Activations) -> CpuState {
         let d = c.hidden_size;
         let q_dim = c.n_heads * c.head_dim;
         CpuState {
@@ -51,7 +52,7 @@ impl CpuState {
             embed: vec![0.0; c.embed_dim],
             out: vec![0.0; d],
             logits: vec![0.0; c.vocab_size],
-            act: ActivationBuffer::new(),
+            act: ActivationBuffer::new(mode),
             rope: Vec::with_capacity(c.head_dim / 2),
             rope_sliding: Vec::with_capacity(c.head_dim / 2),
             head: Vec::with_capacity(c.head_dim),
@@ -161,7 +162,7 @@ impl<'w> DenseFfn<'w> {
             weights,
             a: vec![0.0; f],
             b: vec![0.0; f],
-            act: ActivationBuffer::new(),
+            act: ActivationBuffer::new(weights.activations),
             batch: FfnBatch::default(),
         }
     }
@@ -222,7 +223,8 @@ impl FfnCompute for DenseFfn<'_> {
         let (c, l) = (&self.weights.config, &self.weights.layers[layer]);
         let f = dense(l, layer);
         let b = &mut self.batch;
-        b.acts.resize_with(n, ActivationBuffer::new);
+        let mode = self.weights.activations;
+        b.acts.resize_with(n, || ActivationBuffer::new(mode));
         b.up.resize(n * c.intermediate_size, 0.0);
         matmul_rows(&f.up, hs, &mut b.acts, &mut b.scratch, &mut b.up);
         if let Some(bias) = &l.ffn_bias.up {

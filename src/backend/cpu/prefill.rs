@@ -21,7 +21,7 @@ use crate::backend::kv_cache::KvCache;
 use crate::backend::streamed::OutputRows;
 use crate::model::config::Config;
 use crate::model::weights::{Layer, ModelWeights};
-use crate::quant::ActivationBuffer;
+use crate::quant::{ActivationBuffer, Activations};
 use crate::storage::ReadError;
 
 /// Row-major `tokens x width` activations of one batch, allocated once per session and grown
@@ -48,7 +48,7 @@ pub struct BatchState {
 }
 
 impl BatchState {
-    fn resize(&mut self, c: &Config, n: usize) {
+    fn resize(&mut self, c: &Config, mode: Activations, n: usize) {
         let (d, q_dim) = (c.hidden_size, c.n_heads * c.head_dim);
         for (buf, width) in [
             (&mut self.x, d),
@@ -61,7 +61,7 @@ impl BatchState {
         ] {
             buf.resize(n * width, 0.0);
         }
-        self.acts.resize_with(n, ActivationBuffer::new);
+        self.acts.resize_with(n, || ActivationBuffer::new(mode));
     }
 
     /// Keeps only the hidden states of columns `picked` (ascending, each `< n`), moved to the
@@ -151,7 +151,7 @@ pub fn forward_columns(
 ) -> Result<(), ReadError> {
     let c = &w.config;
     let (n, d) = (cols.len(), c.hidden_size);
-    b.resize(c, n);
+    b.resize(c, w.activations, n);
     b.place(caches, cols);
     for (i, &(_, t)) in cols.iter().enumerate() {
         embed(w, s, t, b.pos[i], rows.as_deref_mut())?;

@@ -13,7 +13,7 @@ use crate::backend::cpu::ops::{geglu_one, silu};
 use crate::image::{FlashImage, PartRole};
 use crate::model::config::FfnKind;
 use crate::quant::DType;
-use crate::quant::{self, ActivationBuffer};
+use crate::quant::{self, ActivationBuffer, Activations};
 
 /// Where one weight vector sits inside a bundle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +71,7 @@ pub type Neuron<'b> = (u32, &'b [u8]);
 /// Reusable state of the sparse FFN: the quantised input and the chunk partial sums (and,
 /// for batches, every token's quantised input and activations).
 pub struct SparseFfn {
+    mode: Activations,
     act_gate: ActivationBuffer,
     act_up: ActivationBuffer,
     partials: Vec<Vec<f32>>,
@@ -85,16 +86,19 @@ pub struct SparseFfn {
 }
 
 impl Default for SparseFfn {
+    /// In llama.cpp's arithmetic ([`Activations::Q8`]).
     fn default() -> Self {
-        Self::new()
+        Self::new(Activations::default())
     }
 }
 
 impl SparseFfn {
-    pub fn new() -> SparseFfn {
+    /// Scratch for a sparse FFN that quantises its input in `mode`.
+    pub fn new(mode: Activations) -> SparseFfn {
         SparseFfn {
-            act_gate: ActivationBuffer::new(),
-            act_up: ActivationBuffer::new(),
+            mode,
+            act_gate: ActivationBuffer::new(mode),
+            act_up: ActivationBuffer::new(mode),
             partials: Vec::new(),
             batch_gate: Vec::new(),
             batch_up: Vec::new(),
@@ -179,8 +183,9 @@ impl SparseFfn {
         outs: &mut [f32],
     ) {
         let tokens = hs.len() / hidden;
+        let mode = self.mode;
         let quantize = |dtype, acts: &mut Vec<ActivationBuffer>| {
-            acts.resize_with(tokens, ActivationBuffer::new);
+            acts.resize_with(tokens, || ActivationBuffer::new(mode));
             acts.par_iter_mut()
                 .zip(hs.par_chunks_exact(hidden))
                 .for_each(|(a, h)| {
@@ -287,17 +292,18 @@ fn combine(kind: FfnKind, gate: Option<f32>, up: f32, id: u32, up_bias: Option<&
     }
 }
 
-/// The hidden activations of the given neurons (the "oracle" active set is computed from
-/// these; calibration compares them with thresholds).
+/// The hidden activations of the given neurons, with `h` quantised in `mode` (the "oracle"
+/// active set is computed from these; calibration compares them with thresholds).
 pub fn activations(
     parts: &BundleParts,
+    mode: Activations,
     h: &[f32],
     neurons: &[Neuron],
     up_bias: Option<&[f32]>,
     out: &mut Vec<f32>,
 ) {
-    let mut act_gate = ActivationBuffer::new();
-    let mut act_up = ActivationBuffer::new();
+    let mut act_gate = ActivationBuffer::new(mode);
+    let mut act_up = ActivationBuffer::new(mode);
     if let Some(g) = &parts.gate {
         act_gate.quantize_for(g.dtype, h).expect("gate part length");
     }
@@ -352,7 +358,7 @@ mod tests {
         let h = [1.0, 0.0, 0.0, 0.0];
         let mut out = [0.0; 4];
         let neurons = [(0u32, b0.as_slice()), (1u32, b1.as_slice())];
-        SparseFfn::new().compute(&parts(d, FfnKind::SwiGlu), &h, &neurons, None, &mut out);
+        SparseFfn::default().compute(&parts(d, FfnKind::SwiGlu), &h, &neurons, None, &mut out);
         assert!((out[0] - silu(1.0) * 2.0).abs() < 1e-6);
         assert!((out[1] - silu(-1.0) * 3.0).abs() < 1e-6);
     }
@@ -366,9 +372,9 @@ mod tests {
         let h = [1.0, 0.0, 0.0, 0.0];
         let mut out = [0.0; 4];
         let bias = [-5.0f32, 0.0];
-        SparseFfn::new().compute(&p, &h, &[(0, &b0)], Some(&bias), &mut out);
+        SparseFfn::default().compute(&p, &h, &[(0, &b0)], Some(&bias), &mut out);
         assert_eq!(out, [0.0; 4], "relu(2 - 5) = 0");
-        SparseFfn::new().compute(&p, &h, &[(1, &b0)], Some(&bias), &mut out);
+        SparseFfn::default().compute(&p, &h, &[(1, &b0)], Some(&bias), &mut out);
         assert_eq!(out, [2.0, 2.0, 0.0, 0.0]);
     }
 
@@ -464,7 +470,7 @@ mod tests {
                 .collect();
             for tokens in [1, 4, 7] {
                 let hs: Vec<f32> = (0..tokens * d).map(|j| (j as f32 * 0.013).cos()).collect();
-                let mut ffn = SparseFfn::new();
+                let mut ffn = SparseFfn::default();
                 let mut batch = vec![0.0; tokens * d];
                 ffn.compute_batch(&parts, d, &hs, &neurons, None, &mut batch);
                 assert!(batch.iter().all(|v| v.is_finite()) && batch.iter().any(|&v| v != 0.0));
@@ -503,7 +509,13 @@ mod tests {
                 .unwrap();
             let mut out = vec![0.0; d];
             pool.install(|| {
-                SparseFfn::new().compute(&parts(d, FfnKind::SwiGlu), &h, &neurons, None, &mut out)
+                SparseFfn::default().compute(
+                    &parts(d, FfnKind::SwiGlu),
+                    &h,
+                    &neurons,
+                    None,
+                    &mut out,
+                )
             });
             out
         };

@@ -113,7 +113,7 @@ impl<'a> FlashFfn<'a> {
             stride,
             layers,
             source,
-            sparse: SparseFfn::new(),
+            sparse: SparseFfn::new(weights.activations),
             active: Vec::new(),
             ranges: Vec::new(),
             oracle_acts: Vec::new(),
@@ -241,7 +241,8 @@ impl<'a> FlashFfn<'a> {
                     .map(|i| (i, self.mmap_bundle(layer, i)))
                     .collect();
                 let bias = self.weights.layers[layer].ffn_bias.up.as_deref();
-                activations(&self.parts, h, &all, bias, &mut self.oracle_acts);
+                let mode = self.weights.activations;
+                activations(&self.parts, mode, h, &all, bias, &mut self.oracle_acts);
                 let acts = &self.oracle_acts;
                 self.active
                     .extend((0..n as u32).filter(|&i| acts[i as usize].abs() >= t));
