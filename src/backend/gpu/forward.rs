@@ -25,7 +25,7 @@ use crate::backend::gpu::kernels::{Dispatch, Step, Width};
 use crate::backend::gpu::timer::GpuTimer;
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::backend::kv_cache::KvType;
-use crate::model::config::{Config, FfnKind};
+use crate::model::config::{Arch, Config, FfnKind};
 use crate::model::weights::{Linear, ModelWeights};
 use std::time::{Duration, Instant};
 
@@ -303,13 +303,18 @@ impl Core {
     ) -> Result<Core, GpuError> {
         let c = w.config.clone();
         // The shaders have neither GELU gating nor Gemma 3's extra norms, embedding scale and
-        // sliding-window layers: refused here, before anything is uploaded.
-        if c.arch == crate::model::config::Arch::Gemma3 {
-            return Err(GpuError::Shape(
-                "the GPU backend does not run gemma3 models (GELU gating, q/k and post norms, \
-                 sliding-window layers); run it on the CPU backend"
-                    .to_string(),
-            ));
+        // sliding-window layers, nor Qwen3's q/k head norms: refused here, before anything is
+        // uploaded.
+        let unsupported = match c.arch {
+            Arch::Gemma3 => Some("GELU gating, q/k and post norms, sliding-window layers"),
+            Arch::Qwen3 => Some("RMSNorm on each query and key head"),
+            Arch::Llama | Arch::Qwen2 | Arch::Opt => None,
+        };
+        if let Some(what) = unsupported {
+            return Err(GpuError::Shape(format!(
+                "the GPU backend does not run {} models ({what}); run it on the CPU backend",
+                c.arch
+            )));
         }
         let max_ctx = max_ctx.min(c.max_positions).max(1);
         let columns = columns.clamp(1, max_ctx);
