@@ -323,5 +323,12 @@ mod tests {
         assert!(e.contains("`llama.attention.head_count` is 0"), "{e}");
         let e = gguf_with("llama.attention.head_count_kv", MetaValue::U32(0)).unwrap_err();
         assert!(e.contains("`llama.attention.head_count_kv` is 0"), "{e}");
+        // Value heads as wide as the key heads (64 / 4) load; narrower ones are refused.
+        assert!(gguf_with("llama.attention.value_length", MetaValue::U32(16)).is_ok());
+        let e = gguf_with("llama.attention.value_length", MetaValue::U32(8)).unwrap_err();
+        assert!(
+            e.contains("`llama.attention.value_length` is 8 and the key heads are 16 wide"),
+            "{e}"
+        );
     }
 }
