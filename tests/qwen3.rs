@@ -3,9 +3,10 @@
 //! by `tests/hf_reference.rs`): the same tensors written as a GGUF with llama.cpp's names give
 //! the same logits; converted to a flash image, every strategy and window size gives the same
 //! logits and the resident model's greedy tokens, calibrated too; from the command line it
-//! converts, calibrates and generates under a memory budget; `inspect` names the architecture,
-//! the GPU backend refuses it at load, and an architecture the engine does not run is refused
-//! at load, named.
+//! converts, calibrates and generates under a memory budget, on the GPU too (dense and under a
+//! VRAM budget, the CPU's tokens); `inspect` names the architecture, and an architecture the
+//! engine does not run is refused at load, named. (The dense GPU decoder against transformers
+//! and the CPU: `tests/gpu_decoder.rs`.)
 
 mod common;
 
@@ -311,11 +312,11 @@ fn command_line_converts_calibrates_and_generates_under_a_budget() {
     let hf = hf_dir();
     let hf = hf.to_str().expect("utf-8");
 
-    // inspect names the architecture and says the GPU backend refuses it.
+    // inspect names the architecture and says both backends run it.
     for m in [gguf, hf] {
         let (out, _) = cli(&["inspect", m], &cache);
         assert!(out.contains("architecture: qwen3"), "{out}");
-        assert!(out.contains("the GPU backend does not run qwen3"), "{out}");
+        assert!(out.contains("backends: cpu, gpu"), "{out}");
     }
 
     let (want, _) = generate(gguf, &[], &cache);
@@ -377,16 +378,49 @@ fn command_line_converts_calibrates_and_generates_under_a_budget() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The GPU decoders refuse qwen3 when they are built, naming it.
+/// On the GPU (its f32 arithmetic, so the CPU's too), dense from the HF checkpoint and from
+/// its flash image, under a VRAM budget too: the CPU's greedy tokens.
 #[test]
-fn gpu_backend_refuses_qwen3_at_load() {
-    let Some(ctx) = common::gpu() else { return };
-    let model = load(&hf_dir()).expect("load");
-    let e = llmflash::backend::gpu::GpuDecoder::new(ctx, &model.weights, 64)
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(e.contains("does not run qwen3"), "{e}");
+fn gpu_generates_the_cpu_tokens_dense_and_from_the_image() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = common::root()
+        .join("target/test-files")
+        .join(format!("qwen3-gpu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = dir.join("cache");
+    let hf = hf_dir();
+    let hf = hf.to_str().expect("utf-8");
+    let f32s = ["--activations", "f32", "--kv-type", "f32"];
+    let (cpu, _) = generate(hf, &f32s, &cache);
+    let gpu = ["--backend", "gpu", "--kv-type", "f32"];
+    let (dense, _) = generate(hf, &gpu, &cache);
+    assert_eq!(dense, cpu, "dense GPU decoder vs CPU");
+    let image = common::to_image(&hf_dir(), "qwen3-gpu", BundleDtype::Source);
+    let image_s = image.to_str().expect("utf-8");
+    let (cpu_flash, _) = generate(image_s, &f32s, &cache);
+    let (gpu_flash, _) = generate(image_s, &gpu, &cache);
+    assert_eq!(
+        gpu_flash, cpu_flash,
+        "GPU flash decoder vs CPU, from the image"
+    );
+    let run = [
+        "--token-ids",
+        "1,17,200,45,3,99",
+        "-n",
+        "12",
+        "--kv-type",
+        "f32",
+    ];
+    let budget = (common::vram_minimum(&image, &run) + 64 * 1024).to_string();
+    let mut args = gpu.to_vec();
+    args.extend(["--vram-budget", &budget]);
+    let (budgeted, stats) = generate(image_s, &args, &cache);
+    assert_eq!(budgeted, cpu_flash, "under a VRAM budget: {stats}");
+    std::fs::remove_file(&image).ok();
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// An architecture the engine does not run is refused at load, by name, from GGUF and HF.

@@ -127,7 +127,7 @@ fn print_backends(c: &crate::model::config::Config, dtypes: impl Iterator<Item =
         .map(|(n, _)| *n)
         .collect();
     use crate::model::config::Arch;
-    if matches!(c.arch, Arch::Gemma3 | Arch::Qwen3) {
+    if c.arch == Arch::Gemma3 {
         println!(
             "backends: cpu (the GPU backend does not run {}: --backend gpu refuses it)",
             c.arch

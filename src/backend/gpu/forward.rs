@@ -1,7 +1,8 @@
 //! The dense decode step wholly on the GPU: weights uploaded once, the KV cache resident on the
 //! GPU, every dispatch of a token recorded into one compute pass, and one readback per token (the
 //! logits, or 4 bytes with [`GpuDecoder::step_greedy`]). The same computation as
-//! `backend::cpu::forward`, for the llama family (SwiGLU, RMSNorm, RoPE, qwen2's q/k/v biases) and
+//! `backend::cpu::forward`, for the llama family (SwiGLU, RMSNorm, RoPE, qwen2's q/k/v biases,
+//! qwen3's q/k head norms) and
 //! OPT (ReLU, LayerNorm, learned positions, projections, pre- or post-norm).
 //!
 //! Numerics: activations stay f32 into every matvec (the CPU quantises them to Q8 for quantised
@@ -302,13 +303,11 @@ impl Core {
         columns: usize,
     ) -> Result<Core, GpuError> {
         let c = w.config.clone();
-        // The shaders have neither GELU gating nor Gemma 3's extra norms, embedding scale and
-        // sliding-window layers, nor Qwen3's q/k head norms: refused here, before anything is
-        // uploaded.
+        // The shaders have neither GELU gating nor Gemma 3's post norms, embedding scale and
+        // sliding-window layers: refused here, before anything is uploaded.
         let unsupported = match c.arch {
             Arch::Gemma3 => Some("GELU gating, q/k and post norms, sliding-window layers"),
-            Arch::Qwen3 => Some("RMSNorm on each query and key head"),
-            Arch::Llama | Arch::Qwen2 | Arch::Opt => None,
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Opt => None,
         };
         if let Some(what) = unsupported {
             return Err(GpuError::Shape(format!(
@@ -416,6 +415,17 @@ impl Core {
             attn.extend(matvec(ctx, &q, attn_in, qb.as_ref(), &s.q, wide, columns)?);
             attn.extend(matvec(ctx, &k, attn_in, kb.as_ref(), &s.k, wide, columns)?);
             attn.extend(matvec(ctx, &v, attn_in, vb.as_ref(), &s.v, wide, columns)?);
+            // Qwen3: RMSNorm of each query and key head, before RoPE.
+            let head_norms = [
+                (&layer.extra_norms.q, c.n_heads, &s.q, "q_norm"),
+                (&layer.extra_norms.k, c.n_kv_heads, &s.k, "k_norm"),
+            ];
+            for (norm, heads, v, what) in head_norms {
+                if let Some(n) = norm {
+                    let g = GpuNorm::upload(ctx, &format!("layer {l} {what}"), n)?;
+                    attn.push(g.dispatch_heads(ctx, c.norm_eps, heads, v)?);
+                }
+            }
             if let Some(t) = &table {
                 attn.push(rope(
                     ctx,
