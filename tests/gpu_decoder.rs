@@ -88,6 +88,11 @@ fn hf_qwen2_f16_with_qkv_bias() {
 }
 
 #[test]
+fn hf_qwen3_head_norms_bf16() {
+    check_hf("qwen3");
+}
+
+#[test]
 fn hf_opt_relu_layernorm_positions() {
     check_hf("opt");
 }
@@ -296,7 +301,7 @@ fn check_verify(weights: &ModelWeights, what: &str, kv: KvType, passes: &[usize]
 
 #[test]
 fn verify_passes_equal_steps_on_every_family() {
-    for name in ["llama", "llama-tied", "qwen2", "opt", "opt-proj"] {
+    for name in ["llama", "llama-tied", "qwen2", "qwen3", "opt", "opt-proj"] {
         let model = load(&common::fixture(&format!("hf/{name}"))).expect("loading");
         check_verify(&model.weights, name, KvType::F32, &[1, 3, 11, 2, 8, 9]);
     }

@@ -77,6 +77,40 @@ fn qwen2_f16() {
     check("qwen2");
 }
 
+/// Qwen3: RMSNorm on each q and k head before RoPE, no biases, heads 24 wide in a hidden size
+/// of 64 (4 heads), tied embeddings, bf16 weights.
+#[test]
+fn qwen3_bf16() {
+    check("qwen3");
+    // The head norms are what makes it qwen3: without them the logits are far off.
+    let dir = common::fixture("hf/qwen3");
+    let reference = common::read_json(&dir.join("reference.json"));
+    let mut weights = load(&dir).expect("load").weights;
+    assert_ne!(
+        weights.config.n_heads * weights.config.head_dim,
+        weights.config.hidden_size
+    );
+    for layer in &mut weights.layers {
+        assert!(layer.extra_norms.q.is_some() && layer.extra_norms.k.is_some());
+        layer.extra_norms.q = None;
+        layer.extra_norms.k = None;
+    }
+    let tokens = common::u32s(&reference["tokens"]);
+    let want: Vec<f32> = reference["logits"][tokens.len() - 1]
+        .as_array()
+        .expect("logit row")
+        .iter()
+        .map(|v| v.as_f64().expect("logit") as f32)
+        .collect();
+    let mut session = Session::new(&weights, 64).with_kv_type(KvType::F32);
+    let got = session.prefill(&tokens).expect("prefill");
+    let err = relative_error(got, &want);
+    assert!(
+        err > 1e-2,
+        "without q/k norms: relative error only {err:.2e}"
+    );
+}
+
 #[test]
 fn opt() {
     check("opt");

@@ -10,6 +10,11 @@ Every forward pass and generate() call gets an explicit all-ones attention mask:
 learned positions from the mask (cumsum - 1, then + 2), and generate() would otherwise build a
 mask from pad_token_id. The greedy continuation is re-checked against argmax of full (uncached)
 forward passes, and EOS is disabled so generate() always emits all 8 tokens.
+
+    make_hf_fixtures.py OUT [NAME...]
+
+With NAMEs, only those checkpoints are written again; the others are left as they are (their
+tensor tables for README.md are read back from OUT).
 """
 import json
 import os
@@ -21,9 +26,10 @@ import torch
 import transformers
 from safetensors import safe_open
 from transformers import (LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/hf"
+ONLY = set(sys.argv[2:])
 # 16 ids < 256. Llama/qwen2 start with 1 (llama's BOS); OPT starts with 2, its BOS (1 is OPT's
 # pad id, which we keep out of the sequence).
 TOKENS = [1, 17, 200, 45, 3, 99, 128, 7, 250, 31, 64, 5, 180, 77, 12, 140]
@@ -55,7 +61,7 @@ def tensor_list(path):
     return sorted(rows)
 
 
-def write(name, model_cls, config, seed, tokens, dtype=torch.float32, shard=None):
+def write_checkpoint(name, model_cls, config, seed, tokens, dtype=torch.float32, shard=None):
     torch.manual_seed(seed)
     model = model_cls(config)
     randomize(model, seed)
@@ -137,6 +143,14 @@ Reference logits are f32 math over the bf16 weights upcast to f32.""",
 x 16, 2 KV heads, rope_theta 10000, rms_norm_eps **1e-6**, **q/k/v projections have biases**
 (o_proj and the MLP have none), `tie_word_embeddings: true` (no `lm_head.weight`),
 no sliding window. Reference logits are f32 math over the f16 weights upcast to f32.""",
+    "qwen3": """Qwen3ForCausalLM saved in **bfloat16**. hidden 64, intermediate 128, 2 layers,
+4 heads, 2 KV heads, **head_dim 24** (given in config.json; 4 x 24 = 96 is not the hidden size,
+so q_proj is [96, 64], k_proj/v_proj [48, 64], o_proj [64, 96]), rope_theta 1000000 (HF
+rotate_half layout), rms_norm_eps 1e-6, **no biases**, and per layer **`self_attn.q_norm` and
+`self_attn.k_norm`** ([24] each): an RMSNorm over each head of q and of k (eps rms_norm_eps)
+after the projection and before RoPE. Attention scaling 1/sqrt(head_dim = 24).
+`tie_word_embeddings: true` (no `lm_head.weight`), no sliding window. Reference logits are
+f32 math over the bf16 weights upcast to f32.""",
     "opt": """OPTForCausalLM, float32. hidden 64, ffn_dim 128 (ReLU, fc1/fc2, both with bias),
 2 layers, 4 heads x 16, all linear layers and LayerNorms have biases, LayerNorm eps 1e-5.
 **Learned positions with offset 2**: `embed_positions.weight` has 128 + 2 = 130 rows and the
@@ -195,7 +209,7 @@ def write_readme(tables):
         "- `model.safetensors` (or shards + `model.safetensors.index.json`).",
         "- `reference.json`:",
         "  ```",
-        '  {"architecture": str (config model_type: "llama" | "qwen2" | "opt"),',
+        '  {"architecture": str (config model_type: "llama" | "qwen2" | "qwen3" | "opt"),',
         '   "dtype": str (dtype of the saved weights: "float32" | "bfloat16" | "float16"),',
         '   "transformers_version": str, "torch_version": str,',
         '   "tokens": [16 ints],',
@@ -224,6 +238,14 @@ def write_readme(tables):
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
+    unknown = ONLY - set(FACTS)
+    assert not unknown, f"no such checkpoint: {sorted(unknown)}; known: {sorted(FACTS)}"
+
+    def write(name, *args, **kwargs):
+        if ONLY and name not in ONLY:
+            return tensor_list(os.path.join(OUT, name))
+        return write_checkpoint(name, *args, **kwargs)
+
     tables = []
     tables.append(("llama", write("llama", LlamaForCausalLM, llama_config(), seed=1,
                                   tokens=TOKENS)))
@@ -248,6 +270,18 @@ def main():
         "opt-proj", OPTForCausalLM,
         OPTConfig(**OPT_BASE, do_layer_norm_before=False, word_embed_proj_dim=32),
         seed=6, tokens=OPT_TOKENS)))
+    tables.append(("qwen3", write(
+        "qwen3", Qwen3ForCausalLM,
+        Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                    rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=128,
+                    tie_word_embeddings=True, use_sliding_window=False),
+        seed=7, tokens=TOKENS, dtype=torch.bfloat16)))
+    # Facts the README states about the qwen3 checkpoint.
+    qwen3 = {r[0]: r[2] for r in tables[6][1]}
+    assert qwen3["model.layers.0.self_attn.q_proj.weight"] == [96, 64], qwen3
+    assert qwen3["model.layers.0.self_attn.q_norm.weight"] == [24], qwen3
+    assert not any(n.endswith("bias") or n == "lm_head.weight" for n in qwen3), qwen3
     # Facts the README states about the OPT variants.
     names = {r[0] for r in tables[5][1]}
     assert not any("final_layer_norm" in n and "layers" not in n for n in names), names

@@ -38,6 +38,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let m = super::open_model(&a.model)?;
     let w = &m.weights;
     println!("file:    {} ({})", m.path.display(), m.format);
+    println!("architecture: {}", w.config.arch);
     println!("config:  {}", serde_json::to_string_pretty(&w.config)?);
     if let Some(t) = &m.tokenizer {
         println!(
@@ -125,8 +126,12 @@ fn print_backends(c: &crate::model::config::Config, dtypes: impl Iterator<Item =
         .filter(|(_, (_, gpu))| !gpu)
         .map(|(n, _)| *n)
         .collect();
-    if c.arch == crate::model::config::Arch::Gemma3 {
-        println!("backends: cpu (the GPU backend does not run gemma3: --backend gpu refuses it)");
+    use crate::model::config::Arch;
+    if c.arch == Arch::Gemma3 {
+        println!(
+            "backends: cpu (the GPU backend does not run {}: --backend gpu refuses it)",
+            c.arch
+        );
     } else if missing.is_empty() {
         println!("backends: cpu, gpu");
     } else {

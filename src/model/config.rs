@@ -9,6 +9,9 @@ pub enum Arch {
     Llama,
     /// Qwen2: as Llama plus a bias on q, k and v.
     Qwen2,
+    /// Qwen3: as Qwen2 without the q/k/v biases, with an RMSNorm on each query and key head
+    /// before RoPE, and a `head_dim` of its own (not necessarily hidden / heads).
+    Qwen3,
     /// OPT: ReLU FFN with biases, LayerNorm, learned positions.
     Opt,
     /// Gemma 3: embeddings scaled by sqrt(hidden), RMSNorm on q and k per head, a norm after
@@ -100,10 +103,30 @@ pub fn check_positive(key: &str, value: f32) -> Result<(), String> {
     ))
 }
 
+impl Arch {
+    /// The architecture's name as GGUF's `general.architecture` spells it (`opt`, which GGUF
+    /// does not carry, as HF's `model_type` does).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Opt => "opt",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Config {
     pub fn ffn_kind(&self) -> FfnKind {
         match self.arch {
-            Arch::Llama | Arch::Qwen2 => FfnKind::SwiGlu,
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => FfnKind::SwiGlu,
             Arch::Opt => FfnKind::Relu,
             Arch::Gemma3 => FfnKind::GeGlu,
         }
@@ -300,5 +323,12 @@ mod tests {
         assert!(e.contains("`llama.attention.head_count` is 0"), "{e}");
         let e = gguf_with("llama.attention.head_count_kv", MetaValue::U32(0)).unwrap_err();
         assert!(e.contains("`llama.attention.head_count_kv` is 0"), "{e}");
+        // Value heads as wide as the key heads (64 / 4) load; narrower ones are refused.
+        assert!(gguf_with("llama.attention.value_length", MetaValue::U32(16)).is_ok());
+        let e = gguf_with("llama.attention.value_length", MetaValue::U32(8)).unwrap_err();
+        assert!(
+            e.contains("`llama.attention.value_length` is 8 and the key heads are 16 wide"),
+            "{e}"
+        );
     }
 }

@@ -59,12 +59,13 @@ pub struct Layer {
     /// bundles.
     pub ffn: Option<Ffn>,
     pub ffn_bias: FfnBias,
-    /// Gemma 3's extra norms, `None` elsewhere.
+    /// Gemma 3's and Qwen3's extra norms (each `None` where the family has none).
     pub extra_norms: ExtraNorms,
 }
 
 /// The norms Gemma 3 adds to a layer (all RMSNorm): on each query and key head before RoPE
 /// (`head_dim` weights), and on the attention and FFN outputs before their residual adds.
+/// Qwen3 has the first two only.
 #[derive(Clone, Debug, Default)]
 pub struct ExtraNorms {
     pub q: Option<Norm>,
@@ -201,8 +202,10 @@ struct LayerNames {
     gate: Option<String>,
     up: String,
     down: String,
-    /// Gemma 3: q norm, k norm, post-attention norm, post-FFN norm.
-    extra: Option<[String; 4]>,
+    /// Gemma 3 and Qwen3: the q and k head norms (names without `.weight`).
+    qk_norm: Option<[String; 2]>,
+    /// Gemma 3: the post-attention and post-FFN norms (names without `.weight`).
+    post_norms: Option<[String; 2]>,
 }
 
 fn bias_of(weight: &str) -> String {
@@ -223,11 +226,13 @@ fn gguf_layer_names(i: usize) -> LayerNames {
         gate: Some(format!("{p}.ffn_gate.weight")),
         up: format!("{p}.ffn_up.weight"),
         down: format!("{p}.ffn_down.weight"),
-        extra: None,
+        qk_norm: None,
+        post_norms: None,
     }
 }
 
-/// GGUF names of Gemma 3's extra norms in layer `i`.
+/// GGUF names of the extra norms in layer `i` (q and k head norms, then Gemma 3's post norms),
+/// without `.weight`.
 pub(crate) fn gguf_extra_norm_names(i: usize) -> [String; 4] {
     let p = format!("blk.{i}");
     [
@@ -252,8 +257,15 @@ fn hf_llama_layer_names(i: usize) -> LayerNames {
         gate: Some(format!("{p}.mlp.gate_proj.weight")),
         up: format!("{p}.mlp.up_proj.weight"),
         down: format!("{p}.mlp.down_proj.weight"),
-        extra: None,
+        qk_norm: None,
+        post_norms: None,
     }
+}
+
+/// HF names of Qwen3's q and k head norms in layer `i`, without `.weight`.
+fn hf_qk_norm_names(i: usize) -> [String; 2] {
+    let p = format!("model.layers.{i}.self_attn");
+    [format!("{p}.q_norm"), format!("{p}.k_norm")]
 }
 
 fn hf_opt_layer_names(i: usize) -> LayerNames {
@@ -270,7 +282,8 @@ fn hf_opt_layer_names(i: usize) -> LayerNames {
         gate: None,
         up: format!("{p}.fc1.weight"),
         down: format!("{p}.fc2.weight"),
-        extra: None,
+        qk_norm: None,
+        post_norms: None,
     }
 }
 
@@ -285,23 +298,23 @@ fn load_layer(src: &impl TensorSource, c: &Config, n: &LayerNames) -> Result<Lay
         Some(g) => Some(src.matrix(g, f, d)?),
         None => None,
     };
-    let extra_norms = match &n.extra {
-        Some([q, k, pa, pf]) => {
-            let norm = |name: &str, len| -> Result<Option<Norm>, LoadError> {
-                Ok(Some(Norm {
-                    weight: src.vector(&format!("{name}.weight"), len)?,
-                    bias: None,
-                }))
-            };
-            ExtraNorms {
-                q: norm(q, c.head_dim)?,
-                k: norm(k, c.head_dim)?,
-                post_attn: norm(pa, d)?,
-                post_ffn: norm(pf, d)?,
-            }
-        }
-        None => ExtraNorms::default(),
+    // Where the names are given the norms must exist: a qwen3 file without its q norm is
+    // refused, not run as qwen2.
+    let norm = |name: &str, len| -> Result<Option<Norm>, LoadError> {
+        Ok(Some(Norm {
+            weight: src.vector(&format!("{name}.weight"), len)?,
+            bias: None,
+        }))
     };
+    let mut extra_norms = ExtraNorms::default();
+    if let Some([q, k]) = &n.qk_norm {
+        extra_norms.q = norm(q, c.head_dim)?;
+        extra_norms.k = norm(k, c.head_dim)?;
+    }
+    if let Some([pa, pf]) = &n.post_norms {
+        extra_norms.post_attn = norm(pa, d)?;
+        extra_norms.post_ffn = norm(pf, d)?;
+    }
     Ok(Layer {
         extra_norms,
         attn_norm: src.norm(&n.attn_norm, &n.attn_norm_b, d)?,
@@ -335,12 +348,16 @@ impl ModelWeights {
         } else {
             file.matrix("output.weight", v, d)?
         };
-        let gemma = config.arch == Arch::Gemma3;
+        let arch = config.arch;
         let layers = (0..config.n_layers)
             .map(|i| {
                 let mut names = gguf_layer_names(i);
-                if gemma {
-                    names.extra = Some(gguf_extra_norm_names(i));
+                let [q, k, pa, pf] = gguf_extra_norm_names(i);
+                if matches!(arch, Arch::Gemma3 | Arch::Qwen3) {
+                    names.qk_norm = Some([q, k]);
+                }
+                if arch == Arch::Gemma3 {
+                    names.post_norms = Some([pa, pf]);
                 }
                 load_layer(file, &config, &names)
             })
@@ -359,10 +376,10 @@ impl ModelWeights {
         })
     }
 
-    /// Maps the tensors of an HF checkpoint (llama, mistral, qwen2, OPT).
+    /// Maps the tensors of an HF checkpoint (llama, mistral, qwen2, qwen3, OPT).
     pub fn from_hf(model: &HfModel) -> Result<ModelWeights, LoadError> {
         match model.config.arch {
-            Arch::Llama | Arch::Qwen2 => hf_llama(model),
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => hf_llama(model),
             Arch::Opt => hf_opt(model),
             Arch::Gemma3 => Err(invalid(
                 "HF gemma3 checkpoints are not supported yet; run the GGUF instead",
@@ -381,7 +398,13 @@ fn hf_llama(m: &HfModel) -> Result<ModelWeights, LoadError> {
         m.matrix("lm_head.weight", v, d)?
     };
     let layers = (0..config.n_layers)
-        .map(|i| load_layer(m, &config, &hf_llama_layer_names(i)))
+        .map(|i| {
+            let mut names = hf_llama_layer_names(i);
+            if config.arch == Arch::Qwen3 {
+                names.qk_norm = Some(hf_qk_norm_names(i));
+            }
+            load_layer(m, &config, &names)
+        })
         .collect::<Result<_, _>>()?;
     Ok(ModelWeights {
         final_norm: Some(m.norm("model.norm.weight", "model.norm.bias", d)?),
@@ -468,10 +491,12 @@ pub fn gguf_config(f: &GgufFile) -> Result<Config, LoadError> {
     let (arch, rope_style) = match name.as_str() {
         "llama" => (Arch::Llama, RopeStyle::Adjacent),
         "qwen2" => (Arch::Qwen2, RopeStyle::Halves),
+        "qwen3" => (Arch::Qwen3, RopeStyle::Halves),
         "gemma3" => (Arch::Gemma3, RopeStyle::Halves),
         other => {
             return Err(invalid(format!(
-                "GGUF architecture `{other}` is not supported; supported: llama, qwen2, gemma3"
+                "GGUF architecture `{other}` is not supported; supported: llama, qwen2, qwen3, \
+                 gemma3"
             )))
         }
     };
@@ -501,6 +526,18 @@ pub fn gguf_config(f: &GgufFile) -> Result<Config, LoadError> {
         Some(_) => usize_of("attention.key_length")?,
         None => hidden_size / n_heads.max(1),
     };
+    // Keys and values share one head width in the cache and in attention.
+    if f.get(&key("attention.value_length")).is_some() {
+        let value_dim = usize_of("attention.value_length")?;
+        if value_dim != head_dim {
+            return Err(invalid(format!(
+                "GGUF metadata `{}` is {value_dim} and the key heads are {head_dim} wide; \
+                 models whose value heads differ in width from their key heads are not \
+                 supported",
+                key("attention.value_length")
+            )));
+        }
+    }
     let vocab_size = match f.get(&key("vocab_size")) {
         Some(_) => usize_of("vocab_size")?,
         None => f

@@ -1,7 +1,8 @@
 //! The dense decode step wholly on the GPU: weights uploaded once, the KV cache resident on the
 //! GPU, every dispatch of a token recorded into one compute pass, and one readback per token (the
 //! logits, or 4 bytes with [`GpuDecoder::step_greedy`]). The same computation as
-//! `backend::cpu::forward`, for the llama family (SwiGLU, RMSNorm, RoPE, qwen2's q/k/v biases) and
+//! `backend::cpu::forward`, for the llama family (SwiGLU, RMSNorm, RoPE, qwen2's q/k/v biases,
+//! qwen3's q/k head norms) and
 //! OPT (ReLU, LayerNorm, learned positions, projections, pre- or post-norm).
 //!
 //! Numerics: activations stay f32 into every matvec (the CPU quantises them to Q8 for quantised
@@ -25,7 +26,7 @@ use crate::backend::gpu::kernels::{Dispatch, Step, Width};
 use crate::backend::gpu::timer::GpuTimer;
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::backend::kv_cache::KvType;
-use crate::model::config::{Config, FfnKind};
+use crate::model::config::{Arch, Config, FfnKind};
 use crate::model::weights::{Linear, ModelWeights};
 use std::time::{Duration, Instant};
 
@@ -302,14 +303,17 @@ impl Core {
         columns: usize,
     ) -> Result<Core, GpuError> {
         let c = w.config.clone();
-        // The shaders have neither GELU gating nor Gemma 3's extra norms, embedding scale and
+        // The shaders have neither GELU gating nor Gemma 3's post norms, embedding scale and
         // sliding-window layers: refused here, before anything is uploaded.
-        if c.arch == crate::model::config::Arch::Gemma3 {
-            return Err(GpuError::Shape(
-                "the GPU backend does not run gemma3 models (GELU gating, q/k and post norms, \
-                 sliding-window layers); run it on the CPU backend"
-                    .to_string(),
-            ));
+        let unsupported = match c.arch {
+            Arch::Gemma3 => Some("GELU gating, q/k and post norms, sliding-window layers"),
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Opt => None,
+        };
+        if let Some(what) = unsupported {
+            return Err(GpuError::Shape(format!(
+                "the GPU backend does not run {} models ({what}); run it on the CPU backend",
+                c.arch
+            )));
         }
         let max_ctx = max_ctx.min(c.max_positions).max(1);
         let columns = columns.clamp(1, max_ctx);
@@ -411,6 +415,17 @@ impl Core {
             attn.extend(matvec(ctx, &q, attn_in, qb.as_ref(), &s.q, wide, columns)?);
             attn.extend(matvec(ctx, &k, attn_in, kb.as_ref(), &s.k, wide, columns)?);
             attn.extend(matvec(ctx, &v, attn_in, vb.as_ref(), &s.v, wide, columns)?);
+            // Qwen3: RMSNorm of each query and key head, before RoPE.
+            let head_norms = [
+                (&layer.extra_norms.q, c.n_heads, &s.q, "q_norm"),
+                (&layer.extra_norms.k, c.n_kv_heads, &s.k, "k_norm"),
+            ];
+            for (norm, heads, v, what) in head_norms {
+                if let Some(n) = norm {
+                    let g = GpuNorm::upload(ctx, &format!("layer {l} {what}"), n)?;
+                    attn.push(g.dispatch_heads(ctx, c.norm_eps, heads, v)?);
+                }
+            }
             if let Some(t) = &table {
                 attn.push(rope(
                     ctx,

@@ -108,6 +108,12 @@ const KERNELS: &[Source] = &[
         &[],
     ),
     kernel(
+        "head_norm",
+        include_str!("../../../shaders/head_norm.wgsl"),
+        Lib::None,
+        &[],
+    ),
+    kernel(
         "kv_store",
         include_str!("../../../shaders/kv_store.wgsl"),
         Lib::None,

@@ -31,6 +31,7 @@ pub(super) fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
         arch: match arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
             Arch::Opt => "opt",
             Arch::Gemma3 => "gemma3_text",
         },
@@ -44,7 +45,7 @@ pub(super) fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
                 what: "HF gemma3 checkpoints (run the GGUF instead)".into(),
             })
         }
-        Arch::Llama | Arch::Qwen2 => {
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {
             // transformers < 5 writes `rope_scaling` and a top-level `rope_theta`;
             // transformers >= 5 writes both inside `rope_parameters`.
             let rope_params = obj.get("rope_parameters").filter(|v| !v.is_null());
@@ -85,9 +86,11 @@ pub(super) fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
                     what: format!("hidden_act `{act}` (only silu, for the SwiGLU FFN)"),
                 });
             }
+            // Qwen2's q/k/v biases are always there (no key); llama's and Qwen3's are off
+            // unless `attention_bias` turns them (and an o bias) on.
             for key in ["mlp_bias"]
                 .into_iter()
-                .chain((arch == Arch::Llama).then_some("attention_bias"))
+                .chain((arch != Arch::Qwen2).then_some("attention_bias"))
             {
                 if keys.opt_bool(key)? == Some(true) {
                     return Err(HfError::Unsupported {
@@ -105,6 +108,8 @@ pub(super) fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
             let n_kv_heads = keys.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
             let head_dim = match keys.opt_usize("head_dim")? {
                 Some(d) => d,
+                // transformers' Qwen3Config defaults to 128 whatever the hidden size.
+                None if arch == Arch::Qwen3 => QWEN3_DEFAULT_HEAD_DIM,
                 None => default_head_dim(hidden_size, n_heads)?,
             };
             Config {
@@ -187,6 +192,9 @@ pub(super) fn parse_config_inner(json: &str) -> Result<ParsedConfig, HfError> {
     })
 }
 
+/// `head_dim` of a Qwen3 config.json without the key (transformers' `Qwen3Config` default).
+const QWEN3_DEFAULT_HEAD_DIM: usize = 128;
+
 fn default_head_dim(hidden: usize, heads: usize) -> Result<usize, HfError> {
     if heads == 0 || !hidden.is_multiple_of(heads) {
         return Err(HfError::InvalidConfig(format!(
@@ -202,6 +210,7 @@ fn detect_arch(obj: &serde_json::Map<String, Value>) -> Result<Arch, HfError> {
         match s.to_ascii_lowercase().as_str() {
             "llama" | "mistral" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
             "opt" => Some(Arch::Opt),
             _ => None,
         }

@@ -59,7 +59,7 @@ pub enum HfError {
 
     #[error(
         "config.json: model type `{found}` is not supported; supported model types: llama, \
-         mistral, qwen2, opt"
+         mistral, qwen2, qwen3, opt"
     )]
     UnsupportedArch { found: String },
 
@@ -259,7 +259,7 @@ impl HfModel {
     fn check_embeddings(&self) -> Result<(), HfError> {
         let c = &self.config;
         let (name, cols) = match c.arch {
-            Arch::Llama | Arch::Qwen2 | Arch::Gemma3 => {
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => {
                 ("model.embed_tokens.weight", c.hidden_size)
             }
             Arch::Opt => ("model.decoder.embed_tokens.weight", c.embed_dim),

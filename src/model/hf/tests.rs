@@ -146,6 +146,27 @@ fn parse_qwen2_config() {
 }
 
 #[test]
+fn parse_qwen3_config() {
+    let json = LLAMA_CONFIG
+        .replace("\"llama\"", "\"qwen3\"")
+        .replace("\"rope_scaling\": null", "\"head_dim\": 6");
+    let c = parse_config(&json).unwrap();
+    assert_eq!(c.arch, Arch::Qwen3);
+    assert_eq!(c.rope_style, RopeStyle::Halves);
+    // head_dim is its own: 6, not hidden / heads = 2.
+    assert_eq!((c.n_heads, c.head_dim), (2, 6));
+    // Without the key, transformers' Qwen3Config default (128), not hidden / heads.
+    let json = LLAMA_CONFIG.replace("\"llama\"", "\"qwen3\"");
+    assert_eq!(parse_config(&json).unwrap().head_dim, 128);
+    // Biases on the attention projections are not run.
+    let json = LLAMA_CONFIG
+        .replace("\"llama\"", "\"qwen3\"")
+        .replace("\"rope_scaling\": null", "\"attention_bias\": true");
+    let e = parse_config(&json).unwrap_err().to_string();
+    assert!(e.contains("attention_bias"), "{e}");
+}
+
+#[test]
 fn parse_opt_config() {
     let c = parse_config(OPT_CONFIG).unwrap();
     assert_eq!(c.arch, Arch::Opt);
@@ -827,7 +848,7 @@ fn check_fixture(name: &str, arch: Arch, dtype: Option<DType>) -> Option<HfModel
     );
     let l = c.n_layers - 1;
     let shapes: Vec<(String, usize, usize)> = match arch {
-        Arch::Llama | Arch::Qwen2 => {
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {
             assert_eq!(
                 Some(c.intermediate_size as u64),
                 raw["intermediate_size"].as_u64(),
@@ -949,6 +970,23 @@ fn fixture_qwen2_f16() {
         let c = &m.config;
         let b = m.tensor("model.layers.0.self_attn.k_proj.bias").unwrap();
         assert_eq!((b.rows, b.cols), (1, c.kv_dim()));
+    }
+}
+
+#[test]
+fn fixture_qwen3_bf16() {
+    if let Some(m) = check_fixture("qwen3", Arch::Qwen3, Some(DType::BF16)) {
+        let c = &m.config;
+        // The fixture's heads are not hidden / heads wide, and it has no q/k/v biases.
+        assert_ne!(c.n_heads * c.head_dim, c.hidden_size);
+        assert!(!m.has("model.layers.0.self_attn.q_proj.bias"));
+        for t in ["q_norm", "k_norm"] {
+            let n = m
+                .tensor(&format!("model.layers.0.self_attn.{t}.weight"))
+                .unwrap();
+            assert_eq!(n.len(), c.head_dim, "{t}");
+        }
+        assert!(c.tied_embeddings && !m.has("lm_head.weight"));
     }
 }
 

@@ -69,6 +69,7 @@ pub fn uniform_layouts() -> Vec<(&'static str, &'static str, StructLayout)> {
         ("embed", "Params", embed::params_layout()),
         ("embed", "Step", step_layout()),
         ("ffn_act", "Params", ffn_act::params_layout()),
+        ("head_norm", "Params", norm::params_layout()),
         ("kv_store", "Params", kv_store::params_layout()),
         ("kv_store", "Step", step_layout()),
         ("layer_norm", "Params", norm::params_layout()),

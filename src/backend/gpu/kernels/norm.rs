@@ -1,4 +1,5 @@
-//! RMSNorm and LayerNorm (shaders/rms_norm.wgsl, shaders/layer_norm.wgsl), one workgroup each.
+//! RMSNorm and LayerNorm (shaders/rms_norm.wgsl, shaders/layer_norm.wgsl), one workgroup each,
+//! and RMSNorm of each head in place (shaders/head_norm.wgsl), one workgroup per head.
 
 use super::layout::{struct_layout, StructLayout};
 use super::{kernel, need, Columns, Dispatch};
@@ -16,8 +17,9 @@ struct Params {
     _pad: u32,
 }
 
-/// [`Params`] as laid out, checked against `shaders/rms_norm.wgsl`'s and
-/// `shaders/layer_norm.wgsl`'s `Params` by `tests/wgsl_layout.rs`.
+/// [`Params`] as laid out, checked against `shaders/rms_norm.wgsl`'s,
+/// `shaders/layer_norm.wgsl`'s and `shaders/head_norm.wgsl`'s `Params` by
+/// `tests/wgsl_layout.rs`.
 pub(super) fn params_layout() -> StructLayout {
     struct_layout!(Params {
         n,
@@ -102,6 +104,41 @@ impl GpuNorm {
             }
         }
     }
+
+    /// RMSNorm of each of the `heads` heads of `v` (`self.n` wide each, per column) in place,
+    /// every head with these weights: Qwen3's q and k norms.
+    pub fn dispatch_heads(
+        &self,
+        ctx: &GpuContext,
+        eps: f32,
+        heads: usize,
+        v: &wgpu::Buffer,
+    ) -> Result<Dispatch, GpuError> {
+        if self.bias.is_some() {
+            return Err(GpuError::Shape(
+                "a head norm with a bias: only RMSNorm runs per head".to_string(),
+            ));
+        }
+        need(v, self.n * heads, "head norm vector")?;
+        let p = uniform(
+            ctx,
+            "head norm",
+            &Params {
+                n: self.n as u32,
+                eps,
+                flags: 0,
+                _pad: 0,
+            },
+        );
+        let k = kernel(
+            ctx,
+            "head_norm",
+            &[Binding::Uniform, Binding::Read, Binding::ReadWrite],
+            &[],
+        )?;
+        k.dispatch(ctx, &[&p, &self.weight, v], [heads as u32, 1, 1])
+            .map(|d| d.with_columns(Columns::Each))
+    }
 }
 
 #[cfg(test)]
@@ -136,6 +173,40 @@ mod tests {
             // CPU): a few ulps of the scale, then one more rounding per output.
             let err = max_rel_err(&got, &want, 1e-3);
             assert!(err < 1e-5, "n={n} bias={with_bias}: relative error {err:e}");
+        }
+    }
+
+    #[test]
+    fn head_norm_matches_cpu_on_every_head_and_column() {
+        let Some(ctx) = ctx() else { return };
+        let mut rng = Rng::new(4);
+        for (n, heads, columns) in [(128, 16, 1), (24, 4, 3), (256, 2, 2), (7, 5, 2)] {
+            let x: Vec<f32> = rng.vec(n * heads * columns, 3.0);
+            let norm = Norm {
+                weight: rng.vec(n, 1.0),
+                bias: None,
+            };
+            let g = GpuNorm::upload(ctx, "head norm", &norm).unwrap();
+            let v = storage_f32(ctx, "v", &x).unwrap();
+            let d = g.dispatch_heads(ctx, 1e-6, heads, &v).unwrap();
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                });
+                d.encode_columns(&mut pass, columns);
+            }
+            ctx.queue.submit([enc.finish()]);
+            let got: Vec<f32> = read(ctx, &v, x.len()).unwrap();
+            let mut want = vec![0.0; x.len()];
+            for (w, h) in want.chunks_mut(n).zip(x.chunks(n)) {
+                apply_norm(&norm, h, 1e-6, w);
+            }
+            let err = max_rel_err(&got, &want, 1e-3);
+            assert!(err < 1e-5, "n={n} heads={heads}: relative error {err:e}");
         }
     }
 }
