@@ -19,6 +19,7 @@
 mod crc;
 mod header;
 mod layout;
+mod placement;
 mod progress;
 mod reader;
 mod reorder;
@@ -36,6 +37,7 @@ pub use layout::{
     BlobEntry, BundleDtype, BundleLayout, BundlePart, FfnSection, ImageMeta, PartRole, SourceInfo,
     TensorEntry,
 };
+pub use placement::{Placement, Reads};
 pub use reader::FlashImage;
 pub use reorder::reorder_neurons;
 pub use synthetic::{write_synthetic, SyntheticShape};

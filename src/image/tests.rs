@@ -747,3 +747,40 @@ fn tmp_files(path: &Path) -> Vec<PathBuf> {
 fn tmp_exists(path: &Path) -> bool {
     !tmp_files(path).is_empty()
 }
+
+/// `Placement` follows a reordered section: each neuron's offset holds that neuron's bundle,
+/// and the reads of any set of neurons come in file order, each filling the neuron it names.
+#[test]
+fn placement_reads_each_neuron_where_it_lies() {
+    let (f, meta) = llama_image("placement");
+    let before = bundles_by_neuron(&FlashImage::open(&f.0).unwrap());
+    let n = meta.ffn[0].n_neurons as u32;
+    let mut orders: Vec<Vec<u32>> = vec![(0..n).collect(); meta.ffn.len()];
+    orders[0].reverse();
+    orders[0].swap(3, 11);
+    reorder_neurons(&f.0, &orders, |_| {}).unwrap();
+    let image = FlashImage::open(&f.0).unwrap();
+    let stride = image.bundle().stride;
+    let bytes = std::fs::read(&f.0).unwrap();
+    let p = Placement::of(&image, 0);
+    assert_eq!(p.n_neurons(), n as usize);
+    for neuron in 0..n {
+        let at = p.offset(neuron) as usize;
+        assert_eq!(at as u64, image.bundle_offset(0, p.disk_slot(neuron)));
+        assert_eq!(&bytes[at..at + stride], &before[0][neuron as usize][..]);
+    }
+    // Whole bundles, and bundles in two pieces, of neurons given in no order.
+    let neurons = [5u32, 0, n - 1, 11, 3];
+    for pieces in [vec![(0, stride)], vec![(0, 8), (8, stride - 8)]] {
+        let reads = p.reads(&neurons, &pieces);
+        assert_eq!(reads.ranges.len(), neurons.len() * pieces.len());
+        assert!(reads.ranges.windows(2).all(|w| w[0].0 < w[1].0), "file order");
+        for (r, &(off, len)) in reads.ranges.iter().enumerate() {
+            let (k, piece) = reads.target(r);
+            let (at, want_len) = pieces[piece];
+            assert_eq!(len, want_len);
+            let bundle = &before[0][neurons[k] as usize];
+            assert_eq!(&bytes[off as usize..off as usize + len], &bundle[at..at + len]);
+        }
+    }
+}

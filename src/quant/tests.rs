@@ -1035,7 +1035,11 @@ fn each_buffer_keeps_its_own_arithmetic() {
         let mut w = vec![0f32; n];
         dequantize(dtype, &row, &mut w).unwrap();
         let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let scale: f64 = w.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+        let scale: f64 = w
+            .iter()
+            .zip(&x)
+            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+            .sum();
         let mut f = ActivationBuffer::new(Activations::F32);
         let mut q = ActivationBuffer::new(Activations::Q8);
         f.quantize_for(dtype, &x).unwrap();
@@ -1045,7 +1049,10 @@ fn each_buffer_keeps_its_own_arithmetic() {
             (df as f64 - exact).abs() <= 1e-5 * scale.max(1.0),
             "{dtype}: f32 arithmetic gave {df}, the f32 dot product is {exact}"
         );
-        assert_ne!(df, dq, "{dtype}: Q8 activations round, so they differ from f32");
+        assert_ne!(
+            df, dq,
+            "{dtype}: Q8 activations round, so they differ from f32"
+        );
         assert!(
             (dq as f64 - exact).abs() <= 2e-2 * scale.max(1.0),
             "{dtype}: Q8 arithmetic gave {dq}, far from {exact}"

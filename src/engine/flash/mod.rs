@@ -25,7 +25,7 @@ use crate::backend::cpu::forward::FfnCompute;
 use crate::backend::cpu::ops::add_into;
 use crate::backend::cpu::sparse_ffn::{activations, BundleParts, Neuron, SparseFfn};
 use crate::backend::stats::FlashStats;
-use crate::image::FlashImage;
+use crate::image::{FlashImage, Placement};
 use crate::model::weights::ModelWeights;
 use crate::quant::dequantize;
 use crate::sparsity::Sparsity;
@@ -37,8 +37,8 @@ use source::{layer_state, Source};
 
 struct LayerState {
     window: Window,
-    /// Model neuron -> position on disk (the image may permute neurons).
-    disk_slot: Vec<u32>,
+    /// Where each model neuron's bundle lies (the image may permute neurons).
+    placement: Placement,
 }
 
 /// The FFN of a flash image (see the module docs).
@@ -54,7 +54,6 @@ pub struct FlashFfn<'a> {
     source: Source,
     sparse: SparseFfn,
     active: Vec<u32>,
-    ranges: Vec<(u64, usize)>,
     oracle_acts: Vec<f32>,
     /// Per layer, the pinned neurons and their window slots, sorted by neuron: what a
     /// speculative draft computes from memory ([`FfnCompute::ffn_draft`]).
@@ -115,7 +114,6 @@ impl<'a> FlashFfn<'a> {
             source,
             sparse: SparseFfn::new(weights.activations),
             active: Vec::new(),
-            ranges: Vec::new(),
             oracle_acts: Vec::new(),
             draft: Vec::new(),
             row_sets: Vec::new(),
@@ -168,10 +166,8 @@ impl<'a> FlashFfn<'a> {
         let prefix = |(layer, state): (usize, &LayerState)| {
             let s = state.window.capacity();
             let ids = pins.get(layer)?;
-            let pinned_prefix = ids.len() == s
-                && ids
-                    .iter()
-                    .all(|&i| (state.disk_slot[i as usize] as usize) < s);
+            let pinned_prefix =
+                ids.len() == s && ids.iter().all(|&i| state.placement.disk_slot(i) < s);
             pinned_prefix.then_some(s)
         };
         self.layers.iter().enumerate().map(prefix).collect()
@@ -180,22 +176,19 @@ impl<'a> FlashFfn<'a> {
     /// Pins `ids` in `layer`'s window and reads their bundles into the slots they got.
     fn pin(&mut self, layer: usize, ids: &[u32]) -> Result<(), FlashError> {
         let setup = |e: String| FlashError::Setup(format!("pinning layer {layer}: {e}"));
-        let mut loads = self.layers[layer]
-            .window
-            .pin(ids)
-            .map_err(|e| setup(e.to_string()))?;
-        loads.sort_unstable_by_key(|&(n, _)| self.offset(layer, n));
-        let ranges: Vec<(u64, usize)> = loads
-            .iter()
-            .map(|&(n, _)| (self.offset(layer, n), self.stride))
-            .collect();
+        let state = &mut self.layers[layer];
+        let loads = state.window.pin(ids).map_err(|e| setup(e.to_string()))?;
+        let neurons: Vec<u32> = loads.iter().map(|&(n, _)| n).collect();
+        let reads = state.placement.reads(&neurons, &[(0, self.stride)]);
         let Some(pool) = self.source.flash_pool() else {
             return Err(setup("only the flash strategy has windows to pin".into()));
         };
-        let window = &mut self.layers[layer].window;
+        let window = &mut state.window;
         let stats = pool
-            .read_ranges(&ranges, &self.opts.coalesce, &mut |r, bytes| {
-                window.bundle_mut(loads[r].1).copy_from_slice(bytes)
+            .read_ranges(&reads.ranges, &self.opts.coalesce, &mut |r, bytes| {
+                window
+                    .bundle_mut(loads[reads.target(r).0].1)
+                    .copy_from_slice(bytes)
             })
             .map_err(|e| setup(e.to_string()))?;
         self.stats.bytes_read += stats.bytes_read;
@@ -226,7 +219,7 @@ impl<'a> FlashFfn<'a> {
 
     /// Chooses this token's neurons for `layer` into `self.active` (sorted).
     fn select(&mut self, layer: usize, h: &[f32]) {
-        let n = self.layers[layer].disk_slot.len();
+        let n = self.layers[layer].placement.n_neurons();
         self.active.clear();
         match self.opts.selection {
             Selection::All => self.active.extend(0..n as u32),
@@ -252,24 +245,18 @@ impl<'a> FlashFfn<'a> {
     }
 
     fn mmap_bundle(&self, layer: usize, neuron: u32) -> &'a [u8] {
-        let slot = self.layers[layer].disk_slot[neuron as usize] as usize;
+        let slot = self.layers[layer].placement.disk_slot(neuron);
         self.image.bundle_bytes(layer, slot)
     }
 
-    /// File offset of a neuron's bundle.
     /// Checks the bundle of model neuron `neuron` of `layer`, just read, against the image's
     /// checksum (unless checks are off).
     fn check(&self, layer: usize, neuron: u32, bytes: &[u8]) -> Result<(), StorageError> {
         if !self.opts.verify {
             return Ok(());
         }
-        let slot = self.layers[layer].disk_slot[neuron as usize] as usize;
+        let slot = self.layers[layer].placement.disk_slot(neuron);
         self.image.check_bundle(layer, slot, bytes)
-    }
-
-    fn offset(&self, layer: usize, neuron: u32) -> u64 {
-        let slot = self.layers[layer].disk_slot[neuron as usize] as usize;
-        self.image.bundle_offset(layer, slot)
     }
 }
 
@@ -338,7 +325,7 @@ impl FfnCompute for FlashFfn<'_> {
     fn record_activity(&mut self, on: bool) {
         self.activity = on.then(|| {
             (self.layers.iter())
-                .map(|l| vec![0.0; l.disk_slot.len()])
+                .map(|l| vec![0.0; l.placement.n_neurons()])
                 .collect()
         });
     }
@@ -462,7 +449,7 @@ impl FlashFfn<'_> {
             self.down_norms.resize_with(layer + 1, Vec::new);
         }
         if self.down_norms[layer].is_empty() {
-            self.down_norms[layer] = vec![f32::NAN; self.layers[layer].disk_slot.len()];
+            self.down_norms[layer] = vec![f32::NAN; self.layers[layer].placement.n_neurons()];
         }
         let known = &self.down_norms[layer];
         if self.active.iter().all(|&i| !known[i as usize].is_nan()) {
@@ -515,16 +502,12 @@ impl FlashFfn<'_> {
         let stride = self.stride;
         let mut buf = vec![0u8; copied.len() * stride];
         // Reads in file order; each lands at its neuron's place in the copies.
-        let mut order: Vec<usize> = (0..copied.len()).collect();
-        order.sort_unstable_by_key(|&k| self.offset(layer, copied[k]));
-        let ranges: Vec<(u64, usize)> = (order.iter())
-            .map(|&k| (self.offset(layer, copied[k]), stride))
-            .collect();
+        let reads = self.layers[layer].placement.reads(&copied, &[(0, stride)]);
         let pool = (self.source.flash_pool())
             .ok_or("drafting from chosen neurons needs the flash strategy")?;
         let stats = pool
-            .read_ranges(&ranges, &self.opts.coalesce, &mut |r, bytes| {
-                let k = order[r];
+            .read_ranges(&reads.ranges, &self.opts.coalesce, &mut |r, bytes| {
+                let k = reads.target(r).0;
                 buf[k * stride..(k + 1) * stride].copy_from_slice(bytes)
             })
             .map_err(|e| format!("reading layer {layer}'s draft neurons: {e}"))?;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::sparse_ffn::Neuron;
-use crate::image::FlashImage;
+use crate::backend::cpu::sparse_ffn::{BundleParts, Neuron};
+use crate::image::{FlashImage, Placement};
 use crate::storage::{AlignedBuf, FlashFile, ReadError, ReadPool};
 use crate::window::{Window, WindowConfig};
 
@@ -152,7 +152,7 @@ impl FlashFfn<'_> {
         fn bundle_in(buf: &[u8], slot: usize, stride: usize) -> &[u8] {
             &buf[slot * stride..(slot + 1) * stride]
         }
-        let disk = |i: u32| state.disk_slot[i as usize] as usize;
+        let disk = |i: u32| state.placement.disk_slot(i);
         let active = self.active.iter();
         match &self.source {
             Source::Resident(sections) => active
@@ -250,11 +250,6 @@ impl FlashFfn<'_> {
             .expect("active ids come from this layer's predictor");
         self.stats.window_hits += plan.hits as u64;
         self.stats.neurons_loaded += (plan.loads.len() + plan.overflow.len()) as u64;
-        let offsets: Vec<u64> = (plan.loads.iter().map(|&(n, _)| n))
-            .chain(plan.overflow.iter().copied())
-            .map(|n| self.offset(layer, n))
-            .collect();
-        let pieces = self.pieces();
         let Source::Flash {
             pool,
             overflow_ids,
@@ -269,37 +264,31 @@ impl FlashFfn<'_> {
         overflow_ids.sort_unstable();
         let stride = self.stride;
         overflow.resize(overflow_ids.len() * stride, 0);
-        // Destinations in file order: window slots for loads, overflow rows otherwise.
-        let mut targets: Vec<(u64, u32, Option<u32>)> = (plan.loads.iter())
-            .map(|&(n, s)| (n, Some(s)))
-            .chain(plan.overflow.iter().map(|&n| (n, None)))
-            .zip(offsets)
-            .map(|((n, s), off)| (off, n, s))
+        // Loads land in their window slots, the rest in overflow rows.
+        let neurons: Vec<u32> = (plan.loads.iter().map(|&(n, _)| n))
+            .chain(overflow_ids.iter().copied())
             .collect();
-        targets.sort_unstable_by_key(|t| t.0);
-        self.ranges.clear();
-        for &(base, _, _) in &targets {
-            for &(off, len) in &pieces {
-                self.ranges.push((base + off as u64, len));
-            }
-        }
+        let slot_of = |k: usize| plan.loads.get(k).map(|&(_, s)| s);
+        let pieces = pieces(&self.parts, stride, self.opts.unbundled);
+        let reads = self.layers[layer].placement.reads(&neurons, &pieces);
         self.stats.memory += t.elapsed();
 
         let t_io = Instant::now();
         let window = &mut self.layers[layer].window;
+        let n_loads = plan.loads.len();
         let mut copy = Duration::ZERO;
         let stats = pool
-            .read_ranges(&self.ranges, &self.opts.coalesce, &mut |r, bytes| {
+            .read_ranges(&reads.ranges, &self.opts.coalesce, &mut |r, bytes| {
                 let tc = Instant::now();
-                let (_, neuron, slot) = targets[r / pieces.len()];
-                let (off, _) = pieces[r % pieces.len()];
-                let dst = match slot {
+                let (k, piece) = reads.target(r);
+                let dst = match slot_of(k) {
                     Some(s) => window.bundle_mut(s),
                     None => {
-                        let k = overflow_ids.binary_search(&neuron).expect("listed above");
-                        &mut overflow[k * stride..(k + 1) * stride]
+                        let row = k - n_loads;
+                        &mut overflow[row * stride..(row + 1) * stride]
                     }
                 };
+                let (off, _) = pieces[piece];
                 dst[off..off + bytes.len()].copy_from_slice(bytes);
                 copy += tc.elapsed();
             })
@@ -310,41 +299,39 @@ impl FlashFfn<'_> {
         self.stats.memory += copy;
         if self.opts.verify {
             let (image, state) = (self.image, &self.layers[layer]);
-            let (overflow, overflow_ids) = (&*overflow, &*overflow_ids);
+            let overflow = &*overflow;
             // On the worker threads, as the reads were.
-            targets
-                .par_iter()
-                .try_for_each(|&(_, neuron, slot)| {
-                    let bytes = match slot {
+            (0..neurons.len())
+                .into_par_iter()
+                .try_for_each(|k| {
+                    let bytes = match slot_of(k) {
                         Some(s) => state.window.bundle(s),
                         None => {
-                            let k = overflow_ids.partition_point(|&x| x < neuron);
-                            &overflow[k * stride..(k + 1) * stride]
+                            let row = k - n_loads;
+                            &overflow[row * stride..(row + 1) * stride]
                         }
                     };
-                    let disk_slot = state.disk_slot[neuron as usize] as usize;
-                    image.check_bundle(layer, disk_slot, bytes)
+                    image.check_bundle(layer, state.placement.disk_slot(neurons[k]), bytes)
                 })
                 .map_err(|e| ReadError::new(format!("layer {layer}'s FFN bundles"), e))?;
         }
         Ok(())
     }
+}
 
-    /// The byte ranges of one bundle that are read separately: the whole bundle, or each
-    /// part on its own when bundling is switched off.
-    fn pieces(&self) -> Vec<(usize, usize)> {
-        if !self.opts.unbundled {
-            return vec![(0, self.stride)];
-        }
-        let mut p: Vec<(usize, usize)> =
-            [self.parts.gate, Some(self.parts.up), Some(self.parts.down)]
-                .into_iter()
-                .flatten()
-                .map(|p| (p.offset, p.len))
-                .collect();
-        p.sort_unstable();
-        p
+/// The byte ranges of one bundle that are read separately: the whole bundle, or each part on
+/// its own when bundling is switched off (`unbundled`).
+fn pieces(parts: &BundleParts, stride: usize, unbundled: bool) -> Vec<(usize, usize)> {
+    if !unbundled {
+        return vec![(0, stride)];
     }
+    let mut p: Vec<(usize, usize)> = [parts.gate, Some(parts.up), Some(parts.down)]
+        .into_iter()
+        .flatten()
+        .map(|p| (p.offset, p.len))
+        .collect();
+    p.sort_unstable();
+    p
 }
 
 /// Layer `layer`'s model-to-disk map and window: a window of the planned slots when `windowed`
@@ -356,20 +343,8 @@ pub(super) fn layer_state(
     opts: &FlashOptions,
     windowed: bool,
 ) -> Result<LayerState, FlashError> {
-    let section = image.ffn_section(layer);
-    let n = section.n_neurons;
-    let mut disk_slot = vec![0u32; n];
-    match &section.permutation {
-        Some(perm) => {
-            for (slot, &neuron) in perm.iter().enumerate() {
-                disk_slot[neuron as usize] = slot as u32;
-            }
-        }
-        None => disk_slot
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, s)| *s = i as u32),
-    }
+    let placement = Placement::of(image, layer);
+    let n = placement.n_neurons();
     let capacity = match (windowed, &opts.window_slots) {
         (true, Some(slots)) => slots[layer],
         (true, None) => n,
@@ -382,5 +357,5 @@ pub(super) fn layer_state(
         k: opts.window_tokens,
     })
     .map_err(|e| FlashError::Setup(format!("layer {layer} window: {e}")))?;
-    Ok(LayerState { window, disk_slot })
+    Ok(LayerState { window, placement })
 }

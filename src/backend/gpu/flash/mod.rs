@@ -54,7 +54,7 @@ use crate::backend::gpu::kernels::sparse_ffn::{sparse_ffn, SparseFfnArgs};
 use crate::backend::gpu::kernels::{Dispatch, Width};
 use crate::backend::gpu::{GpuContext, GpuError};
 use crate::backend::stats::FlashStats;
-use crate::image::FlashImage;
+use crate::image::{FlashImage, Placement};
 use crate::model::weights::ModelWeights;
 use crate::sparsity::predictor::Predictor;
 use crate::storage::{FlashFile, ReadError, ReadPool};
@@ -65,8 +65,8 @@ use staging::Staging;
 
 struct FlashLayer {
     window: Window,
-    /// Model neuron -> position on disk.
-    disk_slot: Vec<u32>,
+    /// Where each model neuron's bundle lies on disk.
+    placement: Placement,
     predictor: Option<Vec<Dispatch>>,
     /// The sparse FFN over the window slots into `out`, and over the overflow reserve into
     /// `out2`.
@@ -199,14 +199,7 @@ impl<'a> GpuFlashDecoder<'a> {
                     section.n_neurons
                 )));
             }
-            let mut disk_slot: Vec<u32> = (0..n as u32).collect();
-            if let Some(perm) = &section.permutation {
-                for (slot, &neuron) in perm.iter().enumerate() {
-                    if let Some(d) = disk_slot.get_mut(neuron as usize) {
-                        *d = slot as u32;
-                    }
-                }
-            }
+            let placement = Placement::of(image, l);
             let capacity = opts
                 .window_slots
                 .as_ref()
@@ -266,7 +259,7 @@ impl<'a> GpuFlashDecoder<'a> {
             };
             layers.push(FlashLayer {
                 window,
-                disk_slot,
+                placement,
                 predictor,
                 window_ffn,
                 overflow_ffn,
@@ -693,20 +686,11 @@ impl<'a> GpuFlashDecoder<'a> {
             )));
         }
         // Bundle k of staging: loads first, then overflow, each in plan order.
-        let section = self.image.ffn_section(l).offset;
-        let image = &self.image;
-        let offset =
-            |neuron: u32| image.bundle_offset(l, layer.disk_slot[neuron as usize] as usize);
-        let mut order: Vec<(u64, usize)> = plan
-            .loads
-            .iter()
-            .map(|&(i, _)| i)
+        let neurons: Vec<u32> = (plan.loads.iter().map(|&(i, _)| i))
             .chain(plan.overflow.iter().copied())
-            .enumerate()
-            .map(|(k, i)| (offset(i), k))
             .collect();
-        order.sort_unstable();
-        let ranges: Vec<(u64, usize)> = order.iter().map(|&(o, _)| (o, stride)).collect();
+        let reads = layer.placement.reads(&neurons, &[(0, stride)]);
+        let placement = &layer.placement;
 
         let staging = &self.staging[si].buf;
         let mut copy = Duration::ZERO;
@@ -725,13 +709,14 @@ impl<'a> GpuFlashDecoder<'a> {
             let mut bad = None;
             let read = self
                 .pool
-                .read_ranges(&ranges, &self.opts.coalesce, &mut |r, bytes| {
+                .read_ranges(&reads.ranges, &self.opts.coalesce, &mut |r, bytes| {
                     let tc = Instant::now();
+                    let k = reads.target(r).0;
                     if verify && bad.is_none() {
-                        let slot = ((order[r].0 - section) / stride as u64) as usize;
+                        let slot = placement.disk_slot(neurons[k]);
                         bad = image.check_bundle(l, slot, bytes).err();
                     }
-                    let at = base + order[r].1 * stride;
+                    let at = base + k * stride;
                     view.slice(at..at + bytes.len()).copy_from_slice(bytes);
                     copy += tc.elapsed();
                 })

@@ -18,22 +18,22 @@ pub(super) fn pin(
 ) -> Result<u64, GpuError> {
     let (coalesce, verify) = (&opts.coalesce, opts.verify);
     let stride = image.bundle().stride;
-    let mut loads = layer
+    let loads = layer
         .window
         .pin(ids)
         .map_err(|e| GpuError::Shape(format!("pinning layer {l}: {e}")))?;
-    let offset = |n: u32| image.bundle_offset(l, layer.disk_slot[n as usize] as usize);
-    loads.sort_unstable_by_key(|&(n, _)| offset(n));
-    let ranges: Vec<(u64, usize)> = loads.iter().map(|&(n, _)| (offset(n), stride)).collect();
+    let neurons: Vec<u32> = loads.iter().map(|&(n, _)| n).collect();
+    let reads = layer.placement.reads(&neurons, &[(0, stride)]);
     let slots = &layer.slots;
     let mut bad = None;
     let read = pool
-        .read_ranges(&ranges, coalesce, &mut |r, bytes| {
+        .read_ranges(&reads.ranges, coalesce, &mut |r, bytes| {
+            let k = reads.target(r).0;
             if verify && bad.is_none() {
-                let slot = layer.disk_slot[loads[r].0 as usize] as usize;
+                let slot = layer.placement.disk_slot(neurons[k]);
                 bad = image.check_bundle(l, slot, bytes).err();
             }
-            let at = loads[r].1 as u64 * stride as u64;
+            let at = loads[k].1 as u64 * stride as u64;
             ctx.queue.write_buffer(slots, at, bytes);
         })
         .map_err(|e| ReadError::new(format!("layer {l}'s pinned neurons"), e))?;
