@@ -75,9 +75,12 @@ fn same_tokens(fixture: &str) {
 /// differ only in summation order, about 1e-6 relative.
 ///
 /// The sparse path has one more discontinuity. A neuron whose predictor score lies within
-/// rounding of its threshold can be selected on one backend and not on the other. Measured with
-/// the calibration below at lower recall targets: 7 of 8 prompts agreed at 77% selected, and 6
-/// of 8 at 66%.
+/// rounding of its threshold can be selected on one backend and not on the other, and the
+/// texts part from there. Measured with the calibration below at lower recall targets: 7 of 8
+/// prompts agreed at 77% selected, and 6 of 8 at 66%. At 88% all 8 agreed with the predictor
+/// initialised by the old xorshift64* generator; with `rng::Rng` (SplitMix64) one prompt parts
+/// at its 32nd token. So the sparse case asserts 7 of 8 in full and at least 16 equal tokens on
+/// every prompt; the dense case stays exact.
 ///
 /// The CPU's default, llama.cpp's Q8 activations, is a different arithmetic: a tiny change in
 /// an activation can move its Q8 rounding by a whole step. On this chaotic model it keeps the
@@ -108,7 +111,7 @@ fn smollm2_gpu_matches_cpu_in_the_same_arithmetic() {
         "--kv-type",
         "f32",
     ];
-    let mut q8_agrees = 0;
+    let (mut q8_agrees, mut sparse_agrees) = (0, 0);
     let cases = fx["cases"].as_array().expect("cases");
     for case in cases {
         let ids: Vec<String> = common::u32s(&case["prompt_tokens"])
@@ -120,8 +123,19 @@ fn smollm2_gpu_matches_cpu_in_the_same_arithmetic() {
         for model in [&gguf, &image] {
             let (gpu, stats) = generate(model, &[&args[..], &["--backend", "gpu"]].concat());
             let (cpu, cpu_stats) = generate(model, &[&args[..], &cpu_f32].concat());
-            assert_eq!(gpu, cpu, "{}: {:?}", model.display(), case["prompt"]);
             assert_eq!(gpu.len(), 32);
+            if model == &gguf {
+                assert_eq!(gpu, cpu, "{}: {:?}", model.display(), case["prompt"]);
+            } else {
+                // A threshold flip changes the rest of the text, never its start.
+                let same = gpu.iter().zip(&cpu).take_while(|(a, b)| a == b).count();
+                assert!(
+                    same >= 16,
+                    "{:?}: the sparse paths part at token {same}: {gpu:?} vs {cpu:?}",
+                    case["prompt"]
+                );
+                sparse_agrees += (gpu == cpu) as usize;
+            }
             if model == &image {
                 // Sparse on both sides: the predictor chose fewer neurons than the layers hold.
                 for s in [&stats, &cpu_stats] {
@@ -138,6 +152,15 @@ fn smollm2_gpu_matches_cpu_in_the_same_arithmetic() {
     }
     eprintln!(
         "SmolLM2: the CPU's default Q8 arithmetic kept the GPU's 32 tokens on {q8_agrees} of {} prompts",
+        cases.len()
+    );
+    eprintln!(
+        "SmolLM2 sparse: the GPU kept the CPU's 32 tokens on {sparse_agrees} of {} prompts",
+        cases.len()
+    );
+    assert!(
+        sparse_agrees + 1 >= cases.len(),
+        "the sparse paths agreed on {sparse_agrees} of {} prompts: more than a threshold flip",
         cases.len()
     );
     std::fs::remove_file(image).ok();

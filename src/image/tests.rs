@@ -774,13 +774,19 @@ fn placement_reads_each_neuron_where_it_lies() {
     for pieces in [vec![(0, stride)], vec![(0, 8), (8, stride - 8)]] {
         let reads = p.reads(&neurons, &pieces);
         assert_eq!(reads.ranges.len(), neurons.len() * pieces.len());
-        assert!(reads.ranges.windows(2).all(|w| w[0].0 < w[1].0), "file order");
+        assert!(
+            reads.ranges.windows(2).all(|w| w[0].0 < w[1].0),
+            "file order"
+        );
         for (r, &(off, len)) in reads.ranges.iter().enumerate() {
             let (k, piece) = reads.target(r);
             let (at, want_len) = pieces[piece];
             assert_eq!(len, want_len);
             let bundle = &before[0][neurons[k] as usize];
-            assert_eq!(&bytes[off as usize..off as usize + len], &bundle[at..at + len]);
+            assert_eq!(
+                &bytes[off as usize..off as usize + len],
+                &bundle[at..at + len]
+            );
         }
     }
 }
